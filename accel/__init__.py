@@ -1,0 +1,3 @@
+"""meshaccel: sidecarless service-mesh acceleration with eBPF."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""mesh.yaml <-> ServiceTable.
+
+Errors name the service and the field, e.g.
+``services[reviews].endpoints[1].port: port 70000 is out of range 1-65535``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from accel.model import (
+    PROTOCOLS,
+    Endpoint,
+    Guard,
+    Service,
+    ServiceTable,
+    ValidationError,
+    check_name,
+    parse_network,
+)
+
+SERVICE_KEYS = {"name", "vip", "port", "protocol", "endpoints", "edge"}
+ENDPOINT_KEYS = {"address", "port", "weight", "healthy"}
+TOP_KEYS = {"services", "guard", "mesh_cidrs"}
+GUARD_KEYS = {"deny", "syn_rate", "syn_burst"}
+
+
+def _within(prefix: str, fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except ValidationError as e:
+        path = f"{prefix}.{e.path}" if e.path else prefix
+        raise ValidationError(path, e.reason) from None
+    except TypeError as e:
+        raise ValidationError(prefix, str(e)) from None
+
+
+def _mapping(value: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValidationError(path, f"expected a mapping, got {type(value).__name__}")
+    unknown = sorted(set(map(str, value)) - allowed)
+    if unknown:
+        raise ValidationError(path, f"unknown field(s) {', '.join(unknown)}; allowed: "
+                              f"{', '.join(sorted(allowed))}")
+    return value
+
+
+def _required(d: dict[str, Any], key: str, path: str) -> Any:
+    if key not in d or d[key] is None:
+        raise ValidationError(f"{path}.{key}", "missing required field")
+    return d[key]
+
+
+def parse_endpoint(raw: Any, path: str) -> Endpoint:
+    d = _mapping(raw, path, ENDPOINT_KEYS)
+    healthy = d.get("healthy", True)
+    if not isinstance(healthy, bool):
+        raise ValidationError(f"{path}.healthy", f"expected true or false, got {healthy!r}")
+    return _within(
+        path,
+        Endpoint,
+        address=str(_required(d, "address", path)),
+        port=_required(d, "port", path),
+        weight=d.get("weight", 1),
+        healthy=healthy,
+    )
+
+
+def parse_service(raw: Any, index: int) -> Service:
+    where = f"services[{index}]"
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"]:
+        where = f"services[{raw['name']}]"
+    d = _mapping(raw, where, SERVICE_KEYS)
+    _within(where, check_name, _required(d, "name", where), "name")
+    protocol = str(d.get("protocol", "TCP")).upper()
+    if protocol not in PROTOCOLS:
+        raise ValidationError(f"{where}.protocol", f"{d.get('protocol')!r} is not one of "
+                              f"{', '.join(PROTOCOLS)}")
+    raw_eps = d.get("endpoints") or []
+    if not isinstance(raw_eps, list):
+        raise ValidationError(f"{where}.endpoints", "expected a list of endpoints")
+    endpoints = tuple(parse_endpoint(e, f"{where}.endpoints[{i}]") for i, e in enumerate(raw_eps))
+    edge = d.get("edge", False)
+    if not isinstance(edge, bool):
+        raise ValidationError(f"{where}.edge", f"expected true or false, got {edge!r}")
+    return _within(
+        where,
+        Service,
+        name=d["name"],
+        vip=str(_required(d, "vip", where)),
+        port=_required(d, "port", where),
+        protocol=protocol,
+        endpoints=endpoints,
+        edge=edge,
+    )
+
+
+def parse_guard(raw: Any) -> Guard:
+    if raw is None:
+        return Guard()
+    d = _mapping(raw, "guard", GUARD_KEYS)
+    deny_raw = d.get("deny") or []
+    if not isinstance(deny_raw, list):
+        raise ValidationError("guard.deny", "expected a list of CIDRs")
+    deny = tuple(parse_network(c, f"guard.deny[{i}]") for i, c in enumerate(deny_raw))
+    return _within("guard", Guard, deny=deny, syn_rate=d.get("syn_rate", 0),
+                   syn_burst=d.get("syn_burst", d.get("syn_rate", 0)))
+
+
+def table_from_dict(doc: Any) -> ServiceTable:
+    if doc is None:
+        doc = {}
+    d = _mapping(doc, "config", TOP_KEYS)
+    raw_services = d.get("services") or []
+    if not isinstance(raw_services, list):
+        raise ValidationError("services", "expected a list of services")
+    services = [parse_service(s, i) for i, s in enumerate(raw_services)]
+    cidrs_raw = d.get("mesh_cidrs") or []
+    if not isinstance(cidrs_raw, list):
+        raise ValidationError("mesh_cidrs", "expected a list of CIDRs")
+    cidrs = tuple(parse_network(c, f"mesh_cidrs[{i}]") for i, c in enumerate(cidrs_raw))
+    return ServiceTable(services=tuple(services), mesh_cidrs=cidrs, guard=parse_guard(d.get("guard")))
+
+
+def load_text(text: str) -> ServiceTable:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValidationError("config", f"not valid YAML: {e}") from None
+    return table_from_dict(doc)
+
+
+def load(path: str | Path) -> ServiceTable:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValidationError(str(path), f"cannot read: {e.strerror}") from None
+    return load_text(text)
+
+
+def table_to_dict(table: ServiceTable) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "services": [
+            {
+                "name": s.name,
+                "vip": str(s.vip),
+                "port": s.port,
+                "protocol": s.protocol,
+                **({"edge": True} if s.edge else {}),
+                "endpoints": [
+                    {
+                        "address": str(e.address),
+                        "port": e.port,
+                        "weight": e.weight,
+                        **({} if e.healthy else {"healthy": False}),
+                    }
+                    for e in s.endpoints
+                ],
+            }
+            for s in table.services
+        ]
+    }
+    if table.mesh_cidrs:
+        out["mesh_cidrs"] = [str(c) for c in table.mesh_cidrs]
+    g = table.guard
+    if g.deny or g.syn_rate:
+        out["guard"] = {"deny": [str(c) for c in g.deny], "syn_rate": g.syn_rate,
+                        "syn_burst": g.syn_burst}
+    return out
+
+
+def dump(table: ServiceTable) -> str:
+    return yaml.safe_dump(table_to_dict(table), sort_keys=False)

@@ -1,0 +1,32 @@
+/* Global per-CPU counters, one slot per event. User space sums the CPUs and
+ * reads the names from this enum (accel/datapath/counters.py parses it). */
+#ifndef ACCEL_COUNTERS_H
+#define ACCEL_COUNTERS_H
+
+#include "common.h"
+
+enum accel_counter {
+	C_SOCK_INSERT = 0,        /* mesh socket added to the sockhash */
+	C_SOCK_INSERT_FAIL,       /* could not add (map full, no storage): stays on TCP */
+	C_SOCK_NON_MESH,          /* established socket that is not mesh traffic: untouched */
+	C_SOCK_CLOSE,             /* tracked socket closed, its pairing entry removed */
+	C_MSG_REDIRECT,           /* message handed to the peer socket */
+	C_MSG_PASS,               /* message sent through TCP */
+	C_MSG_REDIRECT_BYTES,     /* bytes handed over by redirect */
+	C_MSG_PEER_UNKNOWN,       /* first message found no verified peer: connection on TCP */
+	C_MSG_REDIRECT_MISS,      /* redirect failed (peer gone): message sent through TCP */
+	C_CONNECT_LB,             /* connect() to a VIP rewritten to an endpoint */
+	C_CONNECT_NO_BACKEND,     /* connect() to a VIP with no usable endpoint */
+	C_CONNECT_FAMILY_MISMATCH,/* IPv4 socket to a VIP whose endpoint is IPv6 */
+	C_UDP_LB,                 /* UDP sendmsg to a VIP rewritten */
+	C_PEERNAME_VIP,           /* getpeername answered with the VIP */
+	C_REVNAT_FULL,            /* could not record the VIP for getpeername/recvmsg */
+	C_MAX,
+};
+
+ACCEL_MAP("percpu_array", u32, u64, accel_counters, C_MAX);
+
+/* bcc rewrites map calls only in a program's own file, never in a header: each
+ * program defines count()/count_add() over accel_counters itself. */
+
+#endif /* ACCEL_COUNTERS_H */
