@@ -122,7 +122,8 @@ def table_from_dict(doc: Any) -> ServiceTable:
     if not isinstance(cidrs_raw, list):
         raise ValidationError("mesh_cidrs", "expected a list of CIDRs")
     cidrs = tuple(parse_network(c, f"mesh_cidrs[{i}]") for i, c in enumerate(cidrs_raw))
-    return ServiceTable(services=tuple(services), mesh_cidrs=cidrs, guard=parse_guard(d.get("guard")))
+    guard = parse_guard(d.get("guard"))
+    return ServiceTable(services=tuple(services), mesh_cidrs=cidrs, guard=guard)
 
 
 def load_text(text: str) -> ServiceTable:
