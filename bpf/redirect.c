@@ -22,7 +22,7 @@ static __always_inline int stay_on_tcp(struct sock_state *st, u32 why)
 {
 	st->mode = MODE_TCP;
 	count(why);
-	count(C_MSG_PASS);
+	count(C_MSG_PASSTHROUGH);
 	return SK_PASS;
 }
 
@@ -37,7 +37,7 @@ int accel_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	st = accel_sock_state.sk_storage_get(sk, 0, 0);
 	if (!st || !st->tracked || st->mode == MODE_TCP) {
-		count(C_MSG_PASS);
+		count(C_MSG_PASSTHROUGH);
 		return SK_PASS;
 	}
 	conn_id_reverse(&peer.id, &st->id);
@@ -60,10 +60,10 @@ int accel_msg(struct sk_msg_md *msg)
 	peer.netns = st->peer_netns;
 	int verdict = accel_sockhash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (verdict == SK_PASS) {
-		count(C_MSG_REDIRECT);
-		count_add(C_MSG_REDIRECT_BYTES, size);
+		count(C_MSG_REDIRECTS);
+		count_add(C_REDIRECTED_BYTES, size);
 		return SK_PASS;
 	}
 	/* bpf_msg_redirect_hash says SK_DROP when the peer is gone: fall back, never drop. */
-	return stay_on_tcp(st, C_MSG_REDIRECT_MISS);
+	return stay_on_tcp(st, C_MSG_REDIRECT_MISSES);
 }

@@ -65,7 +65,7 @@ static __always_inline void publish_owner(struct conn_id *id, __u64 netns)
 		return;
 	cur = accel_conn_ns.lookup(id);
 	if (!cur) {
-		count(C_SOCK_INSERT_FAIL); /* full: the peer will not find us, both stay on TCP */
+		count(C_SOCKHASH_INSERT_FAILURES); /* full: the peer will not find us, both stay on TCP */
 		return;
 	}
 	/* Another socket claims this exact identity: never trust it again. */
@@ -84,12 +84,12 @@ static __always_inline void track(struct bpf_sock_ops *skops)
 		return;
 	read_conn_id(skops, &key.id);
 	if (!is_mesh_addr(&key.id.local) && !is_mesh_addr(&key.id.remote)) {
-		count(C_SOCK_NON_MESH);
+		count(C_SOCKS_NON_MESH);
 		return;
 	}
 	st = accel_sock_state.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
-		count(C_SOCK_INSERT_FAIL);
+		count(C_SOCKHASH_INSERT_FAILURES);
 		return;
 	}
 	key.netns = bpf_get_netns_cookie(skops);
@@ -100,14 +100,14 @@ static __always_inline void track(struct bpf_sock_ops *skops)
 	/* bcc rewrites map methods as statements: keep each call on its own line. */
 	int rc = accel_sockhash.sock_hash_update(skops, &key, BPF_NOEXIST);
 	if (rc != 0) {
-		count(C_SOCK_INSERT_FAIL);
+		count(C_SOCKHASH_INSERT_FAILURES);
 		return;
 	}
 	publish_owner(&key.id, key.netns);
 	st->tracked = 1;
 	st->mode = MODE_UNDECIDED;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	count(C_SOCK_INSERT);
+	count(C_SOCKHASH_INSERTS);
 }
 
 static __always_inline void untrack(struct bpf_sock_ops *skops)
@@ -131,7 +131,7 @@ static __always_inline void untrack(struct bpf_sock_ops *skops)
 		else
 			__sync_fetch_and_add(&cur->claims, -1);
 	}
-	count(C_SOCK_CLOSE);
+	count(C_SOCKS_CLOSED);
 }
 
 int accel_sockops(struct bpf_sock_ops *skops)

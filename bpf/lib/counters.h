@@ -6,21 +6,21 @@
 #include "common.h"
 
 enum accel_counter {
-	C_SOCK_INSERT = 0,        /* mesh socket added to the sockhash */
-	C_SOCK_INSERT_FAIL,       /* could not add (map full, no storage): stays on TCP */
-	C_SOCK_NON_MESH,          /* established socket that is not mesh traffic: untouched */
-	C_SOCK_CLOSE,             /* tracked socket closed, its pairing entry removed */
-	C_MSG_REDIRECT,           /* message handed to the peer socket */
-	C_MSG_PASS,               /* message sent through TCP */
-	C_MSG_REDIRECT_BYTES,     /* bytes handed over by redirect */
-	C_MSG_PEER_UNKNOWN,       /* first message found no verified peer: connection on TCP */
-	C_MSG_REDIRECT_MISS,      /* redirect failed (peer gone): message sent through TCP */
-	C_CONNECT_LB,             /* connect() to a VIP rewritten to an endpoint */
-	C_CONNECT_NO_BACKEND,     /* connect() to a VIP with no usable endpoint */
-	C_CONNECT_FAMILY_MISMATCH,/* IPv4 socket to a VIP whose endpoint is IPv6 */
-	C_UDP_LB,                 /* UDP sendmsg to a VIP rewritten */
-	C_PEERNAME_VIP,           /* getpeername answered with the VIP */
-	C_REVNAT_FULL,            /* could not record the VIP for getpeername/recvmsg */
+	C_SOCKHASH_INSERTS = 0,       /* mesh socket added to the sockhash */
+	C_SOCKHASH_INSERT_FAILURES,   /* could not add (map full, no storage): stays on TCP */
+	C_SOCKS_NON_MESH,             /* established socket that is not mesh traffic: untouched */
+	C_SOCKS_CLOSED,               /* tracked socket closed, its pairing entry removed */
+	C_MSG_REDIRECTS,              /* message handed to the peer socket */
+	C_MSG_PASSTHROUGH,            /* message sent through TCP */
+	C_REDIRECTED_BYTES,           /* bytes handed over by redirect */
+	C_MSG_PEER_UNKNOWN,           /* first message found no verified peer: connection on TCP */
+	C_MSG_REDIRECT_MISSES,        /* redirect failed (peer gone): message sent through TCP */
+	C_CONNECT_BALANCED,           /* connect() to a VIP rewritten to an endpoint */
+	C_CONNECT_NO_BACKEND,         /* connect() to a VIP with no usable endpoint */
+	C_CONNECT_FAMILY_MISMATCH,    /* IPv4 socket to a VIP whose endpoint is IPv6 */
+	C_UDP_BALANCED,               /* UDP sendmsg to a VIP rewritten */
+	C_PEERNAME_VIP,               /* getpeername answered with the VIP */
+	C_REVNAT_FAILURES,            /* could not record the VIP for getpeername/recvmsg */
 	C_MAX,
 };
 

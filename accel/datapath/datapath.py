@@ -1,0 +1,282 @@
+"""The datapath facade: load, attach, apply a ServiceTable, read counters, detach.
+
+One instance per pin directory. Everything it creates is found again by name under the
+pin directory (maps, programs) plus one state file naming the cgroup it attached to, so
+a restarted agent adopts it and `accel uninstall` removes it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bcc import BPF, BPFAttachType
+from bcc.libbcc import lib
+
+from accel.datapath import bpfsys, cgroup, counters
+from accel.datapath.maps import MeshNetsWriter, WriteReport
+from accel.datapath.programs import (
+    DEFAULT_PIN_DIR,
+    Attachments,
+    LoadError,
+    compile_program,
+    load_func,
+)
+from accel.model import ServiceTable
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = Path(os.environ.get("ACCEL_RUN_DIR", "/run/accel"))
+ATTACH_CGROUP_SOCK_OPS = BPFAttachType.CGROUP_SOCK_OPS
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Capacities:
+    """Map sizes. Defaults fit 10,000 services and 100,000 endpoints."""
+
+    sockets: int = 131072  # sockhash and pairing entries
+    mesh_nets: int = 131072
+
+
+def _key(pin_dir: str) -> str:
+    return pin_dir.strip("/").replace("/", "_") or "root"
+
+
+def state_file(pin_dir: str) -> Path:
+    return RUN_DIR / "state" / f"{_key(pin_dir)}.json"
+
+
+def lock_file(pin_dir: str) -> Path:
+    return RUN_DIR / "locks" / f"{_key(pin_dir)}.lock"
+
+
+@dataclass
+class Datapath:
+    pin_dir: str = DEFAULT_PIN_DIR
+    cgroup_path: str | None = None
+    capacities: Capacities = field(default_factory=Capacities)
+
+    def __post_init__(self) -> None:
+        self.pin_dir = os.path.abspath(self.pin_dir)
+        self.attachments = Attachments()
+        self._modules: dict[str, BPF] = {}
+        self._lock_fd: int | None = None
+        self._mesh_nets: MeshNetsWriter | None = None
+        self.cgroup: Path | None = None
+        self.table: ServiceTable | None = None
+        self.last_report: dict[str, WriteReport] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Datapath:
+        self._lock()
+        try:
+            self.cgroup = cgroup.resolve(self.cgroup_path)
+            os.makedirs(self.pin_dir, exist_ok=True)
+            previous = self._read_state()
+            self._load()
+            self._attach()
+            if previous:
+                self._detach_previous(previous)
+            self._write_state()
+        except BaseException:
+            self.attachments.undo_all()
+            self._unlock()
+            raise
+        return self
+
+    def _lock(self) -> None:
+        path = lock_file(self.pin_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode().strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another agent (pid {holder}) is running on pin dir {self.pin_dir}; "
+                "stop it first or use another --pin-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _defines(self) -> dict[str, int | str]:
+        return {
+            "ACCEL_SOCKHASH_MAX": self.capacities.sockets,
+            "ACCEL_MESH_NETS_MAX": self.capacities.mesh_nets,
+        }
+
+    def _load(self) -> None:
+        for source in ("sockops.c", "redirect.c"):
+            self._modules[source] = compile_program(source, self.pin_dir, self._defines())
+        self._mesh_nets = MeshNetsWriter(self._modules["sockops.c"]["accel_mesh_nets"])
+
+    def _attach(self) -> None:
+        sockops = load_func(self._modules["sockops.c"], "accel_sockops", BPF.SOCK_OPS)
+        msg = load_func(self._modules["redirect.c"], "accel_msg", BPF.SK_MSG)
+        sockhash_fd = self.map_fd("redirect.c", "accel_sockhash")
+
+        # sk_msg first: a socket inserted by sock_ops must find its verdict program ready.
+        try:
+            BPF.attach_func(msg, sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+        except Exception as e:
+            raise LoadError(f"attaching sk_msg to the sockhash: {e}") from e
+        self.attachments.add(
+            "sk_msg", lambda: BPF.detach_func(msg, sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+        )
+        cg_fd = cgroup.open_dir(self.cgroup)
+        try:
+            # ALLOW_MULTI: coexist with another CNI's sock_ops program on the same cgroup.
+            BPF.attach_func(sockops, cg_fd, ATTACH_CGROUP_SOCK_OPS, bpfsys.BPF_F_ALLOW_MULTI)
+        except Exception as e:
+            os.close(cg_fd)
+            raise LoadError(f"attaching sock_ops to {self.cgroup}: {e}") from e
+
+        def detach_sockops() -> None:
+            try:
+                BPF.detach_func(sockops, cg_fd, ATTACH_CGROUP_SOCK_OPS)
+            finally:
+                os.close(cg_fd)
+
+        self.attachments.add(f"sock_ops on {self.cgroup}", detach_sockops)
+        self._pin_prog(sockops.fd, "prog_sockops")
+        self._pin_prog(msg.fd, "prog_msg")
+        self._prog_ids = {
+            "sockops": bpfsys.prog_info(sockops.fd).id,
+            "msg": bpfsys.prog_info(msg.fd).id,
+        }
+
+    def _pin_prog(self, fd: int, name: str) -> None:
+        path = os.path.join(self.pin_dir, name)
+        if os.path.exists(path):
+            os.unlink(path)  # the previous agent's program: replaced by ours
+        bpfsys.obj_pin(fd, path)
+
+    def map_fd(self, module: str, name: str) -> int:
+        fd = lib.bpf_table_fd(self._modules[module].module, name.encode())
+        if fd < 0:
+            raise LoadError(f"map {name} not found in {module}")
+        return fd
+
+    # ---- state shared with the next agent and with uninstall --------------------------------
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(state_file(self.pin_dir).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_state(self) -> None:
+        path = state_file(self.pin_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "pin_dir": self.pin_dir,
+            "cgroup": str(self.cgroup),
+            "prog_ids": self._prog_ids,
+            "capacities": asdict(self.capacities),
+            "pid": os.getpid(),
+        }))
+
+    def _detach_previous(self, previous: dict[str, Any]) -> None:
+        """Make-before-break adoption: ours is attached, now drop the old agent's program."""
+        detach_cgroup_programs(previous.get("cgroup"), set(previous.get("prog_ids", {}).values()))
+
+    # ---- configuration ----------------------------------------------------------------------
+
+    def apply(self, table: ServiceTable) -> dict[str, WriteReport]:
+        assert self._mesh_nets is not None, "start() first"
+        report = {"mesh_nets": self._mesh_nets.apply(table)}
+        self.table = table
+        self.last_report = report
+        return report
+
+    def counters(self) -> dict[str, int]:
+        return counters.read(self.pin_dir)
+
+    def sockhash_entries(self) -> int:
+        """Live sockets in the sockhash (walks the keys; for tests and status)."""
+        fd = self.map_fd("redirect.c", "accel_sockhash")
+        return count_keys(fd, self._modules["sockops.c"]["accel_conn_ns"].Key, extra=8)
+
+    def pairing_entries(self) -> int:
+        return len(list(self._modules["sockops.c"]["accel_conn_ns"].keys()))
+
+    def close(self, keep: bool = False) -> None:
+        if keep:
+            self.attachments.forget()
+            log.info("leaving the datapath in %s for the next agent (--keep)", self.pin_dir)
+        else:
+            errors = self.attachments.undo_all()
+            for msg in errors:
+                log.error("cleanup: %s", msg)
+            remove_pins(self.pin_dir)
+            state_file(self.pin_dir).unlink(missing_ok=True)
+        for b in self._modules.values():
+            b.cleanup()
+        self._modules.clear()
+        self._unlock()
+
+    def __enter__(self) -> Datapath:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def count_keys(fd: int, id_struct: type, extra: int) -> int:
+    """Count keys of a map we have no bcc table class for (sockhash: bcc 0.26 lacks one)."""
+    import ctypes
+
+    size = ctypes.sizeof(id_struct) + extra
+    key = ctypes.create_string_buffer(size)
+    nxt = ctypes.create_string_buffer(size)
+    n = 0
+    if lib.bpf_get_first_key(fd, key, size) != 0:
+        return 0
+    n = 1
+    while lib.bpf_get_next_key(fd, key, nxt) == 0:
+        n += 1
+        ctypes.memmove(key, nxt, size)
+    return n
+
+
+def detach_cgroup_programs(cgroup_dir: str | None, prog_ids: set[int]) -> list[int]:
+    """Detach the given program IDs from a cgroup's sock_ops hook; returns those detached."""
+    if not cgroup_dir or not prog_ids or not os.path.isdir(cgroup_dir):
+        return []
+    done = []
+    cg_fd = cgroup.open_dir(Path(cgroup_dir))
+    try:
+        attached = set(bpfsys.prog_query(cg_fd, ATTACH_CGROUP_SOCK_OPS))
+        for pid in prog_ids & attached:
+            fd = bpfsys.prog_fd_by_id(pid)
+            try:
+                if lib.bpf_prog_detach2(fd, cg_fd, ATTACH_CGROUP_SOCK_OPS) == 0:
+                    done.append(pid)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(cg_fd)
+    return done
+
+
+def remove_pins(pin_dir: str) -> None:
+    if os.path.isdir(pin_dir):
+        shutil.rmtree(pin_dir, ignore_errors=True)

@@ -1,0 +1,223 @@
+"""A lab mesh: N pods as network namespaces on a bridge, for tests, the demo and benchmarks.
+
+Everything lives in namespaces named ``<prefix>-*``: a ``node`` namespace holds the bridge
+(standing in for the host's pod network, so the root namespace is never touched) and each
+pod has one veth into it. Deleting the namespaces removes every link, so ``down`` works
+after a crash: it only needs the prefix, which is recorded under /run/accel/labs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import json
+import os
+import secrets
+import shlex
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute, netns
+
+STATE_DIR = Path(os.environ.get("ACCEL_RUN_DIR", "/run/accel")) / "labs"
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/run/netns")
+
+T = TypeVar("T")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run fn in a thread that has entered netns `name`.
+
+    setns() moves only the calling thread, so the rest of the process is unaffected;
+    sockets fn creates stay in that namespace for life.
+    """
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        fd = os.open(NETNS_DIR / name, os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            result.append(fn())
+        except BaseException as e:  # re-raised in the caller
+            error.append(e)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=target, name=f"netns-{name}")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@dataclass
+class Pod:
+    name: str  # netns name
+    index: int
+    ip: ipaddress.IPv4Address
+    ip6: ipaddress.IPv6Address
+    host_ifname: str  # veth end in the node namespace
+    cgroup: str | None = None  # cgroup2 directory its processes join, if any
+
+    def command(self, cmd: str | Sequence[str]) -> list[str]:
+        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def _join_cgroup(self) -> None:
+        if self.cgroup:
+            Path(self.cgroup, "cgroup.procs").write_text(str(os.getpid()))
+
+    def run(self, cmd: str | Sequence[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        return subprocess.run(
+            self.command(cmd), check=check, preexec_fn=self._join_cgroup, **kw
+        )
+
+    def popen(self, cmd: str | Sequence[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(self.command(cmd), preexec_fn=self._join_cgroup, **kw)
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket living in this pod's namespace (usable from any thread)."""
+        return in_netns(self.name, lambda: socket.socket(family, type))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return in_netns(self.name, fn)
+
+
+@dataclass
+class Lab:
+    """`with Lab(3) as lab:` gives lab.pods[0..2]; everything is removed on exit."""
+
+    n_pods: int = 2
+    prefix: str = field(default_factory=lambda: "ax" + secrets.token_hex(3))
+    subnet: str = "10.200.0.0/24"
+    subnet6: str = "fd00:200::/64"
+    cgroup: str | None = None
+    pods: list[Pod] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return f"{self.prefix}-node"
+
+    @property
+    def bridge(self) -> str:
+        return "br0"
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return ipaddress.ip_network(self.subnet)[1]
+
+    def pod_ip(self, i: int) -> ipaddress.IPv4Address:
+        return ipaddress.ip_network(self.subnet)[11 + i]
+
+    def pod_ip6(self, i: int) -> ipaddress.IPv6Address:
+        return ipaddress.ip_network(self.subnet6)[0x11 + i]
+
+    def up(self) -> Lab:
+        if len(self.prefix) > 9:
+            raise ValueError("lab prefix must be at most 9 characters (link names are 15)")
+        self._record()
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _build(self) -> None:
+        net = ipaddress.ip_network(self.subnet)
+        net6 = ipaddress.ip_network(self.subnet6)
+        netns.create(self.node)
+        with IPRoute(netns=self.node) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("add", ifname=self.bridge, kind="bridge")
+            br = ipr.link_lookup(ifname=self.bridge)[0]
+            ipr.addr("add", index=br, address=str(self.gateway), prefixlen=net.prefixlen)
+            ipr.link("set", index=br, state="up")
+            for i in range(self.n_pods):
+                pod = Pod(
+                    name=f"{self.prefix}-p{i}",
+                    index=i,
+                    ip=self.pod_ip(i),
+                    ip6=self.pod_ip6(i),
+                    host_ifname=f"{self.prefix}p{i}",
+                    cgroup=self.cgroup,
+                )
+                netns.create(pod.name)
+                ipr.link(
+                    "add",
+                    ifname=pod.host_ifname,
+                    kind="veth",
+                    peer={"ifname": "eth0", "net_ns_fd": pod.name},
+                )
+                host = ipr.link_lookup(ifname=pod.host_ifname)[0]
+                ipr.link("set", index=host, master=br, state="up")
+                with IPRoute(netns=pod.name) as pr:
+                    pr.link("set", index=pr.link_lookup(ifname="lo")[0], state="up")
+                    eth = pr.link_lookup(ifname="eth0")[0]
+                    pr.addr("add", index=eth, address=str(pod.ip), prefixlen=net.prefixlen)
+                    pr.addr(
+                        "add", index=eth, address=str(pod.ip6), prefixlen=net6.prefixlen,
+                        flags=0x02,  # IFA_F_NODAD: usable at once
+                    )
+                    pr.link("set", index=eth, state="up")
+                    pr.route("add", dst="default", gateway=str(self.gateway))
+                self.pods.append(pod)
+
+    def _record(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        (STATE_DIR / f"{self.prefix}.json").write_text(
+            json.dumps({"prefix": self.prefix, "n_pods": self.n_pods, "subnet": self.subnet})
+        )
+
+    def down(self) -> None:
+        remove(self.prefix)
+        self.pods.clear()
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "node": self.node,
+            "pods": [
+                {"name": p.name, "ip": str(p.ip), "ip6": str(p.ip6), "host_ifname": p.host_ifname}
+                for p in self.pods
+            ],
+        }
+
+
+def remove(prefix: str) -> list[str]:
+    """Delete every namespace of lab `prefix` (and with them its links). Idempotent."""
+    removed = []
+    for name in netns.listnetns():
+        if name == f"{prefix}-node" or name.startswith(f"{prefix}-p"):
+            try:
+                netns.remove(name)
+                removed.append(name)
+            except OSError:
+                pass
+    (STATE_DIR / f"{prefix}.json").unlink(missing_ok=True)
+    return removed
+
+
+def recorded() -> list[str]:
+    if not STATE_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in STATE_DIR.glob("*.json"))
