@@ -78,7 +78,9 @@ class Pod:
         if self.cgroup:
             Path(self.cgroup, "cgroup.procs").write_text(str(os.getpid()))
 
-    def run(self, cmd: str | Sequence[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: str | Sequence[str], check: bool = True, **kw: Any
+    ) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         return subprocess.run(

@@ -7,7 +7,6 @@ import ctypes
 import ctypes.util
 import os
 
-from bcc import BPF
 from bcc.libbcc import lib
 
 BPF_PROG_QUERY = 16
@@ -29,7 +28,9 @@ def obj_pin(fd: int, path: str) -> None:
 
 
 def possible_cpus() -> int:
-    return len(BPF.get_possible_cpus()) if hasattr(BPF, "get_possible_cpus") else os.cpu_count() or 1
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
 
 
 def lookup(fd: int, key: ctypes.Structure | ctypes._SimpleCData, value) -> bool:
