@@ -28,12 +28,26 @@ from accel.datapath.programs import (
     compile_program,
     load_func,
 )
+from accel.datapath.services import ServiceWriter
 from accel.model import ServiceTable
 
 log = logging.getLogger(__name__)
 
 RUN_DIR = Path(os.environ.get("ACCEL_RUN_DIR", "/run/accel"))
 ATTACH_CGROUP_SOCK_OPS = BPFAttachType.CGROUP_SOCK_OPS
+
+# (source, function, cgroup attach type): every cgroup program the agent attaches.
+CGROUP_PROGRAMS = (
+    ("sockops.c", "accel_sockops", BPFAttachType.CGROUP_SOCK_OPS),
+    ("connect.c", "accel_connect4", BPFAttachType.CGROUP_INET4_CONNECT),
+    ("connect.c", "accel_connect6", BPFAttachType.CGROUP_INET6_CONNECT),
+    ("connect.c", "accel_sendmsg4", BPFAttachType.CGROUP_UDP4_SENDMSG),
+    ("connect.c", "accel_sendmsg6", BPFAttachType.CGROUP_UDP6_SENDMSG),
+    ("connect.c", "accel_recvmsg4", BPFAttachType.CGROUP_UDP4_RECVMSG),
+    ("connect.c", "accel_recvmsg6", BPFAttachType.CGROUP_UDP6_RECVMSG),
+    ("connect.c", "accel_peer4", BPFAttachType.CGROUP_INET4_GETPEERNAME),
+    ("connect.c", "accel_peer6", BPFAttachType.CGROUP_INET6_GETPEERNAME),
+)
 
 
 class AlreadyRunning(RuntimeError):
@@ -46,6 +60,9 @@ class Capacities:
 
     sockets: int = 131072  # sockhash and pairing entries
     mesh_nets: int = 131072
+    services: int = 16384
+    slots: int = 262144  # endpoint slots over all services (weights take several)
+    revnat: int = 262144
 
 
 def _key(pin_dir: str) -> str:
@@ -72,6 +89,8 @@ class Datapath:
         self._modules: dict[str, BPF] = {}
         self._lock_fd: int | None = None
         self._mesh_nets: MeshNetsWriter | None = None
+        self._services: ServiceWriter | None = None
+        self._prog_ids: dict[str, int] = {}
         self.cgroup: Path | None = None
         self.table: ServiceTable | None = None
         self.last_report: dict[str, WriteReport] = {}
@@ -121,18 +140,24 @@ class Datapath:
         return {
             "ACCEL_SOCKHASH_MAX": self.capacities.sockets,
             "ACCEL_MESH_NETS_MAX": self.capacities.mesh_nets,
+            "ACCEL_SERVICES_MAX": self.capacities.services,
+            "ACCEL_SLOTS_MAX": self.capacities.slots,
+            "ACCEL_REVNAT_MAX": self.capacities.revnat,
         }
 
     def _load(self) -> None:
-        for source in ("sockops.c", "redirect.c"):
+        for source in ("sockops.c", "redirect.c", "connect.c"):
             self._modules[source] = compile_program(source, self.pin_dir, self._defines())
         self._mesh_nets = MeshNetsWriter(self._modules["sockops.c"]["accel_mesh_nets"])
+        lb = self._modules["connect.c"]
+        self._services = ServiceWriter(
+            lb["accel_services"], lb["accel_slots"], lb["accel_svc_stats"],
+            self.capacities.services,
+        )
 
     def _attach(self) -> None:
-        sockops = load_func(self._modules["sockops.c"], "accel_sockops", BPF.SOCK_OPS)
         msg = load_func(self._modules["redirect.c"], "accel_msg", BPF.SK_MSG)
         sockhash_fd = self.map_fd("redirect.c", "accel_sockhash")
-
         # sk_msg first: a socket inserted by sock_ops must find its verdict program ready.
         try:
             BPF.attach_func(msg, sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
@@ -141,27 +166,31 @@ class Datapath:
         self.attachments.add(
             "sk_msg", lambda: BPF.detach_func(msg, sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
         )
-        cg_fd = cgroup.open_dir(self.cgroup)
-        try:
-            # ALLOW_MULTI: coexist with another CNI's sock_ops program on the same cgroup.
-            BPF.attach_func(sockops, cg_fd, ATTACH_CGROUP_SOCK_OPS, bpfsys.BPF_F_ALLOW_MULTI)
-        except Exception as e:
-            os.close(cg_fd)
-            raise LoadError(f"attaching sock_ops to {self.cgroup}: {e}") from e
-
-        def detach_sockops() -> None:
-            try:
-                BPF.detach_func(sockops, cg_fd, ATTACH_CGROUP_SOCK_OPS)
-            finally:
-                os.close(cg_fd)
-
-        self.attachments.add(f"sock_ops on {self.cgroup}", detach_sockops)
-        self._pin_prog(sockops.fd, "prog_sockops")
         self._pin_prog(msg.fd, "prog_msg")
-        self._prog_ids = {
-            "sockops": bpfsys.prog_info(sockops.fd).id,
-            "msg": bpfsys.prog_info(msg.fd).id,
-        }
+        self._prog_ids = {"accel_msg": bpfsys.prog_info(msg.fd).id}
+
+        cg_fd = cgroup.open_dir(self.cgroup)
+        self.attachments.add(f"cgroup fd {self.cgroup}", lambda: os.close(cg_fd))
+        for source, name, attach_type in CGROUP_PROGRAMS:
+            self._attach_cgroup(cg_fd, source, name, attach_type)
+
+    def _attach_cgroup(self, cg_fd: int, source: str, name: str, attach_type: int) -> None:
+        prog_type = BPF.SOCK_OPS if attach_type == ATTACH_CGROUP_SOCK_OPS else BPF.CGROUP_SOCK_ADDR
+        b = self._modules[source]
+        try:
+            fn = b.load_func(name, prog_type, attach_type=attach_type)
+        except Exception as e:
+            raise LoadError(f"loading {name}: {e}") from e
+        try:
+            # ALLOW_MULTI: coexist with another CNI's programs on the same cgroup.
+            BPF.attach_func(fn, cg_fd, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+        except Exception as e:
+            raise LoadError(f"attaching {name} to {self.cgroup}: {e}") from e
+        self.attachments.add(
+            f"{name} on {self.cgroup}", lambda: BPF.detach_func(fn, cg_fd, attach_type)
+        )
+        self._pin_prog(fn.fd, f"prog_{name}")
+        self._prog_ids[name] = bpfsys.prog_info(fn.fd).id
 
     def _pin_prog(self, fd: int, name: str) -> None:
         path = os.path.join(self.pin_dir, name)
@@ -202,13 +231,20 @@ class Datapath:
 
     def apply(self, table: ServiceTable) -> dict[str, WriteReport]:
         assert self._mesh_nets is not None, "start() first"
-        report = {"mesh_nets": self._mesh_nets.apply(table)}
+        # Mesh addresses before services: a balanced connection is paired from its first byte.
+        report = {
+            "mesh_nets": self._mesh_nets.apply(table),
+            "services": self._services.apply(table),
+        }
         self.table = table
         self.last_report = report
         return report
 
     def counters(self) -> dict[str, int]:
         return counters.read(self.pin_dir)
+
+    def service_counters(self) -> dict[str, dict[str, int]]:
+        return self._services.per_service() if self._services else {}
 
     def sockhash_entries(self) -> int:
         """Live sockets in the sockhash (walks the keys; for tests and status)."""
@@ -258,20 +294,21 @@ def count_keys(fd: int, id_struct: type, extra: int) -> int:
 
 
 def detach_cgroup_programs(cgroup_dir: str | None, prog_ids: set[int]) -> list[int]:
-    """Detach the given program IDs from a cgroup's sock_ops hook; returns those detached."""
+    """Detach the given program IDs from every hook of a cgroup; returns those detached."""
     if not cgroup_dir or not prog_ids or not os.path.isdir(cgroup_dir):
         return []
     done = []
     cg_fd = cgroup.open_dir(Path(cgroup_dir))
     try:
-        attached = set(bpfsys.prog_query(cg_fd, ATTACH_CGROUP_SOCK_OPS))
-        for pid in prog_ids & attached:
-            fd = bpfsys.prog_fd_by_id(pid)
-            try:
-                if lib.bpf_prog_detach2(fd, cg_fd, ATTACH_CGROUP_SOCK_OPS) == 0:
-                    done.append(pid)
-            finally:
-                os.close(fd)
+        for attach_type in {t for _, _, t in CGROUP_PROGRAMS}:
+            attached = set(bpfsys.prog_query(cg_fd, attach_type))
+            for pid in prog_ids & attached:
+                fd = bpfsys.prog_fd_by_id(pid)
+                try:
+                    if lib.bpf_prog_detach2(fd, cg_fd, attach_type) == 0:
+                        done.append(pid)
+                finally:
+                    os.close(fd)
     finally:
         os.close(cg_fd)
     return done

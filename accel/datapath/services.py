@@ -1,0 +1,208 @@
+"""ServiceTable -> accel_services / accel_slots, diffed and make-before-break.
+
+For each changed service: write a fresh run of slots, flip the service entry to it,
+then free the old run. A connect() therefore sees either the old or the new endpoint set,
+never a half-written one. Unchanged services are not touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import math
+import socket
+from dataclasses import dataclass, field
+from functools import reduce
+
+from accel.datapath.maps import MapFullError, WriteReport, get_addr16, set_addr16
+from accel.model import Endpoint, IPAddress, Service, ServiceTable
+
+log = logging.getLogger(__name__)
+
+MAX_SLOTS_PER_SERVICE = 1024
+PROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
+PROTO_NAME = {v: k for k, v in PROTO.items()}
+
+SvcKey = tuple[IPAddress, int, str]
+Slot = tuple[IPAddress, int]
+
+
+def weighted_slots(endpoints: tuple[Endpoint, ...]) -> list[Slot]:
+    """Each usable endpoint gets slots in proportion to its weight.
+
+    Exact when the reduced weights sum to at most MAX_SLOTS_PER_SERVICE; otherwise
+    largest-remainder rounding with at least one slot per endpoint.
+    """
+    usable = sorted(ep for ep in endpoints if ep.healthy)
+    if not usable:
+        return []
+    g = reduce(math.gcd, (ep.weight for ep in usable))
+    weights = [ep.weight // g for ep in usable]
+    total = sum(weights)
+    if total > MAX_SLOTS_PER_SERVICE:
+        budget = max(MAX_SLOTS_PER_SERVICE, len(usable))
+        exact = [w * budget / total for w in weights]
+        counts = [max(1, int(x)) for x in exact]
+        order = sorted(range(len(usable)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+        for i in order[: max(0, budget - sum(counts))]:
+            counts[i] += 1
+        weights = counts
+    out: list[Slot] = []
+    for ep, n in zip(usable, weights, strict=True):
+        out.extend([(ep.address, ep.port)] * n)
+    return out
+
+
+@dataclass
+class Written:
+    slots: tuple[Slot, ...]
+    slots_id: int
+    index: int
+    name: str = ""
+
+
+@dataclass
+class ServiceWriter:
+    services: object  # bcc table accel_services
+    slots: object  # bcc table accel_slots
+    stats: object  # bcc table accel_svc_stats (per-CPU)
+    capacity: int
+    current: dict[SvcKey, Written] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._next_id = 1
+        self._adopt()
+
+    # The previous agent's services (restart with pinned maps) become our starting state.
+    def _adopt(self) -> None:
+        for k, v in self.services.items():
+            key: SvcKey = (get_addr16(k.vip), int(k.port), PROTO_NAME.get(int(k.proto), "TCP"))
+            run = []
+            for i in range(int(v.nslots)):
+                sk = self.slots.Key(v.slots_id, i)
+                try:
+                    be = self.slots[sk]
+                except KeyError:
+                    break
+                run.append((get_addr16(be.addr), int(be.port)))
+            self.current[key] = Written(tuple(run), int(v.slots_id), int(v.index))
+            self._next_id = max(self._next_id, int(v.slots_id) + 1)
+        if self.current:
+            log.info("adopted %d services from the pinned maps", len(self.current))
+
+    def _free_index(self) -> int:
+        used = {w.index for w in self.current.values()}
+        for i in range(self.capacity):
+            if i not in used:
+                return i
+        raise MapFullError("accel_services", len(used) + 1, len(used))
+
+    def _svc_key(self, key: SvcKey):
+        k = self.services.Key()
+        set_addr16(k.vip, key[0])
+        k.port = key[1]
+        k.proto = PROTO[key[2]]
+        return k
+
+    def _write_run(self, slots_id: int, run: list[Slot]) -> None:
+        keys, values = [], []
+        for i, (addr, port) in enumerate(run):
+            keys.append(self.slots.Key(slots_id, i))
+            v = self.slots.Leaf()
+            set_addr16(v.addr, addr)
+            v.port = port
+            values.append(v)
+        try:
+            for k, v in zip(keys, values, strict=True):
+                self.slots[k] = v
+        except Exception as e:
+            self._delete_run(slots_id, len(run))
+            if _is_full(e):
+                raise MapFullError("accel_slots", len(run), 0) from None
+            raise
+
+    def _delete_run(self, slots_id: int, n: int) -> None:
+        for i in range(n):
+            try:
+                del self.slots[self.slots.Key(slots_id, i)]
+            except KeyError:
+                pass
+
+    def _put(self, svc: Service, run: list[Slot]) -> None:
+        key = svc.key
+        old = self.current.get(key)
+        if old and old.slots == tuple(run):
+            old.name = svc.name
+            return
+        index = old.index if old else self._free_index()
+        slots_id = self._next_id
+        self._next_id += 1
+        if run:
+            self._write_run(slots_id, run)
+        v = self.services.Leaf()
+        v.slots_id, v.nslots, v.index, v.flags = slots_id, len(run), index, 0
+        try:
+            self.services[self._svc_key(key)] = v  # the flip
+        except Exception as e:
+            self._delete_run(slots_id, len(run))
+            if _is_full(e):
+                raise MapFullError("accel_services", 1, 0) from None
+            raise
+        if old:
+            self._delete_run(old.slots_id, len(old.slots))
+        else:
+            self._reset_stats(index)
+        self.current[key] = Written(tuple(run), slots_id, index, svc.name)
+
+    def _remove(self, key: SvcKey) -> None:
+        old = self.current.pop(key)
+        try:
+            del self.services[self._svc_key(key)]
+        except KeyError:
+            pass
+        self._delete_run(old.slots_id, len(old.slots))
+
+    def _reset_stats(self, index: int) -> None:
+        try:
+            self.stats[ctypes.c_uint32(index)] = self.stats.Leaf()
+        except Exception:  # per-CPU leaf shapes vary by bcc version: stats merely restart
+            pass
+
+    def apply(self, table: ServiceTable) -> WriteReport:
+        report = WriteReport()
+        wanted = {s.key: s for s in table.services}
+        # New and changed first, removals last: make before break across services too.
+        for key, svc in wanted.items():
+            try:
+                existed = key in self.current
+                self._put(svc, weighted_slots(svc.endpoints))
+                report.added += 0 if existed else 1
+            except MapFullError as e:
+                report.failed += 1
+                report.errors.append(f"service {svc.name}: {e}")
+        for key in [k for k in self.current if k not in wanted]:
+            self._remove(key)
+            report.removed += 1
+        if report.failed:
+            log.error("%d services not written: %s", report.failed, "; ".join(report.errors[:3]))
+        return report
+
+    def per_service(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for w in self.current.values():
+            try:
+                cpus = self.stats[ctypes.c_uint32(w.index)]
+            except KeyError:
+                continue
+            out[w.name or str(w.index)] = {
+                "connects": int(sum(c.connects for c in cpus)),
+                "no_backend": int(sum(c.no_backend for c in cpus)),
+            }
+        return out
+
+
+def _is_full(e: Exception) -> bool:
+    text = str(e)
+    return any(s in text for s in ("No space", "E2BIG", "Argument list too long",
+                                    "Cannot allocate", str(errno.ENOSPC)))

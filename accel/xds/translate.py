@@ -1,0 +1,693 @@
+"""Envoy v3 xDS resources <-> ServiceTable.
+
+The agent reads a defined subset of xDS (see README.md, "xDS mapping"); the controller
+writes resources that both the agent and gRPC's proxyless xDS client understand.
+Errors name the resource and the field, e.g.
+``Listener[reviews.vip].address.socket_address.port_value: port 0 is out of range 1-65535``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.filters.udp.udp_proxy.v3 import udp_proxy_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2, message, struct_pb2, wrappers_pb2
+
+from accel.model import (
+    MAX_WEIGHT,
+    Endpoint,
+    IPAddress,
+    Service,
+    ServiceTable,
+    ValidationError,
+)
+
+_PREFIX = "type.googleapis.com/"
+LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+# Make-before-break: a cluster and its endpoints exist before a listener points at them.
+PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+WILDCARD_TYPES = (LISTENER, CLUSTER)
+
+KIND = {LISTENER: "Listener", ROUTE: "RouteConfiguration", CLUSTER: "Cluster",
+        ENDPOINT: "ClusterLoadAssignment"}
+MESSAGE = {LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration,
+           CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment}
+
+TCP_PROXY = _PREFIX + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
+UDP_PROXY = _PREFIX + udp_proxy_pb2.UdpProxyConfig.DESCRIPTOR.full_name
+HCM = _PREFIX + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+ROUTER = _PREFIX + router_pb2.Router.DESCRIPTOR.full_name
+_RESOURCE_WRAPPER = _PREFIX + discovery_pb2.Resource.DESCRIPTOR.full_name
+
+META_KEY = "meshaccel"  # listener.metadata.filter_metadata["meshaccel"]
+USED_HEALTH = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN)
+_TCP, _UDP = address_pb2.SocketAddress.TCP, address_pb2.SocketAddress.UDP
+
+
+def _name(msg: message.Message) -> str:
+    return msg.cluster_name if isinstance(msg, endpoint_pb2.ClusterLoadAssignment) else msg.name
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def unpack(type_url: str, raw: Iterable[any_pb2.Any]) -> dict[str, message.Message]:
+    """Decode one response's resources; the names must be unique and the types right."""
+    kind = KIND.get(type_url)
+    if kind is None:
+        raise ValidationError("type_url", f"{type_url!r} is not a type meshaccel subscribes to")
+    out: dict[str, message.Message] = {}
+    for i, any_ in enumerate(raw):
+        where = f"{kind} resources[{i}]"
+        if any_.type_url == _RESOURCE_WRAPPER:  # servers may wrap resources in a Resource
+            wrapper = discovery_pb2.Resource()
+            _parse(wrapper, any_.value, where)
+            any_ = wrapper.resource
+        if any_.type_url != type_url:
+            raise ValidationError(where, f"type_url {any_.type_url!r} does not match the "
+                                  f"response type {type_url!r}")
+        msg = MESSAGE[type_url]()
+        _parse(msg, any_.value, where)
+        name = _name(msg)
+        if not name:
+            raise ValidationError(where, "resource has no name")
+        if name in out:
+            raise ValidationError(f"{kind}[{name}]", f"duplicate {kind} name in one response")
+        out[name] = msg
+    return out
+
+
+def _parse(msg: message.Message, data: bytes, where: str) -> None:
+    try:
+        msg.ParseFromString(data)
+    except message.DecodeError as e:
+        raise ValidationError(where, f"malformed Any ({msg.DESCRIPTOR.name}): {e}") from None
+
+
+def _typed(any_: any_pb2.Any, cls: type[message.Message], where: str) -> message.Message:
+    msg = cls()
+    _parse(msg, any_.value, where)
+    return msg
+
+
+# --------------------------------------------------------------------------- resources -> table
+
+
+@dataclass
+class Resources:
+    """The four resource kinds by name, as a client holds them or a server serves them."""
+
+    listeners: dict[str, listener_pb2.Listener] = field(default_factory=dict)
+    routes: dict[str, route_pb2.RouteConfiguration] = field(default_factory=dict)
+    clusters: dict[str, cluster_pb2.Cluster] = field(default_factory=dict)
+    endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict)
+
+    def of(self, type_url: str) -> dict[str, message.Message]:
+        return {LISTENER: self.listeners, ROUTE: self.routes, CLUSTER: self.clusters,
+                ENDPOINT: self.endpoints}[type_url]  # type: ignore[return-value]
+
+    def replace(self, type_url: str, items: Mapping[str, message.Message]) -> Resources:
+        parts = {LISTENER: self.listeners, ROUTE: self.routes, CLUSTER: self.clusters,
+                 ENDPOINT: self.endpoints}
+        parts[type_url] = dict(items)  # type: ignore[assignment]
+        return Resources(parts[LISTENER], parts[ROUTE], parts[CLUSTER], parts[ENDPOINT])
+
+
+@dataclass(frozen=True)
+class Translation:
+    """A table plus what it still waits for.
+
+    `pending` maps listener names whose route config, cluster or endpoints have not
+    arrived to what they wait for: their VIP is left out, or held at its `previous`
+    definition. `eds_names`/`rds_names` are what a
+    client must subscribe to next.
+    """
+
+    table: ServiceTable
+    pending: Mapping[str, str] = field(default_factory=dict)
+    eds_names: frozenset[str] = frozenset()
+    rds_names: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Front:
+    """What a listener contributes: its VIP and where it sends traffic."""
+
+    listener: str
+    vip: IPAddress
+    port: int
+    protocol: str
+    cluster: str | None  # None: behind an RDS route config not yet known
+    route: str | None  # RDS name when the cluster comes from a RouteConfiguration
+    service: str | None  # from metadata
+    edge: bool
+
+
+def to_table(
+    res: Resources,
+    *,
+    strict: bool = True,
+    cds_seen: bool = True,
+    check_clusters: Iterable[str] | None = None,
+    previous: ServiceTable | None = None,
+) -> Translation:
+    """Map resources to a ServiceTable.
+
+    strict: every reference must resolve (controller side, round trip tests).
+    Otherwise (the agent's client): a missing route config or ClusterLoadAssignment holds
+    the service back; a missing cluster holds it back too, except for the listeners named
+    in `check_clusters` once CDS has been seen, for which it is an error: that is how an
+    LDS/RDS update pointing at an unknown cluster gets NACKed while a CDS update that
+    removes a cluster ahead of its listener (make-before-break) does not.
+    """
+    fronts = [_front(name, lst) for name, lst in sorted(res.listeners.items())]
+    fronts = [f for f in fronts if f is not None]
+    _check_fronts(fronts)
+    must_resolve = set(check_clusters or ())
+    rds_names = frozenset(f.route for f in fronts if f.route)
+    targets: list[tuple[_Front, str]] = []  # listeners whose cluster name is known
+    pending: dict[str, str] = {}
+    waiting: list[_Front] = []
+    for f in fronts:
+        if f.route is None:
+            assert f.cluster is not None
+            targets.append((f, f.cluster))
+            continue
+        rc = res.routes.get(f.route)
+        if rc is None:
+            if strict:
+                raise ValidationError(f"Listener[{f.listener}]", f"route_config_name "
+                                      f"{f.route!r} names no RouteConfiguration")
+            pending[f.listener] = f"RouteConfiguration {f.route!r}"
+            waiting.append(f)
+            continue
+        targets.append((f, _route_cluster(rc)))
+
+    eds: set[str] = set()
+    services: list[Service] = []
+    for (f, cluster), name in zip(targets, _service_names(targets), strict=True):
+        c = res.clusters.get(cluster)
+        if c is None:
+            where = f"Listener[{f.listener}]" + (f" via RouteConfiguration[{f.route}]"
+                                                 if f.route else "")
+            if strict or (cds_seen and f.listener in must_resolve):
+                raise ValidationError(where, f"references unknown cluster {cluster!r}")
+            pending[f.listener] = f"Cluster {cluster!r}"
+            waiting.append(f)
+            continue
+        eds_name = _cluster_eds_name(c)
+        if eds_name is None:
+            cla = c.load_assignment
+            where = f"Cluster[{cluster}].load_assignment"
+        else:
+            eds.add(eds_name)
+            cla = res.endpoints.get(eds_name)
+            where = f"ClusterLoadAssignment[{eds_name}]"
+            if cla is None:
+                if strict:
+                    raise ValidationError(f"Cluster[{cluster}]", f"no ClusterLoadAssignment "
+                                          f"{eds_name!r}")
+                pending[f.listener] = f"ClusterLoadAssignment {eds_name!r}"
+                waiting.append(f)
+                continue
+        endpoints = endpoints_of(cla, where)
+        try:
+            services.append(Service(name, f.vip, f.port, f.protocol, endpoints, f.edge))
+        except ValidationError as e:
+            raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
+
+    held = _hold(services, waiting, previous)
+    return Translation(ServiceTable(tuple(services) + held), pending, frozenset(eds), rds_names)
+
+
+def _hold(services: list[Service], waiting: list[_Front],
+          previous: ServiceTable | None) -> tuple[Service, ...]:
+    """A VIP waiting for its new target keeps its last good definition (make-before-break),
+    unless the new table already uses that name."""
+    if not previous or not waiting:
+        return ()
+    old = {s.key: s for s in previous.services}
+    names = {s.name for s in services}
+    keys = {s.key for s in services}
+    held = []
+    for f in waiting:
+        svc = old.get((f.vip, f.port, f.protocol))
+        if svc and svc.name not in names and svc.key not in keys:
+            held.append(svc)
+            names.add(svc.name)
+            keys.add(svc.key)
+    return tuple(held)
+
+
+def _service_names(pairs: list[tuple[_Front, str]]) -> list[str]:
+    """metadata service > cluster name > (cluster shared by several listeners) listener name."""
+    by_cluster: dict[str, int] = {}
+    for f, cluster in pairs:
+        if not f.service:
+            by_cluster[cluster] = by_cluster.get(cluster, 0) + 1
+    names: list[str] = []
+    seen: dict[str, str] = {}
+    for f, cluster in pairs:
+        name = f.service or (cluster if by_cluster[cluster] == 1 else f.listener)
+        if name in seen:
+            raise ValidationError(
+                f"Listener[{f.listener}]",
+                f"service name {name!r} is also used by Listener[{seen[name]}]; set "
+                f"metadata.filter_metadata.{META_KEY}.service to tell them apart",
+            )
+        seen[name] = f.listener
+        names.append(name)
+    return names
+
+
+def _check_fronts(fronts: list[_Front]) -> None:
+    keys: dict[tuple[IPAddress, int, str], str] = {}
+    for f in fronts:
+        key = (f.vip, f.port, f.protocol)
+        if key in keys:
+            host = f"[{f.vip}]" if f.vip.version == 6 else str(f.vip)
+            raise ValidationError(f"Listener[{f.listener}].address",
+                                  f"duplicate VIP {host}:{f.port}/{f.protocol}, already "
+                                  f"used by Listener[{keys[key]}]")
+        keys[key] = f.listener
+
+
+def _front(name: str, lst: listener_pb2.Listener) -> _Front | None:
+    where = f"Listener[{name}]"
+    if lst.HasField("api_listener") or lst.address.WhichOneof("address") is None:
+        return None  # gRPC proxyless and internal listeners: no VIP for the datapath
+    if lst.address.WhichOneof("address") != "socket_address":
+        # A pipe or an internal listener has no VIP:port the datapath could match.
+        return None
+    sa = lst.address.socket_address
+    vip, port = _socket_address(sa, f"{where}.address.socket_address", vip=True)
+    if sa.protocol not in (_TCP, _UDP):
+        raise ValidationError(f"{where}.address.socket_address.protocol",
+                              f"unsupported protocol {sa.protocol}")
+    protocol = "UDP" if sa.protocol == _UDP else "TCP"
+    service, edge = _meta(lst, where)
+    cluster, route = _listener_target(lst, where, protocol)
+    return _Front(name, vip, port, protocol, cluster, route, service, edge)
+
+
+def _socket_address(sa: address_pb2.SocketAddress, where: str,
+                    vip: bool = False) -> tuple[IPAddress, int]:
+    if sa.WhichOneof("port_specifier") == "named_port":
+        raise ValidationError(f"{where}.named_port", "named ports are not supported; "
+                              "use port_value")
+    if sa.resolver_name:
+        raise ValidationError(f"{where}.resolver_name", "custom resolvers are not supported; "
+                              "give an IP address")
+    try:
+        addr = ipaddress.ip_address(sa.address)
+    except ValueError:
+        raise ValidationError(f"{where}.address", f"{sa.address!r} is not an IPv4 or IPv6 "
+                              "address (hostnames need DNS, which meshaccel does not do)"
+                              ) from None
+    if vip and (addr.is_unspecified or addr.is_multicast):
+        raise ValidationError(f"{where}.address", f"{addr} cannot be a service VIP")
+    if not 1 <= sa.port_value <= 65535:
+        raise ValidationError(f"{where}.port_value",
+                              f"port {sa.port_value} is out of range 1-65535")
+    return addr, sa.port_value
+
+
+def _meta(lst: listener_pb2.Listener, where: str) -> tuple[str | None, bool]:
+    if META_KEY not in lst.metadata.filter_metadata:
+        return None, False
+    meta = lst.metadata.filter_metadata[META_KEY]
+    path = f"{where}.metadata.filter_metadata.{META_KEY}"
+    service = None
+    if "service" in meta.fields:
+        v = meta.fields["service"]
+        if v.WhichOneof("kind") != "string_value" or not v.string_value.strip():
+            raise ValidationError(f"{path}.service", "expected a non-empty string")
+        service = v.string_value
+    edge = False
+    if "edge" in meta.fields:
+        v = meta.fields["edge"]
+        if v.WhichOneof("kind") != "bool_value":
+            raise ValidationError(f"{path}.edge", "expected true or false")
+        edge = v.bool_value
+    return service, edge
+
+
+def _listener_target(lst: listener_pb2.Listener, where: str,
+                     protocol: str) -> tuple[str | None, str | None]:
+    """(cluster, rds name) from the listener's one filter chain or its UDP proxy."""
+    if protocol == "UDP":
+        for i, lf in enumerate(lst.listener_filters):
+            if lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY:
+                up = _typed(lf.typed_config, udp_proxy_pb2.UdpProxyConfig,
+                            f"{where}.listener_filters[{i}].typed_config")
+                if not up.cluster:
+                    raise ValidationError(f"{where}.listener_filters[{i}].typed_config.cluster",
+                                          "a udp_proxy must name one cluster (matcher "
+                                          "routing is not supported)")
+                return up.cluster, None
+    chains = list(lst.filter_chains)
+    if lst.HasField("default_filter_chain"):
+        chains.append(lst.default_filter_chain)
+    if lst.HasField("filter_chain_matcher"):
+        raise ValidationError(f"{where}.filter_chain_matcher", "not supported: meshaccel "
+                              "maps one VIP:port to one cluster")
+    if not chains:
+        raise ValidationError(f"{where}.filter_chains", "no filter chain: expected one "
+                              "ending in envoy.filters.network.tcp_proxy or an "
+                              "HttpConnectionManager")
+    if len(chains) > 1:
+        raise ValidationError(f"{where}.filter_chains", f"{len(chains)} filter chains; "
+                              "meshaccel maps one VIP:port to exactly one filter chain")
+    fpath = f"{where}.filter_chains[0].filters" if lst.filter_chains else \
+        f"{where}.default_filter_chain.filters"
+    filters = chains[0].filters
+    if not filters:
+        raise ValidationError(fpath, "empty filter chain")
+    # The kernel path skips every filter, so only a chain that is nothing but a proxy
+    # to one cluster can be accelerated without silently dropping policy.
+    for i, flt in enumerate(filters):
+        fw = f"{fpath}[{i}]"
+        if flt.HasField("config_discovery"):
+            raise ValidationError(f"{fw}.config_discovery", "filter config discovery (ECDS) "
+                                  "is not supported")
+        if not flt.HasField("typed_config"):
+            raise ValidationError(f"{fw}.typed_config", f"filter {flt.name!r} has no "
+                                  "typed_config")
+        t = flt.typed_config.type_url
+        last = i == len(filters) - 1
+        if t not in (TCP_PROXY, HCM):
+            raise ValidationError(f"{fw}.typed_config", f"unknown filter type {t!r} "
+                                  f"({flt.name!r}); expected {TCP_PROXY} or {HCM}")
+        if not last:
+            raise ValidationError(fw, f"{flt.name!r} must be the last filter of the chain")
+        if t == TCP_PROXY:
+            tp = _typed(flt.typed_config, tcp_proxy_pb2.TcpProxy, f"{fw}.typed_config")
+            return _tcp_proxy_cluster(tp, f"{fw}.typed_config"), None
+        hcm = _typed(flt.typed_config, hcm_pb2.HttpConnectionManager, f"{fw}.typed_config")
+        return _hcm_target(hcm, f"{fw}.typed_config")
+    raise AssertionError("unreachable")
+
+
+def _tcp_proxy_cluster(tp: tcp_proxy_pb2.TcpProxy, where: str) -> str:
+    if tp.WhichOneof("cluster_specifier") == "weighted_clusters":
+        clusters = tp.weighted_clusters.clusters
+        if len(clusters) == 1 and clusters[0].name:
+            return clusters[0].name
+        raise ValidationError(f"{where}.weighted_clusters", f"{len(clusters)} weighted "
+                              "clusters; meshaccel maps a VIP to exactly one cluster")
+    if not tp.cluster:
+        raise ValidationError(f"{where}.cluster", "tcp_proxy names no cluster")
+    return tp.cluster
+
+
+def _hcm_target(hcm: hcm_pb2.HttpConnectionManager, where: str) -> tuple[str | None, str | None]:
+    kind = hcm.WhichOneof("route_specifier")
+    if kind == "rds":
+        if not hcm.rds.route_config_name:
+            raise ValidationError(f"{where}.rds.route_config_name", "missing")
+        return None, hcm.rds.route_config_name
+    if kind == "route_config":
+        return _route_cluster(hcm.route_config, f"{where}.route_config"), None
+    raise ValidationError(f"{where}.route_specifier", f"{kind or 'no route'} is not "
+                          "supported; use an inline route_config or rds")
+
+
+def _route_cluster(rc: route_pb2.RouteConfiguration, where: str | None = None) -> str:
+    """The one cluster that a catch-all single-virtual-host route config sends everything to."""
+    where = where or f"RouteConfiguration[{rc.name}]"
+    if rc.HasField("vhds"):
+        raise ValidationError(f"{where}.vhds", "VHDS is not supported")
+    if len(rc.virtual_hosts) != 1:
+        raise ValidationError(f"{where}.virtual_hosts", f"{len(rc.virtual_hosts)} virtual "
+                              "hosts; meshaccel needs exactly one with domains [\"*\"]")
+    vh = rc.virtual_hosts[0]
+    vw = f"{where}.virtual_hosts[0]"
+    if "*" not in vh.domains:
+        raise ValidationError(f"{vw}.domains", f"{list(vh.domains)} does not include \"*\": "
+                              "the kernel path cannot match on HTTP host names")
+    if not vh.routes:
+        raise ValidationError(f"{vw}.routes", "no routes")
+    cluster = None
+    catch_all = False
+    for i, r in enumerate(vh.routes):
+        rw = f"{vw}.routes[{i}]"
+        if r.WhichOneof("action") != "route":
+            raise ValidationError(rw, f"action {r.WhichOneof('action')!r} is not supported; "
+                                  "expected route to a cluster")
+        c = _route_action_cluster(r.route, f"{rw}.route")
+        if cluster is not None and c != cluster:
+            raise ValidationError(f"{rw}.route", f"routes to {c!r} while an earlier route "
+                                  f"goes to {cluster!r}; all traffic must go to one cluster")
+        cluster = c
+        m = r.match
+        if m.WhichOneof("path_specifier") == "prefix" and m.prefix in ("", "/") and \
+                not m.headers and not m.query_parameters:
+            catch_all = True
+    if not catch_all:
+        raise ValidationError(f"{vw}.routes", "no catch-all route (match prefix \"\" or "
+                              "\"/\"): the kernel path cannot match on requests")
+    assert cluster is not None
+    return cluster
+
+
+def _route_action_cluster(ra: route_components_pb2.RouteAction, where: str) -> str:
+    kind = ra.WhichOneof("cluster_specifier")
+    if kind == "cluster" and ra.cluster:
+        return ra.cluster
+    if kind == "weighted_clusters" and len(ra.weighted_clusters.clusters) == 1:
+        return ra.weighted_clusters.clusters[0].name
+    raise ValidationError(f"{where}.{kind or 'cluster'}", "expected exactly one cluster")
+
+
+_STATIC_TYPES = (cluster_pb2.Cluster.STATIC, cluster_pb2.Cluster.STRICT_DNS,
+                 cluster_pb2.Cluster.LOGICAL_DNS)
+
+
+def _cluster_eds_name(c: cluster_pb2.Cluster) -> str | None:
+    """The ClusterLoadAssignment name an EDS cluster needs, None for inline endpoints."""
+    where = f"Cluster[{c.name}]"
+    if c.WhichOneof("cluster_discovery_type") == "cluster_type":
+        raise ValidationError(f"{where}.cluster_type", f"custom cluster type "
+                              f"{c.cluster_type.name!r} is not supported")
+    if c.type == cluster_pb2.Cluster.EDS:
+        return c.eds_cluster_config.service_name or c.name
+    if c.type in _STATIC_TYPES:
+        return None
+    raise ValidationError(f"{where}.type", f"{cluster_pb2.Cluster.DiscoveryType.Name(c.type)} "
+                          "is not supported; use EDS or STATIC/STRICT_DNS with IP addresses")
+
+
+def cluster_eds_names(clusters: Mapping[str, cluster_pb2.Cluster]) -> set[str]:
+    """What to ask EDS for; clusters this mapping cannot use are skipped, not errors."""
+    out = set()
+    for c in clusters.values():
+        try:
+            n = _cluster_eds_name(c)
+        except ValidationError:
+            continue
+        if n:
+            out.add(n)
+    return out
+
+
+def listener_rds_names(listeners: Mapping[str, listener_pb2.Listener]) -> set[str]:
+    out = set()
+    for name, lst in listeners.items():
+        f = _front(name, lst)
+        if f and f.route:
+            out.add(f.route)
+    return out
+
+
+def endpoints_of(cla: endpoint_pb2.ClusterLoadAssignment, where: str) -> tuple[Endpoint, ...]:
+    """Flatten localities and priorities into weighted endpoints (README: "xDS mapping")."""
+    rows = []  # (priority, locality index, address, port, weight, healthy, path)
+    loc_weights: dict[int, int | None] = {}
+    for li, loc in enumerate(cla.endpoints):
+        lw = f"{where}.endpoints[{li}]"
+        if loc.HasField("leds_cluster_locality_config"):
+            raise ValidationError(f"{lw}.leds_cluster_locality_config", "LEDS is not supported")
+        loc_weights[li] = loc.load_balancing_weight.value if \
+            loc.HasField("load_balancing_weight") else None
+        for ei, lbe in enumerate(loc.lb_endpoints):
+            ew = f"{lw}.lb_endpoints[{ei}]"
+            if lbe.WhichOneof("host_identifier") != "endpoint":
+                raise ValidationError(f"{ew}.endpoint_name", "named endpoints are not supported")
+            ep_addr = lbe.endpoint.address
+            if ep_addr.WhichOneof("address") != "socket_address":
+                raise ValidationError(f"{ew}.endpoint.address", "expected a socket_address")
+            addr, port = _socket_address(ep_addr.socket_address,
+                                         f"{ew}.endpoint.address.socket_address")
+            weight = lbe.load_balancing_weight.value if \
+                lbe.HasField("load_balancing_weight") else 1
+            if weight < 1:
+                raise ValidationError(f"{ew}.load_balancing_weight", "must be >= 1")
+            rows.append((loc.priority, li, addr, port, weight,
+                         lbe.health_status in USED_HEALTH, ew))
+    if not rows:
+        return ()
+    healthy_prios = sorted({r[0] for r in rows if r[5]})
+    active = healthy_prios[0] if healthy_prios else min(r[0] for r in rows)
+    act = [r for r in rows if r[0] == active]
+    weighted_mode = any(loc_weights[li] is not None for li in {r[1] for r in act})
+    live_locs = {li for li in {r[1] for r in act} if not weighted_mode or loc_weights[li]}
+
+    weights: dict[int, int] = {}
+    healthy: dict[int, bool] = {}
+    for i, r in enumerate(rows):
+        healthy[i] = r[5] and r[0] == active and r[1] in live_locs
+        weights[i] = r[4]
+    if weighted_mode and len(live_locs) > 1:
+        # Each locality gets its weight's share of traffic, split inside by endpoint weight
+        # (Envoy's locality-weighted LB and gRPC's weighted_target both work this way).
+        sums: dict[int, int] = {}
+        for i, r in enumerate(rows):
+            if healthy[i]:
+                sums[r[1]] = sums.get(r[1], 0) + r[4]
+        shares = {i: Fraction(loc_weights[rows[i][1]] * rows[i][4], sums[rows[i][1]])
+                  for i in range(len(rows)) if healthy[i]}
+        if shares:
+            lcm = math.lcm(*(f.denominator for f in shares.values()))
+            ints = {i: int(f * lcm) for i, f in shares.items()}
+            g = math.gcd(*ints.values())
+            weights.update({i: v // g for i, v in ints.items()})
+    top = max(weights.values())
+    if top > MAX_WEIGHT:  # keep the ratios as well as 16 bits allow
+        weights = {i: max(1, round(w * MAX_WEIGHT / top)) for i, w in weights.items()}
+
+    out: dict[tuple[IPAddress, int], Endpoint] = {}
+    paths: dict[tuple[IPAddress, int], str] = {}
+    for i, r in enumerate(rows):
+        key = (r[2], r[3])
+        ep = Endpoint(r[2], r[3], weights[i], healthy[i])
+        if key in out:
+            # The same address in a standby priority is only a fallback: the active one wins.
+            if out[key].healthy and healthy[i]:
+                raise ValidationError(r[6], f"duplicate endpoint {ep} (also at {paths[key]})")
+            if healthy[i]:
+                out[key], paths[key] = ep, r[6]
+            continue
+        out[key], paths[key] = ep, r[6]
+    return tuple(out.values())
+
+
+# --------------------------------------------------------------------------- table -> resources
+
+
+def _pack(msg: message.Message) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def _ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def _sockaddr(addr: IPAddress, port: int, protocol: str = "TCP") -> address_pb2.Address:
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(
+        address=str(addr), port_value=port,
+        protocol=_UDP if protocol == "UDP" else _TCP))
+
+
+def vip_listener(svc: Service) -> listener_pb2.Listener:
+    lst = listener_pb2.Listener(name=f"{svc.name}.vip",
+                                address=_sockaddr(svc.vip, svc.port, svc.protocol))
+    if svc.protocol == "UDP":
+        # Envoy proxies UDP with a listener filter, not a network filter chain.
+        lst.listener_filters.append(listener_components_pb2.ListenerFilter(
+            name="envoy.filters.udp_listener.udp_proxy",
+            typed_config=_pack(udp_proxy_pb2.UdpProxyConfig(stat_prefix=svc.name,
+                                                            cluster=svc.name))))
+    else:
+        lst.filter_chains.append(listener_components_pb2.FilterChain(filters=[
+            listener_components_pb2.Filter(
+                name="envoy.filters.network.tcp_proxy",
+                typed_config=_pack(tcp_proxy_pb2.TcpProxy(stat_prefix=svc.name,
+                                                          cluster=svc.name)))]))
+    if svc.edge:
+        lst.metadata.filter_metadata[META_KEY].CopyFrom(
+            struct_pb2.Struct(fields={"edge": struct_pb2.Value(bool_value=True)}))
+    return lst
+
+
+def api_listener(svc: Service) -> listener_pb2.Listener:
+    """What gRPC's proxyless client resolves for xds:///<service>."""
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=svc.name,
+        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=f"{svc.name}.route"),
+        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router",
+                                         typed_config=_pack(router_pb2.Router()))],
+    )
+    return listener_pb2.Listener(
+        name=svc.name, api_listener=api_listener_pb2.ApiListener(api_listener=_pack(hcm)))
+
+
+def route_config(svc: Service) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(name=f"{svc.name}.route", virtual_hosts=[
+        route_components_pb2.VirtualHost(
+            name=svc.name, domains=["*"],
+            routes=[route_components_pb2.Route(
+                match=route_components_pb2.RouteMatch(prefix=""),
+                route=route_components_pb2.RouteAction(cluster=svc.name))])])
+
+
+def cluster(svc: Service) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=svc.name, type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_source()),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN)
+
+
+def load_assignment(svc: Service) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=svc.name, endpoints=[
+        endpoint_components_pb2.LocalityLbEndpoints(
+            locality=base_pb2.Locality(),
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            lb_endpoints=[
+                endpoint_components_pb2.LbEndpoint(
+                    endpoint=endpoint_components_pb2.Endpoint(
+                        address=_sockaddr(ep.address, ep.port)),
+                    health_status=health_check_pb2.HEALTHY if ep.healthy
+                    else health_check_pb2.UNHEALTHY,
+                    load_balancing_weight=wrappers_pb2.UInt32Value(value=ep.weight))
+                for ep in svc.endpoints])])
+
+
+def to_resources(table: ServiceTable) -> Resources:
+    res = Resources()
+    for svc in table.services:
+        for lst in (vip_listener(svc), api_listener(svc)):
+            if lst.name in res.listeners:
+                raise ValidationError(f"services[{svc.name}]", f"listener name {lst.name!r} "
+                                      "clashes with another service's listener")
+            res.listeners[lst.name] = lst
+        res.routes[f"{svc.name}.route"] = route_config(svc)
+        res.clusters[svc.name] = cluster(svc)
+        res.endpoints[svc.name] = load_assignment(svc)
+    return res
+
+
+def pack_all(items: Mapping[str, message.Message]) -> dict[str, any_pb2.Any]:
+    return {name: _pack(msg) for name, msg in items.items()}

@@ -1,0 +1,175 @@
+/* cgroup sock_addr programs: balance a service VIP:port to an endpoint when a
+ * socket connects (TCP, connected UDP) or sends (unconnected UDP), and show the
+ * VIP again in getpeername() and recvmsg(). No DNAT, no per-packet work: both
+ * ends of the connection see the endpoint's real address, so the socket fast
+ * path pairs them like any pod-to-pod connection. Misses and errors proceed
+ * untouched (fail open); a service with no usable endpoint refuses at once,
+ * as kube-proxy's REJECT does, instead of leaving the client waiting on a VIP
+ * nobody answers. */
+#include "lib/common.h"
+#include "lib/counters.h"
+#include "lib/lb.h"
+
+#define SYS_PROCEED 1
+#define SYS_REJECT 0
+
+static __always_inline void count_add(u32 idx, u64 n)
+{
+	u64 *v = accel_counters.lookup(&idx);
+	if (v)
+		*v += n;
+}
+
+#define count(idx) count_add((idx), 1)
+
+static __always_inline void svc_count(__u32 index, int ok)
+{
+	struct svc_stats *s = accel_svc_stats.lookup(&index);
+	if (!s)
+		return;
+	if (ok)
+		s->connects++;
+	else
+		s->no_backend++;
+}
+
+/* Pick an endpoint for key; NULL when the VIP is not a service. *reject is set
+ * when it is a service without a usable endpoint. */
+static __always_inline struct backend *pick(struct svc_key *key, int *reject)
+{
+	struct svc_val *svc = accel_services.lookup(key);
+	struct slot_key sk = {};
+	struct backend *be;
+
+	if (!svc)
+		return NULL;
+	if (svc->nslots == 0) {
+		svc_count(svc->index, 0);
+		count(C_CONNECT_NO_BACKEND);
+		*reject = 1;
+		return NULL;
+	}
+	sk.slots_id = svc->slots_id;
+	sk.slot = bpf_get_prandom_u32() % svc->nslots;
+	be = accel_slots.lookup(&sk);
+	if (!be) {
+		count(C_CONNECT_NO_BACKEND); /* mid-flip: proceed untouched */
+		return NULL;
+	}
+	svc_count(svc->index, 1);
+	return be;
+}
+
+static __always_inline void remember_vip(void *ctx, struct svc_key *key, struct backend *be)
+{
+	struct revnat_key rk = {};
+	struct revnat_val rv = {};
+
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.backend = be->addr;
+	rk.port = be->port;
+	rv.vip = key->vip;
+	rv.port = key->port;
+	int rc = accel_revnat.update(&rk, &rv);
+	if (rc != 0)
+		count(C_REVNAT_FAILURES);
+}
+
+static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter)
+{
+	struct svc_key key = {};
+	struct backend *be;
+	int reject = 0;
+
+	addr_from4(&key.vip, CTX_READ(ctx->user_ip4));
+	key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
+	key.proto = CTX_READ(ctx->protocol);
+	be = pick(&key, &reject);
+	if (!be)
+		return reject ? SYS_REJECT : SYS_PROCEED;
+	if (!addr_is_v4(&be->addr)) {
+		count(C_CONNECT_FAMILY_MISMATCH);
+		return SYS_PROCEED;
+	}
+	ctx->user_ip4 = be->addr.w[3];
+	ctx->user_port = bpf_htons(be->port);
+	remember_vip(ctx, &key, be);
+	count(counter);
+	return SYS_PROCEED;
+}
+
+static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter)
+{
+	struct svc_key key = {};
+	struct backend *be;
+	int reject = 0;
+
+	key.vip.w[0] = CTX_READ(ctx->user_ip6[0]);
+	key.vip.w[1] = CTX_READ(ctx->user_ip6[1]);
+	key.vip.w[2] = CTX_READ(ctx->user_ip6[2]);
+	key.vip.w[3] = CTX_READ(ctx->user_ip6[3]);
+	key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
+	key.proto = CTX_READ(ctx->protocol);
+	be = pick(&key, &reject);
+	if (!be)
+		return reject ? SYS_REJECT : SYS_PROCEED;
+	/* An IPv4 endpoint is dialed as ::ffff:a.b.c.d from an IPv6 socket. */
+	ctx->user_ip6[0] = be->addr.w[0];
+	ctx->user_ip6[1] = be->addr.w[1];
+	ctx->user_ip6[2] = be->addr.w[2];
+	ctx->user_ip6[3] = be->addr.w[3];
+	ctx->user_port = bpf_htons(be->port);
+	remember_vip(ctx, &key, be);
+	count(counter);
+	return SYS_PROCEED;
+}
+
+/* The peer the socket reports (getpeername, recvmsg source) back to the VIP. */
+static __always_inline int unbalance4(struct bpf_sock_addr *ctx)
+{
+	struct revnat_key rk = {};
+	struct revnat_val *rv;
+
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	addr_from4(&rk.backend, CTX_READ(ctx->user_ip4));
+	rk.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
+	rv = accel_revnat.lookup(&rk);
+	if (!rv || !addr_is_v4(&rv->vip))
+		return SYS_PROCEED;
+	ctx->user_ip4 = rv->vip.w[3];
+	ctx->user_port = bpf_htons(rv->port);
+	count(C_PEERNAME_VIP);
+	return SYS_PROCEED;
+}
+
+static __always_inline int unbalance6(struct bpf_sock_addr *ctx)
+{
+	struct revnat_key rk = {};
+	struct revnat_val *rv;
+
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.backend.w[0] = CTX_READ(ctx->user_ip6[0]);
+	rk.backend.w[1] = CTX_READ(ctx->user_ip6[1]);
+	rk.backend.w[2] = CTX_READ(ctx->user_ip6[2]);
+	rk.backend.w[3] = CTX_READ(ctx->user_ip6[3]);
+	rk.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
+	rv = accel_revnat.lookup(&rk);
+	if (!rv)
+		return SYS_PROCEED;
+	ctx->user_ip6[0] = rv->vip.w[0];
+	ctx->user_ip6[1] = rv->vip.w[1];
+	ctx->user_ip6[2] = rv->vip.w[2];
+	ctx->user_ip6[3] = rv->vip.w[3];
+	ctx->user_port = bpf_htons(rv->port);
+	count(C_PEERNAME_VIP);
+	return SYS_PROCEED;
+}
+
+int accel_connect4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_CONNECT_BALANCED); }
+int accel_connect6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_CONNECT_BALANCED); }
+int accel_sendmsg4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_UDP_BALANCED); }
+int accel_sendmsg6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_UDP_BALANCED); }
+int accel_recvmsg4(struct bpf_sock_addr *ctx) { return unbalance4(ctx); }
+int accel_recvmsg6(struct bpf_sock_addr *ctx) { return unbalance6(ctx); }
+int accel_peer4(struct bpf_sock_addr *ctx) { return unbalance4(ctx); }
+int accel_peer6(struct bpf_sock_addr *ctx) { return unbalance6(ctx); }
