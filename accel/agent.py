@@ -1,0 +1,151 @@
+"""The agent: one datapath, one source of truth (mesh.yaml or xDS), and the state the
+API, the metrics and the CLI read.
+
+Flow: source -> ServiceTable -> Agent.apply_table -> Datapath (map writers) -> kernel.
+apply_table either applies a table completely or raises and changes nothing, which is
+what lets the xDS client NACK with the last good state still serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from accel import __version__
+from accel.datapath.datapath import Datapath
+from accel.datapath.services import weighted_slots
+from accel.model import ServiceTable, ValidationError, mapped
+
+log = logging.getLogger(__name__)
+
+
+class CapacityError(ValidationError):
+    """The table does not fit the maps: rejected whole, never truncated."""
+
+
+@dataclass
+class Event:
+    kind: str  # "applied" | "rejected" | "xds" | "datapath"
+    message: str
+    version: str = ""
+    time: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "version": self.version,
+                "time": self.time}
+
+
+class Agent:
+    def __init__(self, datapath: Datapath, source: str = "file"):
+        self.datapath = datapath
+        self.source = source  # "file:<path>" | "xds:<target>" | "api"
+        self.started = time.time()
+        self.table = ServiceTable()
+        self.version = ""
+        self.applied_count = 0
+        self.rejected_count = 0
+        self.last_error = ""
+        self.xds_state: Any = None  # callable returning the xDS client's state, if any
+        self.edge: Any = None  # the XDP edge datapath, if enabled
+        self._lock = threading.RLock()
+        self._watchers: list[queue.Queue[Event]] = []
+
+    # ---- applying configuration ------------------------------------------------------------
+
+    def check_capacity(self, table: ServiceTable) -> None:
+        caps = self.datapath.capacities
+        if len(table.services) > caps.services:
+            raise CapacityError("services", f"{len(table.services)} services exceed the "
+                                f"capacity of {caps.services} (--capacity services=N)")
+        slots = sum(len(weighted_slots(s.endpoints)) for s in table.services)
+        if slots > caps.slots:
+            raise CapacityError("services", f"{slots} endpoint slots exceed the capacity of "
+                                f"{caps.slots} (--capacity slots=N)")
+        prefixes = len({mapped(a) for a in table.endpoint_addresses()}) + len(table.mesh_cidrs)
+        if prefixes > caps.mesh_nets:
+            raise CapacityError("services", f"{prefixes} mesh addresses exceed the capacity of "
+                                f"{caps.mesh_nets} (--capacity mesh_nets=N)")
+
+    def apply_table(self, table: ServiceTable, version: str = "") -> None:
+        """Apply completely or raise (ValidationError for bad input, RuntimeError otherwise)."""
+        with self._lock:
+            try:
+                self.check_capacity(table)
+                report = self.datapath.apply(table)
+                if self.edge is not None:
+                    self.edge.apply(table)
+                    self.edge.set_guard(table.guard)
+            except Exception as e:
+                self.rejected_count += 1
+                self.last_error = str(e)
+                self._emit(Event("rejected", str(e), version))
+                raise
+            failed = [e for r in report.values() for e in r.errors]
+            self.table = table
+            self.version = version
+            self.applied_count += 1
+            if failed:
+                # Written as far as the kernel allowed: say so loudly, and refuse the version.
+                self.last_error = "; ".join(failed[:5])
+                self._emit(Event("rejected", f"partially applied: {self.last_error}", version))
+                raise RuntimeError(f"maps full: {self.last_error}")
+            self.last_error = ""
+            self._emit(Event(
+                "applied",
+                f"{len(table.services)} services, "
+                f"{sum(len(s.endpoints) for s in table.services)} endpoints",
+                version,
+            ))
+            log.info("applied version %r: %d services", version, len(table.services))
+
+    # ---- state for the API, metrics and CLI ------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        xds = self.xds_state() if callable(self.xds_state) else None
+        return {
+            "version": __version__,
+            "source": self.source,
+            "uptime_s": round(time.time() - self.started, 3),
+            "config_version": self.version,
+            "services": len(self.table.services),
+            "applied": self.applied_count,
+            "rejected": self.rejected_count,
+            "last_error": self.last_error,
+            "pin_dir": self.datapath.pin_dir,
+            "cgroup": str(self.datapath.cgroup),
+            "xds": xds,
+            "edge": self.edge.status() if self.edge is not None and hasattr(self.edge, "status")
+            else None,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"global": self.datapath.counters(),
+                               "services": self.datapath.service_counters()}
+        if self.edge is not None:
+            out["edge"] = self.edge.counters()
+        return out
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        for q in list(self._watchers):
+            try:
+                q.put_nowait(event)
+            except queue.Full:
+                pass
+
+    def emit(self, kind: str, message: str, version: str = "") -> None:
+        self._emit(Event(kind, message, version))
+
+    def watch(self) -> queue.Queue[Event]:
+        q: queue.Queue[Event] = queue.Queue(maxsize=1000)
+        self._watchers.append(q)
+        return q
+
+    def unwatch(self, q: queue.Queue[Event]) -> None:
+        if q in self._watchers:
+            self._watchers.remove(q)

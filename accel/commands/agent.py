@@ -1,0 +1,191 @@
+"""`accel agent`: load the datapath, feed it from mesh.yaml or xDS, serve the API, run until
+SIGTERM/SIGINT, then detach and unpin everything (or leave it for the next agent: --keep)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import fields, replace
+
+from accel.commands.common import add_datapath_args, fail
+from accel.model import ValidationError
+
+log = logging.getLogger("accel.agent")
+
+DEFAULT_API_SOCKET = "/run/accel/agent.sock"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="run the meshaccel agent (datapath + config + API)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="MESH_YAML", help="service table from a mesh.yaml file")
+    src.add_argument("--xds", metavar="HOST:PORT", help="service table from an xDS (ADS) server")
+    p.add_argument("--node-id", default=None, help="xDS node id (default: meshaccel-<hostname>)")
+    p.add_argument("--xds-ca", metavar="PEM", help="CA bundle: use TLS to the xDS server")
+    p.add_argument("--xds-cert", metavar="PEM", help="client certificate for mutual TLS")
+    p.add_argument("--xds-key", metavar="PEM", help="client key for mutual TLS")
+    add_datapath_args(p)
+    p.add_argument("--keep", action="store_true",
+                   help="on exit leave programs and maps in place for the next agent")
+    p.add_argument("--api-socket", default=DEFAULT_API_SOCKET,
+                   help=f"unix socket of the gRPC API, root-only (default {DEFAULT_API_SOCKET}; "
+                   "'' disables)")
+    p.add_argument("--api-listen", metavar="HOST:PORT",
+                   help="also serve the API on TCP (needs --api-tls-* or --api-insecure)")
+    p.add_argument("--api-insecure", action="store_true",
+                   help="allow --api-listen without TLS (trusted networks only)")
+    p.add_argument("--api-tls-cert", metavar="PEM")
+    p.add_argument("--api-tls-key", metavar="PEM")
+    p.add_argument("--api-tls-client-ca", metavar="PEM",
+                   help="require client certificates signed by this CA")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--edge-iface", metavar="IFACE",
+                   help="run the XDP/TC edge load balancer on this interface")
+    p.add_argument("--maglev-size", type=int, default=65537,
+                   help="Maglev table size per edge VIP (a prime; default 65537)")
+    p.add_argument("--capacity", action="append", default=[], metavar="NAME=N",
+                   help="map capacity, e.g. services=20000 (names: "
+                   "sockets, mesh_nets, services, slots, revnat)")
+    p.set_defaults(func=run)
+
+
+def parse_capacities(items: list[str]):
+    from accel.datapath.datapath import Capacities
+
+    caps = Capacities()
+    names = {f.name for f in fields(Capacities)}
+    for item in items:
+        for part in item.split(","):
+            name, sep, value = part.partition("=")
+            if not sep or name not in names or not value.isdigit() or int(value) < 1:
+                raise ValidationError("--capacity", f"{part!r}: expected NAME=N with NAME one "
+                                      f"of {', '.join(sorted(names))} and N >= 1")
+            caps = replace(caps, **{name: int(value)})
+    return caps
+
+
+def run(args: argparse.Namespace) -> int:
+    from accel import config
+
+    # Everything that can be checked is checked before anything is loaded.
+    try:
+        table = config.load(args.config) if args.config else None
+        caps = parse_capacities(args.capacity)
+        if args.api_listen and not (args.api_insecure or (args.api_tls_cert and args.api_tls_key)):
+            raise ValidationError("--api-listen", "TCP needs --api-tls-cert/--api-tls-key "
+                                  "(or --api-insecure on a trusted network)")
+    except ValidationError as e:
+        return fail(f"invalid input: {e}", code=2)
+
+    from accel.agent import Agent
+    from accel.datapath.datapath import AlreadyRunning, Datapath
+    from accel.datapath.programs import LoadError
+
+    dp = Datapath(pin_dir=args.pin_dir, cgroup_path=args.cgroup, capacities=caps)
+    try:
+        dp.start()
+    except AlreadyRunning as e:
+        return fail(str(e))
+    except (LoadError, OSError, RuntimeError) as e:
+        return fail(f"cannot load the datapath: {e}\n"
+                    "nothing was changed; `accel doctor` tells what this kernel lacks")
+    agent = Agent(dp, source=f"file:{args.config}" if args.config else f"xds:{args.xds}")
+    stoppers: list = []
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    code = 0
+    try:
+        if args.edge_iface:
+            from accel.datapath.edge import EdgeDatapath
+
+            edge = EdgeDatapath(args.edge_iface, pin_dir=dp.pin_dir, maglev_size=args.maglev_size)
+            edge.attach()
+            stoppers.append(edge.close)
+            agent.edge = edge
+        stoppers.extend(_start_source(args, agent, table))
+        stoppers.extend(_start_api(args, agent))
+        log.info("agent running (pin dir %s, cgroup %s); SIGTERM or Ctrl-C to stop",
+                 dp.pin_dir, dp.cgroup)
+        stop.wait()
+    except ValidationError as e:
+        code = fail(f"invalid input: {e}", code=2)
+    except Exception as e:
+        log.exception("agent failed")
+        code = fail(f"agent failed: {e}")
+    finally:
+        for s in reversed(stoppers):
+            try:
+                s()
+            except Exception as e:
+                log.warning("stopping: %s", e)
+        dp.close(keep=args.keep)
+        log.info("agent stopped%s", " (datapath kept)" if args.keep else ", datapath removed")
+    return code
+
+
+def _start_source(args: argparse.Namespace, agent, table) -> list:
+    if table is not None:
+        from accel.sources.file import FileSource
+
+        agent.apply_table(table, version="file-1")
+        source = FileSource(args.config)
+        counter = {"n": 1}
+
+        def on_change(t) -> None:
+            counter["n"] += 1
+            try:
+                agent.apply_table(t, version=f"file-{counter['n']}")
+            except Exception as e:
+                log.error("new %s not applied, keeping the last good one: %s", args.config, e)
+
+        source.watch(on_change)
+        return [source.close]
+
+    import socket
+
+    import grpc
+
+    from accel.xds.client import XdsClient
+
+    creds = None
+    if args.xds_ca:
+        def read(p: str | None) -> bytes | None:
+            return open(p, "rb").read() if p else None
+
+        creds = grpc.ssl_channel_credentials(read(args.xds_ca), read(args.xds_key),
+                                              read(args.xds_cert))
+    node_id = args.node_id or f"meshaccel-{socket.gethostname()}"
+    client = XdsClient(args.xds, node_id, on_update=agent.apply_table, credentials=creds)
+    agent.xds_state = client.state
+    client.start()
+    return [client.stop]
+
+
+def _start_api(args: argparse.Namespace, agent) -> list:
+    stoppers = []
+    try:
+        from accel.api import server as api_server
+    except ImportError:
+        api_server = None
+    if api_server is not None and (args.api_socket or args.api_listen):
+        handle = api_server.serve(
+            agent,
+            unix_path=args.api_socket or None,
+            tcp_addr=args.api_listen,
+            tls_cert=args.api_tls_cert,
+            tls_key=args.api_tls_key,
+            tls_client_ca=args.api_tls_client_ca,
+        )
+        stoppers.append(handle.stop)
+    if args.metrics:
+        try:
+            from accel.api import metrics
+        except ImportError:
+            print("accel agent: --metrics is not available in this build", file=sys.stderr)
+        else:
+            stoppers.append(metrics.serve(agent, args.metrics).stop)
+    return stoppers

@@ -1,0 +1,302 @@
+"""The controller's ADS server: state-of-the-world LDS/RDS/CDS/EDS over one gRPC stream.
+
+It serves what translate.py makes of a TableSource's table, to meshaccel agents and to
+gRPC proxyless clients alike. Each table change is a new version, pushed to every stream
+in make-before-break order (CDS, EDS, LDS, RDS), and only for resources that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from accel.model import ServiceTable
+from accel.sources import TableSource
+from accel.xds import translate
+
+log = logging.getLogger(__name__)
+
+ADS_SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
+CONTROL_PLANE = "meshaccel-controller"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: str
+    table: ServiceTable
+    resources: dict[str, dict[str, any_pb2.Any]]  # type_url -> name -> packed resource
+    digests: dict[str, dict[str, bytes]]  # type_url -> name -> digest of the bytes
+
+    @classmethod
+    def of(cls, version: str, table: ServiceTable) -> Snapshot:
+        res = translate.to_resources(table)
+        packed = {t: translate.pack_all(res.of(t)) for t in translate.PUSH_ORDER}
+        digests = {t: {n: hashlib.blake2b(a.value, digest_size=16).digest()
+                       for n, a in items.items()} for t, items in packed.items()}
+        return cls(version, table, packed, digests)
+
+
+@dataclass
+class _Sub:
+    """One resource type on one stream."""
+
+    names: set[str] | None = None  # None: wildcard
+    nonce: str = ""  # last nonce sent
+    sent_version: str = ""
+    sent: dict[str, bytes] | None = None  # name -> digest of what the client last got
+    acked_version: str = ""
+    nack_error: str | None = None
+    nacked_version: str = ""
+
+
+@dataclass
+class _Stream:
+    id: int
+    peer: str
+    node_id: str = ""
+    events: queue.Queue = field(default_factory=queue.Queue)
+    subs: dict[str, _Sub] = field(default_factory=dict)
+    opened: float = field(default_factory=time.time)
+
+
+_END = object()
+_PUSH = object()
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, snapshot: Snapshot):
+        self._snapshot = snapshot
+        self._streams: dict[int, _Stream] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._nonces = itertools.count(1)
+        self._epoch = os.urandom(4).hex()  # nonces stay unique across restarts
+        self.acks = 0
+        self.nacks = 0
+
+    # -- state shared with the server
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def publish(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            s.events.put(_PUSH)
+
+    def close_all(self) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            s.events.put(_END)
+
+    def clients(self) -> list[dict]:
+        with self._lock:
+            streams = list(self._streams.values())
+        return [{
+            "peer": s.peer, "node_id": s.node_id, "opened": s.opened,
+            "types": {t: {"names": None if sub.names is None else sorted(sub.names),
+                          "sent_version": sub.sent_version, "acked_version": sub.acked_version,
+                          "nack_error": sub.nack_error}
+                      for t, sub in list(s.subs.items())},
+        } for s in streams]
+
+    # -- the RPC
+
+    def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802
+        stream = _Stream(next(self._ids), context.peer())
+        with self._lock:
+            self._streams[stream.id] = stream
+        context.add_callback(lambda: stream.events.put(_END))
+
+        def read() -> None:
+            try:
+                for req in request_iterator:
+                    stream.events.put(req)
+            except Exception as e:  # the client went away: the stream is over
+                log.debug("stream %d read ended: %s", stream.id, e)
+            stream.events.put(_END)
+
+        threading.Thread(target=read, name=f"ads-read-{stream.id}", daemon=True).start()
+        log.info("ADS stream %d opened from %s", stream.id, stream.peer)
+        try:
+            while True:
+                ev = stream.events.get()
+                if ev is _END:
+                    return
+                if ev is _PUSH:
+                    snap = self._snapshot
+                    for t in translate.PUSH_ORDER:
+                        if t in stream.subs:
+                            resp = self._respond(stream, t, snap, only_if_changed=True)
+                            if resp is not None:
+                                yield resp
+                    continue
+                resp = self._on_request(stream, ev)
+                if resp is not None:
+                    yield resp
+        finally:
+            with self._lock:
+                self._streams.pop(stream.id, None)
+            log.info("ADS stream %d from %s (node %r) closed", stream.id, stream.peer,
+                     stream.node_id)
+
+    def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "meshaccel serves state-of-the-world xDS only; use "
+                      "StreamAggregatedResources")
+
+    def _on_request(self, stream: _Stream,
+                    req: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryResponse | None:
+        if req.HasField("node") and req.node.id:
+            stream.node_id = req.node.id
+        t = req.type_url
+        if t not in translate.KIND:
+            log.warning("node %r asked for unknown type %r", stream.node_id, t)
+            return None
+        sub = stream.subs.get(t)
+        if sub is not None and sub.nonce and req.response_nonce:
+            if req.response_nonce != sub.nonce:
+                return None  # answers an older response: superseded, ignore (xDS protocol)
+            if req.HasField("error_detail"):
+                self.nacks += 1
+                sub.nack_error = req.error_detail.message
+                sub.nacked_version = sub.sent_version
+                log.warning("node %r (%s) NACKed %s version %s: %s", stream.node_id,
+                            stream.peer, translate.KIND[t], sub.sent_version,
+                            req.error_detail.message)
+            else:
+                self.acks += 1
+                sub.acked_version = req.version_info
+                sub.nack_error = None
+                log.debug("node %r ACKed %s version %s", stream.node_id, translate.KIND[t],
+                          req.version_info)
+        names: set[str] | None = set(req.resource_names)
+        if t in translate.WILDCARD_TYPES and (not names or "*" in names):
+            names = None
+        first = sub is None
+        if sub is None:
+            sub = stream.subs[t] = _Sub()
+        changed = first or names != sub.names
+        sub.names = names
+        if not changed:
+            return None
+        if not first and names is not None and not names - set(sub.sent or {}):
+            # Fewer names: SotW EDS/RDS need no answer to an unsubscribe.
+            if t not in translate.WILDCARD_TYPES:
+                sub.sent = {n: d for n, d in (sub.sent or {}).items() if n in names}
+                return None
+        return self._respond(stream, t, self._snapshot, only_if_changed=False)
+
+    def _respond(self, stream: _Stream, t: str, snap: Snapshot,
+                 only_if_changed: bool) -> discovery_pb2.DiscoveryResponse | None:
+        sub = stream.subs[t]
+        items = snap.resources[t]
+        digests = snap.digests[t]
+        names = sorted(items) if sub.names is None else sorted(n for n in sub.names if n in items)
+        view = {n: digests[n] for n in names}
+        if only_if_changed and view == sub.sent:
+            return None
+        sub.sent = view
+        sub.sent_version = snap.version
+        sub.nonce = f"{self._epoch}-{next(self._nonces)}"
+        return discovery_pb2.DiscoveryResponse(
+            version_info=snap.version, type_url=t, nonce=sub.nonce,
+            resources=[items[n] for n in names],
+            control_plane=base_pb2.ControlPlane(identifier=CONTROL_PLANE))
+
+
+class ControllerServer:
+    """ADS + gRPC health + reflection, fed by a TableSource (which it owns once started)."""
+
+    def __init__(self, source: TableSource, listen: str = "127.0.0.1:18000",
+                 max_streams: int = 256):
+        self.source = source
+        self.listen = listen
+        self.max_streams = max_streams
+        self.port = 0
+        self._server: grpc.Server | None = None
+        self._version = 0
+        self._lock = threading.Lock()
+        self._health = health.HealthServicer()
+        self.ads: AdsServicer | None = None
+
+    @property
+    def version(self) -> str:
+        return str(self._version)
+
+    def start(self) -> ControllerServer:
+        table = self.source.current()
+        self._version = 1
+        self.ads = AdsServicer(Snapshot.of(self.version, table))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.max_streams + 8,
+                                       thread_name_prefix="controller"),
+            options=[
+                ("grpc.so_reuseport", 0),  # a port already taken must fail, not be shared
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (ADS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(self.listen)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {self.listen}: {e}") from None
+        if not port:
+            raise OSError(f"cannot listen on {self.listen}")
+        self.port = port
+        server.start()
+        self._server = server
+        for svc in ("", ADS_SERVICE):
+            self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self.source.watch(self.update)
+        log.info("controller serving xDS version %s (%d services) on %s", self.version,
+                 len(table.services), self.listen)
+        return self
+
+    def update(self, table: ServiceTable) -> None:
+        """Publish a new table to every stream (the source calls this on each change)."""
+        with self._lock:
+            snap = Snapshot.of(str(self._version + 1), table)  # raises before anything changes
+            self._version += 1
+            assert self.ads is not None
+            self.ads.publish(snap)
+        log.info("xDS version %s: %d services", snap.version, len(table.services))
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._server is None:
+            return
+        self._health.enter_graceful_shutdown()
+        self.source.close()
+        if self.ads:
+            self.ads.close_all()  # end streams cleanly so clients reconnect at once
+        self._server.stop(grace).wait()
+        self._server = None
+
+    def __enter__(self) -> ControllerServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
