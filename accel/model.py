@@ -95,6 +95,11 @@ class Endpoint:
         return f"{host}:{self.port}"
 
 
+def _endpoint_order(ep: Endpoint) -> tuple:
+    # IPv4 and IPv6 addresses do not compare with each other: order by version first.
+    return (ep.address.version, ep.address, ep.port, ep.weight, ep.healthy)
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -187,7 +192,8 @@ class ServiceTable:
         services = tuple(
             sorted(
                 (
-                    Service(s.name, s.vip, s.port, s.protocol, tuple(sorted(s.endpoints)), s.edge)
+                    Service(s.name, s.vip, s.port, s.protocol,
+                            tuple(sorted(s.endpoints, key=_endpoint_order)), s.edge)
                     for s in self.services
                 ),
                 key=lambda s: s.name,
