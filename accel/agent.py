@@ -12,13 +12,13 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from accel import __version__
 from accel.datapath.datapath import Datapath
 from accel.datapath.services import weighted_slots
-from accel.model import ServiceTable, ValidationError, mapped
+from accel.model import Guard, ServiceTable, ValidationError, mapped
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,18 @@ class Agent:
             ))
             log.info("applied version %r: %d services", version, len(table.services))
 
+    def set_guard(self, guard: Guard) -> bool:
+        """Replace the edge flood guard alone; True if an edge enforces it. The next table
+        from the source replaces it in turn, as it would any table."""
+        with self._lock:
+            if self.edge is not None:
+                self.edge.set_guard(guard)
+            self.table = replace(self.table, guard=guard)
+            self._emit(Event("applied", f"guard: {len(guard.deny)} denied CIDRs, "
+                             f"syn_rate {guard.syn_rate}, syn_burst {guard.syn_burst}",
+                             self.version))
+            return self.edge is not None
+
     # ---- state for the API, metrics and CLI ------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -123,10 +135,12 @@ class Agent:
         }
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"global": self.datapath.counters(),
-                               "services": self.datapath.service_counters()}
-        if self.edge is not None:
-            out["edge"] = self.edge.counters()
+        # Under the lock: the service writer's index changes while a table is applied.
+        with self._lock:
+            out: dict[str, Any] = {"global": self.datapath.counters(),
+                                   "services": self.datapath.service_counters()}
+            if self.edge is not None:
+                out["edge"] = self.edge.counters()
         return out
 
     # ---- events --------------------------------------------------------------------------------
