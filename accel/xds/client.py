@@ -1,0 +1,330 @@
+"""The agent's ADS client: state-of-the-world xDS into ServiceTables.
+
+LDS and CDS are wildcard subscriptions; EDS follows the clusters CDS yields and RDS the
+route configs listeners name. A response is ACKed only after `on_update` accepted the
+table it leads to; anything that fails (bad resources, a ValidationError or any other
+exception from on_update) is NACKed with the reason and the last good state stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import code_pb2, status_pb2
+
+from accel.model import ServiceTable
+from accel.xds import translate
+from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+
+log = logging.getLogger(__name__)
+
+OnUpdate = Callable[[ServiceTable], None]
+Event = Callable[[str, dict], None]
+# Subscribe parents first so children are asked for as soon as their names are known.
+SUBSCRIBE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+
+
+@dataclass
+class _TypeState:
+    last_ack_version: str = ""
+    last_nonce: str = ""
+    last_nack_error: str | None = None
+    last_update_time: float | None = None
+    names: frozenset[str] = frozenset()  # EDS/RDS subscription
+    subscribed: bool = False  # requested on the current stream
+    stream_nonce: str = ""  # nonces mean nothing on another stream
+
+
+@dataclass(frozen=True)
+class _Result:
+    resources: Resources
+    table: ServiceTable | None  # None: not synced yet (no LDS or no CDS so far)
+    pending: dict[str, str]
+    eds_names: frozenset[str]
+    rds_names: frozenset[str]
+    count: int
+
+
+class XdsClient:
+    """Run with start()/stop(); `events` is a list of callables (kind, info) called with
+    "applied" after each ACK and "rejected" after each NACK."""
+
+    def __init__(
+        self,
+        target: str,
+        node_id: str,
+        on_update: OnUpdate,
+        *,
+        cluster: str = "meshaccel",
+        credentials: grpc.ChannelCredentials | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 15.0,
+    ):
+        self.target = target
+        self.node = base_pb2.Node(id=node_id, cluster=cluster, user_agent_name="meshaccel")
+        self.on_update = on_update
+        self.credentials = credentials
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.events: list[Event] = []
+        self._types = {t: _TypeState() for t in SUBSCRIBE_ORDER}
+        self._res = Resources()
+        self._seen: set[str] = set()
+        self._table: ServiceTable | None = None
+        self._pending: dict[str, str] = {}
+        self._connected = False
+        self._reconnects = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._call: grpc.Future | None = None
+        self._lock = threading.Lock()
+
+    # -- public
+
+    def start(self) -> XdsClient:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="xds-client", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        if self._thread:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def table(self) -> ServiceTable | None:
+        """The last table on_update accepted (stays in force while disconnected)."""
+        return self._table
+
+    def state(self) -> dict:
+        with self._lock:
+            out: dict = {
+                "connected": self._connected,
+                "target": self.target,
+                "node_id": self.node.id,
+                "reconnects": self._reconnects,
+                "services": len(self._table.services) if self._table else None,
+                "pending": dict(self._pending),
+            }
+            for t, ts in self._types.items():
+                out[t] = {
+                    "last_ack_version": ts.last_ack_version,
+                    "last_nonce": ts.last_nonce,
+                    "last_nack_error": ts.last_nack_error,
+                    "last_update_time": ts.last_update_time,
+                    "resource_count": len(self._res.of(t)),
+                }
+            return out
+
+    # -- the stream
+
+    def _run(self) -> None:
+        backoff = self.backoff_initial
+        while not self._stop.is_set():
+            got_response = self._stream_once()
+            if self._stop.is_set():
+                break
+            if got_response:
+                backoff = self.backoff_initial
+            # Full jitter on the upper half keeps a fleet of agents from reconnecting in step.
+            delay = random.uniform(backoff / 2, backoff)
+            backoff = min(backoff * 2, self.backoff_max)
+            log.info("xDS: reconnecting to %s in %.2fs", self.target, delay)
+            self._reconnects += 1
+            self._stop.wait(delay)
+
+    def _stream_once(self) -> bool:
+        out: queue.Queue = queue.Queue()
+
+        def requests() -> Iterator[discovery_pb2.DiscoveryRequest]:
+            while True:
+                item = out.get()
+                if item is None:
+                    return
+                yield item
+
+        channel = (grpc.secure_channel(self.target, self.credentials) if self.credentials
+                   else grpc.insecure_channel(self.target, options=[
+                       ("grpc.keepalive_time_ms", 300_000),
+                       ("grpc.keepalive_timeout_ms", 20_000)]))
+        got = False
+        try:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            for ts in self._types.values():
+                ts.subscribed = False
+                ts.stream_nonce = ""
+            first = True
+            # Resubscribe with what we hold: the server can skip what we already have.
+            for t in SUBSCRIBE_ORDER:
+                ts = self._types[t]
+                if t in (ENDPOINT, ROUTE) and not ts.names:
+                    continue
+                out.put(self._request(t, nonce="", node=first))
+                ts.subscribed = True
+                first = False
+            self._call = call = stub.StreamAggregatedResources(requests())
+            if self._stop.is_set():
+                call.cancel()
+            for resp in call:
+                if not got:
+                    got = True
+                    with self._lock:
+                        self._connected = True
+                    log.info("xDS: connected to %s", self.target)
+                self._handle(resp, out)
+        except grpc.RpcError as e:
+            if not self._stop.is_set():
+                code = e.code() if isinstance(e, grpc.Call) else None
+                details = e.details() if isinstance(e, grpc.Call) else str(e)
+                log.warning("xDS stream to %s failed: %s %s", self.target, code, details)
+        finally:
+            with self._lock:
+                self._connected = False
+            out.put(None)
+            self._call = None
+            channel.close()
+        if got and not self._stop.is_set():
+            log.warning("xDS stream to %s ended; keeping the last good table", self.target)
+        return got
+
+    def _request(self, t: str, *, nonce: str, node: bool = False,
+                 error: str | None = None) -> discovery_pb2.DiscoveryRequest:
+        ts = self._types[t]
+        req = discovery_pb2.DiscoveryRequest(
+            type_url=t, version_info=ts.last_ack_version, response_nonce=nonce,
+            resource_names=sorted(ts.names) if t in (ENDPOINT, ROUTE) else [])
+        if node:
+            req.node.CopyFrom(self.node)
+        if error is not None:
+            req.error_detail.CopyFrom(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
+                                                        message=error))
+        return req
+
+    # -- one response
+
+    def _handle(self, resp: discovery_pb2.DiscoveryResponse, out: queue.Queue) -> None:
+        t = resp.type_url
+        if t not in self._types:
+            log.warning("xDS: ignoring a response of unrequested type %r", t)
+            return
+        ts = self._types[t]
+        try:
+            r = self._apply(t, resp)
+        except Exception as e:  # noqa: BLE001 -- every failure is a NACK, never a crash
+            msg = str(e) or type(e).__name__
+            with self._lock:
+                ts.last_nonce = ts.stream_nonce = resp.nonce
+                ts.last_nack_error = msg
+            log.warning("xDS: NACK %s version %s: %s", translate.KIND[t], resp.version_info, msg)
+            out.put(self._request(t, nonce=resp.nonce, error=msg))
+            self._emit("rejected", {"type_url": t, "version": resp.version_info,
+                                    "nonce": resp.nonce, "error": msg})
+            return
+        with self._lock:
+            self._res = r.resources
+            self._seen.add(t)
+            if r.table is not None:
+                self._table = r.table
+                self._pending = r.pending
+            ts.last_ack_version = resp.version_info
+            ts.last_nonce = ts.stream_nonce = resp.nonce
+            ts.last_nack_error = None
+            ts.last_update_time = time.time()
+        out.put(self._request(t, nonce=resp.nonce))
+        self._emit("applied", {"type_url": t, "version": resp.version_info,
+                               "nonce": resp.nonce, "resources": r.count,
+                               "services": len(r.table.services) if r.table else None,
+                               "pending": sorted(r.pending)})
+        self._resubscribe(ENDPOINT, r.eds_names, out)
+        self._resubscribe(ROUTE, r.rds_names, out)
+
+    def _apply(self, t: str, resp: discovery_pb2.DiscoveryResponse) -> _Result:
+        """Validate a response against the rest of the state and hand the table to on_update;
+        raise (-> NACK) without changing anything if either fails."""
+        items = translate.unpack(t, resp.resources)
+        if t in (ENDPOINT, ROUTE):
+            # SotW EDS/RDS: a response need not repeat every resource; absence is no removal.
+            wanted = self._types[t].names
+            merged = dict(self._res.of(t))
+            merged.update({n: m for n, m in items.items() if n in wanted})
+        else:
+            merged = items
+        cand = self._res.replace(t, merged)
+        # Children go with their parents (EDS follows CDS, RDS follows LDS).
+        eds_names = frozenset(translate.cluster_eds_names(cand.clusters))
+        rds_names = frozenset(translate.listener_rds_names(cand.listeners))
+        cand = Resources(cand.listeners,
+                         {n: r for n, r in cand.routes.items() if n in rds_names},
+                         cand.clusters,
+                         {n: c for n, c in cand.endpoints.items() if n in eds_names})
+        seen = self._seen | {t}
+        tr = translate.to_table(cand, strict=False, cds_seen=CLUSTER in seen,
+                                check_clusters=_changed_listeners(t, self._res, cand, items),
+                                previous=self._table)
+        table = None
+        if self._table is not None or _synced(seen, eds_names, rds_names):
+            if self._table is None or table_changed(self._table, tr.table):
+                self.on_update(tr.table)
+            table = tr.table
+        return _Result(cand, table, dict(tr.pending), eds_names, rds_names, len(merged))
+
+    def _resubscribe(self, t: str, names: frozenset[str], out: queue.Queue) -> None:
+        ts = self._types[t]
+        if names == ts.names and (ts.subscribed or not names):
+            return
+        with self._lock:
+            ts.names = names
+            # The removed names go too: state follows the subscription.
+            kept = {n: m for n, m in self._res.of(t).items() if n in names}
+            self._res = self._res.replace(t, kept)
+        out.put(self._request(t, nonce=ts.stream_nonce))
+        ts.subscribed = True
+
+    def _emit(self, kind: str, info: dict) -> None:
+        for fn in list(self.events):
+            try:
+                fn(kind, info)
+            except Exception:  # noqa: BLE001 -- an observer must not break the stream
+                log.exception("xDS event hook failed")
+
+
+def _synced(seen: set[str], eds: frozenset[str], rds: frozenset[str]) -> bool:
+    """The first table waits for one answer of every type in use: an agent must not flush
+    its datapath for a table that only means "not all there yet". Later tables hold back
+    just the services still waiting (translate.to_table's `previous`)."""
+    return (LISTENER in seen and CLUSTER in seen and (not eds or ENDPOINT in seen)
+            and (not rds or ROUTE in seen))
+
+
+def _changed_listeners(t: str, old: Resources, new: Resources, items: dict) -> set[str]:
+    """Listeners whose cluster reference is new in this response: only those are NACKed for
+    naming an unknown cluster."""
+    if t == LISTENER:
+        return {n for n, lst in new.listeners.items()
+                if n not in old.listeners or old.listeners[n] != lst}
+    if t == ROUTE:
+        routes = set(items)
+        out = set()
+        for n, lst in new.listeners.items():
+            if translate.listener_rds_names({n: lst}) & routes:
+                out.add(n)
+        return out
+    return set()
+
+
+def table_changed(a: ServiceTable, b: ServiceTable) -> bool:
+    return a.canonical() != b.canonical()
