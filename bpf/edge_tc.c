@@ -1,0 +1,118 @@
+/* tc (clsact egress of the edge interface): replies of balanced flows leave
+ * with the VIP as their source, so clients only ever see the VIP.
+ *
+ * The checksum helpers, not hand-made arithmetic: a reply from a local pod is
+ * usually CHECKSUM_PARTIAL (the L4 field holds only the pseudo-header sum),
+ * and bpf_l4_csum_replace(BPF_F_PSEUDO_HDR) updates either form correctly.
+ * Every verdict is TC_ACT_OK: a packet we cannot read goes out as it is.
+ */
+#include "lib/common.h"
+#include "lib/edge.h"
+#include <uapi/linux/pkt_cls.h>
+
+static __always_inline void count(u32 idx)
+{
+	u64 *v = edge_counters.lookup(&idx);
+	if (v)
+		*v += 1;
+}
+
+int edge_tc(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u32 l3off = sizeof(*eth);
+	__u16 h_proto;
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	h_proto = eth->h_proto;
+	if (h_proto == ETH_P_8021Q_BE || h_proto == ETH_P_8021AD_BE) {
+		if (data + l3off + 4 > data_end)
+			return TC_ACT_OK;
+		h_proto = *(__u16 *)(data + l3off + 2);
+		l3off += 4;
+	}
+
+	struct edge_flow rk = {};
+	__u32 l4off, addr_off, addr_len, l3sum_off = 0;
+
+	if (h_proto == ETH_P_IP_BE) {
+		struct iphdr *ip4 = data + l3off;
+		if ((void *)(ip4 + 1) > data_end)
+			return TC_ACT_OK;
+		if (ip4->protocol != IPPROTO_TCP && ip4->protocol != IPPROTO_UDP)
+			return TC_ACT_OK;
+		/* Later fragments carry no ports; a reply that big is split after us. */
+		if (ip4->frag_off & IP_FRAG_BE)
+			return TC_ACT_OK;
+		__u32 hl = ip4->ihl * 4;
+		if (hl < sizeof(*ip4) || hl > 60)
+			return TC_ACT_OK;
+		rk.proto = ip4->protocol;
+		addr_from4(&rk.src, ip4->saddr);
+		addr_from4(&rk.dst, ip4->daddr);
+		addr_off = l3off + offsetof(struct iphdr, saddr);
+		addr_len = 4;
+		l3sum_off = l3off + offsetof(struct iphdr, check);
+		l4off = l3off + hl;
+	} else if (h_proto == ETH_P_IPV6_BE) {
+		struct ipv6hdr *ip6 = data + l3off;
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_OK;
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return TC_ACT_OK;
+		rk.proto = ip6->nexthdr;
+		__builtin_memcpy(&rk.src, &ip6->saddr, 16);
+		__builtin_memcpy(&rk.dst, &ip6->daddr, 16);
+		addr_off = l3off + offsetof(struct ipv6hdr, saddr);
+		addr_len = 16;
+		l4off = l3off + sizeof(*ip6);
+	} else {
+		return TC_ACT_OK;
+	}
+
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)))
+		return TC_ACT_OK;
+	rk.sport = ports[0];
+	rk.dport = ports[1];
+
+	struct edge_rev *rv = edge_revs.lookup(&rk);
+	if (!rv)
+		return TC_ACT_OK;
+
+	struct addr16 vip = rv->vip;
+	__u16 vport = rv->vport;
+	u32 vid = rv->vip_id;
+	__u32 l4sum_off = l4off + (rk.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+							   : offsetof(struct udphdr, check));
+	__u64 l4flags = BPF_F_PSEUDO_HDR | (rk.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
+
+	/* Source address: IPv4 words are the last of the mapped form. */
+	__s64 diff;
+	if (addr_len == 4) {
+		diff = bpf_csum_diff(&rk.src.w[3], 4, &vip.w[3], 4, 0);
+		if (bpf_skb_store_bytes(skb, addr_off, &vip.w[3], 4, 0))
+			return TC_ACT_OK;
+		bpf_l3_csum_replace(skb, l3sum_off, 0, diff, 0);
+	} else {
+		diff = bpf_csum_diff(rk.src.w, 16, vip.w, 16, 0);
+		if (bpf_skb_store_bytes(skb, addr_off, vip.w, 16, 0))
+			return TC_ACT_OK;
+	}
+	bpf_l4_csum_replace(skb, l4sum_off, 0, diff, l4flags);
+	if (vport != rk.sport) {
+		bpf_l4_csum_replace(skb, l4sum_off, rk.sport, vport, l4flags | 2);
+		bpf_skb_store_bytes(skb, l4off, &vport, 2, 0);
+	}
+
+	count(E_REPLY_REVNAT);
+	struct edge_vip_stats *st = edge_vip_stats.lookup(&vid);
+	if (st) {
+		st->reply_packets++;
+		st->reply_bytes += skb->len;
+	}
+	return TC_ACT_OK;
+}

@@ -1,0 +1,281 @@
+/* XDP on the edge interface: client packets to an edge VIP are DNATed to a
+ * backend chosen by the VIP's Maglev ring (or kept on the backend the flow
+ * already has) and redirected to the backend's interface. Anything that is not
+ * a TCP/UDP packet to a VIP passes untouched. The flood guard (deny list, SYN
+ * token bucket) applies to VIP traffic only: the balancer protects the
+ * services it fronts, the host's own traffic is the kernel's business.
+ */
+#include "lib/common.h"
+#include "lib/edge.h"
+
+static __always_inline void count(u32 idx)
+{
+	u64 *v = edge_counters.lookup(&idx);
+	if (v)
+		*v += 1;
+}
+
+/* Deny list and SYN budget. Returns the drop counter, or -1 to go on. */
+static __always_inline int edge_guard(struct addr16 *src, int syn,
+				 struct edge_vip_stats *st)
+{
+	u32 zero = 0;
+	struct edge_config *cfg = edge_config.lookup(&zero);
+
+	if (!cfg)
+		return -1;
+	if (cfg->deny_active) {
+		struct edge_deny_key dk = { .prefixlen = 128, .addr = *src };
+		u32 *denied = edge_deny.lookup(&dk);
+		if (denied) {
+			if (st)
+				st->drop_deny++;
+			return E_DROP_DENY;
+		}
+	}
+	if (!syn || !cfg->syn_rate)
+		return -1;
+
+	u64 now = bpf_ktime_get_ns();
+	struct edge_syn_bucket *bk = edge_syn.lookup(src);
+	if (!bk) {
+		struct edge_syn_bucket fresh = { .tokens = cfg->syn_cap - EDGE_NANO, .last_ns = now };
+		/* Lost races between CPUs only make the budget approximate. */
+		edge_syn.update(src, &fresh);
+		return -1;
+	}
+	u64 elapsed = now - bk->last_ns;
+	if (elapsed > cfg->syn_fill_ns)
+		elapsed = cfg->syn_fill_ns;
+	u64 tokens = bk->tokens + elapsed * cfg->syn_rate;
+	if (tokens > cfg->syn_cap)
+		tokens = cfg->syn_cap;
+	bk->last_ns = now;
+	if (tokens < EDGE_NANO) {
+		bk->tokens = tokens;
+		if (st)
+			st->drop_syn++;
+		return E_DROP_SYN;
+	}
+	bk->tokens = tokens - EDGE_NANO;
+	return -1;
+}
+
+/* The backend for a flow: its tracked one while that is still live, else a
+ * fresh pick from the ring, recorded for the flow and for its replies. */
+static __always_inline struct edge_backend *pick(struct edge_flow *flow, struct edge_vip *vip,
+						 struct edge_vip_stats *st)
+{
+	struct edge_backend *be;
+	struct edge_conn *cn = edge_conns.lookup(flow);
+
+	if (cn) {
+		u32 bid = cn->backend;
+		be = edge_backends.lookup(&bid);
+		if (be && (be->flags & EDGE_BE_VALID) && be->gen == cn->gen)
+			return be;
+		count(E_REPICK);
+	}
+
+	u32 h = edge_flow_hash(&flow->src, ((u32)flow->sport << 16) | flow->dport) % EDGE_RING_SIZE;
+	u32 row = vip->ring * EDGE_RING_ROWS + h / EDGE_RING_CELLS;
+	struct edge_ring_row *r = edge_rings.lookup(&row);
+	if (!r)
+		return NULL;
+	u32 bid = r->b[h & (EDGE_RING_CELLS - 1)];
+	if (!bid)
+		return NULL;
+	be = edge_backends.lookup(&bid);
+	if (!be || !(be->flags & EDGE_BE_VALID))
+		return NULL;
+
+	struct edge_conn c = { .backend = bid, .gen = be->gen };
+	int rc = edge_conns.update(flow, &c);
+	struct edge_flow rk = {
+		.src = be->addr, .dst = flow->src,
+		.sport = be->port, .dport = flow->sport, .proto = flow->proto,
+	};
+	struct edge_rev rv = { .vip = flow->dst, .vport = flow->dport, .vip_id = vip->id };
+	int rc2 = edge_revs.update(&rk, &rv);
+	if (rc || rc2) {
+		count(E_CONN_FULL);
+		if (st)
+			st->conn_full++;
+	}
+	count(E_NEW_FLOW);
+	if (st)
+		st->new_flows++;
+	return be;
+}
+
+int edge_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	void *l3;
+	__u16 h_proto;
+	int vlan = 0;
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	h_proto = eth->h_proto;
+	l3 = eth + 1;
+	if (h_proto == ETH_P_8021Q_BE || h_proto == ETH_P_8021AD_BE) {
+		if (l3 + 4 > data_end)
+			return XDP_PASS;
+		h_proto = *(__u16 *)(l3 + 2);
+		l3 += 4;
+		vlan = 1;
+	}
+
+	struct edge_flow flow = {};
+	struct iphdr *ip4 = NULL;
+	struct ipv6hdr *ip6 = NULL;
+	void *l4;
+
+	if (h_proto == ETH_P_IP_BE) {
+		ip4 = l3;
+		if ((void *)(ip4 + 1) > data_end) {
+			count(E_PASS_MALFORMED);
+			return XDP_PASS;
+		}
+		__u32 hl = ip4->ihl * 4;
+		if (hl < sizeof(*ip4)) {
+			count(E_PASS_MALFORMED);
+			return XDP_PASS;
+		}
+		if (ip4->protocol != IPPROTO_TCP && ip4->protocol != IPPROTO_UDP)
+			return XDP_PASS;
+		if (ip4->frag_off & IP_FRAG_BE) {
+			count(E_PASS_FRAGMENT);
+			return XDP_PASS;
+		}
+		flow.proto = ip4->protocol;
+		addr_from4(&flow.src, ip4->saddr);
+		addr_from4(&flow.dst, ip4->daddr);
+		l4 = l3 + hl;
+	} else if (h_proto == ETH_P_IPV6_BE) {
+		ip6 = l3;
+		if ((void *)(ip6 + 1) > data_end) {
+			count(E_PASS_MALFORMED);
+			return XDP_PASS;
+		}
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP) {
+			/* Fragment, hop-by-hop, routing...: the kernel knows how. */
+			if (ip6->nexthdr != IPPROTO_ICMPV6)
+				count(E_PASS_IPV6_EXT);
+			return XDP_PASS;
+		}
+		flow.proto = ip6->nexthdr;
+		__builtin_memcpy(&flow.src, &ip6->saddr, 16);
+		__builtin_memcpy(&flow.dst, &ip6->daddr, 16);
+		l4 = ip6 + 1;
+	} else {
+		return XDP_PASS;
+	}
+
+	/* Ports, and the checksum field: TCP needs 18 bytes, UDP 8. */
+	__u16 *ports = l4;
+	__u16 *l4sum;
+	int syn = 0;
+	if (flow.proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end) {
+			count(E_PASS_MALFORMED);
+			return XDP_PASS;
+		}
+		syn = th->syn && !th->ack;
+		l4sum = &th->check;
+	} else {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end) {
+			count(E_PASS_MALFORMED);
+			return XDP_PASS;
+		}
+		l4sum = &uh->check;
+	}
+	flow.sport = ports[0];
+	flow.dport = ports[1];
+
+	struct edge_vip_key vk = { .addr = flow.dst, .port = flow.dport, .proto = flow.proto };
+	struct edge_vip *vip = edge_vips.lookup(&vk);
+	if (!vip)
+		return XDP_PASS;
+
+	u32 vid = vip->id;
+	struct edge_vip_stats *st = edge_vip_stats.lookup(&vid);
+	int drop = edge_guard(&flow.src, syn, st);
+	if (drop >= 0) {
+		count(drop);
+		return XDP_DROP;
+	}
+
+	struct edge_backend *be = pick(&flow, vip, st);
+	if (!be) {
+		count(E_DROP_NO_BACKEND);
+		if (st)
+			st->drop_no_backend++;
+		return XDP_DROP;
+	}
+
+	/* DNAT with incremental checksums: the pseudo-header covers the address. */
+	__u64 diff = 0;
+	if (ip4) {
+		__u32 old = ip4->daddr, new = be->addr.w[3];
+		diff = edge_csum_diff4(old, new);
+		ip4->daddr = new;
+		edge_csum_apply(&ip4->check, diff);
+	} else if (ip6) {
+		__u32 *d = (__u32 *)&ip6->daddr;
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			diff += edge_csum_diff4(d[i], be->addr.w[i]);
+			d[i] = be->addr.w[i];
+		}
+	}
+	if (be->port != flow.dport) {
+		diff += edge_csum_diff4(flow.dport, be->port);
+		ports[1] = be->port;
+	}
+	/* IPv4 UDP may carry no checksum (0): leave it so; a computed 0 is sent as 0xffff. */
+	if (flow.proto == IPPROTO_TCP || *l4sum || ip6) {
+		edge_csum_apply(l4sum, diff);
+		if (flow.proto == IPPROTO_UDP && *l4sum == 0)
+			*l4sum = 0xffff;
+	}
+
+	if (st) {
+		st->packets++;
+		st->bytes += data_end - data;
+	}
+
+	if (!(be->flags & EDGE_BE_REDIRECT)) {
+		count(E_FWD_ROUTE);
+		return XDP_PASS;
+	}
+
+	u8 dmac[6], smac[6];
+	__builtin_memcpy(dmac, be->dmac, 6);
+	__builtin_memcpy(smac, be->smac, 6);
+	u32 tx = be->tx;
+	__u16 l3proto = ip4 ? ETH_P_IP_BE : ETH_P_IPV6_BE;
+	if (vlan) {
+		/* Backend interfaces are untagged: drop the tag, the Ethernet header
+		 * moves 4 bytes in. */
+		if (bpf_xdp_adjust_head(ctx, 4)) {
+			count(E_VLAN_POP_FAIL);
+			return XDP_PASS;
+		}
+		data = (void *)(long)ctx->data;
+		data_end = (void *)(long)ctx->data_end;
+		eth = data;
+		if ((void *)(eth + 1) > data_end)
+			return XDP_DROP;
+		eth->h_proto = l3proto;
+	}
+	__builtin_memcpy(eth->h_dest, dmac, 6);
+	__builtin_memcpy(eth->h_source, smac, 6);
+	count(E_FWD_REDIRECT);
+	return edge_tx.redirect_map(tx, XDP_PASS);
+}
