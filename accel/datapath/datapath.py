@@ -148,10 +148,10 @@ class Datapath:
     def _load(self) -> None:
         for source in ("sockops.c", "redirect.c", "connect.c"):
             self._modules[source] = compile_program(source, self.pin_dir, self._defines())
-        self._mesh_nets = MeshNetsWriter(self._modules["sockops.c"]["accel_mesh_nets"])
+        self._mesh_nets = MeshNetsWriter(self._modules["sockops.c"][b"accel_mesh_nets"])
         lb = self._modules["connect.c"]
         self._services = ServiceWriter(
-            lb["accel_services"], lb["accel_slots"], lb["accel_svc_stats"],
+            lb[b"accel_services"], lb[b"accel_slots"], lb[b"accel_svc_stats"],
             self.capacities.services,
         )
 
@@ -178,7 +178,7 @@ class Datapath:
         prog_type = BPF.SOCK_OPS if attach_type == ATTACH_CGROUP_SOCK_OPS else BPF.CGROUP_SOCK_ADDR
         b = self._modules[source]
         try:
-            fn = b.load_func(name, prog_type, attach_type=attach_type)
+            fn = b.load_func(name.encode(), prog_type, attach_type=attach_type)
         except Exception as e:
             raise LoadError(f"loading {name}: {e}") from e
         try:
@@ -212,16 +212,19 @@ class Datapath:
         except (OSError, ValueError):
             return None
 
-    def _write_state(self) -> None:
+    def _write_state(self, **extra: Any) -> None:
         path = state_file(self.pin_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
             "pin_dir": self.pin_dir,
             "cgroup": str(self.cgroup),
             "prog_ids": self._prog_ids,
             "capacities": asdict(self.capacities),
             "pid": os.getpid(),
+            **extra,
         }))
+        tmp.replace(path)  # readers never see a half-written file
 
     def _detach_previous(self, previous: dict[str, Any]) -> None:
         """Make-before-break adoption: ours is attached, now drop the old agent's program."""
@@ -238,6 +241,7 @@ class Datapath:
         }
         self.table = table
         self.last_report = report
+        self._write_state(services=len(table.services))
         return report
 
     def counters(self) -> dict[str, int]:
@@ -249,10 +253,10 @@ class Datapath:
     def sockhash_entries(self) -> int:
         """Live sockets in the sockhash (walks the keys; for tests and status)."""
         fd = self.map_fd("redirect.c", "accel_sockhash")
-        return count_keys(fd, self._modules["sockops.c"]["accel_conn_ns"].Key, extra=8)
+        return count_keys(fd, self._modules["sockops.c"][b"accel_conn_ns"].Key, extra=8)
 
     def pairing_entries(self) -> int:
-        return len(list(self._modules["sockops.c"]["accel_conn_ns"].keys()))
+        return len(list(self._modules["sockops.c"][b"accel_conn_ns"].keys()))
 
     def close(self, keep: bool = False) -> None:
         if keep:

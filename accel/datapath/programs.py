@@ -47,7 +47,7 @@ def compile_program(source: str, pin_dir: str, defines: dict[str, int | str] | N
 
 def load_func(b: BPF, name: str, prog_type: int):
     try:
-        return b.load_func(name, prog_type)
+        return b.load_func(name.encode(), prog_type)
     except Exception as e:
         raise LoadError(f"loading {name}: {e}") from e
 

@@ -1,0 +1,161 @@
+"""`accel agent` as users run it: starts, accelerates, stops leaving nothing behind;
+refuses bad input and a second instance; `accel uninstall` cleans up after a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from accel.datapath import bpfsys
+from accel.datapath.datapath import CGROUP_PROGRAMS, lock_file, state_file
+from tests.traffic import EchoServer, roundtrip
+
+ACCEL = [sys.executable, "-m", "accel.cli"]
+
+
+def attached(cgroup_dir: Path) -> list[int]:
+    from accel.datapath import cgroup as cg
+
+    fd = cg.open_dir(cgroup_dir)
+    try:
+        return [pid for t in {t for _, _, t in CGROUP_PROGRAMS} for pid in bpfsys.prog_query(fd, t)]
+    finally:
+        os.close(fd)
+
+
+def write_config(tmp_path: Path, pods) -> Path:
+    path = tmp_path / "mesh.yaml"
+    eps = "\n".join(f"      - {{address: {p.ip}, port: 8080}}" for p in pods)
+    path.write_text(f"services:\n  - name: echo\n    vip: 10.96.0.1\n    port: 80\n"
+                    f"    endpoints:\n{eps}\n")
+    return path
+
+
+def start_agent(cfg: Path, pin_dir: str, cgroup_dir: Path, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [*ACCEL, "agent", "--config", str(cfg), "--pin-dir", pin_dir, "--cgroup",
+         str(cgroup_dir), "--api-socket", "", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            state = json.loads(state_file(os.path.abspath(pin_dir)).read_text())
+        except (OSError, ValueError):
+            state = {}
+        # Rewritten by the agent once attached, and again when a table is applied.
+        if state.get("pid") == proc.pid and "services" in state:
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited: {proc.stdout.read()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("agent did not come up")
+
+
+def stats(pin_dir: str) -> dict:
+    out = subprocess.run([*ACCEL, "stats", "--json", "--pin-dir", pin_dir],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def assert_no_trace(pin_dir: str, cgroup_dir: Path) -> None:
+    assert not os.path.exists(pin_dir), os.listdir(pin_dir)
+    assert attached(cgroup_dir) == []
+    assert not state_file(os.path.abspath(pin_dir)).exists()
+
+
+def test_agent_runs_and_leaves_no_trace(lab, pin_dir, test_cgroup, tmp_path):
+    client, server = lab.pods
+    cfg = write_config(tmp_path, [server])
+    agent = start_agent(cfg, pin_dir, test_cgroup)
+    try:
+        payload = os.urandom(100_000)
+        with EchoServer(server, 8080):
+            # Through the VIP: balanced at connect() and redirected.
+            assert roundtrip(client, "10.96.0.1", 80, payload) == payload
+        s = stats(pin_dir)
+        for key in ("sockhash_inserts", "sockhash_insert_failures", "msg_redirects",
+                    "msg_passthrough", "redirected_bytes"):
+            assert isinstance(s[key], int)
+        assert s["connect_balanced"] == 1 and s["sockhash_inserts"] == 2
+        assert s["redirected_bytes"] == 2 * len(payload)
+
+        second = subprocess.run(
+            [*ACCEL, "agent", "--config", str(cfg), "--pin-dir", pin_dir, "--cgroup",
+             str(test_cgroup), "--api-socket", ""], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "another agent" in second.stderr and "is running on pin dir" in second.stderr
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        out = agent.communicate(timeout=30)[0]
+    assert agent.returncode == 0, out
+    assert_no_trace(pin_dir, test_cgroup)
+    # Traffic still flows, now on the plain kernel path.
+    with EchoServer(server, 8080):
+        assert roundtrip(client, str(server.ip), 8080, b"plain") == b"plain"
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("services: [{name: a, vip: 10.0.0.300, port: 80}]", "services[a].vip"),
+    ("services: [{name: a, vip: 10.0.0.1, port: 70000}]", "services[a].port"),
+    ("services: [{name: a, vip: 10.0.0.1}]", "services[a].port: missing"),
+    ("services: [{name: a, vip: 10.0.0.1, port: 80, endpoints: [{address: 10.1.1.1, port: 0}]}]",
+     "services[a].endpoints[0].port"),
+    ("services: [{name: a, vip: 10.0.0.1, port: 80}, {name: a, vip: 10.0.0.2, port: 80}]",
+     "duplicate service name"),
+    ("services: [{name: a, vip: 10.0.0.1, port: 80}, {name: b, vip: 10.0.0.1, port: 80}]",
+     "already used by service 'a'"),
+])
+def test_invalid_config_exits_2_and_loads_nothing(tmp_path, pin_dir, test_cgroup, bad, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(bad)
+    r = subprocess.run([*ACCEL, "agent", "--config", str(cfg), "--pin-dir", pin_dir,
+                        "--cgroup", str(test_cgroup), "--api-socket", ""],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert not os.path.exists(pin_dir)
+    assert attached(test_cgroup) == []
+
+
+def test_sigkill_then_uninstall_removes_everything(lab, pin_dir, test_cgroup, tmp_path):
+    cfg = write_config(tmp_path, lab.pods[1:])
+    agent = start_agent(cfg, pin_dir, test_cgroup)
+    agent.kill()
+    agent.wait(timeout=10)
+    # A killed agent leaves its programs attached: traffic is still accelerated.
+    assert attached(test_cgroup)
+    r = subprocess.run([*ACCEL, "uninstall", "--pin-dir", pin_dir], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert_no_trace(pin_dir, test_cgroup)
+    assert not lock_file(os.path.abspath(pin_dir)).exists()
+
+
+def test_keep_then_restart_adopts(lab, pin_dir, test_cgroup, tmp_path):
+    client, server = lab.pods
+    cfg = write_config(tmp_path, [server])
+    first = start_agent(cfg, pin_dir, test_cgroup, "--keep")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    kept = attached(test_cgroup)
+    assert len(kept) == len(CGROUP_PROGRAMS)
+    second = start_agent(cfg, pin_dir, test_cgroup)
+    try:
+        now = attached(test_cgroup)
+        assert len(now) == len(CGROUP_PROGRAMS) and not set(now) & set(kept)
+        payload = os.urandom(10_000)
+        with EchoServer(server, 8080):
+            assert roundtrip(client, "10.96.0.1", 80, payload) == payload
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+    assert_no_trace(pin_dir, test_cgroup)
