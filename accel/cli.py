@@ -17,6 +17,7 @@ COMMANDS = (
     "stats",
     "lab",
     "bench",
+    "compose",
     "demo",
     "uninstall",
 )
