@@ -1,0 +1,78 @@
+"""`accel bench`: reproducible measurements of what meshaccel saves.
+
+    accel bench [mesh options]        the mesh benchmark (default): kernel vs accel vs sidecars
+    accel bench mesh [mesh options]   the same, named
+    accel bench edge ...              the XDP edge balancer benchmark (accel/bench/edge.py)
+
+Each benchmark is a module under accel/bench/; this file only parses and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from accel.commands.common import fail
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: mesh (default; kernel, accel, sidecars) and edge")
+    add_mesh_args(p)
+    p.set_defaults(func=run_mesh)
+    bsub = p.add_subparsers(dest="bench_command", metavar="[mesh|edge]")
+    mesh = bsub.add_parser("mesh", help="the mesh benchmark (what `accel bench` runs by default)")
+    add_mesh_args(mesh)
+    mesh.set_defaults(func=run_mesh)
+    register_edge(bsub)
+
+
+# ---- mesh ------------------------------------------------------------------------------------
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="fewer, shorter repeats (about a minute): a smoke run, not a measurement")
+    p.add_argument("--json", metavar="FILE", help="write every raw figure and the environment")
+    p.add_argument("--plot", metavar="FILE.png", help="write latency and throughput plots")
+    p.add_argument("--cpus", metavar="LIST", default=None,
+                   help="CPUs for client, server, client proxy, server proxy, in turn "
+                   "(e.g. 1 or 0,1 or 0-1; default: the last CPU for all, the like-with-like "
+                   "placement)")
+    p.add_argument("--modes", default=None, metavar="LIST",
+                   help="comma list of kernel,accel,sidecar,sidecar+accel,iptables-dnat "
+                   "(default: all)")
+    p.add_argument("--workloads", default=None, metavar="LIST",
+                   help="comma list of rr,stream,crr (default: all)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="rounds over every mode (default 5; --quick 2)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="duration of each workload run (default 2; --quick 0.5, stream >= 1)")
+    p.add_argument("--sidecar-capture", choices=("redirect", "ports"), default="redirect",
+                   help="how the sidecar mode captures traffic: iptables REDIRECT as Istio does "
+                   "(default) or explicit proxy ports (as sidecar+accel always does)")
+    p.add_argument("--prefix", default=None,
+                   help="name prefix of the lab, cgroups and pin dir (default ab<hex>)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def run_mesh(args: argparse.Namespace) -> int:
+    from accel.bench import runner
+
+    try:
+        config = runner.config_from_args(args)
+    except ValueError as e:
+        return fail(f"bench: {e}", code=2)
+    try:
+        missing = runner.missing_prerequisites(config)
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        return fail(f"bench: {e}")
+    if missing:
+        return fail("bench: missing " + "; ".join(missing) + " (deploy/setup.sh installs them)")
+    return runner.main(config, json_path=args.json, plot_path=args.plot)
+
+
+# ---- edge ------------------------------------------------------------------------------------
+
+
+def register_edge(bsub: argparse._SubParsersAction) -> None:
+    """`accel bench edge`: owned by the edge benchmark (accel/bench/edge.py)."""
+    # TODO(edge): the edge helper adds its parser here.
