@@ -179,6 +179,7 @@ def _start_api(args: argparse.Namespace, agent) -> list:
             tls_cert=args.api_tls_cert,
             tls_key=args.api_tls_key,
             tls_client_ca=args.api_tls_client_ca,
+            insecure=args.api_insecure,
         )
         stoppers.append(handle.stop)
     if args.metrics:
