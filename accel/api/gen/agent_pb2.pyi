@@ -1,0 +1,253 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Endpoint(_message.Message):
+    __slots__ = ("address", "port", "weight", "healthy")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    weight: int
+    healthy: bool
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+
+class Service(_message.Message):
+    __slots__ = ("name", "vip", "port", "protocol", "endpoints", "edge")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vip: str
+    port: int
+    protocol: str
+    endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
+    edge: bool
+    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., edge: _Optional[bool] = ...) -> None: ...
+
+class Guard(_message.Message):
+    __slots__ = ("deny", "syn_rate", "syn_burst")
+    DENY_FIELD_NUMBER: _ClassVar[int]
+    SYN_RATE_FIELD_NUMBER: _ClassVar[int]
+    SYN_BURST_FIELD_NUMBER: _ClassVar[int]
+    deny: _containers.RepeatedScalarFieldContainer[str]
+    syn_rate: int
+    syn_burst: int
+    def __init__(self, deny: _Optional[_Iterable[str]] = ..., syn_rate: _Optional[int] = ..., syn_burst: _Optional[int] = ...) -> None: ...
+
+class ServiceTable(_message.Message):
+    __slots__ = ("services", "mesh_cidrs", "guard")
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    MESH_CIDRS_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[Service]
+    mesh_cidrs: _containers.RepeatedScalarFieldContainer[str]
+    guard: Guard
+    def __init__(self, services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., mesh_cidrs: _Optional[_Iterable[str]] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class XdsTypeStatus(_message.Message):
+    __slots__ = ("last_ack_version", "last_nonce", "last_nack_error", "last_update_time", "resource_count")
+    LAST_ACK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_NONCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_NACK_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    last_ack_version: str
+    last_nonce: str
+    last_nack_error: str
+    last_update_time: float
+    resource_count: int
+    def __init__(self, last_ack_version: _Optional[str] = ..., last_nonce: _Optional[str] = ..., last_nack_error: _Optional[str] = ..., last_update_time: _Optional[float] = ..., resource_count: _Optional[int] = ...) -> None: ...
+
+class XdsStatus(_message.Message):
+    __slots__ = ("enabled", "connected", "target", "node_id", "reconnects", "types", "pending")
+    class TypesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: XdsTypeStatus
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[XdsTypeStatus, _Mapping]] = ...) -> None: ...
+    class PendingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    connected: bool
+    target: str
+    node_id: str
+    reconnects: int
+    types: _containers.MessageMap[str, XdsTypeStatus]
+    pending: _containers.ScalarMap[str, str]
+    def __init__(self, enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., target: _Optional[str] = ..., node_id: _Optional[str] = ..., reconnects: _Optional[int] = ..., types: _Optional[_Mapping[str, XdsTypeStatus]] = ..., pending: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class EdgeStatus(_message.Message):
+    __slots__ = ("enabled", "details")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    details: _struct_pb2.Struct
+    def __init__(self, enabled: _Optional[bool] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PIN_DIR_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_FIELD_NUMBER: _ClassVar[int]
+    XDS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    source: str
+    config_version: str
+    uptime_seconds: float
+    services: int
+    applied: int
+    rejected: int
+    last_error: str
+    pin_dir: str
+    cgroup: str
+    xds: XdsStatus
+    edge: EdgeStatus
+    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ...) -> None: ...
+
+class ListServicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListServicesResponse(_message.Message):
+    __slots__ = ("config_version", "table")
+    CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    config_version: str
+    table: ServiceTable
+    def __init__(self, config_version: _Optional[str] = ..., table: _Optional[_Union[ServiceTable, _Mapping]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServiceCounters(_message.Message):
+    __slots__ = ("connects", "no_backend")
+    CONNECTS_FIELD_NUMBER: _ClassVar[int]
+    NO_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    connects: int
+    no_backend: int
+    def __init__(self, connects: _Optional[int] = ..., no_backend: _Optional[int] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("global_counters", "services", "edge")
+    class GlobalCountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ServicesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ServiceCounters
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ServiceCounters, _Mapping]] = ...) -> None: ...
+    class EdgeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GLOBAL_COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    global_counters: _containers.ScalarMap[str, int]
+    services: _containers.MessageMap[str, ServiceCounters]
+    edge: _containers.ScalarMap[str, int]
+    def __init__(self, global_counters: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Mapping[str, ServiceCounters]] = ..., edge: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("kinds",)
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kinds: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("kind", "message", "version", "time")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    message: str
+    version: str
+    time: float
+    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., version: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
+
+class ApplyConfigRequest(_message.Message):
+    __slots__ = ("table", "mesh_yaml", "version", "validate_only")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    MESH_YAML_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    table: ServiceTable
+    mesh_yaml: str
+    version: str
+    validate_only: bool
+    def __init__(self, table: _Optional[_Union[ServiceTable, _Mapping]] = ..., mesh_yaml: _Optional[str] = ..., version: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+
+class ApplyConfigResponse(_message.Message):
+    __slots__ = ("version", "services", "endpoints", "applied")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    services: int
+    endpoints: int
+    applied: bool
+    def __init__(self, version: _Optional[str] = ..., services: _Optional[int] = ..., endpoints: _Optional[int] = ..., applied: _Optional[bool] = ...) -> None: ...
+
+class SetGuardRequest(_message.Message):
+    __slots__ = ("guard",)
+    GUARD_FIELD_NUMBER: _ClassVar[int]
+    guard: Guard
+    def __init__(self, guard: _Optional[_Union[Guard, _Mapping]] = ...) -> None: ...
+
+class SetGuardResponse(_message.Message):
+    __slots__ = ("enforced", "guard")
+    ENFORCED_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
+    enforced: bool
+    guard: Guard
+    def __init__(self, enforced: _Optional[bool] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ...) -> None: ...
