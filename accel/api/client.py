@@ -1,0 +1,110 @@
+"""A small client of the agent's API, for the CLI: plain dicts in and out.
+
+Every call raises AgentUnavailable with a message a person can act on when no agent
+answers, and ApiCallError (with the gRPC status) when the agent refused the request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+
+from accel.api import convert
+from accel.api.gen import agent_pb2 as pb
+from accel.api.gen import agent_pb2_grpc as pb_grpc
+
+DEFAULT_SOCKET = os.environ.get("ACCEL_API_SOCKET", "/run/accel/agent.sock")
+CONNECT_TIMEOUT_S = 3.0
+CALL_TIMEOUT_S = 30.0
+
+
+class AgentUnavailable(RuntimeError):
+    pass
+
+
+class ApiCallError(RuntimeError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def _target(socket_path: str | None) -> tuple[str, str]:
+    path = socket_path or DEFAULT_SOCKET
+    if not os.path.exists(path):
+        raise AgentUnavailable(f"no agent API at {path}: is `accel agent` running? "
+                               "(--api-socket names another socket)")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise AgentUnavailable(f"no permission to use {path}: the API socket is root-only")
+    return path, f"unix:{path}"
+
+
+@contextmanager
+def connect(socket_path: str | None = None) -> Iterator[pb_grpc.AgentStub]:
+    path, target = _target(socket_path)
+    channel = grpc.insecure_channel(target)
+    try:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+        except grpc.FutureTimeoutError:
+            raise AgentUnavailable(f"no agent answers on {path} (a stale socket?): "
+                                   "is `accel agent` running?") from None
+        yield pb_grpc.AgentStub(channel)
+    except grpc.RpcError as e:
+        code = e.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise AgentUnavailable(f"agent on {path} went away: {e.details()}") from None  # type: ignore[attr-defined]
+        raise ApiCallError(code, e.details()) from None  # type: ignore[attr-defined]
+    finally:
+        channel.close()
+
+
+def get_status(socket_path: str | None = None) -> dict[str, Any]:
+    with connect(socket_path) as stub:
+        return convert.status_to_json(stub.GetStatus(pb.GetStatusRequest(),
+                                                     timeout=CALL_TIMEOUT_S))
+
+
+def list_services(socket_path: str | None = None) -> dict[str, Any]:
+    with connect(socket_path) as stub:
+        r = stub.ListServices(pb.ListServicesRequest(), timeout=CALL_TIMEOUT_S)
+        return {"config_version": r.config_version, **convert.table_msg_to_json(r.table)}
+
+
+def get_stats(socket_path: str | None = None) -> dict[str, Any]:
+    with connect(socket_path) as stub:
+        return convert.stats_to_json(stub.GetStats(pb.GetStatsRequest(),
+                                                   timeout=CALL_TIMEOUT_S))
+
+
+def apply_config(table: dict[str, Any] | str, version: str = "", validate_only: bool = False,
+                 socket_path: str | None = None) -> dict[str, Any]:
+    """`table` is a mesh.yaml document: text, or the dict it parses to. Validation happens
+    on the agent, so the error paths are the agent's own."""
+    import yaml
+
+    text = table if isinstance(table, str) else yaml.safe_dump(table)
+    req = pb.ApplyConfigRequest(mesh_yaml=text, version=version, validate_only=validate_only)
+    with connect(socket_path) as stub:
+        r = stub.ApplyConfig(req, timeout=CALL_TIMEOUT_S)
+        return {"version": r.version, "services": r.services, "endpoints": r.endpoints,
+                "applied": r.applied}
+
+
+def watch_events(socket_path: str | None = None,
+                 kinds: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Events as they happen, starting with one "watching" event once the stream is live."""
+    with connect(socket_path) as stub:
+        call = stub.WatchEvents(pb.WatchEventsRequest(kinds=list(kinds)))
+        try:
+            for ev in call:
+                yield convert.event_to_json(ev)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                raise
+        finally:
+            call.cancel()

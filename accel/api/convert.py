@@ -1,0 +1,216 @@
+"""ServiceTable and agent state <-> API messages, both directions.
+
+Incoming tables go through accel.config's dict parser, so the API, mesh.yaml and xDS share
+one set of rules and error paths ("services[reviews].endpoints[1].port: ...").
+Outgoing dicts (client side) keep the shapes of Agent.status() and Agent.stats(), so
+`--json` output does not depend on whether it came over the API.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from accel import config
+from accel.api.gen import agent_pb2 as pb
+from accel.model import Guard, ServiceTable, ValidationError
+
+# ---- tables ---------------------------------------------------------------------------------
+
+
+def _guard_dict(g: pb.Guard) -> dict[str, Any]:
+    d: dict[str, Any] = {"deny": list(g.deny), "syn_rate": g.syn_rate}
+    if g.syn_burst:  # 0 = unset: mesh.yaml's rule (burst defaults to the rate) applies
+        d["syn_burst"] = g.syn_burst
+    return d
+
+
+def table_to_dict(msg: pb.ServiceTable) -> dict[str, Any]:
+    services = []
+    for s in msg.services:
+        eps = []
+        for e in s.endpoints:
+            ep: dict[str, Any] = {"address": e.address, "port": e.port}
+            if e.HasField("weight"):
+                ep["weight"] = e.weight
+            if e.HasField("healthy"):
+                ep["healthy"] = e.healthy
+            eps.append(ep)
+        d: dict[str, Any] = {"name": s.name, "vip": s.vip, "port": s.port,
+                             "endpoints": eps, "edge": s.edge}
+        if s.protocol:
+            d["protocol"] = s.protocol
+        services.append(d)
+    out: dict[str, Any] = {"services": services, "mesh_cidrs": list(msg.mesh_cidrs)}
+    if msg.HasField("guard"):
+        out["guard"] = _guard_dict(msg.guard)
+    return out
+
+
+def _within(prefix: str, fn, *args):
+    try:
+        return fn(*args)
+    except ValidationError as e:
+        raise ValidationError(f"{prefix}.{e.path}" if e.path else prefix, e.reason) from None
+
+
+def table_from_proto(msg: pb.ServiceTable) -> ServiceTable:
+    """Validated table; ValidationError's path starts with "table"."""
+    return _within("table", config.table_from_dict, table_to_dict(msg))
+
+
+def guard_from_proto(msg: pb.Guard) -> Guard:
+    return _within("guard", config.parse_guard, _guard_dict(msg))
+
+
+def guard_to_proto(g: Guard) -> pb.Guard:
+    return pb.Guard(deny=[str(c) for c in g.deny], syn_rate=g.syn_rate, syn_burst=g.syn_burst)
+
+
+def table_to_proto(t: ServiceTable) -> pb.ServiceTable:
+    return pb.ServiceTable(
+        services=[
+            pb.Service(
+                name=s.name, vip=str(s.vip), port=s.port, protocol=s.protocol, edge=s.edge,
+                endpoints=[pb.Endpoint(address=str(e.address), port=e.port, weight=e.weight,
+                                       healthy=e.healthy) for e in s.endpoints],
+            )
+            for s in t.services
+        ],
+        mesh_cidrs=[str(c) for c in t.mesh_cidrs],
+        guard=guard_to_proto(t.guard),
+    )
+
+
+def table_msg_to_json(msg: pb.ServiceTable) -> dict[str, Any]:
+    """Client side: the mesh.yaml shape, with every default filled in."""
+    return {
+        "services": [
+            {
+                "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol or "TCP",
+                "edge": s.edge,
+                "endpoints": [
+                    {"address": e.address, "port": e.port,
+                     "weight": e.weight if e.HasField("weight") else 1,
+                     "healthy": e.healthy if e.HasField("healthy") else True}
+                    for e in s.endpoints
+                ],
+            }
+            for s in msg.services
+        ],
+        "mesh_cidrs": list(msg.mesh_cidrs),
+        "guard": {"deny": list(msg.guard.deny), "syn_rate": msg.guard.syn_rate,
+                  "syn_burst": msg.guard.syn_burst},
+    }
+
+
+# ---- status ---------------------------------------------------------------------------------
+
+_XDS_SCALARS = {"connected", "target", "node_id", "reconnects", "services", "pending"}
+
+
+def _struct(d: Any) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    # Through JSON: whatever the edge reports (addresses, tuples, numbers) becomes plain data.
+    s.update(json.loads(json.dumps(d if isinstance(d, dict) else {"value": d}, default=str)))
+    return s
+
+
+def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
+    msg = pb.GetStatusResponse(
+        version=st.get("version", ""), source=st.get("source", ""),
+        config_version=st.get("config_version") or "",
+        uptime_seconds=float(st.get("uptime_s") or 0.0),
+        services=int(st.get("services") or 0), applied=int(st.get("applied") or 0),
+        rejected=int(st.get("rejected") or 0), last_error=st.get("last_error") or "",
+        pin_dir=st.get("pin_dir") or "", cgroup=st.get("cgroup") or "",
+    )
+    xds = st.get("xds")
+    if isinstance(xds, dict):
+        msg.xds.enabled = True
+        msg.xds.connected = bool(xds.get("connected"))
+        msg.xds.target = str(xds.get("target") or "")
+        msg.xds.node_id = str(xds.get("node_id") or "")
+        msg.xds.reconnects = int(xds.get("reconnects") or 0)
+        for k, v in (xds.get("pending") or {}).items():
+            msg.xds.pending[str(k)] = str(v)
+        for type_url, ts in xds.items():
+            if type_url in _XDS_SCALARS or not isinstance(ts, dict):
+                continue
+            t = msg.xds.types[type_url]
+            t.last_ack_version = str(ts.get("last_ack_version") or "")
+            t.last_nonce = str(ts.get("last_nonce") or "")
+            t.last_nack_error = str(ts.get("last_nack_error") or "")
+            t.last_update_time = float(ts.get("last_update_time") or 0.0)
+            t.resource_count = int(ts.get("resource_count") or 0)
+    edge = st.get("edge")
+    if edge is not None:
+        msg.edge.enabled = True
+        msg.edge.details.CopyFrom(_struct(edge))
+    return msg
+
+
+def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
+    xds = None
+    if msg.xds.enabled:
+        xds = {
+            "connected": msg.xds.connected, "target": msg.xds.target,
+            "node_id": msg.xds.node_id, "reconnects": msg.xds.reconnects,
+            "pending": dict(msg.xds.pending),
+            "types": {
+                url: {"last_ack_version": t.last_ack_version, "last_nonce": t.last_nonce,
+                      "last_nack_error": t.last_nack_error or None,
+                      "last_update_time": t.last_update_time or None,
+                      "resource_count": t.resource_count}
+                for url, t in sorted(msg.xds.types.items())
+            },
+        }
+    return {
+        "version": msg.version, "source": msg.source, "config_version": msg.config_version,
+        "uptime_s": round(msg.uptime_seconds, 3), "services": msg.services,
+        "applied": msg.applied, "rejected": msg.rejected, "last_error": msg.last_error,
+        "pin_dir": msg.pin_dir, "cgroup": msg.cgroup, "xds": xds,
+        "edge": json_format.MessageToDict(msg.edge.details) if msg.edge.enabled else None,
+    }
+
+
+# ---- stats ----------------------------------------------------------------------------------
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, int]:
+    """Nested counters -> {"a.b": n}; anything not a number is left out."""
+    out: dict[str, int] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
+            out[name] = int(v)
+    return out
+
+
+def stats_to_proto(st: dict[str, Any]) -> pb.GetStatsResponse:
+    msg = pb.GetStatsResponse()
+    for k, v in (st.get("global") or {}).items():
+        msg.global_counters[k] = int(v)
+    for name, c in (st.get("services") or {}).items():
+        msg.services[name].connects = int(c.get("connects", 0))
+        msg.services[name].no_backend = int(c.get("no_backend", 0))
+    for k, v in flatten(st.get("edge") or {}).items():
+        msg.edge[k] = v
+    return msg
+
+
+def stats_to_json(msg: pb.GetStatsResponse) -> dict[str, Any]:
+    return {
+        "global": dict(msg.global_counters),
+        "services": {n: {"connects": c.connects, "no_backend": c.no_backend}
+                     for n, c in sorted(msg.services.items())},
+        "edge": dict(msg.edge) if msg.edge else None,
+    }
+
+
+def event_to_json(msg: pb.Event) -> dict[str, Any]:
+    return {"kind": msg.kind, "message": msg.message, "version": msg.version, "time": msg.time}

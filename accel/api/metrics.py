@@ -1,0 +1,155 @@
+"""Prometheus metrics of a running agent, collected when scraped (nothing polls).
+
+Names: every datapath counter as meshaccel_<counter>_total; per-service
+meshaccel_service_{connects,no_backend}_total{service=...}; the configuration
+(meshaccel_config_{applied,rejected}_total, meshaccel_config_{services,endpoints},
+meshaccel_config_info);
+xDS (meshaccel_xds_connected, meshaccel_xds_nack{type_url}, meshaccel_xds_resources,
+meshaccel_xds_last_update_timestamp_seconds, meshaccel_xds_ack_info{type_url,version});
+the XDP edge's counters as meshaccel_edge_<counter>_total when an edge runs.
+A part that cannot be read is reported by meshaccel_scrape_errors{part} instead of failing
+the whole scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from accel.api.convert import flatten
+from accel.model import ValidationError
+
+log = logging.getLogger(__name__)
+
+_XDS_SCALARS = {"connected", "target", "node_id", "reconnects", "services", "pending"}
+
+
+def metric_name(*parts: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", "_".join(("meshaccel",) + parts))
+
+
+class AgentCollector(Collector):
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self) -> Iterator[Any]:
+        errors: list[str] = []
+        yield from self._guarded("config", errors, self._config)
+        yield from self._guarded("datapath", errors, self._stats)
+        yield from self._guarded("xds", errors, self._xds)
+        g = GaugeMetricFamily("meshaccel_scrape_errors",
+                              "1 for each part of the agent that could not be read",
+                              labels=["part"])
+        for part in errors:
+            g.add_metric([part], 1)
+        yield g
+
+    def _guarded(self, part: str, errors: list[str], fn) -> Iterator[Any]:
+        try:
+            # Materialized first: a failure half way must not leave half a family out.
+            yield from list(fn())
+        except Exception as e:
+            log.warning("metrics: reading %s: %s", part, e)
+            errors.append(part)
+
+    def _config(self) -> Iterator[Any]:
+        a = self.agent
+        yield CounterMetricFamily("meshaccel_config_applied", "service tables applied",
+                                  value=a.applied_count)
+        yield CounterMetricFamily("meshaccel_config_rejected",
+                                  "service tables rejected (the last good one stayed)",
+                                  value=a.rejected_count)
+        yield GaugeMetricFamily("meshaccel_config_services", "services in the table in force",
+                                value=len(a.table.services))
+        yield GaugeMetricFamily("meshaccel_config_endpoints", "endpoints in the table in force",
+                                value=sum(len(s.endpoints) for s in a.table.services))
+        info = InfoMetricFamily("meshaccel_config", "the configuration in force",
+                                labels=["source", "version"])
+        info.add_metric([], {"source": a.source, "version": a.version})
+        yield info
+        yield GaugeMetricFamily("meshaccel_start_time_seconds", "when the agent started",
+                                value=a.started)
+
+    def _stats(self) -> Iterator[Any]:
+        stats = self.agent.stats()
+        for name, value in (stats.get("global") or {}).items():
+            yield CounterMetricFamily(metric_name(name), f"datapath counter {name}",
+                                      value=value)
+        fams = {
+            key: CounterMetricFamily(f"meshaccel_service_{key}", doc, labels=["service"])
+            for key, doc in (("connects", "connections balanced to an endpoint"),
+                             ("no_backend", "connections refused: no usable endpoint"))
+        }
+        for svc, counts in (stats.get("services") or {}).items():
+            for key, fam in fams.items():
+                fam.add_metric([svc], counts.get(key, 0))
+        yield from fams.values()
+        edge = stats.get("edge")
+        if edge is not None:
+            for name, value in flatten(edge).items():
+                yield CounterMetricFamily(metric_name("edge", name), f"XDP edge counter {name}",
+                                          value=value)
+
+    def _xds(self) -> Iterator[Any]:
+        state = self.agent.xds_state() if callable(self.agent.xds_state) else None
+        if not isinstance(state, dict):
+            return
+        yield GaugeMetricFamily("meshaccel_xds_connected", "1 while the ADS stream is up",
+                                value=1 if state.get("connected") else 0)
+        yield CounterMetricFamily("meshaccel_xds_reconnects", "ADS stream reconnects",
+                                  value=state.get("reconnects") or 0)
+        nack = GaugeMetricFamily("meshaccel_xds_nack",
+                                 "1 if the last response of this type was NACKed",
+                                 labels=["type_url"])
+        resources = GaugeMetricFamily("meshaccel_xds_resources", "resources of this type",
+                                      labels=["type_url"])
+        updated = GaugeMetricFamily("meshaccel_xds_last_update_timestamp_seconds",
+                                    "when the last response of this type arrived",
+                                    labels=["type_url"])
+        ack = InfoMetricFamily("meshaccel_xds_ack", "the version last ACKed per type",
+                               labels=["type_url"])
+        for url, ts in state.items():
+            if url in _XDS_SCALARS or not isinstance(ts, dict):
+                continue
+            nack.add_metric([url], 1 if ts.get("last_nack_error") else 0)
+            resources.add_metric([url], ts.get("resource_count") or 0)
+            updated.add_metric([url], ts.get("last_update_time") or 0)
+            ack.add_metric([url], {"version": str(ts.get("last_ack_version") or "")})
+        yield from (nack, resources, updated, ack)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValidationError("--metrics", f"{addr!r}: expected HOST:PORT, e.g. 127.0.0.1:9478")
+    return host, int(port)
+
+
+@dataclass
+class MetricsServer:
+    httpd: Any
+    thread: Any
+    port: int
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(2)
+
+
+def serve(agent, addr: str) -> MetricsServer:
+    host, port = parse_addr(addr)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    bound = httpd.server_address[1]
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return MetricsServer(httpd, thread, bound)
