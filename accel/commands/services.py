@@ -1,0 +1,39 @@
+"""`accel services`: the service table the running agent serves."""
+
+from __future__ import annotations
+
+import argparse
+
+from accel.commands.common import add_json_arg, print_json, print_table
+from accel.commands.status import add_api_arg, call
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("services", help="the running agent's services and endpoints")
+    add_json_arg(p)
+    add_api_arg(p)
+    p.set_defaults(func=run)
+
+
+def _hostport(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from accel.api import client
+
+    out, code = call(client.list_services, args.api_socket)
+    if out is None:
+        return code
+    if args.json:
+        print_json(out)
+        return 0
+    rows = []
+    for s in out["services"]:
+        eps = [f"{_hostport(e['address'], e['port'])} w={e['weight']}"
+               + ("" if e["healthy"] else " (unhealthy)") for e in s["endpoints"]]
+        rows.append([s["name"], f"{_hostport(s['vip'], s['port'])}/{s['protocol']}",
+                     "yes" if s["edge"] else "no", ", ".join(eps) or "(none)"])
+    print_table(rows, ["service", "vip", "edge", "endpoints"])
+    print(f"\nconfig version {out['config_version'] or '(none)'}, {len(rows)} services")
+    return 0

@@ -1,0 +1,77 @@
+"""`accel status`: what the running agent is doing, from its API."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from accel.commands.common import add_json_arg, fail, print_json, print_table
+
+
+def add_api_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-socket", default=None,
+                   help="the agent's API socket (default /run/accel/agent.sock, "
+                   "or $ACCEL_API_SOCKET)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="the running agent's state (source, config, xDS, edge)")
+    add_json_arg(p)
+    add_api_arg(p)
+    p.set_defaults(func=run)
+
+
+def call(fn, socket_path: str | None):
+    """Run one API call; returns (result, None) or (None, exit code after saying why)."""
+    from accel.api import client
+
+    try:
+        return fn(socket_path), None
+    except client.AgentUnavailable as e:
+        return None, fail(str(e))
+    except client.ApiCallError as e:
+        return None, fail(f"the agent refused: {e}")
+
+
+def _ago(t: float | None) -> str:
+    return f"{time.time() - t:.0f}s ago" if t else "never"
+
+
+def run(args: argparse.Namespace) -> int:
+    from accel.api import client
+
+    st, code = call(client.get_status, args.api_socket)
+    if st is None:
+        return code
+    if args.json:
+        print_json(st)
+        return 0
+    rows = [
+        ["version", st["version"]],
+        ["source", st["source"]],
+        ["config version", st["config_version"] or "(none)"],
+        ["services", st["services"]],
+        ["applied / rejected", f"{st['applied']} / {st['rejected']}"],
+        ["last error", st["last_error"] or "-"],
+        ["uptime", f"{st['uptime_s']:.0f}s"],
+        ["pin dir", st["pin_dir"]],
+        ["cgroup", st["cgroup"]],
+        ["edge", "off" if st["edge"] is None else
+         ", ".join(f"{k}={v}" for k, v in st["edge"].items()) or "on"],
+    ]
+    xds = st["xds"]
+    if xds is not None:
+        rows += [
+            ["xds", f"{'connected' if xds['connected'] else 'DISCONNECTED'} to {xds['target']} "
+                    f"as {xds['node_id']} ({xds['reconnects']} reconnects)"],
+        ]
+        if xds["pending"]:
+            rows.append(["xds pending", "; ".join(f"{k}: {v}" for k, v in xds["pending"].items())])
+    print_table(rows, ["", ""])
+    if xds is not None and xds["types"]:
+        print()
+        print_table([[url.rsplit(".", 1)[-1], t["last_ack_version"] or "-", t["resource_count"],
+                      _ago(t["last_update_time"]), t["last_nack_error"] or "-"]
+                     for url, t in xds["types"].items()],
+                    ["xds type", "acked", "resources", "updated", "last NACK"])
+    return 0
