@@ -4,6 +4,7 @@ with per-service figures from the agent's API when one is running."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from accel.commands.common import add_datapath_args, add_json_arg, fail, print_json, print_table
 
@@ -23,7 +24,9 @@ def _from_api(socket_path: str | None) -> dict | None:
         return None
     try:
         return client.get_stats(socket_path)
-    except Exception:
+    except Exception as e:
+        if socket_path:  # asked for by name: say why the per-service figures are missing
+            print(f"accel: no per-service figures: {e}", file=sys.stderr)
         return None
 
 
