@@ -215,10 +215,13 @@ class DockerSource:
 
     def __init__(self, cidr: str = DEFAULT_VIP_CIDR, client: Any = None, *,
                  network: str | None = None, mesh_cidrs: Iterable[str] = (),
+                 selector: Iterable[str] = (),
                  resync_interval: float = 30.0, debounce: float = 0.02):
         self.cidr = parse_cidr(cidr)
         self.network = network
         self.mesh_cidrs = tuple(parse_cidr(c, "mesh_cidrs") for c in mesh_cidrs)
+        # Extra label filters ("key" or "key=value"): only matching containers are seen.
+        self.selector = tuple(selector)
         self.resync_interval = resync_interval
         self.debounce = debounce
         if client is None:
@@ -254,7 +257,8 @@ class DockerSource:
         known: set[str] = set()
         with self._lock:
             draining = set(self._draining)
-        for summary in self.api.containers(all=True, filters={"label": LABEL_SERVICE}):
+        filters = {"label": [LABEL_SERVICE, *self.selector]}
+        for summary in self.api.containers(all=True, filters=filters):
             cid = summary["Id"]
             try:
                 info = self.api.inspect_container(cid)
@@ -315,7 +319,7 @@ class DockerSource:
             if attrs.get("container") in self._known and action in ("connect", "disconnect"):
                 self._kick.set()
             return
-        if kind != "container" or LABEL_SERVICE not in attrs:
+        if kind != "container" or LABEL_SERVICE not in attrs or not self._selected(attrs):
             return
         if action == "health_status" or action in _EVENTS:
             with self._lock:
@@ -324,6 +328,13 @@ class DockerSource:
                 elif action in ("start", "restart", "die", "destroy", "unpause"):
                     self._draining.discard(cid)
             self._kick.set()
+
+    def _selected(self, labels: dict[str, str]) -> bool:
+        for sel in self.selector:
+            key, eq, value = sel.partition("=")
+            if key not in labels or (eq and labels[key] != value):
+                return False
+        return True
 
     def _follow_events(self) -> None:
         backoff = 0.2
