@@ -92,6 +92,9 @@ static __always_inline void track(struct bpf_sock_ops *skops)
 		count(C_SOCKHASH_INSERT_FAILURES);
 		return;
 	}
+	/* During an upgrade the old and the new program both run for a moment. */
+	if (st->tracked)
+		return;
 	key.netns = bpf_get_netns_cookie(skops);
 	st->id = key.id;
 	st->netns = key.netns;
