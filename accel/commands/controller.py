@@ -1,0 +1,71 @@
+"""`accel controller`: serve a mesh's service table over xDS (ADS) to agents and gRPC clients."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from accel.model import ValidationError
+from accel.sources import TableSource
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "controller",
+        help="serve the service table over xDS (ADS) to agents and proxyless gRPC",
+        description="Serve mesh.yaml (reloaded on change) as Envoy v3 xDS resources over "
+        "ADS. See README.md, 'xDS mapping'.",
+    )
+    p.add_argument("--config", metavar="MESH_YAML", help="mesh.yaml to serve (watched)")
+    p.add_argument("--listen", default="127.0.0.1:18000", metavar="HOST:PORT",
+                   help="gRPC listen address (default %(default)s)")
+    # Hook for other table sources (e.g. `--docker`): add the flag here and a branch in
+    # build_source() returning an object that implements accel.sources.TableSource.
+    p.set_defaults(func=run)
+
+
+def build_source(args: argparse.Namespace) -> TableSource:
+    """The table source the flags ask for. Raises ValidationError for bad input."""
+    if args.config:
+        from accel.sources.file import FileSource
+
+        return FileSource(args.config)
+    raise ValidationError("--config", "a table source is required (e.g. --config mesh.yaml)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from accel.xds.server import ControllerServer
+
+    try:
+        source = build_source(args)
+    except ValidationError as e:
+        print(f"accel controller: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"accel controller: {e}", file=sys.stderr)
+        return 2
+    server = ControllerServer(source, listen=args.listen)
+    try:
+        server.start()
+    except ValidationError as e:
+        source.close()
+        print(f"accel controller: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        source.close()
+        print(f"accel controller: {e}", file=sys.stderr)
+        return 1
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"accel controller: serving xDS on {args.listen.rsplit(':', 1)[0]}:{server.port}",
+          flush=True)
+    done.wait()
+    log.info("stopping the controller")
+    server.stop()
+    return 0
