@@ -1,0 +1,124 @@
+"""Restart and upgrade without traffic loss: established connections keep flowing, byte
+exact and still redirected, through SIGTERM (--keep) and SIGKILL of the agent, and the
+next agent adopts the pinned datapath."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from accel.datapath import counters
+from tests.test_agent_lifecycle import assert_no_trace, attached, start_agent, write_config
+from tests.traffic import EchoServer, connect
+
+pytestmark = pytest.mark.reliability
+
+
+class Pump:
+    """One connection sending random-sized messages and checking each echo, until stopped."""
+
+    def __init__(self, sock: socket.socket, seed: int):
+        self.sock = sock
+        self.rng = random.Random(seed)
+        self.bytes = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                msg = self.rng.randbytes(self.rng.choice((1, 100, 4096, 65536, 200_000)))
+                self.sock.sendall(msg)
+                got = bytearray()
+                while len(got) < len(msg):
+                    chunk = self.sock.recv(len(msg) - len(got))
+                    if not chunk:
+                        raise ConnectionError("EOF mid-message")
+                    got += chunk
+                if got != msg:
+                    raise AssertionError("echo differs")
+                self.bytes += len(msg)
+        except Exception as e:  # reported by the test
+            self.error = f"{type(e).__name__}: {e}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def redirects(pin_dir: str) -> int:
+    return counters.read(pin_dir)["msg_redirects"]
+
+
+def test_connections_survive_sigterm_keep_and_sigkill(lab, pin_dir, test_cgroup, tmp_path):
+    client, server = lab.pods
+    cfg = write_config(tmp_path, [server])
+    agent = start_agent(cfg, pin_dir, test_cgroup, "--keep")
+    with EchoServer(server, 8080):
+        pumps = [Pump(connect(client, "10.96.0.1", 80, timeout=30), i) for i in range(20)]
+        try:
+            time.sleep(0.5)
+            # 1. SIGTERM with --keep: programs and maps stay; traffic stays redirected.
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(timeout=30) == 0
+            r0 = redirects(pin_dir)
+            time.sleep(0.5)
+            assert redirects(pin_dir) > r0, "no redirects while no agent runs"
+            # 2. A new agent adopts the pinned datapath, then is SIGKILLed.
+            agent = start_agent(cfg, pin_dir, test_cgroup, "--keep")
+            r1 = redirects(pin_dir)
+            time.sleep(0.5)
+            assert redirects(pin_dir) > r1
+            agent.kill()
+            agent.wait(timeout=10)
+            r2 = redirects(pin_dir)
+            time.sleep(0.5)
+            assert redirects(pin_dir) > r2, "no redirects after SIGKILL"
+            # 3. A third agent adopts again; new connections work through the VIP too.
+            agent = start_agent(cfg, pin_dir, test_cgroup)
+            with connect(client, "10.96.0.1", 80) as s:
+                s.sendall(b"new")
+                assert s.recv(3) == b"new"
+            time.sleep(0.5)
+            errors = [p.error for p in pumps if p.error]
+            assert not errors, errors
+            assert all(p.bytes > 0 for p in pumps)
+        finally:
+            for p in pumps:
+                p.stop()
+            for p in pumps:
+                p.sock.close()
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=30)
+    assert_no_trace(pin_dir, test_cgroup)
+
+
+def test_stop_without_keep_falls_back_to_tcp_without_loss(lab, pin_dir, test_cgroup, tmp_path):
+    """Uninstalling under load: connections continue on TCP, nothing lost, nothing reset."""
+    client, server = lab.pods
+    cfg = write_config(tmp_path, [server])
+    agent = start_agent(cfg, pin_dir, test_cgroup)
+    with EchoServer(server, 8080):
+        pumps = [Pump(connect(client, "10.96.0.1", 80, timeout=30), 100 + i) for i in range(10)]
+        try:
+            time.sleep(0.5)
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(timeout=30) == 0
+            assert not os.path.exists(pin_dir) and attached(test_cgroup) == []
+            moved = [p.bytes for p in pumps]
+            time.sleep(1.0)
+            assert all(p.bytes > m for p, m in zip(pumps, moved, strict=True)), "stalled"
+            errors = [p.error for p in pumps if p.error]
+            assert not errors, errors
+        finally:
+            for p in pumps:
+                p.stop()
+                p.sock.close()
