@@ -108,7 +108,14 @@ class Server(socketserver.ThreadingTCPServer):
 def cmd_serve(a: argparse.Namespace) -> int:
     identity = f"{a.name}/{socket.gethostname()}"
     server = Server(a.port, identity, a.upstream)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+
+    def stop() -> None:
+        # Like an app draining on SIGTERM: it still accepts for --grace seconds, so whoever
+        # still sends it new connections in that time finds out (the mesh should not).
+        time.sleep(a.grace)
+        server.shutdown()
+
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stop).start())
     print(f"{identity} listening on :{a.port}", flush=True)
     server.serve_forever()
     return 0
@@ -129,8 +136,11 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def cmd_call(a: argparse.Namespace) -> int:
     payload = os.urandom(a.bytes)
-    report: dict = {"ok": 0, "errors": [], "replicas": {}, "bytes": 0}
-    for _ in range(a.count):
+    report: dict = {"ok": 0, "errors": [], "replicas": {}, "bytes": 0, "log": []}
+    for i in range(a.count):
+        if i and a.interval:
+            time.sleep(a.interval)
+        started = time.time()  # wall clock: comparable with the caller's events
         try:
             sock, greeting = connect(a.target, timeout=a.timeout)
             with sock:
@@ -139,11 +149,15 @@ def cmd_call(a: argparse.Namespace) -> int:
                     raise ConnectionError("echoed bytes differ from the bytes sent")
         except OSError as e:
             report["errors"].append(f"{type(e).__name__}: {e}")
+            report["log"].append([started, None, str(e)])
             continue
         report["ok"] += 1
         report["bytes"] += len(payload)
         r = replica_of(greeting)
         report["replicas"][r] = report["replicas"].get(r, 0) + 1
+        report["log"].append([started, greeting, None])
+    if not a.log:
+        del report["log"]
     print(json.dumps(report), flush=True)
     return 0 if not report["errors"] else 1
 
@@ -249,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=os.environ.get("MESHAPP_NAME", "app"))
     s.add_argument("--port", type=int, default=9080)
     s.add_argument("--upstream", type=parse_hostport)
+    s.add_argument("--grace", type=float, default=0.0,
+                   help="on SIGTERM keep accepting this many seconds before exiting")
     s.set_defaults(func=cmd_serve)
 
     for name, func in (("check", cmd_check), ("call", cmd_call), ("hold", cmd_hold),
@@ -261,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--bytes", type=int, default=1024 if name != "bench" else 64)
         if name == "call":
             c.add_argument("--count", type=int, default=1)
+            c.add_argument("--log", action="store_true",
+                           help="also list [start time, greeting, error] per connection")
         if name in ("hold", "bench"):
             c.add_argument("--duration", type=float, default=5.0)
-        if name in ("hold", "client"):
-            c.add_argument("--interval", type=float, default=0.1 if name == "hold" else 1.0)
+        if name in ("hold", "client", "call"):
+            c.add_argument("--interval", type=float,
+                           default={"hold": 0.1, "client": 1.0, "call": 0.0}[name])
         if name == "bench":
             c.add_argument("--mode", choices=("rr", "crr", "stream"), default="rr")
     a = p.parse_args(argv)
