@@ -26,16 +26,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="gRPC listen address (default %(default)s)")
     # Hook for other table sources (e.g. `--docker`): add the flag here and a branch in
     # build_source() returning an object that implements accel.sources.TableSource.
+    p.add_argument("--docker", action="store_true",
+                   help="discover services from container labels (meshaccel.service, "
+                   "meshaccel.port, ...) through the Docker Engine API; README.md, "
+                   "'docker-compose'")
+    p.add_argument("--vip-cidr", metavar="CIDR",
+                   help="with --docker: allocate service VIPs from here (default 10.96.0.0/16)")
+    p.add_argument("--docker-label", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="with --docker: only containers that also carry this label (repeatable)")
     p.set_defaults(func=run)
 
 
 def build_source(args: argparse.Namespace) -> TableSource:
     """The table source the flags ask for. Raises ValidationError for bad input."""
+    if getattr(args, "docker", False):
+        if args.config:
+            raise ValidationError("--docker", "give either --config or --docker, not both")
+        from accel.sources.docker import DockerSource
+        from accel.sources.vips import DEFAULT_VIP_CIDR
+
+        return DockerSource(args.vip_cidr or DEFAULT_VIP_CIDR, selector=args.docker_label)
+    if getattr(args, "vip_cidr", None) or getattr(args, "docker_label", None):
+        raise ValidationError("--vip-cidr", "--vip-cidr and --docker-label go with --docker")
     if args.config:
         from accel.sources.file import FileSource
 
         return FileSource(args.config)
-    raise ValidationError("--config", "a table source is required (e.g. --config mesh.yaml)")
+    raise ValidationError("--config", "a table source is required (--config mesh.yaml or "
+                          "--docker)")
 
 
 def run(args: argparse.Namespace) -> int:
