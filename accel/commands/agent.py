@@ -161,6 +161,11 @@ def _start_source(args: argparse.Namespace, agent, table) -> list:
     node_id = args.node_id or f"meshaccel-{socket.gethostname()}"
     client = XdsClient(args.xds, node_id, on_update=agent.apply_table, credentials=creds)
     agent.xds_state = client.state
+    # ACK/NACK as the protocol saw them (a NACK of a malformed resource never reaches
+    # apply_table, so the agent would not know of it otherwise).
+    client.events.append(lambda kind, info: agent.emit(
+        "xds", f"{kind}: " + ", ".join(f"{k}={v}" for k, v in sorted(info.items())),
+        str(info.get("version", ""))))
     client.start()
     return [client.stop]
 

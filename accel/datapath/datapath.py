@@ -247,6 +247,18 @@ class Datapath:
     def counters(self) -> dict[str, int]:
         return counters.read(self.pin_dir)
 
+    def dump(self) -> dict[str, Any]:
+        """What the kernel maps hold now, read back afresh (not our bookkeeping)."""
+        sock, lb = self._modules["sockops.c"], self._modules["connect.c"]
+        nets = MeshNetsWriter(sock[b"accel_mesh_nets"]).current
+        svcs = ServiceWriter(lb[b"accel_services"], lb[b"accel_slots"], lb[b"accel_svc_stats"],
+                             self.capacities.services).current
+        return {
+            "mesh_nets": sorted((str(a), p) for a, p in nets),
+            "services": {f"{k[0]}:{k[1]}/{k[2]}": sorted((str(a), p) for a, p in w.slots)
+                         for k, w in sorted(svcs.items(), key=lambda kv: str(kv[0]))},
+        }
+
     def service_counters(self) -> dict[str, dict[str, int]]:
         return self._services.per_service() if self._services else {}
 
