@@ -128,6 +128,7 @@ class Agent:
             "rejected": self.rejected_count,
             "last_error": self.last_error,
             "pin_dir": self.datapath.pin_dir,
+            "maps": self.datapath.usage(),
             "cgroup": str(self.datapath.cgroup),
             "xds": xds,
             "edge": self.edge.status() if self.edge is not None and hasattr(self.edge, "status")

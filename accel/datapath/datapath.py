@@ -267,6 +267,18 @@ class Datapath:
         fd = self.map_fd("redirect.c", "accel_sockhash")
         return count_keys(fd, self._modules["sockops.c"][b"accel_conn_ns"].Key, extra=8)
 
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Entries in use against capacity, per map that can fill up."""
+        caps = self.capacities
+        svc = self._services.current if self._services else {}
+        return {
+            "sockets": {"used": self.sockhash_entries(), "capacity": caps.sockets},
+            "mesh_nets": {"used": len(self._mesh_nets.current) if self._mesh_nets else 0,
+                          "capacity": caps.mesh_nets},
+            "services": {"used": len(svc), "capacity": caps.services},
+            "slots": {"used": sum(len(w.slots) for w in svc.values()), "capacity": caps.slots},
+        }
+
     def pairing_entries(self) -> int:
         return len(list(self._modules["sockops.c"][b"accel_conn_ns"].keys()))
 
