@@ -62,7 +62,8 @@ def table_from_proto(msg: pb.ServiceTable) -> ServiceTable:
 
 
 def guard_from_proto(msg: pb.Guard) -> Guard:
-    return _within("guard", config.parse_guard, _guard_dict(msg))
+    """Validated guard; ValidationError's path starts with "guard" (parse_guard's own)."""
+    return config.parse_guard(_guard_dict(msg))
 
 
 def guard_to_proto(g: Guard) -> pb.Guard:
