@@ -16,8 +16,8 @@ static __always_inline void count(u32 idx)
 }
 
 /* Deny list and SYN budget. Returns the drop counter, or -1 to go on. */
-static __always_inline int edge_guard(struct addr16 *src, int syn,
-				 struct edge_vip_stats *st)
+static __always_inline int edge_guard(struct addr16 *src, int v4, int syn,
+				      struct edge_vip_stats *st)
 {
 	u32 zero = 0;
 	struct edge_config *cfg = edge_config.lookup(&zero);
@@ -25,12 +25,18 @@ static __always_inline int edge_guard(struct addr16 *src, int syn,
 	if (!cfg)
 		return -1;
 	if (cfg->deny_active) {
-		struct edge_deny_key dk = { .prefixlen = 128, .addr = *src };
-		u32 *denied = edge_deny.lookup(&dk);
-		if (denied) {
-			if (st)
-				st->drop_deny++;
-			return E_DROP_DENY;
+		/* First octet (IPv4) or second byte (IPv6) against the prefilter:
+		 * most sources never pay for the trie walk. */
+		u32 b = v4 ? (src->w[3] & 0xff) : ((src->w[0] >> 8) & 0xff);
+		u64 bits = v4 ? cfg->deny4[(b >> 6) & 3] : cfg->deny6[(b >> 6) & 3];
+		if (bits & (1ULL << (b & 63))) {
+			struct edge_deny_key dk = { .prefixlen = 128, .addr = *src };
+			u32 *denied = edge_deny.lookup(&dk);
+			if (denied) {
+				if (st)
+					st->drop_deny++;
+				return E_DROP_DENY;
+			}
 		}
 	}
 	if (!syn || !cfg->syn_rate)
@@ -61,32 +67,73 @@ static __always_inline int edge_guard(struct addr16 *src, int syn,
 	return -1;
 }
 
-/* The backend for a flow: its tracked one while that is still live, else a
- * fresh pick from the ring, recorded for the flow and for its replies. */
-static __always_inline struct edge_backend *pick(struct edge_flow *flow, struct edge_vip *vip,
-						 struct edge_vip_stats *st)
+static __always_inline int vip_key_eq(const struct edge_vip_key *a, const struct edge_vip_key *b)
 {
-	struct edge_backend *be;
-	struct edge_conn *cn = edge_conns.lookup(flow);
+	return a->addr.w[3] == b->addr.w[3] && a->addr.w[2] == b->addr.w[2] &&
+	       a->addr.w[1] == b->addr.w[1] && a->addr.w[0] == b->addr.w[0] &&
+	       a->port == b->port && a->proto == b->proto;
+}
 
-	if (cn) {
-		u32 bid = cn->backend;
-		be = edge_backends.lookup(&bid);
-		if (be && (be->flags & EDGE_BE_VALID) && be->gen == cn->gen)
-			return be;
-		count(E_REPICK);
+/* Linear probing over edge_vips: array lookups, which the verifier inlines. */
+static __always_inline struct edge_vip *find_vip(const struct edge_vip_key *k)
+{
+	u32 h = edge_vip_hash(k);
+
+#pragma unroll
+	for (int i = 0; i < EDGE_VIP_PROBES; i++) {
+		u32 idx = (h + i) & (EDGE_VIP_SLOTS - 1);
+		struct edge_vip *v = edge_vips.lookup(&idx);
+		if (!v || v->state == EDGE_VIP_EMPTY)
+			return NULL;
+		if (v->state == EDGE_VIP_LIVE && vip_key_eq(&v->key, k))
+			return v;
 	}
+	return NULL;
+}
 
-	u32 h = edge_flow_hash(&flow->src, ((u32)flow->sport << 16) | flow->dport) % EDGE_RING_SIZE;
+static __always_inline struct edge_backend *live_backend(u32 bid)
+{
+	struct edge_backend *be = edge_backends.lookup(&bid);
+
+	if (be && (be->flags & EDGE_BE_VALID))
+		return be;
+	return NULL;
+}
+
+/* The backend for a flow. A TCP segment that is no SYN, on a clean ring slot,
+ * takes the ring's backend at once: no flow on that slot ever went elsewhere.
+ * Everything else asks the flow table first, and a flow it does not know
+ * picks from the ring and is recorded, with its reply mapping. */
+static __always_inline struct edge_backend *pick(struct addr16 *src, __u16 sport,
+						 struct edge_vip_key *vk, struct edge_vip *vip,
+						 int fast, struct edge_vip_stats *st)
+{
+	/* hash * size >> 32 maps the hash onto [0, size) like % but without a divide. */
+	u32 h = ((u64)edge_flow_hash(src, ((u32)sport << 16) | vk->port) * EDGE_RING_SIZE) >> 32;
 	u32 row = vip->ring * EDGE_RING_ROWS + h / EDGE_RING_CELLS;
 	struct edge_ring_row *r = edge_rings.lookup(&row);
 	if (!r)
 		return NULL;
-	u32 bid = r->b[h & (EDGE_RING_CELLS - 1)];
-	if (!bid)
-		return NULL;
-	be = edge_backends.lookup(&bid);
-	if (!be || !(be->flags & EDGE_BE_VALID))
+	u32 cell = r->b[h & (EDGE_RING_CELLS - 1)];
+	u32 bid = cell & EDGE_CELL_ID;
+	if (fast && !(cell & EDGE_CELL_DIRTY))
+		return live_backend(bid);
+
+	/* The flow key is built only here: the fast path never needs it. */
+	struct edge_flow fl = {
+		.src = *src, .dst = vk->addr, .sport = sport, .dport = vk->port, .proto = vk->proto,
+	};
+	struct edge_flow *flow = &fl;
+	struct edge_backend *be;
+	struct edge_conn *cn = edge_conns.lookup(flow);
+	if (cn) {
+		be = live_backend(cn->backend);
+		if (be && be->gen == cn->gen)
+			return be;
+		count(E_REPICK);
+	}
+	be = live_backend(bid);
+	if (!be)
 		return NULL;
 
 	struct edge_conn c = { .backend = bid, .gen = be->gen };
@@ -129,7 +176,9 @@ int edge_xdp(struct xdp_md *ctx)
 		vlan = 1;
 	}
 
-	struct edge_flow flow = {};
+	struct edge_vip_key vk = {};
+	struct addr16 src;
+	__u16 sport;
 	struct iphdr *ip4 = NULL;
 	struct ipv6hdr *ip6 = NULL;
 	void *l4;
@@ -151,9 +200,9 @@ int edge_xdp(struct xdp_md *ctx)
 			count(E_PASS_FRAGMENT);
 			return XDP_PASS;
 		}
-		flow.proto = ip4->protocol;
-		addr_from4(&flow.src, ip4->saddr);
-		addr_from4(&flow.dst, ip4->daddr);
+		vk.proto = ip4->protocol;
+		addr_from4(&src, ip4->saddr);
+		addr_from4(&vk.addr, ip4->daddr);
 		l4 = l3 + hl;
 	} else if (h_proto == ETH_P_IPV6_BE) {
 		ip6 = l3;
@@ -167,9 +216,9 @@ int edge_xdp(struct xdp_md *ctx)
 				count(E_PASS_IPV6_EXT);
 			return XDP_PASS;
 		}
-		flow.proto = ip6->nexthdr;
-		__builtin_memcpy(&flow.src, &ip6->saddr, 16);
-		__builtin_memcpy(&flow.dst, &ip6->daddr, 16);
+		vk.proto = ip6->nexthdr;
+		__builtin_memcpy(&src, &ip6->saddr, 16);
+		__builtin_memcpy(&vk.addr, &ip6->daddr, 16);
 		l4 = ip6 + 1;
 	} else {
 		return XDP_PASS;
@@ -179,7 +228,7 @@ int edge_xdp(struct xdp_md *ctx)
 	__u16 *ports = l4;
 	__u16 *l4sum;
 	int syn = 0;
-	if (flow.proto == IPPROTO_TCP) {
+	if (vk.proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 		if ((void *)(th + 1) > data_end) {
 			count(E_PASS_MALFORMED);
@@ -195,23 +244,22 @@ int edge_xdp(struct xdp_md *ctx)
 		}
 		l4sum = &uh->check;
 	}
-	flow.sport = ports[0];
-	flow.dport = ports[1];
+	sport = ports[0];
+	vk.port = ports[1];
 
-	struct edge_vip_key vk = { .addr = flow.dst, .port = flow.dport, .proto = flow.proto };
-	struct edge_vip *vip = edge_vips.lookup(&vk);
+	struct edge_vip *vip = find_vip(&vk);
 	if (!vip)
 		return XDP_PASS;
 
 	u32 vid = vip->id;
 	struct edge_vip_stats *st = edge_vip_stats.lookup(&vid);
-	int drop = edge_guard(&flow.src, syn, st);
+	int drop = edge_guard(&src, ip4 != NULL, syn, st);
 	if (drop >= 0) {
 		count(drop);
 		return XDP_DROP;
 	}
 
-	struct edge_backend *be = pick(&flow, vip, st);
+	struct edge_backend *be = pick(&src, sport, &vk, vip, vk.proto == IPPROTO_TCP && !syn, st);
 	if (!be) {
 		count(E_DROP_NO_BACKEND);
 		if (st)
@@ -234,14 +282,14 @@ int edge_xdp(struct xdp_md *ctx)
 			d[i] = be->addr.w[i];
 		}
 	}
-	if (be->port != flow.dport) {
-		diff += edge_csum_diff4(flow.dport, be->port);
+	if (be->port != vk.port) {
+		diff += edge_csum_diff4(vk.port, be->port);
 		ports[1] = be->port;
 	}
 	/* IPv4 UDP may carry no checksum (0): leave it so; a computed 0 is sent as 0xffff. */
-	if (flow.proto == IPPROTO_TCP || *l4sum || ip6) {
+	if (vk.proto == IPPROTO_TCP || *l4sum || ip6) {
 		edge_csum_apply(l4sum, diff);
-		if (flow.proto == IPPROTO_UDP && *l4sum == 0)
+		if (vk.proto == IPPROTO_UDP && *l4sum == 0)
 			*l4sum = 0xffff;
 	}
 
@@ -255,9 +303,7 @@ int edge_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 
-	u8 dmac[6], smac[6];
-	__builtin_memcpy(dmac, be->dmac, 6);
-	__builtin_memcpy(smac, be->smac, 6);
+	u32 m0 = be->macs[0], m1 = be->macs[1], m2 = be->macs[2];
 	u32 tx = be->tx;
 	__u16 l3proto = ip4 ? ETH_P_IP_BE : ETH_P_IPV6_BE;
 	if (vlan) {
@@ -269,13 +315,15 @@ int edge_xdp(struct xdp_md *ctx)
 		}
 		data = (void *)(long)ctx->data;
 		data_end = (void *)(long)ctx->data_end;
-		eth = data;
-		if ((void *)(eth + 1) > data_end)
+		if (data + sizeof(struct ethhdr) > data_end)
 			return XDP_DROP;
-		eth->h_proto = l3proto;
+		((struct ethhdr *)data)->h_proto = l3proto;
 	}
-	__builtin_memcpy(eth->h_dest, dmac, 6);
-	__builtin_memcpy(eth->h_source, smac, 6);
-	count(E_FWD_REDIRECT);
+	if (data + 12 > data_end)
+		return XDP_DROP;
+	/* The frame starts 2-byte aligned after XDP headroom: word stores are fine. */
+	((u32 *)data)[0] = m0;
+	((u32 *)data)[1] = m1;
+	((u32 *)data)[2] = m2;
 	return edge_tx.redirect_map(tx, XDP_PASS);
 }

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import ipaddress
 import logging
+import operator
 import os
 import re
 import secrets
@@ -53,6 +54,8 @@ TC_HANDLE = 1
 
 BE_VALID = 1
 BE_REDIRECT = 2
+VIP_EMPTY, VIP_LIVE, VIP_GONE = 0, 1, 2
+VIP_PROBES = 4
 
 PIN_MAPS = (
     "edge_vips", "edge_rings", "edge_backends", "edge_conns", "edge_revs", "edge_deny",
@@ -62,6 +65,67 @@ VIP_STAT_FIELDS = (
     "packets", "bytes", "new_flows", "drop_deny", "drop_syn", "drop_no_backend",
     "conn_full", "reply_packets", "reply_bytes",
 )
+
+
+def _ep_name(addr: IPAddress, port: int) -> str:
+    """An endpoint's name in the Maglev ring: its permutation derives from it."""
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def _mix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _words(addr: IPAddress) -> tuple[int, int, int, int]:
+    """An address16 as the datapath loads it: four native-order u32 of network bytes."""
+    packed = mapped(addr).packed
+    return tuple(int.from_bytes(packed[i : i + 4], "little") for i in (0, 4, 8, 12))
+
+
+def _raw16(port: int) -> int:
+    """A port as the datapath loads it from the packet (network bytes, native u16)."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def vip_hash(key: tuple[IPAddress, int, str], slots: int) -> int:
+    """edge_vip_hash() of edge.h: the home slot of a VIP."""
+    w = _words(key[0])
+    x = w[0] ^ w[1] ^ w[2] ^ w[3]
+    return _mix32(x ^ (_raw16(key[1]) << 8) ^ PROTO_NUMBERS[key[2]]) & (slots - 1)
+
+
+def flow_slot(src: IPAddress, sport: int, dport: int, size: int) -> int:
+    """The ring slot a client flow hashes to (edge_flow_hash() scaled onto the ring)."""
+    w = _words(src)
+    ports = (_raw16(sport) << 16) | _raw16(dport)
+    return (_mix32(_mix32(w[3] ^ ports) ^ (w[0] ^ w[1] ^ w[2])) * size) >> 32
+
+
+def deny_prefilter(nets: Iterable[IPNetwork]) -> tuple[list[int], list[int]]:
+    """The deny4/deny6 bitmaps of edge_config (4 x u64 each) for a deny list.
+
+    Bit b of deny4: some denied IPv4 CIDR holds addresses with first octet b.
+    Bit b of deny6: some denied IPv6 CIDR holds addresses with second byte b.
+    """
+    b4, b6 = 0, 0
+    for net in nets:
+        raw = net.network_address.packed
+        if net.version == 4:
+            span = 1 << max(0, 8 - net.prefixlen)
+            b4 |= ((1 << span) - 1) << (raw[0] & ~(span - 1) & 0xFF)
+            b6 |= 1  # ::ffff:a.b.c.d sources of IPv6 packets share the trie entry
+        else:
+            if net.prefixlen <= 8:
+                span = 256
+            else:
+                span = 1 << max(0, 16 - net.prefixlen)
+            b6 |= ((1 << span) - 1) << (raw[1] & ~(span - 1) & 0xFF)
+    words = lambda b: [(b >> (64 * i)) & (2**64 - 1) for i in range(4)]  # noqa: E731
+    return words(b4), words(b6)
 
 
 class EdgeError(RuntimeError):
@@ -197,6 +261,8 @@ class _Vip:
     ring: int
     backends: dict[tuple[IPAddress, int], _Backend] = field(default_factory=dict)
     ring_sig: tuple = ()
+    owners: list[str | None] | None = None  # endpoint per ring slot, as last written
+    dirty: bytearray | None = None  # slots that changed owner (see EDGE_CELL_DIRTY)
 
 
 class EdgeDatapath:
@@ -240,6 +306,9 @@ class EdgeDatapath:
         self._vips: dict[tuple[IPAddress, int, str], _Vip] = {}
         self._guard = Guard()
         self._deny: set[IPNetwork] = set()
+        self.vip_slots = max(64, 1 << (8 * max_vips - 1).bit_length())
+        self._slot_keys: list = [None] * self.vip_slots  # key per edge_vips slot, None = empty
+        self._slot_live: list[bool] = [False] * self.vip_slots
         self._free_vip_ids = deque(range(max_vips))
         self._free_rings = deque(range(max_vips + 1))
         self._free_backends = deque(range(1, max_backends))  # 0 means "no backend"
@@ -261,6 +330,7 @@ class EdgeDatapath:
             f'-DACCEL_PIN_DIR="{self.pin_dir}"',
             f"-DEDGE_RING_SIZE={self.maglev_size}",
             f"-DEDGE_MAX_VIPS={self.max_vips}",
+            f"-DEDGE_VIP_SLOTS={self.vip_slots}",
             f"-DEDGE_MAX_BACKENDS={self.max_backends}",
             f"-DEDGE_CONN_MAX={self.conn_max}",
             f"-DEDGE_TX_MAX={self.tx_max}",
@@ -269,7 +339,7 @@ class EdgeDatapath:
 
     def _expected_sizes(self) -> dict[str, int]:
         return {
-            "edge_vips": self.max_vips,
+            "edge_vips": self.vip_slots,
             "edge_rings": (self.max_vips + 1) * self.ring_rows,
             "edge_backends": self.max_backends,
             "edge_conns": self.conn_max,
@@ -342,10 +412,15 @@ class EdgeDatapath:
             addr = self._get_addr(k.addr)
             plen = k.prefixlen - (96 if addr.version == 4 else 0)
             self._deny.add(ipaddress.ip_network(f"{addr}/{plen}", strict=False))
-        vips = self._xdp[b"edge_vips"]
         legacy_vips = {}
-        for k, v in vips.items():
-            legacy_vips[self._vip_key_from(k)] = (v.id, v.ring)
+        for k, v in self._xdp[b"edge_vips"].items():
+            if v.state == VIP_EMPTY:
+                continue
+            key = self._vip_key_from(v.key)
+            self._slot_keys[k.value] = key
+            if v.state == VIP_LIVE:
+                self._slot_live[k.value] = True
+                legacy_vips[key] = (v.id, v.ring)
         legacy_backends = [
             k.value for k, v in self._xdp[b"edge_backends"].items() if v.flags & BE_VALID
         ]
@@ -508,12 +583,47 @@ class EdgeDatapath:
         a = ipaddress.IPv6Address(bytes(ctypes.string_at(ctypes.addressof(src), 16)))
         return a.ipv4_mapped or a
 
-    def _vip_key(self, key: tuple[IPAddress, int, str]):
-        k = self._xdp[b"edge_vips"].Key()
-        self._put_addr(k.addr, key[0])
-        k.port = socket.htons(key[1])
-        k.proto = PROTO_NUMBERS[key[2]]
-        return k
+    def _vip_slot(self, key: tuple[IPAddress, int, str], insert: bool) -> int:
+        """The edge_vips slot holding `key`, or (insert) the one it would go to; -1 if none."""
+        home = vip_hash(key, self.vip_slots)
+        free = -1
+        for i in range(VIP_PROBES):
+            idx = (home + i) & (self.vip_slots - 1)
+            if self._slot_live[idx]:
+                if self._slot_keys[idx] == key:
+                    return idx
+            elif free < 0:
+                free = idx
+            if self._slot_keys[idx] is None:
+                break  # lookups stop at a never-used slot: so does the search
+        return free if insert else -1
+
+    def _write_vip(self, idx: int, key, vid: int, ring: int, state: int) -> None:
+        t = self.table("edge_vips")
+        v = t.Leaf()
+        self._put_addr(v.key.addr, key[0])
+        v.key.port = socket.htons(key[1])
+        v.key.proto = PROTO_NUMBERS[key[2]]
+        v.id = vid
+        v.ring = ring
+        if state == VIP_LIVE and not self._slot_live[idx]:
+            # A new slot: the data lands (not yet live) before the state says live, so
+            # a lookup that sees it live sees its ring too.
+            v.state = VIP_GONE
+            t[ctypes.c_uint32(idx)] = v
+        v.state = state
+        t[ctypes.c_uint32(idx)] = v
+        self._slot_keys[idx] = key
+        self._slot_live[idx] = state == VIP_LIVE
+
+    def _delete_vip(self, key) -> None:
+        idx = self._vip_slot(key, insert=False)
+        if idx >= 0:
+            t = self.table("edge_vips")
+            v = t[ctypes.c_uint32(idx)]
+            v.state = VIP_GONE
+            t[ctypes.c_uint32(idx)] = v
+            self._slot_live[idx] = False
 
     def _vip_key_from(self, k) -> tuple[IPAddress, int, str]:
         return (self._get_addr(k.addr), socket.ntohs(k.port), PROTO_NAMES.get(k.proto, "?"))
@@ -544,6 +654,24 @@ class EdgeDatapath:
             raise EdgeCapacityError(
                 f"{len(wanted)} edge services, the edge holds {self.max_vips} (raise max_vips)"
             )
+        # Every new VIP needs a slot within VIP_PROBES of its hash (simulated on a copy).
+        keys, live = list(self._slot_keys), list(self._slot_live)
+        for key in self._vips:
+            if key not in wanted:
+                live[self._vip_slot(key, insert=False)] = False
+        for key in wanted:
+            if key in self._vips:
+                continue
+            home = vip_hash(key, self.vip_slots)
+            for i in range(VIP_PROBES):
+                idx = (home + i) & (self.vip_slots - 1)
+                if not live[idx]:
+                    keys[idx], live[idx] = key, True
+                    break
+            else:
+                raise EdgeCapacityError(
+                    f"no edge_vips slot for {key[0]}:{key[1]}/{key[2]} (raise max_vips)"
+                )
         # New backends are written before the ones they replace are retired.
         new = 0
         for key, svc in wanted.items():
@@ -583,7 +711,7 @@ class EdgeDatapath:
             self._remove_vip(key)
         legacy_vips = self._legacy["vips"] if self._legacy else {}
         for key in [k for k in legacy_vips if k not in wanted]:
-            self.table("edge_vips").pop(self._vip_key(key), None)
+            self._delete_vip(key)
             vid, ring = legacy_vips.pop(key)
             self._free_rings.append(ring)
             self._free_vip_ids.append(vid)
@@ -613,7 +741,7 @@ class EdgeDatapath:
             if bkey not in cur.backends:
                 cur.backends[bkey] = self._new_backend(ep.address, ep.port, hops.get(ep.address))
         members = sorted(
-            (f"{ep}", ep.weight, cur.backends[(ep.address, ep.port)].id)
+            (_ep_name(ep.address, ep.port), ep.weight, cur.backends[(ep.address, ep.port)].id)
             for ep in eps
             if ep.healthy
         )
@@ -625,11 +753,11 @@ class EdgeDatapath:
         # 2. New ring into a spare slot, 3. flip the VIP to it, 4. retire the old.
         if sig != cur.ring_sig or cur.ring < 0 or legacy:
             new_ring = self._free_rings.popleft()
-            self._write_ring(new_ring, members)
-            v = self.table("edge_vips").Leaf()
-            v.id = cur.id
-            v.ring = new_ring
-            self.table("edge_vips")[self._vip_key(key)] = v
+            if legacy and cur.owners is None:
+                cur.owners = self._read_owners(legacy[1])
+                cur.dirty = bytearray(self.maglev_size)  # unknown history: the owners decide
+            self._write_ring(new_ring, members, cur)
+            self._write_vip(self._vip_slot(key, insert=True), key, cur.id, new_ring, VIP_LIVE)
             old, cur.ring = cur.ring, new_ring
             if old >= 0:
                 self._free_rings.append(old)
@@ -641,7 +769,7 @@ class EdgeDatapath:
 
     def _remove_vip(self, key) -> None:
         cur = self._vips.pop(key)
-        self.table("edge_vips").pop(self._vip_key(key), None)
+        self._delete_vip(key)
         for b in cur.backends.values():
             self._drop_backend(b)
         if cur.ring >= 0:
@@ -695,8 +823,7 @@ class EdgeDatapath:
         if b.hop is not None:
             v.flags |= BE_REDIRECT
             v.tx = b.tx
-            ctypes.memmove(ctypes.addressof(v.dmac), b.hop.dmac, 6)
-            ctypes.memmove(ctypes.addressof(v.smac), b.hop.smac, 6)
+            ctypes.memmove(ctypes.addressof(v.macs), b.hop.dmac + b.hop.smac, 12)
         t[ctypes.c_uint32(b.id)] = v
 
     def _drop_backend(self, b: _Backend) -> None:
@@ -730,24 +857,57 @@ class EdgeDatapath:
                 pass
             self._free_tx.append(slot)
 
-    def _write_ring(self, slot: int, members: list[tuple[str, int, int]]) -> None:
-        """members: (name, weight, backend id). Written before any VIP points at it."""
+    def _write_ring(self, slot: int, members: list[tuple[str, int, int]], vip: _Vip) -> None:
+        """Write a ring for `vip` into ring slot `slot`, before any VIP entry points at it.
+
+        members: (endpoint name, weight, backend id). A cell is dirty when its slot
+        was dirty or its owner changed: flows there must consult the flow table.
+        """
         ids = {name: bid for name, _, bid in members}
         names = sorted(ids)
         table = maglev.build([(n, w) for n, w, _ in members], self.maglev_size)
-        lut = [ids[n] for n in names]
+        owners = [names[i] if i >= 0 else None for i in table]
+        if vip.owners is None:
+            dirty = bytearray(self.maglev_size)
+        else:
+            changed = map(operator.ne, vip.owners, owners)
+            dirty = bytearray(map(operator.or_, vip.dirty, changed))
+        lut = [ids[n] for n in names] + [0]  # index -1 (no backend) -> id 0
+        cells = [lut[i] | (d << 31) for i, d in zip(table, dirty, strict=True)]
+        self._put_ring(slot, cells)
+        vip.owners = owners
+        vip.dirty = dirty
+
+    def _put_ring(self, slot: int, cells: list[int]) -> None:
         rings = self.table("edge_rings")
         rows = self.ring_rows
-        flat = [lut[i] if i >= 0 else 0 for i in table] + [0] * (rows * 16 - self.maglev_size)
         keys = (ctypes.c_uint32 * rows)(*range(slot * rows, (slot + 1) * rows))
         leaves = (rings.Leaf * rows)()
         raw = (ctypes.c_uint32 * (rows * 16)).from_buffer(leaves)
-        raw[:] = flat
+        raw[: len(cells)] = cells
         try:
             rings.items_update_batch(keys, leaves)
         except Exception:  # kernels without batch ops on arrays
             for i in range(rows):
                 rings[keys[i]] = leaves[i]
+
+    def _read_owners(self, slot: int) -> list[str | None]:
+        """Endpoint per slot of a ring another agent wrote (adoption)."""
+        rings = self.table("edge_rings")
+        backends = self.table("edge_backends")
+        rows = self.ring_rows
+        keys = (ctypes.c_uint32 * rows)(*range(slot * rows, (slot + 1) * rows))
+        names: dict[int, str | None] = {0: None}
+        out: list[str | None] = []
+        for k in keys:
+            for cell in rings[ctypes.c_uint32(k)].b:
+                bid = cell & 0x7FFFFFFF
+                if bid not in names:
+                    be = backends[ctypes.c_uint32(bid)]
+                    ep = _ep_name(self._get_addr(be.addr), socket.ntohs(be.port))
+                    names[bid] = ep if be.flags & BE_VALID else None
+                out.append(names[bid])
+        return out[: self.maglev_size]
 
     def refresh(self) -> int:
         """Re-resolve every backend's next hop; returns how many changed.
@@ -778,10 +938,11 @@ class EdgeDatapath:
         for net in new - self._deny:
             deny[self._deny_key(net)] = ctypes.c_uint32(1)
         self._guard = guard
-        self._write_config()
+        self._write_config(self._deny | new)  # the prefilter covers both while they swap
         for net in self._deny - new:
             deny.pop(self._deny_key(net), None)
         self._deny = new
+        self._write_config(new)
 
     def _deny_key(self, net: IPNetwork):
         k = self.table("edge_deny").Key()
@@ -789,14 +950,18 @@ class EdgeDatapath:
         k.prefixlen = net.prefixlen + (96 if net.version == 4 else 0)
         return k
 
-    def _write_config(self) -> None:
+    def _write_config(self, nets: set[IPNetwork]) -> None:
         g = self._guard
         t = self._xdp[b"edge_config"]
         c = t.Leaf()
         c.syn_rate = g.syn_rate
         c.syn_cap = g.syn_burst * 10**9
         c.syn_fill_ns = -(-c.syn_cap // g.syn_rate) if g.syn_rate else 0
-        c.deny_active = 1 if (self._deny or g.deny) else 0
+        c.deny_active = 1 if nets else 0
+        d4, d6 = deny_prefilter(nets)
+        for i in range(4):
+            c.deny4[i] = d4[i]
+            c.deny6[i] = d6[i]
         t[ctypes.c_uint32(0)] = c
 
     # ---- counters ------------------------------------------------------------------------
@@ -818,7 +983,10 @@ def read_counters(bpf, names: dict | None = None) -> dict:
         glob[name] = int(sum(t[ctypes.c_uint32(i)]))
     vips = []
     stats = bpf[b"edge_vip_stats"]
-    for k, v in bpf[b"edge_vips"].items():
+    for _, v in bpf[b"edge_vips"].items():
+        if v.state != VIP_LIVE:
+            continue
+        k = v.key
         addr = ipaddress.IPv6Address(bytes(ctypes.string_at(ctypes.addressof(k.addr), 16)))
         addr = addr.ipv4_mapped or addr
         key = (addr, socket.ntohs(k.port), PROTO_NAMES.get(k.proto, str(k.proto)))
@@ -842,7 +1010,7 @@ def open_pinned(pin_dir: str | os.PathLike) -> EdgeDatapath | None:
         return None
     from accel.datapath.testrun import pinned_map_info
 
-    vips = pinned_map_info(str(pin_dir / "edge_vips")).max_entries
+    vips = pinned_map_info(str(pin_dir / "edge_vip_stats")).max_entries
     rows = pinned_map_info(str(pin_dir / "edge_rings")).max_entries // (vips + 1)
     size = _prime_for_rows(rows)
     dp = EdgeDatapath(

@@ -23,6 +23,13 @@
 #ifndef EDGE_MAX_VIPS
 #define EDGE_MAX_VIPS 64
 #endif
+/* VIPs live in an open-addressed array (a hash map lookup alone costs more
+ * than the whole DNAT): EDGE_VIP_SLOTS a power of two, >= 8 x EDGE_MAX_VIPS,
+ * a VIP within EDGE_VIP_PROBES slots of its hash (user space places it). */
+#ifndef EDGE_VIP_SLOTS
+#define EDGE_VIP_SLOTS 512
+#endif
+#define EDGE_VIP_PROBES 4
 #ifndef EDGE_MAX_BACKENDS
 #define EDGE_MAX_BACKENDS 4096
 #endif
@@ -62,15 +69,31 @@ struct edge_vip_key {
 	__u8 pad;
 };
 
-struct edge_vip {
-	__u32 id;   /* slot in edge_vip_stats, stable for the VIP's life */
-	__u32 ring; /* slot in edge_rings; flips to a freshly written ring on change */
-	__u32 flags;
-	__u32 pad;
+enum edge_vip_state {
+	EDGE_VIP_EMPTY = 0, /* never used: a lookup stops here */
+	EDGE_VIP_LIVE = 1,
+	EDGE_VIP_GONE = 2,  /* deleted: a lookup probes on */
 };
 
+/* A slot of edge_vips. User space writes the whole slot; only `ring` changes
+ * while a VIP is live, and a 4-byte field is never seen half-written. */
+struct edge_vip {
+	struct edge_vip_key key;
+	__u32 id;   /* slot in edge_vip_stats, stable for the VIP's life */
+	__u32 ring; /* slot in edge_rings; flips to a freshly written ring on change */
+	__u32 state;
+};
+
+/* A ring cell: backend id (0 = no backend) and the dirty bit. A cell is dirty once
+ * its slot has pointed at another endpoint since the VIP was created (or since
+ * the control plane last proved no flow needs the old one): only TCP on dirty
+ * slots, SYNs and UDP consult edge_conns; on a clean slot every flow ever
+ * hashed there went to the backend the ring names now. */
+#define EDGE_CELL_DIRTY 0x80000000u
+#define EDGE_CELL_ID 0x7fffffffu
+
 struct edge_ring_row {
-	__u32 b[EDGE_RING_CELLS]; /* backend ids; 0 = no backend */
+	__u32 b[EDGE_RING_CELLS];
 };
 
 enum edge_backend_flags {
@@ -82,11 +105,11 @@ enum edge_backend_flags {
 /* A backend of one VIP (endpoint address:port, the neighbour to reach it). */
 struct edge_backend {
 	struct addr16 addr;
-	__u16 port;   /* network order */
-	__u16 tx;     /* slot in edge_tx */
-	__u8 dmac[6]; /* the backend's (or its gateway's) MAC */
-	__u8 smac[6]; /* MAC of the interface behind edge_tx[tx] */
-	__u32 gen;    /* bumped on every reuse of the id: stale flows re-pick */
+	__u16 port;    /* network order */
+	__u16 tx;      /* slot in edge_tx */
+	__u32 macs[3]; /* destination MAC (backend or its gateway), then source MAC (the
+			* interface behind edge_tx[tx]): Ethernet header bytes 0-11 */
+	__u32 gen;     /* bumped on every reuse of the id: stale flows re-pick */
 	__u32 flags;
 };
 
@@ -129,6 +152,11 @@ struct edge_config {
 	__u64 syn_fill_ns; /* time to refill an empty bucket: caps elapsed*rate */
 	__u32 deny_active; /* deny list not empty: skip the trie walk otherwise */
 	__u32 pad;
+	/* Prefilter before the trie walk: bit b set when some denied CIDR may hold
+	 * an IPv4 source whose first octet is b (deny4) or an IPv6 source whose
+	 * second byte is b (deny6; the first is 0x20 for most of the Internet). */
+	__u64 deny4[4];
+	__u64 deny6[4];
 };
 
 struct edge_vip_stats {
@@ -145,9 +173,8 @@ struct edge_vip_stats {
 
 /* Global per-CPU counters; accel/datapath/edge.py reads names and comments here. */
 enum edge_counter {
-	E_FWD_REDIRECT = 0,  /* packet to a VIP redirected to its backend's interface */
-	E_FWD_ROUTE,         /* packet to a VIP rewritten and passed to the kernel to route */
-	E_NEW_FLOW,          /* flow picked a backend from the Maglev ring */
+	E_FWD_ROUTE = 0,         /* packet to a VIP rewritten and passed to the kernel to route */
+	E_NEW_FLOW,          /* flow picked a backend from the Maglev ring and was recorded */
 	E_REPICK,            /* tracked flow's backend is gone: picked again */
 	E_DROP_DENY,         /* source in the deny list */
 	E_DROP_SYN,          /* SYN over the source's token bucket */
@@ -161,8 +188,8 @@ enum edge_counter {
 	E_MAX,
 };
 
-/* VIP -> stats slot and ring slot. */
-ACCEL_MAP("hash", struct edge_vip_key, struct edge_vip, edge_vips, EDGE_MAX_VIPS);
+/* VIP -> stats slot and ring slot, open addressing by edge_vip_hash(). */
+ACCEL_MAP("array", u32, struct edge_vip, edge_vips, EDGE_VIP_SLOTS);
 /* Maglev lookup tables, EDGE_RING_ROWS rows per ring slot. */
 ACCEL_MAP("array", u32, struct edge_ring_row, edge_rings, EDGE_RING_SLOTS * EDGE_RING_ROWS);
 /* Backend id -> address, port and the next hop to reach it. */
@@ -216,36 +243,31 @@ static __always_inline __u64 edge_csum_diff4(__u32 from, __u32 to)
 	return (__u64)(~from) + to;
 }
 
-static __always_inline __u32 edge_rol32(__u32 w, int s)
+/* murmur3's finalizer: full avalanche in five operations. */
+static __always_inline __u32 edge_mix32(__u32 h)
 {
-	return (w << s) | (w >> (32 - s));
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
 }
 
-/* Bob Jenkins' lookup3 over the source address and ports: the ring index. */
+/* Ring index input: the client's address and both ports (raw network-order loads). */
 static __always_inline __u32 edge_flow_hash(const struct addr16 *src, __u32 ports)
 {
-	__u32 a, b, c;
+	__u32 x = src->w[0] ^ src->w[1] ^ src->w[2];
 
-	a = b = c = 0xdeadbeef + 24 + 0x9e3779b9;
-	a += src->w[0];
-	b += src->w[1];
-	c += src->w[2];
-	a -= c; a ^= edge_rol32(c, 4);  c += b;
-	b -= a; b ^= edge_rol32(a, 6);  a += c;
-	c -= b; c ^= edge_rol32(b, 8);  b += a;
-	a -= c; a ^= edge_rol32(c, 16); c += b;
-	b -= a; b ^= edge_rol32(a, 19); a += c;
-	c -= b; c ^= edge_rol32(b, 4);  b += a;
-	a += src->w[3];
-	b += ports;
-	c ^= b; c -= edge_rol32(b, 14);
-	a ^= c; a -= edge_rol32(c, 11);
-	b ^= a; b -= edge_rol32(a, 25);
-	c ^= b; c -= edge_rol32(b, 16);
-	a ^= c; a -= edge_rol32(c, 4);
-	b ^= a; b -= edge_rol32(a, 14);
-	c ^= b; c -= edge_rol32(b, 24);
-	return c;
+	return edge_mix32(edge_mix32(src->w[3] ^ ports) ^ x);
+}
+
+/* Home slot of a VIP in edge_vips; accel/datapath/edge.py computes the same. */
+static __always_inline __u32 edge_vip_hash(const struct edge_vip_key *k)
+{
+	__u32 x = k->addr.w[0] ^ k->addr.w[1] ^ k->addr.w[2] ^ k->addr.w[3];
+
+	return edge_mix32(x ^ ((__u32)k->port << 8) ^ k->proto) & (EDGE_VIP_SLOTS - 1);
 }
 
 #endif /* ACCEL_EDGE_H */
