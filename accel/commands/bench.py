@@ -75,4 +75,40 @@ def run_mesh(args: argparse.Namespace) -> int:
 
 def register_edge(bsub: argparse._SubParsersAction) -> None:
     """`accel bench edge`: owned by the edge benchmark (accel/bench/edge.py)."""
-    # TODO(edge): the edge helper adds its parser here.
+    p = bsub.add_parser(
+        "edge", help="ns/packet of the XDP edge balancer (hit, miss, drop) beside an XDP_PASS floor"
+    )
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the result here")
+    p.add_argument("--repeat", type=int, default=1_000_000,
+                   help="BPF_PROG_TEST_RUN repeats per round (default 1000000)")
+    p.add_argument("--rounds", type=int, default=7, help="rounds per case; the median is kept")
+    p.add_argument("--maglev-size", type=int, default=65537, help="ring size (a prime)")
+    p.set_defaults(func=run_edge)
+
+
+def run_edge(args: argparse.Namespace) -> int:
+    import json
+
+    from accel import maglev
+    from accel.commands.common import print_table
+
+    if args.repeat < 1 or args.rounds < 1:
+        return fail("bench edge: --repeat and --rounds must be >= 1", code=2)
+    try:
+        maglev.check_size(args.maglev_size)
+    except ValueError as e:
+        return fail(f"bench edge: {e}", code=2)
+    from accel.bench import edge
+
+    try:
+        result = edge.run(repeat=args.repeat, rounds=args.rounds, maglev_size=args.maglev_size)
+    except Exception as e:  # noqa: BLE001 - a benchmark that cannot run says why and fails
+        return fail(f"bench edge: {e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    print(", ".join(f"{k}={v}" for k, v in result["env"].items()))
+    cols = list(result["cases"][0])
+    print_table([[c[k] for k in cols] for c in result["cases"]], cols)
+    return 0
