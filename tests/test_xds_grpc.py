@@ -19,8 +19,8 @@ from grpc_health.v1 import health, health_pb2_grpc
 from accel.sources.file import FileSource
 from accel.xds.server import ControllerServer
 
-CONTROLLER = 18160
-BACKENDS = {"a": 18161, "b": 18162}
+CONTROLLER = 18190
+BACKENDS = {"a": 18191, "b": 18192}
 
 CLIENT = textwrap.dedent("""
     import collections, json, os, sys, time

@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from accel.model import Endpoint, Service, ServiceTable, ValidationError
+from accel.model import Endpoint, Guard, Service, ServiceTable, ValidationError
 from accel.xds import translate as tr
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
@@ -79,7 +79,11 @@ def tables(draw) -> ServiceTable:
         eps = draw(st.lists(endpoints, max_size=6, unique_by=lambda e: (e.address, e.port)))
         eps = [e for e in eps if (e.address, e.port) != (vip, port)]
         services.append(Service(name, vip, port, proto, tuple(eps), draw(st.booleans())))
-    return ServiceTable(tuple(services))
+    nets = st.lists(st.builds(lambda a, p: ipaddress.ip_network(f"{a}/{p}", strict=False),
+                              addrs, st.integers(8, 32)), max_size=3, unique=True)
+    rate = draw(st.integers(0, 10_000_000))
+    guard = Guard(tuple(draw(nets)), rate, draw(st.integers(1 if rate else 0, 100_000_000)))
+    return ServiceTable(tuple(services), mesh_cidrs=tuple(draw(nets)), guard=guard)
 
 
 @settings(max_examples=150, deadline=None)
@@ -287,3 +291,18 @@ def test_malformed_and_duplicate_resources() -> None:
         tr.unpack(LISTENER, [pack(tcp_listener("l", "10.0.0.1", 1, "c"))] * 2)
     with pytest.raises(ValidationError, match="does not match the response type"):
         tr.unpack(LISTENER, [pack(eds_cluster("c"))])
+
+
+def test_mesh_settings_cluster() -> None:
+    table = ServiceTable((), mesh_cidrs=(ipaddress.ip_network("10.201.0.0/16"),),
+                         guard=Guard((ipaddress.ip_network("192.0.2.0/24"),), 1000, 2000))
+    res = tr.to_resources(table)
+    assert list(res.clusters) == [tr.MESH_CLUSTER] and not res.listeners
+    assert tr.to_table(wire(res)).table == table
+    assert tr.to_resources(ServiceTable()).clusters == {}
+    meta = res.clusters[tr.MESH_CLUSTER].metadata.filter_metadata["meshaccel"]
+    meta["guard"]["syn_rate"] = 1.5
+    assert error_of(res) == ("Cluster[meshaccel.mesh].metadata.filter_metadata.meshaccel."
+                             "guard.syn_rate: expected an integer, got 1.5")
+    meta["bogus"] = 1
+    assert "unknown field(s) bogus" in error_of(res)

@@ -81,6 +81,7 @@ class XdsClient:
         self._seen: set[str] = set()
         self._table: ServiceTable | None = None
         self._pending: dict[str, str] = {}
+        self._memo = translate.Memo()
         self._connected = False
         self._reconnects = 0
         self._stop = threading.Event()
@@ -274,7 +275,7 @@ class XdsClient:
         seen = self._seen | {t}
         tr = translate.to_table(cand, strict=False, cds_seen=CLUSTER in seen,
                                 check_clusters=_changed_listeners(t, self._res, cand, items),
-                                previous=self._table)
+                                previous=self._table, memo=self._memo)
         table = None
         if self._table is not None or _synced(seen, eds_names, rds_names):
             if self._table is None or table_changed(self._table, tr.table):
@@ -327,4 +328,4 @@ def _changed_listeners(t: str, old: Resources, new: Resources, items: dict) -> s
 
 
 def table_changed(a: ServiceTable, b: ServiceTable) -> bool:
-    return a.canonical() != b.canonical()
+    return a != b and a.canonical() != b.canonical()

@@ -24,7 +24,7 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from accel.model import ServiceTable
+from accel.model import Service, ServiceTable
 from accel.sources import TableSource
 from accel.xds import translate
 
@@ -40,14 +40,33 @@ class Snapshot:
     table: ServiceTable
     resources: dict[str, dict[str, any_pb2.Any]]  # type_url -> name -> packed resource
     digests: dict[str, dict[str, bytes]]  # type_url -> name -> digest of the bytes
+    # Service -> its packed resources: the next snapshot re-packs only changed services.
+    cache: dict[Service, dict] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def of(cls, version: str, table: ServiceTable) -> Snapshot:
-        res = translate.to_resources(table)
-        packed = {t: translate.pack_all(res.of(t)) for t in translate.PUSH_ORDER}
-        digests = {t: {n: hashlib.blake2b(a.value, digest_size=16).digest()
-                       for n, a in items.items()} for t, items in packed.items()}
-        return cls(version, table, packed, digests)
+    def of(cls, version: str, table: ServiceTable, previous: Snapshot | None = None) -> Snapshot:
+        old = previous.cache if previous else {}
+        cache: dict[Service, dict] = {}
+
+        def packed(svc: Service) -> dict:
+            hit = cache.get(svc) or old.get(svc)
+            if hit is None:
+                hit = {t: [(translate.resource_name(m), _packed(m)) for m in msgs]
+                       for t, msgs in translate.service_resources(svc).items()}
+            cache[svc] = hit
+            return hit
+
+        parts = translate.merge(table, packed)
+        translate.merge_mesh(table, parts, _packed)
+        resources = {t: {n: a for n, (a, _) in items.items()} for t, items in parts.items()}
+        digests = {t: {n: d for n, (_, d) in items.items()} for t, items in parts.items()}
+        return cls(version, table, resources, digests, cache)
+
+
+def _packed(msg) -> tuple[any_pb2.Any, bytes]:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a, hashlib.blake2b(a.value, digest_size=16).digest()
 
 
 @dataclass
@@ -279,9 +298,10 @@ class ControllerServer:
     def update(self, table: ServiceTable) -> None:
         """Publish a new table to every stream (the source calls this on each change)."""
         with self._lock:
-            snap = Snapshot.of(str(self._version + 1), table)  # raises before anything changes
-            self._version += 1
             assert self.ads is not None
+            # Raises before anything changes.
+            snap = Snapshot.of(str(self._version + 1), table, self.ads.snapshot)
+            self._version += 1
             self.ads.publish(snap)
         log.info("xDS version %s: %d services", snap.version, len(table.services))
 
