@@ -23,8 +23,9 @@ pytestmark = pytest.mark.reliability
 class Pump:
     """One connection sending random-sized messages and checking each echo, until stopped."""
 
-    def __init__(self, sock: socket.socket, seed: int):
+    def __init__(self, sock: socket.socket, seed: int, prefixed: bool = False):
         self.sock = sock
+        self.prefixed = prefixed  # the server starts with "<name>|": who answered
         self.rng = random.Random(seed)
         self.bytes = 0
         self.error: str | None = None
@@ -34,6 +35,15 @@ class Pump:
 
     def _run(self) -> None:
         try:
+            if self.prefixed:
+                self.sock.sendall(b"hi")
+                got = b""
+                while not got.endswith(b"|hi"):
+                    chunk = self.sock.recv(1)
+                    if not chunk:
+                        raise ConnectionError("EOF before the greeting")
+                    got += chunk
+                self.server = got[:-3].decode()
             while not self._stop.is_set():
                 msg = self.rng.randbytes(self.rng.choice((1, 100, 4096, 65536, 200_000)))
                 self.sock.sendall(msg)

@@ -241,7 +241,10 @@ class Datapath:
         }
         self.table = table
         self.last_report = report
-        self._write_state(services=len(table.services))
+        if getattr(self, "_state_services", None) != len(table.services):
+            # Readiness signal for whoever waits on the state file; kept off the hot path.
+            self._state_services = len(table.services)
+            self._write_state(services=len(table.services))
         return report
 
     def counters(self) -> dict[str, int]:
