@@ -12,13 +12,18 @@ from concurrent import futures
 
 import grpc
 import pytest
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
 from accel.model import ServiceTable, ValidationError
 from accel.xds.client import XdsClient
-from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER
-from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, tcp_listener
+from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
 
 PORTS = itertools.count(18130)
 
@@ -281,3 +286,35 @@ def test_reconnect_resubscribes_with_last_acked_versions(h: Harness) -> None:
     h.ads.send(LISTENER, "1", [pack(tcp_listener("a", "10.96.0.1", 80, "a"))])
     t = h.wait_table(lambda t: str(t.services[0].endpoints[0]) == "10.0.0.7:8080")
     assert h.client.state()["connected"] and names(t) == ["a"]
+
+
+def test_rds_follows_listeners_and_bad_route_is_nacked(h: Harness) -> None:
+    def routes(cluster: str) -> route_pb2.RouteConfiguration:
+        return route_pb2.RouteConfiguration(name="r", virtual_hosts=[
+            route_components_pb2.VirtualHost(name="v", domains=["*"], routes=[
+                route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix=""),
+                                           route=route_components_pb2.RouteAction(
+                                               cluster=cluster))])])
+
+    base(h)
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix="h", rds=hcm_pb2.Rds(route_config_name="r"))
+    web = listener_pb2.Listener(name="web", address=sock("10.96.0.5", 80), filter_chains=[
+        listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
+            name="hcm", typed_config=pack(hcm))])])
+    n = h.ads.send(LISTENER, "2", [pack(tcp_listener("a", "10.96.0.1", 80, "a")), pack(web)])
+    h.ads.reply_to(n)
+    h.ads.wait(lambda r: r.type_url == ROUTE and list(r.resource_names) == ["r"])
+    assert h.client.state()["pending"] == {"web": "RouteConfiguration 'r'"}
+    n = h.ads.send(ROUTE, "1", [pack(routes("nope"))])
+    assert h.ads.reply_to(n).error_detail.message == \
+        "Listener[web] via RouteConfiguration[r]: references unknown cluster 'nope'"
+    n = h.ads.send(ROUTE, "2", [pack(routes("a"))])
+    assert h.ads.reply_to(n).version_info == "2"
+    t = h.wait_table(lambda t: len(t.services) == 2)
+    assert str(t.by_name()["web"].vip) == "10.96.0.5"
+    # The listener goes: its route config goes with it.
+    n = h.ads.send(LISTENER, "3", [pack(tcp_listener("a", "10.96.0.1", 80, "a"))])
+    h.ads.reply_to(n)
+    h.ads.wait(lambda r: r.type_url == ROUTE and list(r.resource_names) == [])
+    assert names(h.wait_table(lambda t: len(t.services) == 1)) == ["a"]
+    assert h.client.state()[ROUTE]["resource_count"] == 0

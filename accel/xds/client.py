@@ -158,10 +158,10 @@ class XdsClient:
                     return
                 yield item
 
-        channel = (grpc.secure_channel(self.target, self.credentials) if self.credentials
-                   else grpc.insecure_channel(self.target, options=[
-                       ("grpc.keepalive_time_ms", 300_000),
-                       ("grpc.keepalive_timeout_ms", 20_000)]))
+        # Keepalive within what servers accept by default (5 min), to notice a dead peer.
+        options = [("grpc.keepalive_time_ms", 300_000), ("grpc.keepalive_timeout_ms", 20_000)]
+        channel = (grpc.secure_channel(self.target, self.credentials, options=options)
+                   if self.credentials else grpc.insecure_channel(self.target, options=options))
         got = False
         try:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)

@@ -693,8 +693,11 @@ def _sockaddr(addr: IPAddress, port: int, protocol: str = "TCP") -> address_pb2.
 
 
 def vip_listener(svc: Service) -> listener_pb2.Listener:
+    # Like a sidecar's outbound listener: Envoy matches the VIP without binding it.
     lst = listener_pb2.Listener(name=f"{svc.name}.vip",
-                                address=_sockaddr(svc.vip, svc.port, svc.protocol))
+                                address=_sockaddr(svc.vip, svc.port, svc.protocol),
+                                bind_to_port=wrappers_pb2.BoolValue(value=False),
+                                traffic_direction=base_pb2.OUTBOUND)
     if svc.protocol == "UDP":
         # Envoy proxies UDP with a listener filter, not a network filter chain.
         lst.listener_filters.append(listener_components_pb2.ListenerFilter(
