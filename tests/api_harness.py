@@ -61,8 +61,9 @@ class Env:
         """Run the test process in the agent's cgroup: its sockets are then the agent's."""
         (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
-    def agent(self, config: Path, *extra: str, wait_socket: bool = True,
+    def agent(self, config: Path | None, *extra: str, wait_socket: bool = True,
               socket_path: str | None = None, pin_dir: str | None = None) -> AgentProc:
+        """An agent fed by `config` (a mesh.yaml), or by whatever `extra` says if None."""
         a = AgentProc(self, config, extra, socket_path or self.socket, pin_dir or self.pin_dir)
         self.agents.append(a)
         a.start(wait_socket)
@@ -90,7 +91,7 @@ class Env:
 @dataclass
 class AgentProc:
     env: Env
-    config: Path
+    config: Path | None
     extra: tuple[str, ...]
     socket: str
     pin_dir: str
@@ -100,7 +101,8 @@ class AgentProc:
     def start(self, wait_socket: bool) -> None:
         log = open(self.env.tmp / f"agent-{len(self.env.agents)}.log", "w+")
         self.proc = subprocess.Popen(
-            [*ACCEL, "agent", "--config", str(self.config), "--pin-dir", self.pin_dir,
+            [*ACCEL, "agent", *(["--config", str(self.config)] if self.config else []),
+             "--pin-dir", self.pin_dir,
              "--cgroup", str(self.env.cgroup), "--api-socket", self.socket,
              "--metrics", f"127.0.0.1:{self.env.metrics_port}", *self.extra],
             stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,

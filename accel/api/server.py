@@ -272,8 +272,10 @@ def serve(
         prepare_unix_path(unix_path)
 
     stopping = threading.Event()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS,
-                                                    thread_name_prefix="accel-api"))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="accel-api"),
+        options=[("grpc.so_reuseport", 0)],  # a TCP port already taken must fail, not be shared
+    )
     pb_grpc.add_AgentServicer_to_server(
         AgentService(agent, stopping, tcp_may_write=bool(tls_client_ca) or insecure), server)
     health_servicer = health.HealthServicer()
