@@ -195,3 +195,17 @@ def uninstall(pin_dir: str) -> None:
 
 def env_for(**kw: str) -> dict[str, str]:
     return {**os.environ, **kw}
+
+
+@contextlib.contextmanager
+def compose_services(api, command: str, files: list, project: str, setup, cleanup):
+    """pytest-docker's docker_services for one project, plus removal by the project label
+    afterwards, which also runs when `up` failed half way (pytest-docker runs no `down` then)."""
+    from pytest_docker.plugin import get_docker_services
+
+    try:
+        with get_docker_services(command, [str(f) for f in files], project, setup,
+                                 cleanup) as services:
+            yield services
+    finally:
+        remove_project(api, project)
