@@ -25,7 +25,8 @@ fi
 
 PKGS=(python3 python3-venv python3-bpfcc bpfcc-tools bpftool iproute2 iptables
       sockperf iperf3 haproxy tcpdump ethtool)
-if [ "$WITH_DOCKER" = 1 ]; then PKGS+=(docker.io docker-compose); fi
+# debootstrap: compose/build-images.sh makes the local Debian base image (nothing pulled).
+if [ "$WITH_DOCKER" = 1 ]; then PKGS+=(docker.io docker-compose debootstrap); fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
