@@ -210,23 +210,25 @@ def test_a_stopped_replica_gets_no_new_connections_within_2s(mesh):
 def test_restarting_the_agent_keeps_established_connections(mesh):
     agent = mesh.name("agent")
     holder = subprocess.Popen(
-        ["docker", "exec", mesh.frontend, "meshapp", "hold", "reviews:9080", "--duration", "12",
+        ["docker", "exec", mesh.frontend, "meshapp", "hold", "reviews:9080", "--duration", "20",
          "--interval", "0.02", "--bytes", "4096"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = holder.stdout.readline()
         assert "connected" in first, first + holder.stderr.read()
         time.sleep(1)
+        since = str(int(time.time()))
         r = subprocess.run(["docker", "restart", "-t", "15", agent], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         # The new agent adopts the kept datapath and follows the controller again.
         wait_for(lambda: b"agent running" in subprocess.run(
-            ["docker", "logs", "--since", "30s", agent], capture_output=True).stderr, 60,
+            ["docker", "logs", "--since", since, agent], capture_output=True).stderr, 60,
                  what="the restarted agent")
         mid = mesh.stats()
         time.sleep(2)
         later = mesh.stats()
+        assert holder.poll() is None, "the held connection ended before the agent was back"
         out, err = holder.communicate(timeout=60)
     finally:
         holder.kill()
