@@ -341,3 +341,27 @@ def test_metrics_endpoint(env, agent):
     assert m[("meshaccel_config_endpoints", ())] == 4
     assert ("meshaccel_xds_connected", ()) not in m  # not fed by xDS
     assert not [k for k in m if k[0] == "meshaccel_scrape_errors"]
+
+
+def test_a_full_size_table_goes_through(env, agent):
+    """10,000 services, 100,000 endpoints (the default capacities), more than gRPC's default
+    4 MiB message limit, both ways."""
+    from accel.api.server import MAX_MESSAGE
+
+    svcs = [pb.Service(name=f"svc-{i:05d}.bookinfo.svc.cluster.local", vip=f"fd00:96::{i:x}",
+                       port=80, endpoints=[
+                           pb.Endpoint(address=f"fd00:2000:{i:04x}:{j:04x}:1111:2222:3333:4444",
+                                       port=9080, weight=1 + j % 3) for j in range(10)])
+            for i in range(10_000)]
+    req = pb.ApplyConfigRequest(version="full", table=pb.ServiceTable(services=svcs))
+    assert req.ByteSize() > 4 << 20
+    opts = [("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE)]
+    s = pb_grpc.AgentStub(grpc.insecure_channel(f"unix:{env.socket}", options=opts))
+    r = s.ApplyConfig(req, timeout=300)
+    assert (r.services, r.endpoints) == (10_000, 100_000)
+    from accel.api import client
+
+    listed = client.list_services(env.socket)
+    assert listed["config_version"] == "full" and len(listed["services"]) == 10_000
+    assert sum(len(x["endpoints"]) for x in listed["services"]) == 100_000

@@ -16,6 +16,7 @@ import grpc
 from accel.api import convert
 from accel.api.gen import agent_pb2 as pb
 from accel.api.gen import agent_pb2_grpc as pb_grpc
+from accel.api.server import MAX_MESSAGE
 
 DEFAULT_SOCKET = os.environ.get("ACCEL_API_SOCKET", "/run/accel/agent.sock")
 CONNECT_TIMEOUT_S = 3.0
@@ -46,7 +47,10 @@ def _target(socket_path: str | None) -> tuple[str, str]:
 @contextmanager
 def connect(socket_path: str | None = None) -> Iterator[pb_grpc.AgentStub]:
     path, target = _target(socket_path)
-    channel = grpc.insecure_channel(target)
+    channel = grpc.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+    ])
     try:
         try:
             grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)

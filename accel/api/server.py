@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Agent"].full_name  # accel.agent.v1.Agent
 MAX_WATCHERS = 8  # each open WatchEvents stream holds a worker thread
 MAX_WORKERS = MAX_WATCHERS + 8
+# A full table at the default capacities (10,000 services, 100,000 endpoints) is ~5 MB.
+MAX_MESSAGE = 64 << 20
 POLL_S = 0.25  # how fast a watch stream notices a cancelled call or a stopping server
 
 
@@ -274,7 +276,11 @@ def serve(
     stopping = threading.Event()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="accel-api"),
-        options=[("grpc.so_reuseport", 0)],  # a TCP port already taken must fail, not be shared
+        options=[
+            ("grpc.so_reuseport", 0),  # a TCP port already taken must fail, not be shared
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
     )
     pb_grpc.add_AgentServicer_to_server(
         AgentService(agent, stopping, tcp_may_write=bool(tls_client_ca) or insecure), server)
