@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from accel.datapath.edge import EdgeDatapath, NextHop
-from accel.datapath.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, test_run
+from accel.datapath.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
 from accel.model import Endpoint, Guard, Service, ServiceTable
 
 VIP_A, VIP_B = "10.254.0.1", "10.254.0.2"
@@ -70,10 +70,10 @@ def _env(repeat: int, rounds: int) -> dict:
 
 
 def _measure(fd: int, packet: bytes, want: int, repeat: int, rounds: int) -> dict:
-    test_run(fd, packet, repeat=16)  # warm: flow entries, caches
+    prog_test_run(fd, packet, repeat=16)  # warm: flow entries, caches
     samples = []
     for _ in range(rounds):
-        r = test_run(fd, packet, repeat=repeat)
+        r = prog_test_run(fd, packet, repeat=repeat)
         if r.retval != want:
             raise RuntimeError(f"benchmark case returned {r.action}, expected verdict {want}")
         samples.append(r.ns_per_run)

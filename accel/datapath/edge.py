@@ -552,11 +552,10 @@ class EdgeDatapath:
         self._xdp = self._tc = None
         if unpin:
             self._unpin()
-            if self._made_pin_dir:
-                try:
-                    self.pin_dir.rmdir()
-                except OSError:
-                    pass
+            try:
+                self.pin_dir.rmdir()  # only when nothing else is pinned there
+            except OSError:
+                pass
 
     def _unpin(self) -> None:
         for name in PIN_MAPS:

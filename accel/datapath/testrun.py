@@ -102,7 +102,7 @@ class RunResult:
         return XDP_ACTIONS.get(self.retval, str(self.retval))
 
 
-def test_run(prog_fd: int, packet: bytes, repeat: int = 1, out_room: int = 256) -> RunResult:
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, out_room: int = 256) -> RunResult:
     """Run a loaded XDP or TC program on `packet` (Ethernet frame)."""
     data_in = ctypes.create_string_buffer(bytes(packet), len(packet))
     size_out = len(packet) + out_room
