@@ -131,9 +131,20 @@ class Agent:
             "maps": self.datapath.usage(),
             "cgroup": str(self.datapath.cgroup),
             "xds": xds,
-            "edge": self.edge.status() if self.edge is not None and hasattr(self.edge, "status")
-            else None,
+            "edge": self._edge_status(),
         }
+
+    def _edge_status(self) -> dict[str, Any] | None:
+        if self.edge is None:
+            return None
+        if hasattr(self.edge, "status"):
+            return self.edge.status()
+        # An edge without its own report still says where it runs and how.
+        return {"interface": getattr(self.edge, "iface", None),
+                "mode": getattr(self.edge, "mode", None),
+                "guard": {"deny": [str(n) for n in self.table.guard.deny],
+                          "syn_rate": self.table.guard.syn_rate,
+                          "syn_burst": self.table.guard.syn_burst}}
 
     def stats(self) -> dict[str, Any]:
         # Under the lock: the service writer's index changes while a table is applied.
