@@ -52,9 +52,18 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=None,
                    help="name prefix of the lab, cgroups and pin dir (default ab<hex>)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--compose", action="store_true",
+                   help="the docker-compose example mesh instead: meshaccel (compose/mesh.yml) "
+                   "vs haproxy sidecars (compose/sidecar.yml); uses --seconds, --repeats, "
+                   "--workloads, --json, --quick (accel/bench/compose.py)")
 
 
 def run_mesh(args: argparse.Namespace) -> int:
+    if getattr(args, "compose", False):
+        from accel.bench import compose
+
+        return compose.main(args.seconds, args.repeats, args.workloads, args.quick, args.json,
+                            args.quiet)
     from accel.bench import runner
 
     try:
