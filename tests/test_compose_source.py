@@ -17,7 +17,13 @@ import pytest
 from accel.model import ValidationError
 from accel.sources.docker import DockerSource
 from accel.sources.vips import allocate
-from tests.conftest_docker import compose_images, docker_api, remove_labelled, wait_for
+from tests.conftest_docker import (
+    COMPOSE_DIR,
+    compose_images,
+    docker_api,
+    remove_labelled,
+    wait_for,
+)
 
 __all__ = ["compose_images", "docker_api"]  # fixtures used by the tests below
 
@@ -296,3 +302,12 @@ def test_unreachable_engine_is_a_clear_error(tmp_path):
 
 
 pytestmark = pytest.mark.docker
+
+
+def test_the_committed_example_vips_are_what_the_generator_makes(monkeypatch):
+    from accel.compose_hosts import render_override
+
+    monkeypatch.chdir(COMPOSE_DIR.parent)
+    committed = (COMPOSE_DIR / "mesh.vips.yml").read_text()
+    assert committed == render_override(["compose/mesh.yml"], "10.96.0.0/16"), \
+        "regenerate: accel compose hosts -f compose/mesh.yml -o compose/mesh.vips.yml"
