@@ -165,9 +165,14 @@ class NeighbourResolver:
 
     A missing neighbour is solicited with one UDP datagram to the discard port
     (the kernel sends the ARP/ND request) and waited for up to `wait` seconds.
+    A route out of a bridge resolves to the bridge port that learned the
+    neighbour's MAC (a bridge takes no XDP redirects; its veth ports do). Only
+    veths and plain devices (NICs) are redirect targets: VLAN, bond, tunnel and
+    other virtual devices are left to the kernel (route mode).
     """
 
     USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable stale delay probe noarp permanent
+    REDIRECT_KINDS = (None, "veth")
 
     def __init__(self, wait: float = 1.0):
         self.wait = wait
@@ -183,25 +188,54 @@ class NeighbourResolver:
                 if hop is None:
                     out[addr] = None
                     continue
-                oif, nh, smac = hop
-                dmac = self._neigh(ipr, oif, nh)
+                dmac = self._neigh(ipr, hop[0], hop[1])
                 if dmac:
-                    out[addr] = NextHop(oif, dmac, smac)
+                    out[addr] = self._next_hop(ipr, hop, dmac)
                 else:
                     pending[addr] = hop
-                    self._solicit(nh)
+                    self._solicit(hop[1])
             deadline = time.monotonic() + self.wait
             while pending and time.monotonic() < deadline:
                 time.sleep(0.02)
-                for addr, (oif, nh, smac) in list(pending.items()):
-                    dmac = self._neigh(ipr, oif, nh)
+                for addr, hop in list(pending.items()):
+                    dmac = self._neigh(ipr, hop[0], hop[1])
                     if dmac:
-                        out[addr] = NextHop(oif, dmac, smac)
+                        out[addr] = self._next_hop(ipr, hop, dmac)
                         del pending[addr]
         for addr in pending:
             log.info("edge: no neighbour for %s yet: balanced in route mode", addr)
             out[addr] = None
         return out
+
+    @staticmethod
+    def _kind(ipr, index: int) -> tuple[str | None, str | None]:
+        links = ipr.link("get", index=index)
+        if not links:
+            return None, None
+        info = links[0].get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        return kind, links[0].get_attr("IFLA_ADDRESS")
+
+    def _next_hop(self, ipr, hop: tuple[int, str, bytes], dmac: bytes) -> NextHop | None:
+        oif, _, smac = hop
+        kind, _ = self._kind(ipr, oif)
+        if kind == "bridge":
+            port = self._bridge_port(ipr, oif, dmac)
+            if port is None:
+                return None  # not learned (yet): the bridge floods, the kernel copes
+            oif = port
+            kind, _ = self._kind(ipr, oif)
+        if kind not in self.REDIRECT_KINDS:
+            return None
+        return NextHop(oif, dmac, smac)
+
+    @staticmethod
+    def _bridge_port(ipr, bridge: int, mac: bytes) -> int | None:
+        want = ":".join(f"{b:02x}" for b in mac)
+        for n in ipr.fdb("dump"):
+            if n.get_attr("NDA_MASTER") == bridge and n.get_attr("NDA_LLADDR") == want:
+                return n["ifindex"]
+        return None
 
     @staticmethod
     def _route(ipr, addr: IPAddress) -> tuple[int, str, bytes] | None:
@@ -217,7 +251,7 @@ class NeighbourResolver:
             return None
         oif = r.get_attr("RTA_OIF")
         gw = r.get_attr("RTA_GATEWAY")
-        links = ipr.link("get", index=oif)
+        links = ipr.link("get", index=oif) if oif else []
         smac = links[0].get_attr("IFLA_ADDRESS") if links else None
         if not oif or not smac or smac == "00:00:00:00:00:00":
             return None  # loopback, tunnels: nothing to rewrite MACs for
@@ -969,6 +1003,29 @@ class EdgeDatapath:
         """{"global": {counter: n}, "vips": [{service, vip, port, protocol, packets, ...}]}."""
         self.load()
         return read_counters(self._xdp, {k: v.name for k, v in self._vips.items()})
+
+    def status(self) -> dict:
+        """What the edge serves and how each backend is reached (for `accel status`)."""
+        return {
+            "iface": self.iface,
+            "mode": self.mode,
+            "maglev_size": self.maglev_size,
+            "guard": {"deny": sorted(str(n) for n in self._deny),
+                      "syn_rate": self._guard.syn_rate, "syn_burst": self._guard.syn_burst},
+            "vips": [
+                {
+                    "service": v.name, "vip": str(v.key[0]), "port": v.key[1],
+                    "protocol": v.key[2],
+                    "dirty_slots": sum(v.dirty) if v.dirty else 0,
+                    "backends": [
+                        {"address": str(b.addr), "port": b.port,
+                         "via": f"redirect ifindex {b.hop.ifindex}" if b.hop else "kernel route"}
+                        for b in v.backends.values()
+                    ],
+                }
+                for v in sorted(self._vips.values(), key=lambda v: v.name)
+            ],
+        }
 
     def vip_ids(self) -> dict[str, int]:
         return {v.name: v.id for v in self._vips.values()}
