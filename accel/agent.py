@@ -140,7 +140,7 @@ class Agent:
         if hasattr(self.edge, "status"):
             return self.edge.status()
         # An edge without its own report still says where it runs and how.
-        return {"interface": getattr(self.edge, "iface", None),
+        return {"iface": getattr(self.edge, "iface", None),
                 "mode": getattr(self.edge, "mode", None),
                 "guard": {"deny": [str(n) for n in self.table.guard.deny],
                           "syn_rate": self.table.guard.syn_rate,
