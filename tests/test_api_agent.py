@@ -83,6 +83,7 @@ def test_cli_and_grpc_read_the_running_agent(env, agent):
     assert st["services"] == 3 and st["applied"] == 1 and st["rejected"] == 0
     assert st["pin_dir"] == env.pin_dir and st["cgroup"] == str(env.cgroup)
     assert st["xds"] is None and st["edge"] is None
+    assert st["maps"]["services"] == {"used": 3, "capacity": 16384}
 
     svcs = cli_json("services", "--api-socket", env.socket)
     by_name = {s["name"]: s for s in svcs["services"]}
@@ -340,6 +341,8 @@ def test_metrics_endpoint(env, agent):
     assert m[("meshaccel_config_services", ())] == 3
     assert m[("meshaccel_config_endpoints", ())] == 4
     assert ("meshaccel_xds_connected", ()) not in m  # not fed by xDS
+    assert m[("meshaccel_map_capacity", (("map", "services"),))] == 16384
+    assert m[("meshaccel_map_entries", (("map", "services"),))] == 3
     assert not [k for k in m if k[0] == "meshaccel_scrape_errors"]
 
 

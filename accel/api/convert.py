@@ -150,6 +150,9 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
     if edge is not None:
         msg.edge.enabled = True
         msg.edge.details.CopyFrom(_struct(edge))
+    for name, u in (st.get("maps") or {}).items():
+        msg.maps[name].used = int(u.get("used", 0))
+        msg.maps[name].capacity = int(u.get("capacity", 0))
     return msg
 
 
@@ -173,8 +176,21 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         "uptime_s": round(msg.uptime_seconds, 3), "services": msg.services,
         "applied": msg.applied, "rejected": msg.rejected, "last_error": msg.last_error,
         "pin_dir": msg.pin_dir, "cgroup": msg.cgroup, "xds": xds,
-        "edge": json_format.MessageToDict(msg.edge.details) if msg.edge.enabled else None,
+        "maps": {n: {"used": u.used, "capacity": u.capacity} for n, u in sorted(msg.maps.items())},
+        "edge": _whole(json_format.MessageToDict(msg.edge.details)) if msg.edge.enabled
+        else None,
     }
+
+
+def _whole(v: Any) -> Any:
+    """Struct numbers are doubles: give integral ones back as ints (counts, ports, rates)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _whole(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_whole(x) for x in v]
+    return v
 
 
 # ---- stats ----------------------------------------------------------------------------------
@@ -199,9 +215,28 @@ def stats_to_proto(st: dict[str, Any]) -> pb.GetStatsResponse:
     for name, c in (st.get("services") or {}).items():
         msg.services[name].connects = int(c.get("connects", 0))
         msg.services[name].no_backend = int(c.get("no_backend", 0))
-    for k, v in flatten(st.get("edge") or {}).items():
-        msg.edge[k] = v
+    edge = st.get("edge")
+    if isinstance(edge, dict):
+        msg.edge.SetInParent()
+        for k, v in flatten(edge.get("global") or {}).items():
+            msg.edge.counters[k] = v
+        for row in edge.get("vips") or []:
+            vip = msg.edge.vips.add(service=str(row.get("service", "")),
+                                    vip=str(row.get("vip", "")), port=int(row.get("port", 0)),
+                                    protocol=str(row.get("protocol", "")))
+            for k, v in flatten({k: v for k, v in row.items()
+                                 if k not in ("service", "vip", "port", "protocol")}).items():
+                vip.counters[k] = v
     return msg
+
+
+def edge_stats_to_json(msg: pb.EdgeStats) -> dict[str, Any]:
+    """The shape EdgeDatapath.counters() has: {"global": {...}, "vips": [{...}]}."""
+    return {
+        "global": dict(msg.counters),
+        "vips": [{"service": v.service, "vip": v.vip, "port": v.port, "protocol": v.protocol,
+                  **dict(v.counters)} for v in msg.vips],
+    }
 
 
 def stats_to_json(msg: pb.GetStatsResponse) -> dict[str, Any]:
@@ -209,7 +244,7 @@ def stats_to_json(msg: pb.GetStatsResponse) -> dict[str, Any]:
         "global": dict(msg.global_counters),
         "services": {n: {"connects": c.connects, "no_backend": c.no_backend}
                      for n, c in sorted(msg.services.items())},
-        "edge": dict(msg.edge) if msg.edge else None,
+        "edge": edge_stats_to_json(msg.edge) if msg.HasField("edge") else None,
     }
 
 

@@ -6,7 +6,9 @@ meshaccel_service_{connects,no_backend}_total{service=...}; the configuration
 meshaccel_config_info);
 xDS (meshaccel_xds_connected, meshaccel_xds_nack{type_url}, meshaccel_xds_resources,
 meshaccel_xds_last_update_timestamp_seconds, meshaccel_xds_ack_info{type_url,version});
-the XDP edge's counters as meshaccel_edge_<counter>_total when an edge runs.
+map fill (meshaccel_map_entries{map}, meshaccel_map_capacity{map}); the XDP edge's
+counters as meshaccel_edge_<counter>_total and meshaccel_edge_vip_<counter>_total{service,
+vip,port,protocol} when an edge runs.
 A part that cannot be read is reported by meshaccel_scrape_errors{part} instead of failing
 the whole scrape.
 """
@@ -44,6 +46,7 @@ class AgentCollector(Collector):
         yield from self._guarded("config", errors, self._config)
         yield from self._guarded("datapath", errors, self._stats)
         yield from self._guarded("xds", errors, self._xds)
+        yield from self._guarded("maps", errors, self._maps)
         g = GaugeMetricFamily("meshaccel_scrape_errors",
                               "1 for each part of the agent that could not be read",
                               labels=["part"])
@@ -77,6 +80,16 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily("meshaccel_start_time_seconds", "when the agent started",
                                 value=a.started)
 
+    def _maps(self) -> Iterator[Any]:
+        usage = self.agent.datapath.usage()
+        used = GaugeMetricFamily("meshaccel_map_entries", "entries in use", labels=["map"])
+        cap = GaugeMetricFamily("meshaccel_map_capacity", "entries the map can hold",
+                                labels=["map"])
+        for name, u in usage.items():
+            used.add_metric([name], u.get("used", 0))
+            cap.add_metric([name], u.get("capacity", 0))
+        yield from (used, cap)
+
     def _stats(self) -> Iterator[Any]:
         stats = self.agent.stats()
         for name, value in (stats.get("global") or {}).items():
@@ -92,10 +105,23 @@ class AgentCollector(Collector):
                 fam.add_metric([svc], counts.get(key, 0))
         yield from fams.values()
         edge = stats.get("edge")
-        if edge is not None:
-            for name, value in flatten(edge).items():
+        if isinstance(edge, dict):
+            for name, value in flatten(edge.get("global") or {}).items():
                 yield CounterMetricFamily(metric_name("edge", name), f"XDP edge counter {name}",
                                           value=value)
+            labels = ["service", "vip", "port", "protocol"]
+            per_vip: dict[str, CounterMetricFamily] = {}
+            for row in edge.get("vips") or []:
+                values = [str(row.get(k, "")) for k in labels]
+                for name, value in flatten({k: v for k, v in row.items()
+                                            if k not in labels}).items():
+                    fam = per_vip.get(name)
+                    if fam is None:
+                        fam = per_vip[name] = CounterMetricFamily(
+                            metric_name("edge_vip", name), f"XDP edge per-VIP {name}",
+                            labels=labels)
+                    fam.add_metric(values, value)
+            yield from per_vip.values()
 
     def _xds(self) -> Iterator[Any]:
         state = self.agent.xds_state() if callable(self.agent.xds_state) else None

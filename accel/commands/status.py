@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from accel.commands.common import add_json_arg, fail, print_json, print_table
@@ -37,6 +38,18 @@ def _ago(t: float | None) -> str:
     return f"{time.time() - t:.0f}s ago" if t else "never"
 
 
+def _edge(edge: dict) -> str:
+    parts = []
+    for k, v in edge.items():
+        if isinstance(v, list):
+            parts.append(f"{k}={len(v)}")  # per-VIP detail: `accel status --json`
+        elif isinstance(v, dict):
+            parts.append(f"{k}={json.dumps(v, separators=(',', ':'))}")
+        else:
+            parts.append(f"{k}={v}")
+    return ", ".join(parts) or "on"
+
+
 def run(args: argparse.Namespace) -> int:
     from accel.api import client
 
@@ -55,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
         ["last error", st["last_error"] or "-"],
         ["uptime", f"{st['uptime_s']:.0f}s"],
         ["pin dir", st["pin_dir"]],
+        ["maps", ", ".join(f"{n} {u['used']}/{u['capacity']}" for n, u in st["maps"].items())
+         or "-"],
         ["cgroup", st["cgroup"]],
-        ["edge", "off" if st["edge"] is None else
-         ", ".join(f"{k}={v}" for k, v in st["edge"].items()) or "on"],
+        ["edge", "off" if st["edge"] is None else _edge(st["edge"])],
     ]
     xds = st["xds"]
     if xds is not None:

@@ -113,8 +113,23 @@ class EdgeStatus(_message.Message):
     details: _struct_pb2.Struct
     def __init__(self, enabled: _Optional[bool] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
+class MapUsage(_message.Message):
+    __slots__ = ("used", "capacity")
+    USED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    used: int
+    capacity: int
+    def __init__(self, used: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge")
+    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps")
+    class MapsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MapUsage
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MapUsage, _Mapping]] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +142,7 @@ class GetStatusResponse(_message.Message):
     CGROUP_FIELD_NUMBER: _ClassVar[int]
     XDS_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
     version: str
     source: str
     config_version: str
@@ -139,7 +155,8 @@ class GetStatusResponse(_message.Message):
     cgroup: str
     xds: XdsStatus
     edge: EdgeStatus
-    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ...) -> None: ...
+    maps: _containers.MessageMap[str, MapUsage]
+    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()
@@ -165,6 +182,42 @@ class ServiceCounters(_message.Message):
     no_backend: int
     def __init__(self, connects: _Optional[int] = ..., no_backend: _Optional[int] = ...) -> None: ...
 
+class EdgeVipCounters(_message.Message):
+    __slots__ = ("service", "vip", "port", "protocol", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    vip: str
+    port: int
+    protocol: str
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, service: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class EdgeStats(_message.Message):
+    __slots__ = ("counters", "vips")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    counters: _containers.ScalarMap[str, int]
+    vips: _containers.RepeatedCompositeFieldContainer[EdgeVipCounters]
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., vips: _Optional[_Iterable[_Union[EdgeVipCounters, _Mapping]]] = ...) -> None: ...
+
 class GetStatsResponse(_message.Message):
     __slots__ = ("global_counters", "services", "edge")
     class GlobalCountersEntry(_message.Message):
@@ -181,20 +234,13 @@ class GetStatsResponse(_message.Message):
         key: str
         value: ServiceCounters
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ServiceCounters, _Mapping]] = ...) -> None: ...
-    class EdgeEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: int
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     GLOBAL_COUNTERS_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
     global_counters: _containers.ScalarMap[str, int]
     services: _containers.MessageMap[str, ServiceCounters]
-    edge: _containers.ScalarMap[str, int]
-    def __init__(self, global_counters: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Mapping[str, ServiceCounters]] = ..., edge: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    edge: EdgeStats
+    def __init__(self, global_counters: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Mapping[str, ServiceCounters]] = ..., edge: _Optional[_Union[EdgeStats, _Mapping]] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("kinds",)
