@@ -368,3 +368,33 @@ def test_a_full_size_table_goes_through(env, agent):
     listed = client.list_services(env.socket)
     assert listed["config_version"] == "full" and len(listed["services"]) == 10_000
     assert sum(len(x["endpoints"]) for x in listed["services"]) == 100_000
+
+
+def test_watch_events_client_and_graceful_stop(env, agent):
+    """The client's event iterator sees changes, and ends (no hang) when the agent stops."""
+    import time
+
+    from accel.api import client
+
+    events = client.watch_events(env.socket)
+    assert next(events)["kind"] == "watching"
+    client.apply_config({"services": []}, version="empty-1", socket_path=env.socket)
+    ev = next(events)
+    assert (ev["kind"], ev["version"]) == ("applied", "empty-1")
+
+    rest: list = []
+    done = threading.Event()
+
+    def drain() -> None:
+        try:
+            rest.extend(events)
+        except client.AgentUnavailable:
+            pass
+        done.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    started = time.monotonic()
+    agent.stop()
+    assert agent.proc.returncode == 0, agent.output
+    assert done.wait(5) and time.monotonic() - started < 8
+    assert "agent stopped" in agent.output and not os.path.exists(env.socket)
