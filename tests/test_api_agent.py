@@ -398,3 +398,22 @@ def test_watch_events_client_and_graceful_stop(env, agent):
     assert agent.proc.returncode == 0, agent.output
     assert done.wait(5) and time.monotonic() - started < 8
     assert "agent stopped" in agent.output and not os.path.exists(env.socket)
+
+
+def test_a_table_beyond_capacity_is_resource_exhausted_and_changes_nothing(env):
+    env.agent(MESH, "--capacity", "services=3")
+    s = stub(env.socket)
+    before = s.ListServices(pb.ListServicesRequest(), timeout=10)
+    four = pb.ServiceTable(services=[
+        pb.Service(name=f"s{i}", vip=f"10.96.5.{i + 1}", port=80,
+                   endpoints=[pb.Endpoint(address=f"10.200.5.{i + 1}", port=80)])
+        for i in range(4)])
+    for validate_only in (True, False):
+        with pytest.raises(grpc.RpcError) as e:
+            s.ApplyConfig(pb.ApplyConfigRequest(table=four, validate_only=validate_only),
+                          timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "capacity of 3" in e.value.details(), e.value.details()
+    assert s.ListServices(pb.ListServicesRequest(), timeout=10) == before
+    st = s.GetStatus(pb.GetStatusRequest(), timeout=10)
+    assert st.rejected == 1 and "capacity" in st.last_error and st.config_version == "file-1"
