@@ -132,3 +132,53 @@ def test_stop_without_keep_falls_back_to_tcp_without_loss(lab, pin_dir, test_cgr
             for p in pumps:
                 p.stop()
                 p.sock.close()
+
+
+def test_upgrade_leaves_no_window_for_new_connections(lab, pin_dir, test_cgroup, tmp_path):
+    """Agents replaced one after another (--keep each): every connect() to the VIP made
+    meanwhile is balanced (a moment without the connect program would send it to a VIP
+    nobody answers) and paired."""
+    client, server = lab.pods
+    cfg = write_config(tmp_path, [server])
+    agent = start_agent(cfg, pin_dir, test_cgroup, "--keep")
+    stop = threading.Event()
+    failures: list[str] = []
+    done = [0]
+
+    def dial() -> None:
+        while not stop.is_set():
+            try:
+                with connect(client, "10.96.0.1", 80, timeout=2) as s:
+                    s.sendall(b"ping")
+                    if s.recv(4) != b"ping":
+                        failures.append("bad echo")
+                done[0] += 1
+            except OSError as e:
+                failures.append(repr(e))
+
+    with EchoServer(server, 8080):
+        t = threading.Thread(target=dial)
+        t.start()
+        try:
+            for _ in range(3):
+                agent.send_signal(signal.SIGTERM)
+                assert agent.wait(timeout=30) == 0
+                agent = start_agent(cfg, pin_dir, test_cgroup, "--keep")
+                time.sleep(0.3)
+        finally:
+            stop.set()
+            t.join(timeout=30)
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=30)
+            subprocess_uninstall(pin_dir)
+    assert not failures, failures[:5]
+    assert done[0] > 50
+    assert_no_trace(pin_dir, test_cgroup)
+
+
+def subprocess_uninstall(pin_dir: str) -> None:
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "accel.cli", "uninstall", "--pin-dir", pin_dir],
+                   check=True, capture_output=True, timeout=60)
