@@ -484,6 +484,24 @@ def test_replies_leave_from_the_vip(dp, vip, ep, client, proto):
     assert prog_test_run(dp.tc_fd, other).data == other
 
 
+def test_pinned_counters_are_readable_without_the_agent(dp):
+    from accel.datapath.edge import open_pinned
+
+    dp.apply(ServiceTable.of([svc("web", "10.96.0.1", 80, eps("10.1.0.1"))]))
+    xdp(dp, frame("192.0.2.80", "10.96.0.1", flags="S"))
+    reader = open_pinned(dp.pin_dir)
+    try:
+        mine, theirs = dp.counters(), reader.counters()
+        assert theirs["global"] == mine["global"]
+        assert [{**r, "service": ""} for r in mine["vips"]] == theirs["vips"]
+        assert theirs["vips"][0]["vip"] == "10.96.0.1" and theirs["vips"][0]["packets"] == 1
+    finally:
+        reader.close()
+    # The reader left the agent's maps alone.
+    assert backend_of(dp, "192.0.2.80", 40000) == "10.1.0.1"
+    assert open_pinned(f"/sys/fs/bpf/he-none-{secrets.token_hex(3)}") is None
+
+
 # ---- lifecycle ----------------------------------------------------------------------------
 
 

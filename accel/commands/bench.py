@@ -92,6 +92,10 @@ def register_edge(bsub: argparse._SubParsersAction) -> None:
                    help="BPF_PROG_TEST_RUN repeats per round (default 1000000)")
     p.add_argument("--rounds", type=int, default=7, help="rounds per case; the median is kept")
     p.add_argument("--maglev-size", type=int, default=65537, help="ring size (a prime)")
+    p.add_argument("--no-lab", action="store_true",
+                   help="skip the lab traffic run (edge vs iptables DNAT through namespaces)")
+    p.add_argument("--lab-seconds", type=float, default=2.0,
+                   help="duration of each lab workload (default 2)")
     p.set_defaults(func=run_edge)
 
 
@@ -113,6 +117,11 @@ def run_edge(args: argparse.Namespace) -> int:
         result = edge.run(repeat=args.repeat, rounds=args.rounds, maglev_size=args.maglev_size)
     except Exception as e:  # noqa: BLE001 - a benchmark that cannot run says why and fails
         return fail(f"bench edge: {e}")
+    if not args.no_lab:
+        try:
+            result["lab"] = edge.run_lab(args.lab_seconds, args.maglev_size)
+        except Exception as e:  # noqa: BLE001 - the packet figures stand without it
+            result["lab_error"] = str(e)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -120,4 +129,10 @@ def run_edge(args: argparse.Namespace) -> int:
     print(", ".join(f"{k}={v}" for k, v in result["env"].items()))
     cols = list(result["cases"][0])
     print_table([[c[k] for k in cols] for c in result["cases"]], cols)
+    if result.get("lab"):
+        print()
+        cols = list(result["lab"][0])
+        print_table([[c.get(k) for k in cols] for c in result["lab"]], cols)
+    if result.get("lab_error"):
+        print(f"lab run failed: {result['lab_error']}")
     return 0

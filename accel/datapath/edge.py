@@ -351,6 +351,7 @@ class EdgeDatapath:
         self._tx_refs: dict[int, int] = {}
         self._free_tx = deque(range(tx_max))
         self._legacy: dict | None = None
+        self._readonly = False
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -405,10 +406,12 @@ class EdgeDatapath:
             return
         from bcc import BPF
 
-        if not self.pin_dir.exists():
-            self.pin_dir.mkdir(parents=True)
-            self._made_pin_dir = True
-        self._drop_stale_pins()
+        self._readonly = readonly
+        if not readonly:
+            if not self.pin_dir.exists():
+                self.pin_dir.mkdir(parents=True)
+                self._made_pin_dir = True
+            self._drop_stale_pins()
         cflags = self.cflags()
         try:
             self._xdp = BPF(src_file=str(BPF_DIR / "edge_xdp.c").encode(), cflags=cflags)
@@ -584,7 +587,7 @@ class EdgeDatapath:
             if b is not None:
                 b.cleanup()
         self._xdp = self._tc = None
-        if unpin:
+        if unpin and not self._readonly:
             self._unpin()
             try:
                 self.pin_dir.rmdir()  # only when nothing else is pinned there
