@@ -408,6 +408,26 @@ def test_established_flows_keep_their_backend_as_backends_come_and_go(dp):
     assert glob(dp, "repick") >= moved
 
 
+def test_compact_cleans_slots_no_flow_needs_and_keeps_flows(dp):
+    base = ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
+    table = lambda addrs: ServiceTable.of([svc("web", "10.96.0.1", 80, eps(*addrs))])  # noqa: E731
+    dp.apply(table(base))
+    flows = {s: backend_of(dp, "198.19.3.1", s, flags="S") for s in range(5000, 5300)}
+    dp.apply(table(base + ["10.1.0.4"]))
+    dirty = dp.status()["vips"][0]["dirty_slots"]
+    assert dirty > 0.15 * dp.maglev_size  # about a quarter of the slots changed owner
+    cleaned = dp.compact()
+    left = dp.status()["vips"][0]["dirty_slots"]
+    assert cleaned == dirty - left and left <= 150  # only the slots of moved flows stay dirty
+    for s, b in flows.items():
+        assert backend_of(dp, "198.19.3.1", s) == b
+    # Once the flow table has forgotten them, every slot comes clean.
+    dp.table("edge_conns").clear()
+    dp.compact()
+    assert dp.status()["vips"][0]["dirty_slots"] == 0
+    assert backend_of(dp, "198.19.3.2", 1, flags="S") in base + ["10.1.0.4"]
+
+
 def test_unhealthy_endpoint_drains(dp):
     def table(healthy: bool):
         return ServiceTable.of([svc("web", "10.96.0.1", 80, [

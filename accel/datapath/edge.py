@@ -945,6 +945,64 @@ class EdgeDatapath:
                 out.append(names[bid])
         return out[: self.maglev_size]
 
+    def compact(self) -> int:
+        """Clear the dirty bits no recorded flow needs; returns how many slots came clean.
+
+        A dirty slot sends TCP through the flow table. It can go clean once every
+        recorded flow on it uses the slot's current backend (or a backend that is
+        gone, whose flows pick again anyway). Call it now and then from the thread
+        that calls apply(): each changed VIP gets a new ring, written before it flips.
+        """
+        self.load()
+        by_key = {k: v for k, v in self._vips.items() if v.dirty is not None and any(v.dirty)}
+        if not by_key:
+            return 0
+        need: dict[tuple, set[int]] = {k: set() for k in by_key}
+        live = {
+            (k, b.id): (b.gen, _ep_name(b.addr, b.port))
+            for k, v in by_key.items() for b in v.backends.values()
+        }
+        for fk, cv in self._flows():
+            key = (self._get_addr(fk.dst), socket.ntohs(fk.dport), PROTO_NAMES.get(fk.proto, ""))
+            vip = by_key.get(key)
+            if vip is None:
+                continue
+            slot = flow_slot(self._get_addr(fk.src), socket.ntohs(fk.sport), key[1],
+                             self.maglev_size)
+            if not vip.dirty[slot]:
+                continue
+            gen_name = live.get((key, cv.backend))
+            if gen_name is None or gen_name[0] != cv.gen:
+                continue  # its backend is gone: it picks again whatever the bit says
+            if gen_name[1] != vip.owners[slot]:
+                need[key].add(slot)
+        cleaned = 0
+        for key, vip in by_key.items():
+            dirty = bytearray(self.maglev_size)
+            for slot in need[key]:
+                dirty[slot] = 1
+            gained = sum(vip.dirty) - len(need[key])
+            if gained <= 0:
+                continue
+            ids = {_ep_name(b.addr, b.port): b.id for b in vip.backends.values()}
+            cells = [(ids[o] if o is not None else 0) | (d << 31)
+                     for o, d in zip(vip.owners, dirty, strict=True)]
+            new_ring = self._free_rings.popleft()
+            self._put_ring(new_ring, cells)
+            self._write_vip(self._vip_slot(key, insert=True), key, vip.id, new_ring, VIP_LIVE)
+            self._free_rings.append(vip.ring)
+            vip.ring = new_ring
+            vip.dirty = dirty
+            cleaned += gained
+        return cleaned
+
+    def _flows(self):
+        t = self.table("edge_conns")
+        try:
+            yield from t.items_lookup_batch()
+        except Exception:  # kernels without batch ops
+            yield from t.items()
+
     def refresh(self) -> int:
         """Re-resolve every backend's next hop; returns how many changed.
 
