@@ -17,6 +17,19 @@ ring into a spare ring slot, then the VIP entry flips to it, and only then are
 removed backends invalidated. Endpoints marked unhealthy leave the ring but
 their established flows stay (draining); removed endpoints lose their flows,
 which pick again from the ring.
+
+The fast path. Every new flow (SYN, UDP, or a flow the table does not know) is
+recorded in edge_conns, but a TCP segment on a ring slot whose owner never
+changed takes the ring's answer without that lookup: no flow there ever went
+elsewhere. Slots that changed owner are marked dirty and consult the table;
+`compact()` (call it periodically, with `refresh()`) clears the bits no
+recorded flow needs any more.
+
+Limits: replies are given the VIP back on the edge interface's egress, so they
+must leave through it (the route back to the client); ICMP errors about a
+balanced flow are not translated; IP fragments, IPv6 extension headers and
+NAT46 are left to the kernel; a redirected packet keeps its TTL. Call every
+method from one thread (the agent's lock).
 """
 
 from __future__ import annotations
