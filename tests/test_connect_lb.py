@@ -12,7 +12,8 @@ import time
 import pytest
 
 from accel.model import Endpoint, Service, ServiceTable
-from tests.traffic import EchoServer, connect, roundtrip
+from tests import traffic
+from tests.traffic import EchoServer, connect, named_servers, roundtrip
 
 VIP = "10.96.0.10"
 
@@ -21,18 +22,8 @@ def table(*eps, vip=VIP, port=80, proto="TCP", name="web") -> ServiceTable:
     return ServiceTable((Service(name, vip, port, proto, endpoints=tuple(eps)),))
 
 
-def served_by(lab_pods, port=8080, n=None):
-    return [EchoServer(p, port, reply_prefix=p.name.encode() + b"|") for p in lab_pods[:n]]
-
-
 def who(client, host=VIP, port=80, family=socket.AF_INET) -> str:
-    with connect(client, host, port, family) as s:
-        s.sendall(b"?")
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-    return data.split(b"|")[0].decode()
+    return traffic.who(client, host, port, family)
 
 
 def test_weighted_balance_getpeername_and_fast_path(lab_factory, datapath):
@@ -41,7 +32,7 @@ def test_weighted_balance_getpeername_and_fast_path(lab_factory, datapath):
     weights = [1, 2, 5]
     datapath.apply(table(*(Endpoint(p.ip, 8080, w) for p, w in zip(backends, weights,
                                                                    strict=True))))
-    servers = served_by(backends)
+    servers = named_servers(backends)
     try:
         n = 1600
         hits = collections.Counter(who(client) for _ in range(n))
@@ -114,7 +105,7 @@ def test_change_steers_new_connections_existing_continue(lab_factory, datapath):
     lab = lab_factory(3)
     client, old, new = lab.pods
     datapath.apply(table(Endpoint(old.ip, 8080)))
-    servers = served_by([old, new])
+    servers = named_servers([old, new])
     try:
         held = connect(client, VIP, 80)
         held.sendall(b"x" * 1000)
@@ -142,7 +133,7 @@ def test_make_before_break_under_churn(lab_factory, datapath):
     client, *backends = lab.pods
     sets = [[backends[0], backends[1]], [backends[1], backends[2]], [backends[2]]]
     datapath.apply(table(*(Endpoint(p.ip, 8080) for p in sets[0])))
-    servers = served_by(backends)
+    servers = named_servers(backends)
     stop = threading.Event()
     flips = [0]
 

@@ -14,7 +14,7 @@ import pytest
 from accel.agent import Agent
 from accel.model import Endpoint, Service, ServiceTable
 from tests.test_reliability_restart import Pump
-from tests.traffic import EchoServer, connect
+from tests.traffic import connect, named_servers
 
 pytestmark = pytest.mark.reliability
 VIP = "10.96.3.1"
@@ -30,7 +30,7 @@ def test_endpoint_churn_100_per_second(lab_factory, datapath):
             Endpoint(p.ip, 8080) for p in [stable, *members])),))
 
     agent.apply_table(table(flapping))
-    servers = [EchoServer(p, 8080, reply_prefix=p.name.encode() + b"|") for p in lab.pods[1:]]
+    servers = named_servers(lab.pods[1:])
     # Long-lived connections to every endpoint, made before the churn starts.
     drains = [Pump(connect(client, VIP, 80, timeout=30), i, prefixed=True) for i in range(6)]
     stop = threading.Event()

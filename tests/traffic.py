@@ -178,3 +178,20 @@ def cpu_hog(n: int | None = None):
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+
+
+def named_servers(pods, port: int = 8080) -> list[EchoServer]:
+    """Echo servers that answer "<pod name>|" first: who() tells which endpoint answered."""
+    return [EchoServer(p, port, reply_prefix=p.name.encode() + b"|") for p in pods]
+
+
+def who(pod: Pod, host: str, port: int = 80, family: int = socket.AF_INET,
+        timeout: float = 10) -> str:
+    """Connect, send a byte, read to EOF: the name of the pod whose named server answered."""
+    with connect(pod, host, port, family, timeout=timeout) as s:
+        s.sendall(b"?")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.split(b"|")[0].decode()
