@@ -7,14 +7,17 @@ is a table the datapath can load. Errors name the service and the field.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PROTOCOLS = ("TCP", "UDP")
 MAX_WEIGHT = 65535
+T = TypeVar("T")
 
 
 class ValidationError(ValueError):
@@ -74,7 +77,8 @@ def check_name(value: object, path: str) -> str:
 def mapped(addr: IPAddress) -> ipaddress.IPv6Address:
     """IPv4 as v4-mapped IPv6: the datapath keys every address as 16 bytes."""
     if isinstance(addr, ipaddress.IPv4Address):
-        return ipaddress.IPv6Address("::ffff:" + str(addr))
+        # ::ffff:a.b.c.d by arithmetic: a string round trip costs seconds at 100,000 endpoints.
+        return ipaddress.IPv6Address(0xFFFF_0000_0000 | int(addr))
     return addr
 
 
@@ -132,6 +136,22 @@ class Service:
     def usable_endpoints(self) -> tuple[Endpoint, ...]:
         return tuple(ep for ep in self.endpoints if ep.healthy)
 
+    def canonical(self) -> Service:
+        """Endpoints in a fixed order: two services that mean the same compare equal."""
+        return Service(self.name, self.vip, self.port, self.protocol,
+                       tuple(sorted(self.endpoints, key=_endpoint_order)), self.edge)
+
+    def derived(self, key: str, make: Callable[[Service], T]) -> T:
+        """`make(self)`, computed once per Service object (slot runs, address sets): a service
+        is immutable, so a table that reuses unchanged Service objects costs nothing to
+        re-derive. The cache lives beside the fields, out of equality and hashing."""
+        cache: dict[str, Any] = self.__dict__.setdefault("_derived", {})
+        try:
+            return cache[key]
+        except KeyError:
+            value = cache[key] = make(self)
+            return value
+
 
 @dataclass(frozen=True)
 class Guard:
@@ -150,29 +170,50 @@ class Guard:
 
 
 @dataclass(frozen=True)
+class TableDelta:
+    """The services two tables do not share, as objects: `added` are in the new table but not
+    (as that very object) in the old one, `removed` the reverse; a service replaced under its
+    name is in both. Map writers apply these alone and skip everything else."""
+
+    added: tuple[Service, ...] = ()
+    removed: tuple[Service, ...] = ()
+
+
+_NO_BASE: tuple[Callable[[], ServiceTable | None] | None, TableDelta] = (None, TableDelta())
+
+
+@dataclass(frozen=True)
 class ServiceTable:
     services: tuple[Service, ...] = ()
     # Extra prefixes whose sockets count as mesh sockets (pod CIDRs, loopback for sidecar hops).
     mesh_cidrs: tuple[IPNetwork, ...] = ()
     guard: Guard = field(default_factory=Guard)
 
+    # Out of equality and repr: the indexes validation builds anyway, kept so that derive()
+    # validates only what changes (name -> position; (vip, port, protocol) -> name), and for
+    # a derived table the table it came from (weakly: no chain of old tables) and the change.
+    _index: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _keys: dict[tuple[IPAddress, int, str], str] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    _base: tuple[Callable[[], ServiceTable | None] | None, TableDelta] = field(
+        default=_NO_BASE, init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", tuple(self.services))
         object.__setattr__(self, "mesh_cidrs", tuple(self.mesh_cidrs))
         names: dict[str, int] = {}
         keys: dict[tuple[IPAddress, int, str], str] = {}
-        for svc in self.services:
+        for i, svc in enumerate(self.services):
             where = f"services[{svc.name}]"
             if svc.name in names:
                 raise ValidationError(where, "duplicate service name")
-            names[svc.name] = 1
+            names[svc.name] = i
             if svc.key in keys:
-                raise ValidationError(
-                    where,
-                    f"{svc.vip}:{svc.port}/{svc.protocol} is already used by service "
-                    f"{keys[svc.key]!r}",
-                )
+                raise ValidationError(where, _key_clash(svc, keys[svc.key]))
             keys[svc.key] = svc.name
+        object.__setattr__(self, "_index", names)
+        object.__setattr__(self, "_keys", keys)
+        object.__setattr__(self, "_base", _NO_BASE)
 
     @classmethod
     def of(cls, services: Iterable[Service], **kw: object) -> ServiceTable:
@@ -180,6 +221,117 @@ class ServiceTable:
 
     def by_name(self) -> dict[str, Service]:
         return {s.name: s for s in self.services}
+
+    def get(self, name: str) -> Service | None:
+        i = self._index.get(name)
+        return None if i is None else self.services[i]
+
+    def derive(
+        self,
+        upsert: Iterable[Service] = (),
+        remove: Iterable[str] = (),
+        mesh_cidrs: Iterable[IPNetwork] | None = None,
+        guard: Guard | None = None,
+    ) -> ServiceTable:
+        """This table with services added or replaced (by name) and removed (by name),
+        validating only those against the rest: one changed service among 10,000 costs
+        microseconds instead of a full validation. Services keep their places; new ones come
+        last. Raises ValidationError, like the constructor, on a name or VIP:port clash."""
+        services: list[Service | None] = list(self.services)
+        index: dict[str, int] = dict(self._index)
+        keys: dict[tuple[IPAddress, int, str], str] = dict(self._keys)
+        added: list[Service] = []
+        removed: list[Service] = []
+        holes = False
+        for name in remove:
+            i = index.pop(name, None)
+            if i is not None:
+                holes = True
+                old = services[i]
+                assert old is not None
+                services[i] = None
+                del keys[old.key]
+                removed.append(old)
+        new = list(upsert)
+        seen: set[str] = set()
+        for svc in new:  # first free the keys of replaced services: two may swap VIPs
+            if svc.name in seen:
+                raise ValidationError(f"services[{svc.name}]", "duplicate service name")
+            seen.add(svc.name)
+            i = index.get(svc.name)
+            old = services[i] if i is not None else None
+            if old is not None and old is not svc:
+                del keys[old.key]
+        for svc in new:
+            i = index.get(svc.name)
+            old = services[i] if i is not None else None
+            if old is svc:
+                continue
+            if svc.key in keys:
+                raise ValidationError(f"services[{svc.name}]", _key_clash(svc, keys[svc.key]))
+            keys[svc.key] = svc.name
+            if i is None:
+                index[svc.name] = len(services)
+                services.append(svc)
+            else:
+                assert old is not None
+                services[i] = svc
+                removed.append(old)
+            added.append(svc)
+        kept: tuple[Service, ...]
+        if holes:  # removals shift positions: one pass, only when something went
+            kept = tuple(s for s in services if s is not None)
+            index = {s.name: i for i, s in enumerate(kept)}
+        else:
+            kept = tuple(services)  # type: ignore[arg-type]
+        table = object.__new__(ServiceTable)
+        object.__setattr__(table, "services", kept)
+        object.__setattr__(table, "mesh_cidrs",
+                           self.mesh_cidrs if mesh_cidrs is None else tuple(mesh_cidrs))
+        object.__setattr__(table, "guard", self.guard if guard is None else guard)
+        object.__setattr__(table, "_index", index)
+        object.__setattr__(table, "_keys", keys)
+        object.__setattr__(table, "_base",
+                           (weakref.ref(self), TableDelta(tuple(added), tuple(removed))))
+        return table
+
+    def delta(self, old: ServiceTable | None) -> TableDelta:
+        """The services this table does not share with `old` (None: all of them are new), by
+        object identity. Free when this table was derived from `old`; otherwise one pass."""
+        if old is None:
+            return TableDelta(self.services, ())
+        if old is self:
+            return TableDelta()
+        ref, d = self._base
+        if ref is not None and ref() is old:
+            return d
+        mine: dict[str, int] = self._index
+        theirs: dict[str, int] = old._index
+        added = tuple(s for s in self.services
+                      if (i := theirs.get(s.name)) is None or old.services[i] is not s)
+        removed = tuple(s for s in old.services
+                        if (i := mine.get(s.name)) is None or self.services[i] is not s)
+        return TableDelta(added, removed)
+
+    def equivalent(self, other: ServiceTable) -> bool:
+        """Same as canonical() == other.canonical(), but only the services the two tables do
+        not share are canonicalised."""
+        if self is other:
+            return True
+        if len(self.services) != len(other.services) or \
+                self._settings() != other._settings():
+            return False
+        d = self.delta(other)
+        return {s.name: s.canonical() for s in d.added} == \
+            {s.name: s.canonical() for s in d.removed}
+
+    def _settings(self) -> tuple[tuple[IPNetwork, ...], Guard]:
+        def order(n: IPNetwork) -> tuple[int, str]:
+            return (n.version, str(n))
+
+        g = self.guard
+        return (tuple(sorted(self.mesh_cidrs, key=order)),
+                Guard(tuple(sorted(g.deny, key=order)), g.syn_rate, g.syn_burst))
 
     def endpoint_addresses(self) -> set[IPAddress]:
         return {ep.address for s in self.services for ep in s.endpoints}
@@ -189,22 +341,10 @@ class ServiceTable:
 
     def canonical(self) -> ServiceTable:
         """Order-independent form: two tables that mean the same compare equal."""
-        services = tuple(
-            sorted(
-                (
-                    Service(s.name, s.vip, s.port, s.protocol,
-                            tuple(sorted(s.endpoints, key=_endpoint_order)), s.edge)
-                    for s in self.services
-                ),
-                key=lambda s: s.name,
-            )
-        )
-        return ServiceTable(
-            services=services,
-            mesh_cidrs=tuple(sorted(self.mesh_cidrs, key=lambda n: (n.version, str(n)))),
-            guard=Guard(
-                tuple(sorted(self.guard.deny, key=lambda n: (n.version, str(n)))),
-                self.guard.syn_rate,
-                self.guard.syn_burst,
-            ),
-        )
+        services = tuple(sorted((s.canonical() for s in self.services), key=lambda s: s.name))
+        cidrs, guard = self._settings()
+        return ServiceTable(services=services, mesh_cidrs=cidrs, guard=guard)
+
+
+def _key_clash(svc: Service, other: str) -> str:
+    return f"{svc.vip}:{svc.port}/{svc.protocol} is already used by service {other!r}"
