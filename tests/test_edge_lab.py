@@ -229,3 +229,32 @@ def test_edge_balances_keeps_flows_and_guards(edge_lab):
                         capture_output=True, text=True).stdout
     assert "clsact" not in tc
     time.sleep(0)
+
+
+def test_attach_refuses_a_foreign_xdp_program_and_replaces_its_own(edge_lab):
+    from bcc import BPF
+
+    from accel.datapath.edge import EdgeError
+
+    lab, ext, iface = edge_lab
+    other = BPF(text="int someone_else(struct xdp_md *ctx) { return XDP_PASS; }")
+    fn = other.load_func(b"someone_else", BPF.XDP)
+    in_netns(lab.node, lambda: BPF.attach_xdp(iface, fn, 0))
+    dp = EdgeDatapath(iface, f"/sys/fs/bpf/{lab.prefix}-edge", 16411, max_vips=4)
+    try:
+        with pytest.raises(EdgeError, match="someone_else"):
+            in_netns(lab.node, dp.attach)
+        out = subprocess.run(["ip", "netns", "exec", lab.node, "ip", "-d", "link", "show", iface],
+                             capture_output=True, text=True).stdout
+        assert "someone_else" in out  # untouched
+        in_netns(lab.node, lambda: BPF.remove_xdp(iface, 0))
+        # An earlier agent's program (ours) is replaced: a restart must not need cleanup.
+        first = in_netns(lab.node, dp.attach)
+        again = EdgeDatapath(iface, f"/sys/fs/bpf/{lab.prefix}-edge", 16411, max_vips=4)
+        try:
+            assert in_netns(lab.node, again.attach) == first
+        finally:
+            in_netns(lab.node, again.close)
+    finally:
+        in_netns(lab.node, dp.close)
+        other.cleanup()

@@ -37,12 +37,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import json
 import logging
 import operator
 import os
 import re
 import secrets
 import socket
+import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -505,6 +507,12 @@ class EdgeDatapath:
         self.load()
         from bcc import BPF
 
+        foreign = self._attached_xdp()
+        if foreign and foreign != "edge_xdp":
+            raise EdgeError(
+                f"{self.iface} already runs XDP program {foreign!r}: detach it first "
+                f"(ip link set dev {self.iface} xdp off) or pick another interface"
+            )
         tries = {"auto": ("native", "generic"), "native": ("native",), "generic": ("generic",)}
         errors = []
         for m in tries[mode]:
@@ -527,6 +535,18 @@ class EdgeDatapath:
             raise
         log.info("edge: XDP %s on %s, reverse NAT on its egress", self.mode, self.iface)
         return self.mode
+
+    def _attached_xdp(self) -> str | None:
+        """Name of the XDP program on the interface now (ours from an earlier agent is fine)."""
+        try:
+            out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", self.iface],
+                                 capture_output=True, text=True, check=True).stdout
+            xdp = json.loads(out)[0].get("xdp") or {}
+        except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+            return None
+        progs = [a.get("prog", {}) for a in xdp.get("attached", [])] or [xdp.get("prog", {})]
+        names = [p.get("name") for p in progs if p]
+        return names[0] if names else None
 
     def _attach_tc(self) -> None:
         from pyroute2 import IPRoute
