@@ -103,9 +103,12 @@ def run(args: argparse.Namespace) -> int:
             from accel.datapath.edge import EdgeDatapath
 
             edge = EdgeDatapath(args.edge_iface, pin_dir=dp.pin_dir, maglev_size=args.maglev_size)
-            edge.attach()
-            stoppers.append(edge.close)
+            mode = edge.attach()
+            log.info("edge balancer on %s (XDP %s mode)", args.edge_iface, mode)
+            if not args.keep:
+                stoppers.append(edge.close)
             agent.edge = edge
+            stoppers.append(_edge_housekeeping(agent, edge, stop))
         stoppers.extend(_start_source(args, agent, table))
         stoppers.extend(_start_api(args, agent))
         log.info("agent running (pin dir %s, cgroup %s); SIGTERM or Ctrl-C to stop",
@@ -125,6 +128,27 @@ def run(args: argparse.Namespace) -> int:
         dp.close(keep=args.keep)
         log.info("agent stopped%s", " (datapath kept)" if args.keep else ", datapath removed")
     return code
+
+
+def _edge_housekeeping(agent, edge, stop: threading.Event):
+    """Neighbours resolve and MACs move after a table is applied, and churn leaves ring
+    slots marked dirty: the edge needs a periodic refresh() and an occasional compact()."""
+
+    def loop() -> None:
+        ticks = 0
+        while not stop.wait(1.0):
+            ticks += 1
+            try:
+                with agent.lock:
+                    edge.refresh()
+                    if ticks % 10 == 0:
+                        edge.compact()
+            except Exception as e:  # never let housekeeping take the agent down
+                log.warning("edge housekeeping: %s", e)
+
+    t = threading.Thread(target=loop, name="edge-housekeeping", daemon=True)
+    t.start()
+    return lambda: t.join(timeout=5)
 
 
 def _start_source(args: argparse.Namespace, agent, table) -> list:
