@@ -159,3 +159,40 @@ def test_keep_then_restart_adopts(lab, pin_dir, test_cgroup, tmp_path):
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
     assert_no_trace(pin_dir, test_cgroup)
+
+
+def _xdp_prog(iface: str) -> str | None:
+    out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", iface],
+                         capture_output=True, text=True, check=True).stdout
+    xdp = json.loads(out)[0].get("xdp") or {}
+    progs = [a.get("prog", {}) for a in xdp.get("attached", [])] or [xdp.get("prog", {})]
+    return next((p.get("name") for p in progs if p), None)
+
+
+def test_uninstall_after_sigkill_removes_the_edge_too(pin_dir, test_cgroup, tmp_path, uid):
+    e0, e1 = f"ax{uid}e0", f"ax{uid}e1"
+    subprocess.run(["ip", "link", "add", e0, "type", "veth", "peer", "name", e1], check=True)
+    try:
+        for dev in (e0, e1):
+            subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+        cfg = tmp_path / "edge.yaml"
+        cfg.write_text("services:\n  - {name: web, vip: 10.96.9.1, port: 80, edge: true, "
+                       "endpoints: [{address: 10.200.9.11, port: 8080}]}\n")
+        agent = start_agent(cfg, pin_dir, test_cgroup, "--edge-iface", e0)
+        deadline = time.time() + 30
+        while _xdp_prog(e0) != "edge_xdp" and time.time() < deadline:
+            time.sleep(0.1)
+        assert _xdp_prog(e0) == "edge_xdp"
+        agent.kill()
+        agent.wait(timeout=10)
+        assert _xdp_prog(e0) == "edge_xdp"  # a killed agent leaves its datapath in place
+        r = subprocess.run([*ACCEL, "uninstall", "--pin-dir", pin_dir], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "xdp on" in r.stdout, r.stdout + r.stderr
+        assert _xdp_prog(e0) is None
+        tc = subprocess.run(["tc", "filter", "show", "dev", e0, "egress"], capture_output=True,
+                            text=True).stdout
+        assert "edge_tc" not in tc
+        assert_no_trace(pin_dir, test_cgroup)
+    finally:
+        subprocess.run(["ip", "link", "del", e0], capture_output=True)

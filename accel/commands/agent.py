@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             edge = EdgeDatapath(args.edge_iface, pin_dir=dp.pin_dir, maglev_size=args.maglev_size)
             mode = edge.attach()
             log.info("edge balancer on %s (XDP %s mode)", args.edge_iface, mode)
+            dp.record(edge_iface=args.edge_iface)
             if not args.keep:
                 stoppers.append(edge.close)
             agent.edge = edge

@@ -41,10 +41,16 @@ def run(args: argparse.Namespace) -> int:
     if state:
         detached = dpmod.detach_cgroup_programs(state.get("cgroup"),
                                                 set(state.get("prog_ids", {}).values()))
+    edge_done: list[str] = []
+    if state and state.get("edge_iface"):
+        from accel.datapath.edge import detach_from
+
+        edge_done = detach_from(state["edge_iface"])
     had_pins = os.path.isdir(pin_dir)
     dpmod.remove_pins(pin_dir)
     state_path.unlink(missing_ok=True)
     lock.unlink(missing_ok=True)
     print(f"uninstalled {pin_dir}: {len(detached)} cgroup programs detached, "
+          f"{', '.join(edge_done) + ' removed, ' if edge_done else ''}"
           f"pins {'removed' if had_pins else 'absent'}")
     return 0

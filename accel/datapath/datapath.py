@@ -91,6 +91,7 @@ class Datapath:
         self._mesh_nets: MeshNetsWriter | None = None
         self._services: ServiceWriter | None = None
         self._prog_ids: dict[str, int] = {}
+        self._state_extra: dict[str, Any] = {}
         self.cgroup: Path | None = None
         self.table: ServiceTable | None = None
         self.last_report: dict[str, WriteReport] = {}
@@ -212,6 +213,11 @@ class Datapath:
         except (OSError, ValueError):
             return None
 
+    def record(self, **extra: Any) -> None:
+        """Note more of what this agent attached (e.g. the edge interface) for uninstall."""
+        self._state_extra.update(extra)
+        self._write_state()
+
     def _write_state(self, **extra: Any) -> None:
         path = state_file(self.pin_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +228,7 @@ class Datapath:
             "prog_ids": self._prog_ids,
             "capacities": asdict(self.capacities),
             "pid": os.getpid(),
+            **self._state_extra,
             **extra,
         }))
         tmp.replace(path)  # readers never see a half-written file
@@ -246,6 +253,14 @@ class Datapath:
             self._state_services = len(table.services)
             self._write_state(services=len(table.services))
         return report
+
+    def usage_after(self, table: ServiceTable) -> dict[str, int]:
+        """Entries the maps hold once `table` is applied, for the capacity check: counted from
+        the change against what they hold now, so cheap for a table derived from the last."""
+        assert self._mesh_nets is not None and self._services is not None, "start() first"
+        return {"services": len(table.services),
+                "slots": self._services.slots_after(table),
+                "mesh_nets": self._mesh_nets.count_after(table)}
 
     def counters(self) -> dict[str, int]:
         return counters.read(self.pin_dir)
@@ -279,7 +294,8 @@ class Datapath:
             "mesh_nets": {"used": len(self._mesh_nets.current) if self._mesh_nets else 0,
                           "capacity": caps.mesh_nets},
             "services": {"used": len(svc), "capacity": caps.services},
-            "slots": {"used": sum(len(w.slots) for w in svc.values()), "capacity": caps.slots},
+            "slots": {"used": self._services.slots_used if self._services else 0,
+                      "capacity": caps.slots},
         }
 
     def pairing_entries(self) -> int:

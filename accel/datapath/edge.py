@@ -1173,6 +1173,35 @@ def open_pinned(pin_dir: str | os.PathLike) -> EdgeDatapath | None:
     return dp
 
 
+def detach_from(iface: str) -> list[str]:
+    """Remove what an edge left on `iface` (after a crash or --keep): our XDP program in
+    either mode and our tc egress filter. Another tool's programs are left alone."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    done = []
+    probe = EdgeDatapath.__new__(EdgeDatapath)
+    probe.iface = iface
+    if probe._attached_xdp() == "edge_xdp":
+        for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+            try:
+                BPF.remove_xdp(iface, flags)
+            except Exception:  # not attached in this mode
+                continue
+        done.append(f"xdp on {iface}")
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=iface)
+        if idx:
+            try:
+                ipr.tc("del-filter", "bpf", index=idx[0], handle=TC_HANDLE, parent=TC_EGRESS,
+                       prio=TC_PRIO)
+                done.append(f"tc egress filter on {iface}")
+            except NetlinkError:
+                pass
+    return done
+
+
 def _prime_for_rows(rows: int) -> int:
     for n in range(rows * 16, (rows - 1) * 16, -1):
         if maglev.is_prime(n):
