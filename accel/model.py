@@ -31,13 +31,29 @@ class ValidationError(ValueError):
 
 def parse_address(value: object, path: str) -> IPAddress:
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return value
+        return plain_address(value, path)
     if not isinstance(value, str) or not value:
         raise ValidationError(path, f"expected an IPv4 or IPv6 address, got {value!r}")
     try:
-        return ipaddress.ip_address(value.strip())
+        addr = ipaddress.ip_address(value.strip())
     except ValueError:
         raise ValidationError(path, f"{value!r} is not a valid IPv4 or IPv6 address") from None
+    return plain_address(addr, path)
+
+
+def plain_address(addr: IPAddress, path: str) -> IPAddress:
+    """One spelling per datapath key. The kernel keys every address as 16 bytes, so
+    ::ffff:10.0.0.1 and 10.0.0.1 are the same VIP or endpoint there: they must be the same
+    here too, or two services could share one map entry. A zone (fe80::1%eth0) is not part
+    of the key at all, so it cannot be honoured."""
+    if addr.version == 6:
+        if addr.scope_id:  # type: ignore[union-attr]
+            raise ValidationError(path, f"{addr} has a zone; the datapath matches addresses "
+                                  "only, not interfaces")
+        v4 = addr.ipv4_mapped  # type: ignore[union-attr]
+        if v4 is not None:
+            return v4
+    return addr
 
 
 def parse_network(value: object, path: str) -> IPNetwork:
