@@ -39,6 +39,7 @@ from accel.model import (
     Service,
     ServiceTable,
     ValidationError,
+    plain_address,
 )
 
 _PREFIX = "type.googleapis.com/"
@@ -398,6 +399,7 @@ def _socket_address(sa: address_pb2.SocketAddress, where: str,
         raise ValidationError(f"{where}.address", f"{sa.address!r} is not an IPv4 or IPv6 "
                               "address (hostnames need DNS, which meshaccel does not do)"
                               ) from None
+    addr = plain_address(addr, f"{where}.address")  # ::ffff:a.b.c.d is a.b.c.d in the kernel
     if vip and (addr.is_unspecified or addr.is_multicast):
         raise ValidationError(f"{where}.address", f"{addr} cannot be a service VIP")
     if not 1 <= sa.port_value <= 65535:
@@ -572,8 +574,10 @@ def _cluster_eds_name(c: cluster_pb2.Cluster) -> str | None:
         return c.eds_cluster_config.service_name or c.name
     if c.type in _STATIC_TYPES:
         return None
-    raise ValidationError(f"{where}.type", f"{cluster_pb2.Cluster.DiscoveryType.Name(c.type)} "
-                          "is not supported; use EDS or STATIC/STRICT_DNS with IP addresses")
+    # An open enum: a newer control plane may send a value this build has no name for.
+    kind = cluster_pb2.Cluster.DiscoveryType.DESCRIPTOR.values_by_number.get(c.type)
+    raise ValidationError(f"{where}.type", f"{kind.name if kind else c.type} is not supported; "
+                          "use EDS or STATIC/STRICT_DNS with IP addresses")
 
 
 def cluster_eds_names(clusters: Mapping[str, cluster_pb2.Cluster]) -> set[str]:
