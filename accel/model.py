@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -364,3 +364,18 @@ class ServiceTable:
 
 def _key_clash(svc: Service, other: str) -> str:
     return f"{svc.vip}:{svc.port}/{svc.protocol} is already used by service {other!r}"
+
+
+def endpoint_loops(services: Sequence[Service]) -> Iterator[tuple[Service, int, Service]]:
+    """(service, endpoint index, other service) for each endpoint that is another service's
+    VIP:port: a connection is balanced once, at connect(), so it would be sent on to a VIP
+    that no backend answers on (and two services naming each other would be a loop).
+    A service's own VIP:port is refused by Service itself."""
+    by_key = {s.key: s for s in services}
+    vips = {s.vip for s in services}
+    for svc in services:
+        for i, ep in enumerate(svc.endpoints):
+            if ep.address in vips:
+                other = by_key.get((ep.address, ep.port, svc.protocol))
+                if other is not None and other is not svc:
+                    yield svc, i, other
