@@ -19,6 +19,7 @@ from accel.model import (
     ServiceTable,
     ValidationError,
     check_name,
+    endpoint_loops,
     parse_network,
 )
 
@@ -118,6 +119,10 @@ def table_from_dict(doc: Any) -> ServiceTable:
     if not isinstance(raw_services, list):
         raise ValidationError("services", "expected a list of services")
     services = [parse_service(s, i) for i, s in enumerate(raw_services)]
+    for svc, i, other in endpoint_loops(services):
+        raise ValidationError(f"services[{svc.name}].endpoints[{i}]", f"{svc.endpoints[i]} is "
+                              f"the VIP:port of service {other.name!r}; endpoints must be "
+                              "backends, not VIPs")
     cidrs_raw = d.get("mesh_cidrs") or []
     if not isinstance(cidrs_raw, list):
         raise ValidationError("mesh_cidrs", "expected a list of CIDRs")

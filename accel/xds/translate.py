@@ -39,6 +39,7 @@ from accel.model import (
     Service,
     ServiceTable,
     ValidationError,
+    endpoint_loops,
     plain_address,
 )
 
@@ -251,6 +252,7 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
 
     eds: set[str] = set()
     services: list[Service] = []
+    origin: dict[str, tuple[str, str]] = {}  # service -> (its endpoints' resource, listener)
     for (f, cluster), name in zip(targets, _service_names(targets), strict=True):
         c = res.clusters.get(cluster)
         if c is None:
@@ -281,8 +283,17 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
             services.append(Service(name, f.vip, f.port, f.protocol, endpoints, f.edge))
         except ValidationError as e:
             raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
+        origin[name] = (where, f.listener)
 
     held = _hold(services, waiting, previous)
+    for svc, i, other in endpoint_loops(services + list(held)):
+        if svc.name not in origin:  # held at its last good definition: the new VIP is to blame
+            raise ValidationError(f"Listener[{origin[other.name][1]}].address", f"VIP:port "
+                                  f"{svc.endpoints[i]} is an endpoint of service {svc.name!r}")
+        via = f" (Listener[{origin[other.name][1]}])" if other.name in origin else ""
+        raise ValidationError(f"{origin[svc.name][0]} (service {svc.name!r}).endpoints[{i}]",
+                              f"{svc.endpoints[i]} is the VIP:port of service {other.name!r}"
+                              f"{via}; endpoints must be backends, not VIPs")
     cidrs, guard = memo.get("M", res.clusters[MESH_CLUSTER],
                             lambda: mesh_settings(res.clusters[MESH_CLUSTER])) \
         if MESH_CLUSTER in res.clusters else ((), Guard())
