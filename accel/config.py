@@ -72,7 +72,10 @@ def parse_endpoint(raw: Any, path: str) -> Endpoint:
 
 def parse_service(raw: Any, index: int) -> Service:
     where = f"services[{index}]"
-    if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"]:
+    # By name when it is one (a 64 KiB "name" would make every message, and the API's
+    # error trailer, 64 KiB long).
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"].strip() \
+            and len(raw["name"]) <= 253:
         where = f"services[{raw['name']}]"
     d = _mapping(raw, where, SERVICE_KEYS)
     _within(where, check_name, _required(d, "name", where), "name")
@@ -136,6 +139,8 @@ def load_text(text: str) -> ServiceTable:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValidationError("config", f"not valid YAML: {e}") from None
+    except RecursionError:  # PyYAML recurses per nesting level: [[[[...]]]] exhausts the stack
+        raise ValidationError("config", "nested too deeply to be a mesh.yaml") from None
     return table_from_dict(doc)
 
 
