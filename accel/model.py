@@ -87,6 +87,11 @@ def check_name(value: object, path: str) -> str:
         raise ValidationError(path, "a non-empty name is required")
     if len(value) > 253:
         raise ValidationError(path, "name is longer than 253 characters")
+    if not value.isascii():
+        try:  # YAML's "\ud800" makes a lone surrogate: no protobuf, log or label can carry it
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValidationError(path, f"{value!r} is not valid Unicode") from None
     return value
 
 
