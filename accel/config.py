@@ -72,11 +72,12 @@ def parse_endpoint(raw: Any, path: str) -> Endpoint:
 
 def parse_service(raw: Any, index: int) -> Service:
     where = f"services[{index}]"
-    # By name when it is one (a 64 KiB "name" would make every message, and the API's
-    # error trailer, 64 KiB long).
-    if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"].strip() \
-            and len(raw["name"]) <= 253:
-        where = f"services[{raw['name']}]"
+    # By name only when it is a valid one: a 64 KiB "name" would make every message (and the
+    # API's error trailer) 64 KiB long, a lone surrogate would make it unsendable.
+    try:
+        where = f"services[{check_name(raw.get('name'), '')}]"
+    except (ValidationError, AttributeError):
+        pass
     d = _mapping(raw, where, SERVICE_KEYS)
     _within(where, check_name, _required(d, "name", where), "name")
     protocol = str(d.get("protocol", "TCP")).upper()
