@@ -38,6 +38,10 @@ MAX_WORKERS = MAX_WATCHERS + 8
 # A full table at the default capacities (10,000 services, 100,000 endpoints) is ~5 MB.
 MAX_MESSAGE = 64 << 20
 POLL_S = 0.25  # how fast a watch stream notices a cancelled call or a stopping server
+# An error's message travels in a trailer, which gRPC refuses beyond 16 KiB (percent-encoded:
+# up to 3 bytes per byte), and must be valid UTF-8. Errors quote the bad value, which may be
+# anything: keep the start, where the path of the field is.
+MAX_DETAILS = 2048  # bytes
 
 
 class ApiError(RuntimeError):
@@ -113,8 +117,8 @@ class AgentService(pb_grpc.AgentServicer):
             else:
                 raise ValidationError("config", "set either table or mesh_yaml")
         except ValidationError as e:
-            self.agent.emit("rejected", f"API: {e}", request.version)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self.agent.emit("rejected", f"API: {_details(e)}", request.version)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(e))
         version = request.version or f"api-{next(self._api_versions)}"
         counts = {"services": len(table.services),
                   "endpoints": sum(len(s.endpoints) for s in table.services)}
@@ -122,19 +126,19 @@ class AgentService(pb_grpc.AgentServicer):
             try:
                 self.agent.check_capacity(table)
             except ValidationError as e:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _details(e))
             return pb.ApplyConfigResponse(version=version, applied=False, **counts)
         try:
             self.agent.apply_table(table, version=version)
         except ValidationError as e:  # CapacityError included: the maps cannot hold it
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if type(e).__name__ == "CapacityError"
                     else grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(code, str(e))
+            context.abort(code, _details(e))
         except RuntimeError as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _details(e))
         except Exception as e:
             log.exception("ApplyConfig failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"applying the table: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, _details(f"applying the table: {e}"))
         return pb.ApplyConfigResponse(version=version, applied=True, **counts)
 
     def SetGuard(self, request, context):
@@ -144,13 +148,20 @@ class AgentService(pb_grpc.AgentServicer):
                 raise ValidationError("guard", "missing required field")
             guard = convert.guard_from_proto(request.guard)
         except ValidationError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(e))
         try:
             enforced = self.agent.set_guard(guard)
         except Exception as e:
             log.exception("SetGuard failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"setting the guard: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, _details(f"setting the guard: {e}"))
         return pb.SetGuardResponse(enforced=enforced, guard=convert.guard_to_proto(guard))
+
+
+def _details(e: object) -> str:
+    data = str(e).encode(errors="backslashreplace")
+    if len(data) > MAX_DETAILS:
+        return data[:MAX_DETAILS].decode(errors="ignore") + f"... ({len(data)} bytes in all)"
+    return data.decode()
 
 
 def _prefixed(prefix: str, fn, *args):
