@@ -2,13 +2,15 @@
 
 For each changed service: write a fresh run of slots, flip the service entry to it,
 then free the old run. A connect() therefore sees either the old or the new endpoint set,
-never a half-written one. Unchanged services are not touched.
+never a half-written one. Unchanged services are not touched, nor even looked at when the
+table derives from the last one applied (ServiceTable.derive / delta).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import heapq
 import logging
 import math
 import socket
@@ -54,12 +56,18 @@ def weighted_slots(endpoints: tuple[Endpoint, ...]) -> list[Slot]:
     return out
 
 
+def service_slots(svc: Service) -> tuple[Slot, ...]:
+    """weighted_slots of a service, computed once per Service object."""
+    return svc.derived("slots", lambda s: tuple(weighted_slots(s.endpoints)))
+
+
 @dataclass
 class Written:
     slots: tuple[Slot, ...]
     slots_id: int
     index: int
     name: str = ""
+    svc: Service | None = None  # the object written (None: adopted from a previous agent)
 
 
 @dataclass
@@ -72,7 +80,14 @@ class ServiceWriter:
 
     def __post_init__(self) -> None:
         self._next_id = 1
+        self.applied: ServiceTable | None = None  # the table current holds, if wholly written
         self._adopt()
+        # Free service indexes, lowest first (stats slots); the never-used ones from _high up.
+        used = {w.index for w in self.current.values()}
+        self._high = max(used, default=-1) + 1
+        self._free = [i for i in range(self._high) if i not in used]
+        heapq.heapify(self._free)
+        self.slots_used = sum(len(w.slots) for w in self.current.values())
 
     # The previous agent's services (restart with pinned maps) become our starting state.
     def _adopt(self) -> None:
@@ -92,11 +107,12 @@ class ServiceWriter:
             log.info("adopted %d services from the pinned maps", len(self.current))
 
     def _free_index(self) -> int:
-        used = {w.index for w in self.current.values()}
-        for i in range(self.capacity):
-            if i not in used:
-                return i
-        raise MapFullError("accel_services", len(used) + 1, len(used))
+        if self._free:
+            return heapq.heappop(self._free)
+        if self._high < self.capacity:
+            self._high += 1
+            return self._high - 1
+        raise MapFullError("accel_services", len(self.current) + 1, len(self.current))
 
     def _svc_key(self, key: SvcKey):
         k = self.services.Key()
@@ -105,7 +121,7 @@ class ServiceWriter:
         k.proto = PROTO[key[2]]
         return k
 
-    def _write_run(self, slots_id: int, run: list[Slot]) -> None:
+    def _write_run(self, slots_id: int, run: tuple[Slot, ...]) -> None:
         keys, values = [], []
         for i, (addr, port) in enumerate(run):
             keys.append(self.slots.Key(slots_id, i))
@@ -129,31 +145,38 @@ class ServiceWriter:
             except KeyError:
                 pass
 
-    def _put(self, svc: Service, run: list[Slot]) -> None:
+    def _put(self, svc: Service, run: tuple[Slot, ...]) -> None:
         key = svc.key
         old = self.current.get(key)
-        if old and old.slots == tuple(run):
-            old.name = svc.name
+        if old and old.slots == run:
+            old.name, old.svc = svc.name, svc
             return
         index = old.index if old else self._free_index()
         slots_id = self._next_id
         self._next_id += 1
-        if run:
-            self._write_run(slots_id, run)
-        v = self.services.Leaf()
-        v.slots_id, v.nslots, v.index, v.flags = slots_id, len(run), index, 0
         try:
-            self.services[self._svc_key(key)] = v  # the flip
-        except Exception as e:
-            self._delete_run(slots_id, len(run))
-            if _is_full(e):
-                raise MapFullError("accel_services", 1, 0) from None
+            if run:
+                self._write_run(slots_id, run)
+            v = self.services.Leaf()
+            v.slots_id, v.nslots, v.index, v.flags = slots_id, len(run), index, 0
+            try:
+                self.services[self._svc_key(key)] = v  # the flip
+            except Exception as e:
+                self._delete_run(slots_id, len(run))
+                if _is_full(e):
+                    raise MapFullError("accel_services", 1, 0) from None
+                raise
+        except BaseException:
+            if not old:
+                heapq.heappush(self._free, index)  # not taken after all
             raise
         if old:
             self._delete_run(old.slots_id, len(old.slots))
+            self.slots_used -= len(old.slots)
         else:
             self._reset_stats(index)
-        self.current[key] = Written(tuple(run), slots_id, index, svc.name)
+        self.current[key] = Written(run, slots_id, index, svc.name, svc)
+        self.slots_used += len(run)
 
     def _remove(self, key: SvcKey) -> None:
         old = self.current.pop(key)
@@ -162,6 +185,8 @@ class ServiceWriter:
         except KeyError:
             pass
         self._delete_run(old.slots_id, len(old.slots))
+        heapq.heappush(self._free, old.index)
+        self.slots_used -= len(old.slots)
 
     def _reset_stats(self, index: int) -> None:
         try:
@@ -169,21 +194,40 @@ class ServiceWriter:
         except Exception:  # per-CPU leaf shapes vary by bcc version: stats merely restart
             pass
 
+    def slots_after(self, table: ServiceTable) -> int:
+        """Slots over all services once `table` is applied (capacity)."""
+        if self.applied is None:
+            return sum(len(service_slots(s)) for s in table.services)
+        d = table.delta(self.applied)
+        return self.slots_used + sum(len(service_slots(s)) for s in d.added) - \
+            sum(len(service_slots(s)) for s in d.removed)
+
     def apply(self, table: ServiceTable) -> WriteReport:
         report = WriteReport()
-        wanted = {s.key: s for s in table.services}
+        if self.applied is None:
+            # Every service, but one written as this very object is skipped at a glance.
+            puts = [s for s in table.services
+                    if (w := self.current.get(s.key)) is None or w.svc is not s]
+            wanted = {s.key for s in table.services}
+            gone = [k for k in self.current if k not in wanted]
+        else:
+            d = table.delta(self.applied)
+            puts = list(d.added)
+            kept = {s.key for s in d.added}
+            gone = [s.key for s in d.removed if s.key not in kept and s.key in self.current]
         # New and changed first, removals last: make before break across services too.
-        for key, svc in wanted.items():
+        for svc in puts:
             try:
-                existed = key in self.current
-                self._put(svc, weighted_slots(svc.endpoints))
+                existed = svc.key in self.current
+                self._put(svc, service_slots(svc))
                 report.added += 0 if existed else 1
             except MapFullError as e:
                 report.failed += 1
                 report.errors.append(f"service {svc.name}: {e}")
-        for key in [k for k in self.current if k not in wanted]:
+        for key in gone:
             self._remove(key)
             report.removed += 1
+        self.applied = None if report.failed else table
         if report.failed:
             log.error("%d services not written: %s", report.failed, "; ".join(report.errors[:3]))
         return report
