@@ -1,0 +1,187 @@
+"""The bench's outputs: a terminal table, the targets, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# (label, (mode, workload, metric) measured, (mode, workload, metric) reference, op, ratio)
+TARGETS = (
+    ("accel p50 <= 0.55x kernel", ("accel", "rr", "p50_us"), ("kernel", "rr", "p50_us"),
+     "<=", 0.55),
+    ("accel p50 <= 0.15x sidecar", ("accel", "rr", "p50_us"), ("sidecar", "rr", "p50_us"),
+     "<=", 0.15),
+    ("accel throughput >= 1.7x kernel", ("accel", "stream", "gbps"),
+     ("kernel", "stream", "gbps"), ">=", 1.7),
+    ("accel conn/s via VIP >= kernel direct", ("accel", "crr", "conn_per_s"),
+     ("kernel", "crr", "conn_per_s"), ">=", 1.0),
+)
+# Further comparisons worth a line, without a target.
+RATIOS = (
+    ("sidecar+accel p50 / sidecar p50", ("sidecar+accel", "rr", "p50_us"),
+     ("sidecar", "rr", "p50_us")),
+    ("sidecar+accel Gbit/s / sidecar", ("sidecar+accel", "stream", "gbps"),
+     ("sidecar", "stream", "gbps")),
+    ("accel conn/s / iptables-dnat (both via VIP)", ("accel", "crr", "conn_per_s"),
+     ("iptables-dnat", "crr", "conn_per_s")),
+    ("iptables-dnat p50 / kernel p50", ("iptables-dnat", "rr", "p50_us"),
+     ("kernel", "rr", "p50_us")),
+)
+MODE_COLOURS = {"kernel": "#7f7f7f", "accel": "#2ca02c", "sidecar": "#d62728",
+                "sidecar+accel": "#ff7f0e", "iptables-dnat": "#1f77b4"}
+
+
+def _figure(cases: list[dict[str, Any]], key: tuple[str, str, str]) -> float | None:
+    mode, workload, metric = key
+    for c in cases:
+        if c["mode"] == mode and c["workload"] == workload:
+            return c.get(metric)
+    return None
+
+
+def _ratio(cases: list[dict[str, Any]], a: tuple[str, str, str],
+           b: tuple[str, str, str]) -> tuple[float | None, float | None, float | None]:
+    x, y = _figure(cases, a), _figure(cases, b)
+    if x is None or y is None or y == 0:
+        return x, y, None
+    return x, y, x / y
+
+
+def check_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for label, a, b, op, bound in TARGETS:
+        x, y, ratio = _ratio(cases, a, b)
+        met = None if ratio is None else (ratio <= bound if op == "<=" else ratio >= bound)
+        out.append({"target": label, "measured": x, "reference": y,
+                    "ratio": None if ratio is None else round(ratio, 3), "op": op,
+                    "bound": bound, "met": met})
+    return out
+
+
+def brief(row: dict[str, Any]) -> str:
+    """One run in a few words, for progress lines."""
+    if row.get("p50_us") is not None:
+        text = f"p50 {row['p50_us']:.1f} us  p99 {row['p99_us']:.1f} us"
+    elif row.get("gbps") is not None:
+        text = f"{row['gbps']:.2f} Gbit/s"
+    elif row.get("conn_per_s") is not None:
+        text = f"{row['conn_per_s']:.0f} conn/s"
+    else:
+        text = "-"
+    counters = row.get("accel_counters")
+    if counters:
+        text += (f"  [redirects {counters['msg_redirects']}, balanced "
+                 f"{counters['connect_balanced']}]")
+    return text
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    cases = results["cases"]
+    env = results.get("env", {})
+    modes = list(dict.fromkeys(c["mode"] for c in cases))
+    header = ["mode", "p50 us", "p90 us", "p99 us", "p99.9 us", "Gbit/s", "conn/s"]
+    rows = []
+    for mode in modes:
+        def get(workload: str, metric: str, m: str = mode) -> float | None:
+            return _figure(cases, (m, workload, metric))
+        rows.append([mode, _fmt(get("rr", "p50_us")), _fmt(get("rr", "p90_us")),
+                     _fmt(get("rr", "p99_us")), _fmt(get("rr", "p999_us")),
+                     _fmt(get("stream", "gbps"), 2), _fmt(get("crr", "conn_per_s"), 0)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    placement = env.get("placement")
+    if placement:
+        lines.append(f"kernel {env.get('kernel')}, {env.get('cpu_model')}; CPUs "
+                     + ", ".join(f"{k} {v}" for k, v in placement.items())
+                     + f"; median of {env.get('repeats')} interleaved repeats of "
+                     f"{env.get('seconds')} s")
+    lines.append("  ".join(h.rjust(w) if i else h.ljust(w)
+                           for i, (h, w) in enumerate(zip(header, widths, strict=True))))
+    for r in rows:
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    targets = results.get("targets") or check_targets(cases)
+    lines.append("")
+    for t in targets:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        lines.append(f"  {t['target']:<40} ratio {_fmt(t['ratio'], 3):>6}  {verdict}")
+    for label, a, b in RATIOS:
+        _, _, ratio = _ratio(cases, a, b)
+        if ratio is not None:
+            lines.append(f"  {label:<40} ratio {ratio:>6.3f}")
+    counters = env.get("accel_counters") or {}
+    if counters:
+        lines.append(f"  agent counters over the run: {counters.get('msg_redirects', 0)} "
+                     f"redirected messages ({counters.get('redirected_bytes', 0)} bytes), "
+                     f"{counters.get('connect_balanced', 0)} balanced connects, "
+                     f"{counters.get('msg_peer_unknown', 0)} unpaired")
+    if env.get("foreign_cgroup_programs"):
+        lines.append(f"  WARNING: {env['foreign_cgroup_programs']} socket programs of others are "
+                     "attached above the bench cgroups; figures may be skewed")
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def plot(results: dict[str, Any], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = results["cases"]
+    env = results.get("env", {})
+    modes = list(dict.fromkeys(c["mode"] for c in cases))
+    colours = [MODE_COLOURS.get(m, "#9467bd") for m in modes]
+    fig, (ax_lat, ax_tp, ax_crr) = plt.subplots(
+        1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+
+    pcts = (("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"), ("p999_us", "p99.9"))
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        values = [_figure(cases, (mode, "rr", key)) for key, _ in pcts]
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(pcts))]
+        heights = [v if v is not None else math.nan for v in values]
+        bars = ax_lat.bar(xs, heights, width, label=mode, color=colours[i])
+        for bar, v in zip(bars, values, strict=True):
+            if v is not None:
+                ax_lat.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}",
+                                (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                                va="bottom", fontsize=7)
+    ax_lat.set_xticks(range(len(pcts)), [label for _, label in pcts])
+    ax_lat.set_yscale("log")
+    ax_lat.set_ylabel("round trip, us (log)")
+    ax_lat.set_title("request/response latency (sockperf ping-pong, 64 B)")
+    ax_lat.legend(fontsize=8)
+
+    for ax, workload, metric, title, unit in (
+            (ax_tp, "stream", "gbps", "throughput (iperf3)", "Gbit/s"),
+            (ax_crr, "crr", "conn_per_s", "connection rate (crr)", "connections/s")):
+        values = [_figure(cases, (m, workload, metric)) for m in modes]
+        heights = [v if v is not None else 0 for v in values]
+        bars = ax.bar(range(len(modes)), heights, color=colours)
+        for bar, v in zip(bars, values, strict=True):
+            if v is not None:
+                ax.annotate(f"{v:.1f}" if metric == "gbps" else f"{v:.0f}",
+                            (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                            fontsize=8)
+        ax.set_xticks(range(len(modes)), modes, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+
+    placement = env.get("placement") or {}
+    fig.suptitle(
+        f"meshaccel bench: kernel {env.get('kernel', '?')}, CPUs "
+        + ", ".join(f"{k}={v}" for k, v in placement.items())
+        + f"; median of {env.get('repeats', '?')} interleaved repeats", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
