@@ -24,7 +24,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 PKGS=(python3 python3-venv python3-bpfcc bpfcc-tools bpftool iproute2 iptables
-      sockperf iperf3 haproxy tcpdump ethtool openssl)
+      sockperf iperf3 haproxy tcpdump ethtool openssl gcc libc6-dev)
 # debootstrap: compose/build-images.sh makes the local Debian base image (nothing pulled).
 if [ "$WITH_DOCKER" = 1 ]; then PKGS+=(docker.io docker-compose debootstrap); fi
 missing=()
