@@ -247,6 +247,11 @@ class ServiceTable:
         i = self._index.get(name)
         return None if i is None else self.services[i]
 
+    def service_at(self, vip: IPAddress, port: int, protocol: str) -> Service | None:
+        """The service on VIP:port/protocol, from the index (no pass over the services)."""
+        name = self._keys.get((vip, port, protocol))
+        return None if name is None else self.get(name)
+
     def derive(
         self,
         upsert: Iterable[Service] = (),
