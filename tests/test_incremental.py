@@ -109,3 +109,127 @@ def test_derived_tables_land_in_the_kernel_like_full_ones(datapath) -> None:
     assert datapath.dump()["mesh_nets"] == expected_maps(rebuilt)["mesh_nets"]
     assert datapath.usage()["slots"]["used"] == sum(len(weighted_slots(s.endpoints))
                                                     for s in rebuilt.services)
+
+
+# ---- xDS: an EDS update rebuilds only its services; the server pushes only what changed ----
+
+
+def xds_resources(table: ServiceTable) -> dict:
+    from accel.xds import translate
+
+    res = translate.to_resources(table)
+    return {t: res.of(t) for t in translate.PUSH_ORDER}
+
+
+def response(t: str, version: str, items) -> object:
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from accel.xds.translate import pack_all
+
+    return discovery_pb2.DiscoveryResponse(type_url=t, version_info=version, nonce=f"{t}-{version}",
+                                           resources=list(pack_all(items).values()))
+
+
+def test_client_applies_one_changed_assignment_as_a_derived_table(monkeypatch) -> None:
+    """Drive XdsClient._handle with responses (the stream is tested elsewhere): each single
+    ClusterLoadAssignment update yields the table a full translation gives, derived from the
+    last one (same Service objects but the changed one), and a bad one is NACKed."""
+    import queue
+
+    from accel.xds import translate
+    from accel.xds.client import XdsClient
+    from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER
+
+    rng = random.Random(3)
+    table = ServiceTable(tuple(service(i, rng, port=1000 + i) for i in range(30)))
+    res = xds_resources(table)
+    # A listener whose cluster's endpoints have not come yet: pending, not in the table.
+    late = Service("late", "10.97.0.1", 80, endpoints=(Endpoint("10.129.0.1", 8080),))
+    late_res = xds_resources(ServiceTable((late,)))
+    applied: list[ServiceTable] = []
+    client = XdsClient("127.0.0.1:1", "hx", applied.append)
+    out: queue.Queue = queue.Queue()
+    client._handle(response(CLUSTER, "1", {**res[CLUSTER], **late_res[CLUSTER]}), out)
+    client._handle(response(ENDPOINT, "1", res[ENDPOINT]), out)
+    client._handle(response(LISTENER, "1", {**res[LISTENER], **late_res[LISTENER]}), out)
+    assert applied[-1].canonical() == table.canonical()
+    assert client.state()["pending"] == {"late.vip": "ClusterLoadAssignment 'late'"}
+
+    full = []  # full translations from here on: none until the awaited assignment comes
+    to_table = translate.to_table
+    monkeypatch.setattr(translate, "to_table", lambda *a, **kw: full.append(1) or
+                        to_table(*a, **kw))
+    for v in range(2, 40):
+        prev = applied[-1]
+        name = rng.choice([s.name for s in prev.services])
+        svc = prev.get(name)
+        new = Service(name, svc.vip, svc.port, endpoints=service(0, rng).endpoints)
+        cla = translate.load_assignment(new)
+        client._handle(response(ENDPOINT, str(v), {name: cla}), out)
+        want = prev.derive([new])
+        if want.equivalent(prev):
+            assert applied[-1] is prev  # nothing to apply
+            continue
+        got = applied[-1]
+        assert got.canonical() == want.canonical()
+        assert got.delta(prev).added == (got.get(name),) and len(got.delta(prev).removed) == 1
+        assert sum(a is b for a, b in zip(prev.services, got.services, strict=True)) == 29
+
+    def nack(cla) -> str:
+        n = len(applied)
+        client._handle(response(ENDPOINT, "bad", {cla.cluster_name: cla}), out)
+        while True:
+            req = out.get_nowait()
+            if req.type_url == ENDPOINT and req.response_nonce == f"{ENDPOINT}-bad":
+                break
+        assert len(applied) == n and req.version_info != "bad"
+        return req.error_detail.message
+
+    s0 = applied[-1].services[0]
+    bad = translate.load_assignment(Service(s0.name, s0.vip, s0.port,
+                                            endpoints=(Endpoint("10.128.0.1", 8080),)))
+    bad.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value = 0
+    assert "ClusterLoadAssignment[s" in nack(bad) and "port" in nack(bad)
+    s1 = applied[-1].services[1]
+    loop = translate.load_assignment(Service(s0.name, s0.vip, s0.port,
+                                             endpoints=(Endpoint(s1.vip, s1.port),)))
+    assert f"is the VIP:port of service {s1.name!r}" in nack(loop)
+    assert not full
+
+    # The awaited assignment arrives: the service appears (the full translation's job).
+    client._handle(response(ENDPOINT, "50", late_res[ENDPOINT]), out)
+    assert applied[-1].get("late") == late and client.state()["pending"] == {}
+    assert full
+
+
+def test_server_pushes_only_the_changed_assignment() -> None:
+    from accel.sources.memory import MemorySource
+    from accel.xds.server import ControllerServer
+    from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER
+    from tests.test_xds_controller import RawStream
+
+    rng = random.Random(5)
+    table = ServiceTable(tuple(service(i, rng, port=1000 + i) for i in range(10)))
+    source = MemorySource(table)
+    srv = ControllerServer(source, "127.0.0.1:18590").start()
+    raw = RawStream(srv.port)
+    try:
+        names = [s.name for s in table.services]
+        for t, n in ((CLUSTER, ()), (ENDPOINT, names), (LISTENER, ())):
+            raw.ask(t, n)
+            r = raw.next()
+            assert len(r.resources) == (len(names) if t != LISTENER else 2 * len(names))
+            raw.ask(t, n, nonce=r.nonce, version=r.version_info)
+        s = table.services[4]
+        changed = Service(s.name, s.vip, s.port, endpoints=(Endpoint("10.130.0.9", 1),))
+        source.push(table.derive([changed]))
+        r = raw.next()
+        assert r.type_url == ENDPOINT and r.version_info == "2"
+        assert [a.type_url for a in r.resources] == [ENDPOINT]
+        from envoy.config.endpoint.v3 import endpoint_pb2
+
+        cla = endpoint_pb2.ClusterLoadAssignment.FromString(r.resources[0].value)
+        assert cla.cluster_name == s.name
+    finally:
+        raw.close()
+        srv.stop()

@@ -8,6 +8,7 @@ exception from on_update) is NACKed with the reason and the last good state stay
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import random
@@ -40,6 +41,7 @@ class _TypeState:
     last_nack_error: str | None = None
     last_update_time: float | None = None
     names: frozenset[str] = frozenset()  # EDS/RDS subscription
+    sorted_names: tuple[str, ...] = ()  # the same, as every request sends it
     subscribed: bool = False  # requested on the current stream
     stream_nonce: str = ""  # nonces mean nothing on another stream
 
@@ -52,6 +54,7 @@ class _Result:
     eds_names: frozenset[str]
     rds_names: frozenset[str]
     count: int
+    translation: translate.Translation | None = None  # with `table`
 
 
 class XdsClient:
@@ -80,8 +83,12 @@ class XdsClient:
         self._res = Resources()
         self._seen: set[str] = set()
         self._table: ServiceTable | None = None
+        self._tr: translate.Translation | None = None  # the translation _table came from
         self._pending: dict[str, str] = {}
         self._memo = translate.Memo()
+        self._names_cache: dict[str, tuple[dict, frozenset[str]]] = {}
+        # perf_counter() when the response being handled arrived (for latency measurements).
+        self.last_received = 0.0
         self._connected = False
         self._reconnects = 0
         self._stop = threading.Event()
@@ -207,7 +214,7 @@ class XdsClient:
         ts = self._types[t]
         req = discovery_pb2.DiscoveryRequest(
             type_url=t, version_info=ts.last_ack_version, response_nonce=nonce,
-            resource_names=sorted(ts.names) if t in (ENDPOINT, ROUTE) else [])
+            resource_names=ts.sorted_names if t in (ENDPOINT, ROUTE) else [])
         if node:
             req.node.CopyFrom(self.node)
         if error is not None:
@@ -218,6 +225,7 @@ class XdsClient:
     # -- one response
 
     def _handle(self, resp: discovery_pb2.DiscoveryResponse, out: queue.Queue) -> None:
+        self.last_received = time.perf_counter()
         t = resp.type_url
         if t not in self._types:
             log.warning("xDS: ignoring a response of unrequested type %r", t)
@@ -240,6 +248,7 @@ class XdsClient:
             self._seen.add(t)
             if r.table is not None:
                 self._table = r.table
+                self._tr = r.translation
                 self._pending = r.pending
             ts.last_ack_version = resp.version_info
             ts.last_nonce = ts.stream_nonce = resp.nonce
@@ -257,6 +266,10 @@ class XdsClient:
         """Validate a response against the rest of the state and hand the table to on_update;
         raise (-> NACK) without changing anything if either fails."""
         items = translate.unpack(t, resp.resources)
+        if t == ENDPOINT:
+            fast = self._apply_endpoints(items)
+            if fast is not None:
+                return fast
         if t in (ENDPOINT, ROUTE):
             # SotW EDS/RDS: a response need not repeat every resource; absence is no removal.
             wanted = self._types[t].names
@@ -266,8 +279,8 @@ class XdsClient:
             merged = items
         cand = self._res.replace(t, merged)
         # Children go with their parents (EDS follows CDS, RDS follows LDS).
-        eds_names = frozenset(translate.cluster_eds_names(cand.clusters))
-        rds_names = frozenset(translate.listener_rds_names(cand.listeners))
+        eds_names = self._names(CLUSTER, cand.clusters, translate.cluster_eds_names)
+        rds_names = self._names(LISTENER, cand.listeners, translate.listener_rds_names)
         cand = Resources(cand.listeners,
                          {n: r for n, r in cand.routes.items() if n in rds_names},
                          cand.clusters,
@@ -280,8 +293,48 @@ class XdsClient:
         if self._table is not None or _synced(seen, eds_names, rds_names):
             if self._table is None or table_changed(self._table, tr.table):
                 self.on_update(tr.table)
+            else:
+                # Keep the table on_update last took: the next one derives from it, which
+                # is what lets the agent apply just the difference.
+                tr = dataclasses.replace(tr, table=self._table)
             table = tr.table
-        return _Result(cand, table, dict(tr.pending), eds_names, rds_names, len(merged))
+        return _Result(cand, table, dict(tr.pending), eds_names, rds_names, len(merged), tr)
+
+    def _apply_endpoints(self, items: dict) -> _Result | None:
+        """An EDS response, when only ClusterLoadAssignments change: rebuild just the services
+        made from the changed ones (translate.update_endpoints) and hand on_update a table
+        derived from the last. None: this needs the full translation."""
+        prev = self._tr
+        if prev is None or prev.table is not self._table:
+            return None
+        eds_names = self._names(CLUSTER, self._res.clusters, translate.cluster_eds_names)
+        wanted = self._types[ENDPOINT].names
+        old = self._res.endpoints
+        fresh = {n: m for n, m in items.items() if n in wanted and n in eds_names}
+        tr = translate.update_endpoints(
+            prev, {n: m for n, m in fresh.items() if old.get(n) != m})
+        if tr is None:
+            return None
+        if tr.table is not prev.table:
+            if table_changed(prev.table, tr.table):
+                self.on_update(tr.table)
+            else:
+                tr = prev
+        merged = dict(old)
+        merged.update(fresh)
+        return _Result(self._res.replace(ENDPOINT, merged), tr.table, dict(tr.pending),
+                       eds_names, self._names(LISTENER, self._res.listeners,
+                                              translate.listener_rds_names),
+                       len(merged), tr)
+
+    def _names(self, t: str, resources: dict, fn: Callable[[dict], set[str]]) -> frozenset[str]:
+        """EDS names of the clusters / RDS names of the listeners: each walks every resource,
+        so it is redone only for a new cluster / listener set (Resources.replace keeps the
+        dicts of the types a response did not touch)."""
+        hit = self._names_cache.get(t)
+        if hit is None or hit[0] is not resources:
+            hit = self._names_cache[t] = (resources, frozenset(fn(resources)))
+        return hit[1]
 
     def _resubscribe(self, t: str, names: frozenset[str], out: queue.Queue) -> None:
         ts = self._types[t]
@@ -289,6 +342,7 @@ class XdsClient:
             return
         with self._lock:
             ts.names = names
+            ts.sorted_names = tuple(sorted(names))
             # The removed names go too: state follows the subscription.
             kept = {n: m for n, m in self._res.of(t).items() if n in names}
             self._res = self._res.replace(t, kept)
@@ -328,4 +382,4 @@ def _changed_listeners(t: str, old: Resources, new: Resources, items: dict) -> s
 
 
 def table_changed(a: ServiceTable, b: ServiceTable) -> bool:
-    return a != b and a.canonical() != b.canonical()
+    return not a.equivalent(b)

@@ -2,7 +2,9 @@
 
 It serves what translate.py makes of a TableSource's table, to meshaccel agents and to
 gRPC proxyless clients alike. Each table change is a new version, pushed to every stream
-in make-before-break order (CDS, EDS, LDS, RDS), and only for resources that changed.
+in make-before-break order (CDS, EDS, LDS, RDS), and only for resources that changed:
+LDS/CDS responses hold every resource (state of the world), EDS/RDS pushes only the changed
+ones.
 """
 
 from __future__ import annotations
@@ -233,6 +235,14 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         view = {n: digests[n] for n in names}
         if only_if_changed and view == sub.sent:
             return None
+        if only_if_changed and sub.names is not None and sub.sent is not None:
+            # EDS/RDS (named subscriptions): a push carries only the resources that changed,
+            # as the xDS protocol allows for these types (absence is not removal). One
+            # changed endpoint among 10,000 clusters is then one resource, not 10,000.
+            names = [n for n in names if sub.sent.get(n) != view[n]]
+            if not names:  # only removals, which EDS/RDS do not express: nothing to send
+                sub.sent = view
+                return None
         sub.sent = view
         sub.sent_version = snap.version
         sub.nonce = f"{self._epoch}-{next(self._nonces)}"
