@@ -24,7 +24,7 @@ RATIOS = (
      ("sidecar", "rr", "p50_us")),
     ("sidecar+accel Gbit/s / sidecar", ("sidecar+accel", "stream", "gbps"),
      ("sidecar", "stream", "gbps")),
-    ("accel conn/s / iptables-dnat (both via VIP)", ("accel", "crr", "conn_per_s"),
+    ("accel conn/s / iptables-dnat (VIP)", ("accel", "crr", "conn_per_s"),
      ("iptables-dnat", "crr", "conn_per_s")),
     ("iptables-dnat p50 / kernel p50", ("iptables-dnat", "rr", "p50_us"),
      ("kernel", "rr", "p50_us")),

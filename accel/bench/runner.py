@@ -169,15 +169,17 @@ def missing_prerequisites(config: BenchConfig) -> list[str]:
 # ---- leftovers of a bench that was killed ----------------------------------------------------
 
 
-def _cleanup_recorded(state: dict[str, Any]) -> None:
+def cleanup_recorded(state: dict[str, Any]) -> None:
     from accel import lab
 
+    for pid, marker in state.get("processes", []):
+        kill_if(int(pid), marker)
     for cg in state.get("cgroups", []):
-        _kill_cgroup(Path(cg))
+        kill_cgroup(Path(cg))
     for cg in state.get("cgroups", []):
-        _rmdir(Path(cg))
+        remove_cgroup(Path(cg))
     if state.get("cgroup_parent"):
-        _rmdir(Path(state["cgroup_parent"]))
+        remove_cgroup(Path(state["cgroup_parent"]))
     if state.get("pin_dir"):
         shutil.rmtree(state["pin_dir"], ignore_errors=True)
     if state.get("lab_prefix"):
@@ -198,7 +200,7 @@ def cleanup_stale() -> list[str]:
             continue
         if _alive(int(state.get("pid", 0))):
             continue
-        _cleanup_recorded(state)
+        cleanup_recorded(state)
         path.unlink(missing_ok=True)
         done.append(path.stem)
     return done
@@ -216,7 +218,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _kill_cgroup(path: Path) -> None:
+def kill_if(pid: int, marker: str) -> None:
+    """SIGKILL pid only if its command line still names `marker` (no stranger after reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return
+    if marker in cmdline:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def kill_cgroup(path: Path) -> None:
     """Kill every process left in one of our own cgroups (cgroup.kill, Linux 5.14+)."""
     if not (path / "cgroup.procs").exists():
         return
@@ -234,7 +249,7 @@ def _kill_cgroup(path: Path) -> None:
         time.sleep(0.02)
 
 
-def _rmdir(path: Path) -> None:
+def remove_cgroup(path: Path) -> None:
     for _ in range(50):
         try:
             path.rmdir()
@@ -292,6 +307,7 @@ class Bench:
             "cgroups": [str(p) for p in self.cgroups.values()],
             "pin_dir": self.config.pin_dir,
             "run_dir": str(self.run_dir),
+            "processes": [[self.agent.pid, str(self.config.pin_dir)]] if self.agent else [],
         }))
 
     def _setup(self) -> None:
@@ -353,6 +369,7 @@ class Bench:
         with open(logf, "w") as out:
             self.agent = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
+        self._record_state()
         wait_agent(self.agent, logf)
         self.counters_before = self.counters()
 
@@ -474,14 +491,14 @@ class Bench:
             stop_process(self.agent, timeout=30)
             self.agent = None
         for path in self.cgroups.values():
-            _kill_cgroup(path)
+            kill_cgroup(path)
         if self.lab is not None:
             self.lab.down()
             self.lab = None
         for path in self.cgroups.values():
-            _rmdir(path)
+            remove_cgroup(path)
         if self.cgroup_parent is not None:
-            _rmdir(self.cgroup_parent)
+            remove_cgroup(self.cgroup_parent)
         shutil.rmtree(str(self.config.pin_dir), ignore_errors=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.state_file.unlink(missing_ok=True)

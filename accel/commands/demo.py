@@ -1,0 +1,420 @@
+"""`accel demo`: meshaccel at work on this machine, start to finish, then nothing left.
+
+1. set up what is missing (tools, bpffs), 2. build a small mesh (3 services over 5 server
+pods and a client pod, network namespaces on a bridge), 3. start the embedded controller
+and an agent fed by it over xDS, 4. send traffic through the service VIPs and check every
+byte, 5. show the agent's counters proving the connects were balanced in the kernel and
+the bytes went socket to socket, 6. run the quick side-by-side comparison (accel bench
+--quick), 7. tear everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from accel.commands.common import fail
+
+SUBNET = "10.212.0.0/24"
+APP_PORT = 9080
+# (service, VIP, [(server pod index, weight)]): pod 0 is the client.
+SERVICES = (
+    ("productpage", "10.96.0.10", [(1, 1)]),
+    ("reviews", "10.96.0.11", [(2, 1), (3, 2)]),
+    ("ratings", "10.96.0.12", [(4, 1), (5, 1)]),
+)
+CONNECTIONS = 30  # per service
+PAYLOAD = 16384  # bytes each connection sends and gets back
+TOOLS = {"sockperf": "sockperf", "iperf3": "iperf3", "haproxy": "haproxy",
+         "iptables": "iptables", "cc": "gcc", "bpftool": "bpftool"}
+
+# A pod's app: tells who it is, then echoes the request back.
+SERVER = r"""
+import socket, socketserver, sys
+service, pod, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        f = self.request.makefile("rb")
+        n = int(f.readline().split()[1])
+        data = f.read(n)
+        self.request.sendall(f"{service} {pod} {len(data)}\n".encode() + data)
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+Server(("0.0.0.0", port), Handler).serve_forever()
+"""
+
+# The client pod's traffic: CONNECTIONS per VIP, every echoed byte checked.
+CLIENT = r"""
+import json, os, socket, sys
+targets, count, size = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+out = {}
+for name, vip, port in targets:
+    seen, bad = {}, 0
+    for i in range(count):
+        payload = os.urandom(size)
+        with socket.create_connection((vip, port), timeout=5) as s:
+            s.sendall(b"HELLO %d\n" % size + payload)
+            f = s.makefile("rb")
+            svc, pod, n = f.readline().decode().split()
+            back = f.read(size)
+            peer = s.getpeername()[0]
+        if svc != name or back != payload or peer != vip:
+            bad += 1
+        seen[pod] = seen.get(pod, 0) + 1
+    out[name] = {"pods": seen, "bad": bad}
+print(json.dumps(out))
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="build a small mesh, show meshaccel at work, compare, "
+                       "clean up (about 2 minutes)")
+    p.add_argument("--out", default="/tmp/accel-demo",
+                   help="where the comparison's JSON and plot go (default %(default)s)")
+    p.add_argument("--no-compare", action="store_true", help="skip the quick comparison")
+    p.add_argument("--no-setup", action="store_true",
+                   help="do not install what is missing; fail instead")
+    p.add_argument("--cpus", default=None, metavar="LIST",
+                   help="CPU placement of the comparison (see accel bench --cpus)")
+    p.add_argument("--prefix", default=None, help="name prefix (default ad<hex>)")
+    p.set_defaults(func=run)
+
+
+class Progress:
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.n = 0
+        self.t0 = time.monotonic()
+
+    def step(self, title: str) -> None:
+        self.n += 1
+        print(f"\n[{self.n}/{self.steps}] {title}  (+{self.elapsed():.0f}s)", flush=True)
+
+    def say(self, line: str) -> None:
+        print(f"      {line}", flush=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        return fail("demo: run as root (network namespaces, cgroups and BPF need it)", code=2)
+    prefix = args.prefix or "ad" + secrets.token_hex(3)
+    if len(prefix) > 7 or not prefix.isalnum():
+        return fail("demo: --prefix must be 1-7 letters or digits", code=2)
+    cpus: tuple[int, ...] = ()
+    if args.cpus:
+        from accel.bench.runner import parse_cpus
+
+        try:
+            cpus = parse_cpus(args.cpus)
+        except ValueError as e:
+            return fail(f"demo: {e}", code=2)
+    progress = Progress(4 if args.no_compare else 5)
+    from accel.bench.runner import sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():
+            progress.step("checking this machine")
+            setup(progress, install=not args.no_setup)
+            progress.step("a mesh of 3 services over 5 pods, the controller, an agent on xDS")
+            with Mesh(prefix, progress) as mesh:
+                progress.step("traffic through the service VIPs")
+                mesh.traffic()
+                progress.step("the agent's counters")
+                mesh.show_counters()
+            if not args.no_compare:
+                progress.step("quick comparison: kernel, accel, sidecars, iptables DNAT")
+                code = compare(prefix, args.out, cpus, progress)
+                if code:
+                    return code
+    except KeyboardInterrupt:
+        print("\naccel demo: interrupted; everything it made was removed", file=sys.stderr)
+        return 130
+    except DemoError as e:
+        return fail(f"demo: {e}")
+    print(f"\ndone in {progress.elapsed():.0f}s; everything the demo made is removed.")
+    return 0
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+# ---- 1. setup --------------------------------------------------------------------------------
+
+
+def setup(progress: Progress, install: bool) -> None:
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if missing:
+        if not install:
+            raise DemoError(f"missing {', '.join(missing)}; run deploy/setup.sh")
+        script = Path(__file__).resolve().parents[2] / "deploy" / "setup.sh"
+        if script.exists():
+            progress.say(f"missing {', '.join(missing)}: running {script}")
+            cmd = [str(script)]
+        else:
+            pkgs = sorted({TOOLS[t] for t in missing})
+            progress.say(f"missing {', '.join(missing)}: apt-get install {' '.join(pkgs)}")
+            subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True)
+            cmd = ["apt-get", "install", "-y", "-q", *pkgs]
+        r = subprocess.run(cmd, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        still = [t for t in TOOLS if not shutil.which(t)]
+        if r.returncode != 0 or still:
+            raise DemoError(f"could not install {', '.join(still or missing)}")
+    else:
+        progress.say("tools: " + ", ".join(TOOLS) + " present")
+    if not os.path.ismount("/sys/fs/bpf"):
+        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+        progress.say("mounted bpffs on /sys/fs/bpf")
+    from accel.datapath import cgroup
+
+    try:
+        progress.say(f"kernel {os.uname().release}; cgroup2 at {cgroup.cgroup2_mount()}; "
+                     "bpffs at /sys/fs/bpf")
+    except cgroup.CgroupError as e:
+        raise DemoError(str(e)) from None
+    from accel.bench.runner import cleanup_stale
+
+    stale = cleanup_stale()
+    if stale:
+        progress.say(f"removed leftovers of interrupted runs: {', '.join(stale)}")
+
+
+# ---- 2-5. the mesh ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mesh_doc(pods: list[Any]) -> dict[str, Any]:
+    return {
+        "services": [
+            {"name": name, "vip": vip, "port": APP_PORT, "protocol": "TCP",
+             "endpoints": [{"address": str(pods[i].ip), "port": APP_PORT, "weight": w}
+                           for i, w in eps]}
+            for name, vip, eps in SERVICES
+        ],
+        "mesh_cidrs": [SUBNET],
+    }
+
+
+class Mesh:
+    def __init__(self, prefix: str, progress: Progress):
+        self.prefix = prefix
+        self.progress = progress
+        self.stack = ExitStack()
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"accel-demo-{prefix}-"))
+        self.pin_dir = f"/sys/fs/bpf/accel-demo-{prefix}"
+        self.api_socket = str(self.run_dir / "agent.sock")
+        self.counters_before: dict[str, int] = {}
+        self.lab: Any = None
+
+    def __enter__(self) -> Mesh:
+        try:
+            self._build()
+        except BaseException:
+            self.stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.say("tearing the mesh down: agent, controller, pods, cgroup, pins")
+        self.stack.close()
+
+    def _build(self) -> None:
+        from accel.bench import runner
+        from accel.datapath import cgroup as cg
+        from accel.lab import Lab
+
+        say = self.progress.say
+        self.stack.callback(shutil.rmtree, self.run_dir, ignore_errors=True)
+        group = cg.cgroup2_mount() / f"accel-demo-{self.prefix}"
+        state = runner.STATE_DIR / f"{self.prefix}.json"
+        processes: list[list[Any]] = []
+
+        def record() -> None:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text(json.dumps({
+                "pid": os.getpid(), "lab_prefix": self.prefix, "cgroups": [str(group)],
+                "pin_dir": self.pin_dir, "run_dir": str(self.run_dir), "processes": processes,
+            }))
+
+        record()
+        self.stack.callback(state.unlink, missing_ok=True)
+        group.mkdir()
+        self.stack.callback(runner.remove_cgroup, group)
+        self.stack.callback(shutil.rmtree, self.pin_dir, ignore_errors=True)
+
+        self.lab = Lab(6, prefix=self.prefix, subnet=SUBNET, cgroup=str(group))
+        self.lab.up()
+        self.stack.callback(self.lab.down)
+        self.stack.callback(runner.kill_cgroup, group)  # runs before lab.down: apps first
+        pods = self.lab.pods
+        say(f"pods: {', '.join(f'{p.name} {p.ip}' for p in pods)} (bridge in {self.lab.node})")
+        for name, vip, eps in SERVICES:
+            for i, _ in eps:
+                pods[i].popen([sys.executable, "-c", SERVER, name, pods[i].name, str(APP_PORT)],
+                              stdout=subprocess.DEVNULL, start_new_session=True)
+            say(f"service {name:<12} VIP {vip}:{APP_PORT} -> "
+                + ", ".join(f"{pods[i].name} (weight {w})" for i, w in eps))
+        from accel.bench.workloads import wait_listening
+
+        for _, _, eps in SERVICES:
+            for i, _ in eps:
+                wait_listening(pods[i], APP_PORT)
+
+        mesh_yaml = self.run_dir / "mesh.yaml"
+        import yaml
+
+        mesh_yaml.write_text(yaml.safe_dump(mesh_doc(pods), sort_keys=False))
+        cli = [sys.executable, "-m", "accel.cli"]
+        xds = f"127.0.0.1:{free_port()}"
+        have_controller = _has_module("accel.commands.controller")
+        if have_controller:
+            ctl_log = self.run_dir / "controller.log"
+            with open(ctl_log, "w") as out:
+                controller = subprocess.Popen(
+                    [*cli, "controller", "--config", str(mesh_yaml), "--listen", xds],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            processes.append([controller.pid, xds])
+            record()
+            self.stack.callback(runner.stop_process, controller)
+            say(f"controller: serving {mesh_yaml.name} over xDS (ADS) on {xds}")
+            source = ["--xds", xds, "--node-id", f"demo-{self.prefix}"]
+        else:
+            source = ["--config", str(mesh_yaml)]
+            say("controller: not in this build; the agent reads mesh.yaml itself")
+        agent_log = self.run_dir / "agent.log"
+        with open(agent_log, "w") as out:
+            agent = subprocess.Popen(
+                [*cli, "agent", *source, "--pin-dir", self.pin_dir, "--cgroup", str(group),
+                 "--api-socket", self.api_socket],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        processes.append([agent.pid, self.pin_dir])
+        record()
+        self.stack.callback(runner.stop_process, agent, 30)
+        t0 = time.monotonic()
+        try:
+            runner.wait_agent(agent, agent_log)
+            wait_applied(agent, agent_log, len(SERVICES))
+        except RuntimeError as e:
+            raise DemoError(str(e)) from None
+        say(f"agent: programs attached to {group} in {time.monotonic() - t0:.1f}s, "
+            f"{len(SERVICES)} services applied"
+            + (" from the controller" if have_controller else ""))
+        from accel.datapath import counters
+
+        self.counters_before = counters.read(self.pin_dir)
+
+    def traffic(self) -> None:
+        client = self.lab.pods[0]
+        targets = [[name, vip, APP_PORT] for name, vip, _ in SERVICES]
+        self.progress.say(f"from {client.name}: {CONNECTIONS} connections to each VIP, "
+                          f"{PAYLOAD} B out and echoed back on each, every byte compared")
+        r = client.run([sys.executable, "-c", CLIENT, json.dumps(targets), str(CONNECTIONS),
+                        str(PAYLOAD)], check=False, timeout=120)
+        if r.returncode != 0:
+            raise DemoError(f"traffic through the VIPs failed: {r.stderr.strip()[-600:]}")
+        result = json.loads(r.stdout)
+        pods = {p.name: p for p in self.lab.pods}
+        bad = 0
+        for name, _vip, eps in SERVICES:
+            seen = result[name]["pods"]
+            bad += result[name]["bad"]
+            weights = {self.lab.pods[i].name: w for i, w in eps}
+            spread = ", ".join(f"{pod} ({pods[pod].ip}, weight {weights.get(pod, '?')}): {n}"
+                               for pod, n in sorted(seen.items()))
+            self.progress.say(f"{name:<12} {spread}")
+        if bad:
+            raise DemoError(f"{bad} connections got a wrong answer")
+        self.progress.say(f"all {CONNECTIONS * len(SERVICES)} answers complete and correct; "
+                          "getpeername() reported the VIP on every one")
+
+    def show_counters(self) -> None:
+        from accel.datapath import counters
+
+        now = counters.read(self.pin_dir)
+        d = {k: now[k] - self.counters_before.get(k, 0) for k in now}
+        r = subprocess.run([sys.executable, "-m", "accel.cli", "stats", "--pin-dir", self.pin_dir,
+                            "--api-socket", self.api_socket], capture_output=True, text=True)
+        self.progress.say(f"$ accel stats --pin-dir {self.pin_dir} --api-socket ...")
+        for line in (r.stdout or r.stderr).splitlines():
+            self.progress.say("  " + line)
+        n = CONNECTIONS * len(SERVICES)
+        self.progress.say(
+            f"this traffic: {d['connect_balanced']} of {n} connects balanced at connect() "
+            f"(no NAT), {d['sockhash_inserts']} sockets paired, {d['msg_redirects']} messages "
+            f"({d['redirected_bytes']} bytes) handed socket to socket past TCP/IP, "
+            f"{d['msg_peer_unknown']} left on TCP")
+        if d["connect_balanced"] < n or d["msg_redirects"] == 0:
+            raise DemoError("the counters do not show the traffic accelerated: see above")
+
+
+def wait_applied(agent: subprocess.Popen, log: Path, services: int, timeout: float = 60) -> None:
+    pattern = re.compile(rf"applied version .*: {services} services")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if pattern.search(text):
+            return
+        if agent.poll() is not None:
+            raise RuntimeError(f"the agent exited with {agent.returncode}:\n{text[-2000:]}")
+        time.sleep(0.1)
+    raise RuntimeError(f"the agent got no service table in {timeout:.0f}s:\n"
+                       f"{log.read_text()[-2000:]}")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+# ---- 6. the comparison -----------------------------------------------------------------------
+
+
+def compare(prefix: str, out_dir: str, cpus: tuple[int, ...], progress: Progress) -> int:
+    from accel.bench import report, runner
+    from accel.bench.workloads import WorkloadError
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = runner.BenchConfig(quick=True, repeats=2, seconds=1, cpus=cpus,
+                                prefix=f"{prefix}b", progress=progress.say)
+    missing = runner.missing_prerequisites(config)
+    if missing:
+        raise DemoError("cannot compare: missing " + "; ".join(missing))
+    try:
+        results = runner.run(config)
+    except (WorkloadError, RuntimeError, OSError) as e:
+        raise DemoError(f"comparison failed: {e}") from None
+    results["targets"] = report.check_targets(results["cases"])
+    print()
+    print(report.table(results))
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    report.write_json(results, json_path)
+    report.plot(results, png_path)
+    print(f"\nplot: {png_path}\nraw figures and environment: {json_path}")
+    print("a longer, steadier run: accel bench --json bench.json --plot bench.png")
+    return 0
