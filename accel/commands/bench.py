@@ -3,6 +3,10 @@
     accel bench [mesh options]        the mesh benchmark (default): kernel vs accel vs sidecars
     accel bench mesh [mesh options]   the same, named
     accel bench edge ...              the XDP edge balancer benchmark (accel/bench/edge.py)
+    accel bench connect ...           new-connection latency vs services configured: connect-time
+                                      balancing against iptables DNAT (accel/bench/connect.py)
+    accel bench xds ...               xDS push of S x E to the kernel maps, agent RSS, one-endpoint
+                                      change latency (accel/bench/xds.py)
 
 Each benchmark is a module under accel/bench/; this file only parses and dispatches.
 """
@@ -18,11 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: mesh (default; kernel, accel, sidecars) and edge")
     add_mesh_args(p)
     p.set_defaults(func=run_mesh)
-    bsub = p.add_subparsers(dest="bench_command", metavar="[mesh|edge]")
+    bsub = p.add_subparsers(dest="bench_command", metavar="[mesh|edge|connect|xds]")
     mesh = bsub.add_parser("mesh", help="the mesh benchmark (what `accel bench` runs by default)")
     add_mesh_args(mesh)
     mesh.set_defaults(func=run_mesh)
     register_edge(bsub)
+    register_connect(bsub)
+    register_xds(bsub)
 
 
 # ---- mesh ------------------------------------------------------------------------------------
@@ -45,7 +51,7 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="rounds over every mode (default 5; --quick 2)")
     p.add_argument("--seconds", type=float, default=None,
-                   help="duration of each workload run (default 2; --quick 0.5, stream >= 1)")
+                   help="whole seconds per workload run (default 2; --quick 1)")
     p.add_argument("--sidecar-capture", choices=("redirect", "ports"), default="redirect",
                    help="how the sidecar mode captures traffic: iptables REDIRECT as Istio does "
                    "(default) or explicit proxy ports (as sidecar+accel always does)")
@@ -136,3 +142,92 @@ def run_edge(args: argparse.Namespace) -> int:
     if result.get("lab_error"):
         print(f"lab run failed: {result['lab_error']}")
     return 0
+
+
+# ---- connect and xds (accel/bench/connect.py, accel/bench/xds.py) -----------------------------
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    import json
+
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
+
+def _say(quiet: bool):
+    import sys
+
+    return (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def register_connect(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("connect", help="new-connection latency to a VIP with N services: "
+                        "connect-time balancing vs iptables DNAT rules (kube-proxy style)")
+    p.add_argument("--services", default="10,1000,10000", metavar="N,N,...",
+                   help="service counts to measure (default 10,1000,10000)")
+    p.add_argument("--endpoints", type=int, default=3, help="endpoints per service (default 3)")
+    p.add_argument("--count", type=int, default=2000,
+                   help="timed connections per case and round (default 2000)")
+    p.add_argument("--warmup", type=int, default=200, help="untimed ones before (default 200)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all cases (default 3)")
+    p.add_argument("--cpu", type=int, default=None,
+                   help="the CPU client and server are pinned to (default: the last)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the result here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run_connect)
+
+
+def run_connect(args: argparse.Namespace) -> int:
+    from accel.commands.common import print_table
+
+    try:
+        sizes = [int(x) for x in args.services.split(",") if x.strip()]
+    except ValueError:
+        return fail(f"bench connect: --services {args.services!r}: expected N,N,...", code=2)
+    from accel.bench import connect
+
+    try:
+        result = connect.run(sizes, args.endpoints, args.count, args.warmup, args.rounds,
+                             args.cpu, say=_say(args.quiet))
+    except ValueError as e:
+        return fail(f"bench connect: {e}", code=2)
+    except Exception as e:  # noqa: BLE001 - a benchmark that cannot run says why and fails
+        return fail(f"bench connect: {e}")
+    _write_json(args.json, result)
+    print(", ".join(f"{k}={v}" for k, v in result["env"].items()))
+    cols = ["case", "services", "connections", "errors", "p50_us", "p90_us", "p99_us", "mean_us"]
+    print_table([[c[k] for k in cols] for c in result["cases"]], cols)
+    return 0
+
+
+def register_xds(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("xds", help="xDS push of S services x E endpoints until the kernel maps "
+                        "are complete, agent RSS, and one-endpoint change latency (p50/p99)")
+    p.add_argument("--services", type=int, default=10_000, help="services (default 10000)")
+    p.add_argument("--endpoints", type=int, default=10, help="endpoints each (default 10)")
+    p.add_argument("--changes", type=int, default=300,
+                   help="one-endpoint changes to time (default 300)")
+    p.add_argument("--seed", type=int, default=1, help="which services/endpoints change")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the result here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run_xds)
+
+
+def run_xds(args: argparse.Namespace) -> int:
+    from accel.bench import xds
+
+    try:
+        result = xds.run(args.services, args.endpoints, args.changes, args.seed,
+                         say=_say(args.quiet))
+    except ValueError as e:
+        return fail(f"bench xds: {e}", code=2)
+    except Exception as e:  # noqa: BLE001 - a benchmark that cannot run says why and fails
+        return fail(f"bench xds: {e}")
+    _write_json(args.json, result)
+    print(", ".join(f"{k}={v}" for k, v in result["env"].items()))
+    for part in ("push", "change"):
+        print(f"{part}: " + ", ".join(f"{k}={v}" for k, v in result[part].items()))
+    ok = result["push"]["maps_complete"] and result["change"]["maps_verified"]
+    return 0 if ok else 1
