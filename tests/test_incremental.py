@@ -233,3 +233,28 @@ def test_server_pushes_only_the_changed_assignment() -> None:
     finally:
         raw.close()
         srv.stop()
+
+
+def test_client_takes_a_listener_set_past_grpc_default_message_size() -> None:
+    """LDS for 10,000 services is ~5.5 MB, more than gRPC's 4 MB default: the client must
+    take it in one response, not reconnect forever."""
+    import threading
+
+    from accel.bench.xds import make_table
+    from accel.sources.memory import MemorySource
+    from accel.xds.client import XdsClient
+    from accel.xds.server import ControllerServer
+
+    table = make_table(10_000, 10)
+    srv = ControllerServer(MemorySource(table), "127.0.0.1:18591").start()
+    got: list[ServiceTable] = []
+    done = threading.Event()
+    client = XdsClient(f"127.0.0.1:{srv.port}", "hx-big",
+                       lambda t: (got.append(t), done.set()), backoff_initial=0.1)
+    client.start()
+    try:
+        assert done.wait(60), client.state()
+        assert got[-1].equivalent(table) and client.state()["reconnects"] == 0
+    finally:
+        client.stop()
+        srv.stop(0)

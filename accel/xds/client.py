@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 OnUpdate = Callable[[ServiceTable], None]
 Event = Callable[[str, dict], None]
+# The largest DiscoveryResponse accepted: room for ~400,000 services' listeners.
+MAX_RESPONSE_BYTES = 256 << 20
 # Subscribe parents first so children are asked for as soon as their names are known.
 SUBSCRIBE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
@@ -166,7 +168,10 @@ class XdsClient:
                 yield item
 
         # Keepalive within what servers accept by default (5 min), to notice a dead peer.
-        options = [("grpc.keepalive_time_ms", 300_000), ("grpc.keepalive_timeout_ms", 20_000)]
+        # State of the world is big: LDS for 10,000 services is 5.5 MB, past gRPC's 4 MB
+        # default, which would end every stream at its first response.
+        options = [("grpc.keepalive_time_ms", 300_000), ("grpc.keepalive_timeout_ms", 20_000),
+                   ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
         channel = (grpc.secure_channel(self.target, self.credentials, options=options)
                    if self.credentials else grpc.insecure_channel(self.target, options=options))
         got = False
