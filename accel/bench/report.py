@@ -160,7 +160,8 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
     ax_lat.set_yscale("log")
     ax_lat.set_ylabel("round trip, us (log)")
     ax_lat.set_title("request/response latency (sockperf ping-pong, 64 B)")
-    ax_lat.legend(fontsize=8)
+    ax_lat.legend(fontsize=8, loc="upper left", ncols=len(modes))
+    ax_lat.margins(y=0.25)
 
     for ax, workload, metric, title, unit in (
             (ax_tp, "stream", "gbps", "throughput (iperf3)", "Gbit/s"),
