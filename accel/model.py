@@ -263,6 +263,12 @@ class ServiceTable:
         validating only those against the rest: one changed service among 10,000 costs
         microseconds instead of a full validation. Services keep their places; new ones come
         last. Raises ValidationError, like the constructor, on a name or VIP:port clash."""
+        new = list(upsert)
+        remove = tuple(remove)
+        if not remove and mesh_cidrs is None and guard is None:
+            simple = self._replace_in_place(new)
+            if simple is not None:
+                return simple
         services: list[Service | None] = list(self.services)
         index: dict[str, int] = dict(self._index)
         keys: dict[tuple[IPAddress, int, str], str] = dict(self._keys)
@@ -278,7 +284,6 @@ class ServiceTable:
                 services[i] = None
                 del keys[old.key]
                 removed.append(old)
-        new = list(upsert)
         seen: set[str] = set()
         for svc in new:  # first free the keys of replaced services: two may swap VIPs
             if svc.name in seen:
@@ -310,20 +315,43 @@ class ServiceTable:
             index = {s.name: i for i, s in enumerate(kept)}
         else:
             kept = tuple(services)  # type: ignore[arg-type]
+        return self._derived(kept, self.mesh_cidrs if mesh_cidrs is None else tuple(mesh_cidrs),
+                             self.guard if guard is None else guard, index, keys,
+                             TableDelta(tuple(added), tuple(removed)))
+
+    def _replace_in_place(self, new: list[Service]) -> ServiceTable | None:
+        """derive() when every service replaces one of the same name and VIP:port (an
+        endpoint change, the common case): nothing can clash and the indexes are shared."""
+        services = list(self.services)
+        added, removed = [], []
+        for svc in new:
+            i = self._index.get(svc.name)
+            if i is None or services[i].key != svc.key or services[i] is not self.services[i]:
+                return None  # new, moved to another VIP:port, or named twice: the full path
+            if services[i] is not svc:
+                removed.append(services[i])
+                added.append(svc)
+                services[i] = svc
+        return self._derived(tuple(services), self.mesh_cidrs, self.guard, self._index,
+                             self._keys, TableDelta(tuple(added), tuple(removed)))
+
+    def _derived(self, services: tuple[Service, ...], mesh_cidrs: tuple[IPNetwork, ...],
+                 guard: Guard, index: dict[str, int],
+                 keys: dict[tuple[IPAddress, int, str], str], delta: TableDelta) -> ServiceTable:
+        # Validated by the caller: bypass __init__ (and its full validation). The index
+        # dicts are never changed once a table has them, so tables may share them.
         table = object.__new__(ServiceTable)
-        object.__setattr__(table, "services", kept)
-        object.__setattr__(table, "mesh_cidrs",
-                           self.mesh_cidrs if mesh_cidrs is None else tuple(mesh_cidrs))
-        object.__setattr__(table, "guard", self.guard if guard is None else guard)
+        object.__setattr__(table, "services", services)
+        object.__setattr__(table, "mesh_cidrs", mesh_cidrs)
+        object.__setattr__(table, "guard", guard)
         object.__setattr__(table, "_index", index)
         object.__setattr__(table, "_keys", keys)
-        object.__setattr__(table, "_base",
-                           (weakref.ref(self), TableDelta(tuple(added), tuple(removed))))
+        object.__setattr__(table, "_base", (weakref.ref(self), delta))
         return table
 
     def delta(self, old: ServiceTable | None) -> TableDelta:
         """The services this table does not share with `old` (None: all of them are new), by
-        object identity. Free when this table was derived from `old`; otherwise one pass."""
+        object identity. Free when either was derived from the other; otherwise one pass."""
         if old is None:
             return TableDelta(self.services, ())
         if old is self:
@@ -331,6 +359,9 @@ class ServiceTable:
         ref, d = self._base
         if ref is not None and ref() is old:
             return d
+        ref, d = old._base
+        if ref is not None and ref() is self:  # asked the other way round
+            return TableDelta(d.removed, d.added)
         mine: dict[str, int] = self._index
         theirs: dict[str, int] = old._index
         added = tuple(s for s in self.services
