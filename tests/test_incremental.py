@@ -29,15 +29,20 @@ def mutate(table: ServiceTable, rng: random.Random, step: int) -> ServiceTable:
     upsert, remove = [], []
     for _ in range(rng.randrange(1, 4)):
         op = rng.random()
-        if op < 0.5 and names:
+        if op < 0.3 and names:
+            old = table.get(rng.choice(names))  # endpoints only: replaced in place
+            upsert.append(Service(old.name, old.vip, old.port,
+                                  endpoints=service(0, rng).endpoints))
+        elif op < 0.5 and names:
             upsert.append(service(int(rng.choice(names)[1:]), rng))  # changed endpoints/VIP
         elif op < 0.8:
             upsert.append(service(1000 + step * 10 + len(upsert), rng))
         elif names:
             remove.append(rng.choice(names))
     upsert = list({s.name: s for s in upsert if s.name not in remove}.values())
-    cidrs = table.mesh_cidrs if rng.random() < 0.8 else \
+    new_cidrs = None if rng.random() < 0.8 else \
         (ipaddress.ip_network(f"10.{rng.randrange(200, 203)}.0.0/16"),)
+    cidrs = table.mesh_cidrs if new_cidrs is None else new_cidrs
     by_name = {u.name: u for u in upsert}
     # derive keeps each replaced service in its place and appends new ones.
     order = [by_name.pop(s.name, s) for s in table.services if s.name not in remove]
@@ -46,14 +51,16 @@ def mutate(table: ServiceTable, rng: random.Random, step: int) -> ServiceTable:
         expected = ServiceTable(tuple(order), mesh_cidrs=cidrs)
     except ValidationError as e:
         with pytest.raises(ValidationError) as got:
-            table.derive(upsert, remove, mesh_cidrs=cidrs)
+            table.derive(upsert, remove, mesh_cidrs=new_cidrs)
         assert "already used" in str(got.value) and "already used" in str(e)
         return table
-    new = table.derive(upsert, remove, mesh_cidrs=cidrs)
+    new = table.derive(upsert, remove, mesh_cidrs=new_cidrs)
     assert new == expected and new.canonical() == expected.canonical()
     assert new.equivalent(expected) and expected.equivalent(new)
     assert new.equivalent(table) == (new.canonical() == table.canonical())
     d = new.delta(table)
+    back = table.delta(new)
+    assert (back.added, back.removed) == (d.removed, d.added)
     assert {s.name for s in d.added} == {s.name for s in upsert}
     assert {id(s) for s in d.removed} == {id(s) for s in table.services
                                           if s.name in remove or s.name in
