@@ -93,9 +93,14 @@ def expected_maps(table: ServiceTable) -> dict:
 
 
 def test_derived_tables_land_in_the_kernel_like_full_ones(datapath) -> None:
+    from accel.agent import Agent
+
+    agent = Agent(datapath)
+    events = agent.watch()
     rng = random.Random(11)
     table = ServiceTable(tuple(service(i, rng, port=1000 + i) for i in range(30)))
-    datapath.apply(table)
+    agent.apply_table(table)
+    assert events.get_nowait().kind == "applied"
     assert datapath.dump() == expected_maps(table)
     for step in range(60):
         new = mutate(table, rng, step)
@@ -103,8 +108,9 @@ def test_derived_tables_land_in_the_kernel_like_full_ones(datapath) -> None:
         assert need["slots"] == sum(len(weighted_slots(s.endpoints)) for s in new.services)
         assert need["mesh_nets"] == len({mapped(a) for a in new.endpoint_addresses()}) + \
             len(new.mesh_cidrs)
-        report = datapath.apply(new)
-        assert not any(r.errors for r in report.values())
+        agent.apply_table(new)
+        count = sum(len(s.endpoints) for s in new.services)
+        assert events.get_nowait().message.endswith(f" {count} endpoints")
         got = datapath.dump()
         want = expected_maps(new)
         assert got["mesh_nets"] == want["mesh_nets"], step
