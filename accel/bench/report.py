@@ -121,6 +121,10 @@ def table(results: dict[str, Any]) -> str:
                      f"redirected messages ({counters.get('redirected_bytes', 0)} bytes), "
                      f"{counters.get('connect_balanced', 0)} balanced connects, "
                      f"{counters.get('msg_peer_unknown', 0)} unpaired")
+    load = env.get("loadavg_end")
+    if load and load[0] > 1.5:  # the bench itself keeps about one CPU busy
+        lines.append(f"  NOTE: load {load[0]:.1f} at the end, the bench itself accounting for "
+                     "about 1: other work shared the CPUs; rerun when idle for steady figures")
     if env.get("foreign_cgroup_programs"):
         lines.append(f"  WARNING: {env['foreign_cgroup_programs']} socket programs of others are "
                      "attached above the bench cgroups; figures may be skewed")

@@ -278,6 +278,7 @@ class Bench:
         self.cgroup_parent: Path | None = None
         self.cgroups: dict[str, Path] = {}
         self.started = time.time()
+        self.loadavg_start = os.getloadavg()
         self.counters_before: dict[str, int] = {}
         self.setup_seconds = 0.0
 
@@ -474,6 +475,9 @@ class Bench:
             "foreign_cgroup_programs": foreign_cgroup_programs(self.cgroup_parent),
             "accel_counters": {k: after.get(k, 0) - self.counters_before.get(k, 0)
                                for k in after},
+            # Other work on the machine skews every mode: say how busy it was.
+            "loadavg_start": [round(x, 2) for x in self.loadavg_start],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "setup_s": round(self.setup_seconds, 2),
             "measure_s": round(measured_s, 2),
