@@ -170,8 +170,11 @@ def register_connect(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoints", type=int, default=3, help="endpoints per service (default 3)")
     p.add_argument("--count", type=int, default=2000,
                    help="timed connections per case and round (default 2000)")
-    p.add_argument("--warmup", type=int, default=200, help="untimed ones before (default 200)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over all cases (default 3)")
+    p.add_argument("--chunks", type=int, default=10,
+                   help="the cases alternate in this many chunks of each count (default 10)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="untimed connections before each chunk (default 20)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all sizes (default 3)")
     p.add_argument("--cpu", type=int, default=None,
                    help="the CPU client and server are pinned to (default: the last)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the result here")
@@ -190,7 +193,7 @@ def run_connect(args: argparse.Namespace) -> int:
 
     try:
         result = connect.run(sizes, args.endpoints, args.count, args.warmup, args.rounds,
-                             args.cpu, say=_say(args.quiet))
+                             args.chunks, args.cpu, say=_say(args.quiet))
     except ValueError as e:
         return fail(f"bench connect: {e}", code=2)
     except Exception as e:  # noqa: BLE001 - a benchmark that cannot run says why and fails
