@@ -21,7 +21,7 @@ def mesh_of(*pods, port: int = 8080) -> ServiceTable:
     ))
 
 
-def wait_empty(dp, timeout: float = 5.0) -> None:
+def wait_empty(dp, timeout: float = 15.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if dp.sockhash_entries() == 0 and dp.pairing_entries() == 0:
