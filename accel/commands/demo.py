@@ -113,7 +113,7 @@ class Progress:
 def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         return fail("demo: run as root (network namespaces, cgroups and BPF need it)", code=2)
-    prefix = args.prefix or "ad" + secrets.token_hex(3)
+    prefix = args.prefix or "ad" + secrets.token_hex(2)
     if len(prefix) > 7 or not prefix.isalnum():
         return fail("demo: --prefix must be 1-7 letters or digits", code=2)
     cpus: tuple[int, ...] = ()
