@@ -196,3 +196,40 @@ def test_uninstall_after_sigkill_removes_the_edge_too(pin_dir, test_cgroup, tmp_
         assert_no_trace(pin_dir, test_cgroup)
     finally:
         subprocess.run(["ip", "link", "del", e0], capture_output=True)
+
+
+def test_missing_kernel_feature_doctor_names_it_agent_refuses(lab, pin_dir, test_cgroup,
+                                                              tmp_path):
+    """A program this kernel rejects (here: connect4 calling a helper sock_addr programs may
+    not use, as an older kernel would reject a newer helper): doctor names it, the agent
+    refuses to start, undoes what it attached, and traffic is unaffected."""
+    import shutil
+
+    from accel.datapath.programs import bpf_dir
+
+    broken = tmp_path / "bpf"
+    shutil.copytree(bpf_dir(), broken)
+    src = (broken / "connect.c").read_text()
+    src = src.replace("int accel_connect4(struct bpf_sock_addr *ctx) {",
+                      "int accel_connect4(struct bpf_sock_addr *ctx) {\n"
+                      "\tbpf_msg_apply_bytes((void *)ctx, 1);")
+    (broken / "connect.c").write_text(src)
+    env = {**os.environ, "ACCEL_BPF_DIR": str(broken)}
+    doctor = subprocess.run([*ACCEL, "doctor", "--json"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert doctor.returncode == 1
+    report = json.loads(doctor.stdout)
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == ["cgroup sock_addr"], failed
+    assert "accel_connect4" in failed[0]["detail"]
+
+    cfg = write_config(tmp_path, [lab.pods[1]])
+    r = subprocess.run([*ACCEL, "agent", "--config", str(cfg), "--pin-dir", pin_dir, "--cgroup",
+                        str(test_cgroup), "--api-socket", ""], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 1 and "cannot load the datapath" in r.stderr, r.stderr
+    assert "accel doctor" in r.stderr
+    assert_no_trace(pin_dir, test_cgroup)
+    client, server = lab.pods
+    with EchoServer(server, 8080):
+        assert roundtrip(client, str(server.ip), 8080, b"still here") == b"still here"

@@ -100,8 +100,10 @@ class Datapath:
 
     def start(self) -> Datapath:
         self._lock()
+        fresh = False
         try:
             self.cgroup = cgroup.resolve(self.cgroup_path)
+            fresh = not os.path.isdir(self.pin_dir) or not os.listdir(self.pin_dir)
             os.makedirs(self.pin_dir, exist_ok=True)
             previous = self._read_state()
             self._load()
@@ -111,6 +113,13 @@ class Datapath:
             self._write_state()
         except BaseException:
             self.attachments.undo_all()
+            if fresh:
+                # Nothing of ours was here before: leave nothing. (Pins of a kept datapath
+                # stay: it is still serving.)
+                for b in self._modules.values():
+                    b.cleanup()
+                self._modules.clear()
+                remove_pins(self.pin_dir)
             self._unlock()
             raise
         return self
