@@ -88,5 +88,17 @@ def datapath(pin_dir, test_cgroup):
 
 
 @pytest.fixture
+def env():
+    """An isolated place to run `accel agent` subprocesses for API tests (tests/api_harness)."""
+    from tests.api_harness import Env
+
+    e = Env()
+    try:
+        yield e
+    finally:
+        e.cleanup()
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]

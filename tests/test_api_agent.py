@@ -21,20 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from accel.api.gen import agent_pb2 as pb
 from accel.api.gen import agent_pb2_grpc as pb_grpc
 from accel.lab import Lab
-from tests.api_harness import REPO, Env, accel, write
+from tests.api_harness import REPO, accel, write
 from tests.traffic import EchoServer, connect
 
 MESH = REPO / "examples" / "mesh.yaml"
 VIP = "10.96.0.1"
-
-
-@pytest.fixture
-def env():
-    e = Env()
-    try:
-        yield e
-    finally:
-        e.cleanup()
 
 
 @pytest.fixture

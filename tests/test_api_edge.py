@@ -22,15 +22,6 @@ VIP = "192.168.251.100"
 
 
 @pytest.fixture
-def env():
-    e = Env()
-    try:
-        yield e
-    finally:
-        e.cleanup()
-
-
-@pytest.fixture
 def veth(env):
     """ha<uid>e0 (the edge) <-> ha<uid>e1 (where test packets come from), root netns."""
     e0, e1 = f"ha{env.uid}e0", f"ha{env.uid}e1"

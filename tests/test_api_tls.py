@@ -10,18 +10,9 @@ import pytest
 
 from accel.api.gen import agent_pb2 as pb
 from accel.api.gen import agent_pb2_grpc as pb_grpc
-from tests.api_harness import REPO, Env, accel, cert_chain, free_port
+from tests.api_harness import REPO, accel, cert_chain, free_port
 
 MESH = REPO / "examples" / "mesh.yaml"
-
-
-@pytest.fixture
-def env():
-    e = Env()
-    try:
-        yield e
-    finally:
-        e.cleanup()
 
 
 @pytest.fixture

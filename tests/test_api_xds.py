@@ -7,7 +7,6 @@ import json
 import time
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from accel.sources.file import FileSource
@@ -19,15 +18,6 @@ from tests.api_harness import Env, accel, free_port, write
 def service(name: str, octet: int) -> str:
     return (f"  - name: {name}\n    vip: 10.96.7.{octet}\n    port: 80\n    endpoints:\n"
             f"      - {{address: 10.200.7.{octet}, port: 8080}}\n")
-
-
-@pytest.fixture
-def env():
-    e = Env()
-    try:
-        yield e
-    finally:
-        e.cleanup()
 
 
 def status(env: Env) -> dict:
