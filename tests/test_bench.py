@@ -8,7 +8,6 @@ shares its two CPUs. What is asserted is that every figure exists and is sane.""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import struct
@@ -21,7 +20,7 @@ import pytest
 
 from accel.bench import runner
 from accel.bench.workloads import WorkloadError, parse_crr, parse_iperf3, parse_sockperf
-from accel.datapath import cgroup as cg
+from tests.leftovers import leftovers
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("kernel", "accel", "sidecar", "sidecar+accel", "iptables-dnat")
@@ -33,26 +32,6 @@ ALL_METRICS = ("p50_us", "p90_us", "p99_us", "p999_us", "gbps", "conn_per_s")
 def accel(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "accel.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def leftovers(prefix: str) -> list[str]:
-    found = []
-    netns = Path("/run/netns")
-    if netns.is_dir():
-        found += [p.name for p in netns.iterdir() if p.name.startswith(f"{prefix}-")]
-    root = cg.cgroup2_mount()
-    found += [str(p) for p in root.glob(f"accel-bench-{prefix}")]
-    found += [str(p) for p in Path("/sys/fs/bpf").glob(f"accel-bench-{prefix}")]
-    found += [str(p) for p in runner.STATE_DIR.glob(f"{prefix}.json")]
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if f"accel-bench-{prefix}" in cmd:
-                found.append(f"process {pid}: {cmd}")
-    return found
 
 
 @pytest.fixture
@@ -121,8 +100,9 @@ def test_quick_bench_writes_json_and_png(tmp_path, prefix):
 
 def test_sigterm_tears_down(prefix):
     proc = subprocess.Popen(
+        # Long enough that the signal always lands mid-run, never after a finished bench.
         [sys.executable, "-m", "accel.cli", "bench", "--quick", "--prefix", prefix,
-         "--modes", "accel,sidecar", "--workloads", "rr"],
+         "--modes", "accel,sidecar", "--workloads", "rr", "--repeats", "4", "--seconds", "3"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
