@@ -1,10 +1,12 @@
-"""The controller's ADS server: state-of-the-world LDS/RDS/CDS/EDS over one gRPC stream.
+"""The controller's ADS server: LDS/RDS/CDS/EDS over one gRPC stream, state of the world
+(StreamAggregatedResources) or incremental (DeltaAggregatedResources).
 
 It serves what translate.py makes of a TableSource's table, to meshaccel agents and to
 gRPC proxyless clients alike. Each table change is a new version, pushed to every stream
 in make-before-break order (CDS, EDS, LDS, RDS), and only for resources that changed:
-LDS/CDS responses hold every resource (state of the world), EDS/RDS pushes only the changed
-ones.
+SotW LDS/CDS responses hold every resource, SotW EDS/RDS pushes only the changed ones, and
+Delta responses only the changed ones of every type plus the names removed (removals go
+children first: RDS, LDS, EDS, CDS).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from accel.model import Service, ServiceTable
 from accel.sources import TableSource
 from accel.xds import translate
+from accel.xds.server_delta import Changes, DeltaSubscription
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,9 @@ class Snapshot:
     version: str
     table: ServiceTable
     resources: dict[str, dict[str, any_pb2.Any]]  # type_url -> name -> packed resource
-    digests: dict[str, dict[str, bytes]]  # type_url -> name -> digest of the bytes
+    # type_url -> name -> digest of the bytes: what SotW compares and Delta's per-resource
+    # version (the same across controller restarts, so reconnecting clients keep theirs).
+    digests: dict[str, dict[str, str]]
     # Service -> its packed resources: the next snapshot re-packs only changed services.
     cache: dict[Service, dict] = field(default_factory=dict, repr=False, compare=False)
 
@@ -65,10 +70,10 @@ class Snapshot:
         return cls(version, table, resources, digests, cache)
 
 
-def _packed(msg) -> tuple[any_pb2.Any, bytes]:
+def _packed(msg) -> tuple[any_pb2.Any, str]:
     a = any_pb2.Any()
     a.Pack(msg)
-    return a, hashlib.blake2b(a.value, digest_size=16).digest()
+    return a, hashlib.blake2b(a.value, digest_size=16).hexdigest()
 
 
 @dataclass
@@ -78,7 +83,7 @@ class _Sub:
     names: set[str] | None = None  # None: wildcard
     nonce: str = ""  # last nonce sent
     sent_version: str = ""
-    sent: dict[str, bytes] | None = None  # name -> digest of what the client last got
+    sent: dict[str, str] | None = None  # name -> digest of what the client last got
     acked_version: str = ""
     nack_error: str | None = None
     nacked_version: str = ""
@@ -91,6 +96,7 @@ class _Stream:
     node_id: str = ""
     events: queue.Queue = field(default_factory=queue.Queue)
     subs: dict[str, _Sub] = field(default_factory=dict)
+    delta: dict[str, DeltaSubscription] | None = None  # Delta xDS streams only
     opened: float = field(default_factory=time.time)
 
 
@@ -133,16 +139,17 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             streams = list(self._streams.values())
         return [{
             "peer": s.peer, "node_id": s.node_id, "opened": s.opened,
+            "protocol": "sotw" if s.delta is None else "delta",
             "types": {t: {"names": None if sub.names is None else sorted(sub.names),
                           "sent_version": sub.sent_version, "acked_version": sub.acked_version,
                           "nack_error": sub.nack_error}
-                      for t, sub in list(s.subs.items())},
+                      for t, sub in list(s.subs.items())} if s.delta is None else
+            {t: sub.describe() for t, sub in list(s.delta.items())},
         } for s in streams]
 
-    # -- the RPC
-
-    def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802
-        stream = _Stream(next(self._ids), context.peer())
+    def _open(self, request_iterator, context, delta: bool) -> _Stream:
+        """Register a stream and start reading its requests into its event queue."""
+        stream = _Stream(next(self._ids), context.peer(), delta={} if delta else None)
         with self._lock:
             self._streams[stream.id] = stream
         context.add_callback(lambda: stream.events.put(_END))
@@ -156,7 +163,23 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             stream.events.put(_END)
 
         threading.Thread(target=read, name=f"ads-read-{stream.id}", daemon=True).start()
-        log.info("ADS stream %d opened from %s", stream.id, stream.peer)
+        log.info("ADS stream %d (%s) opened from %s", stream.id,
+                 "delta" if delta else "state of the world", stream.peer)
+        return stream
+
+    def _close(self, stream: _Stream) -> None:
+        with self._lock:
+            self._streams.pop(stream.id, None)
+        log.info("ADS stream %d from %s (node %r) closed", stream.id, stream.peer,
+                 stream.node_id)
+
+    def _nonce(self) -> str:
+        return f"{self._epoch}-{next(self._nonces)}"
+
+    # -- state of the world
+
+    def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802
+        stream = self._open(request_iterator, context, delta=False)
         try:
             while True:
                 ev = stream.events.get()
@@ -174,15 +197,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if resp is not None:
                     yield resp
         finally:
-            with self._lock:
-                self._streams.pop(stream.id, None)
-            log.info("ADS stream %d from %s (node %r) closed", stream.id, stream.peer,
-                     stream.node_id)
-
-    def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "meshaccel serves state-of-the-world xDS only; use "
-                      "StreamAggregatedResources")
+            self._close(stream)
 
     def _on_request(self, stream: _Stream,
                     req: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryResponse | None:
@@ -245,10 +260,85 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 return None
         sub.sent = view
         sub.sent_version = snap.version
-        sub.nonce = f"{self._epoch}-{next(self._nonces)}"
+        sub.nonce = self._nonce()
         return discovery_pb2.DiscoveryResponse(
             version_info=snap.version, type_url=t, nonce=sub.nonce,
             resources=[items[n] for n in names],
+            control_plane=base_pb2.ControlPlane(identifier=CONTROL_PLANE))
+
+    # -- incremental (Delta)
+
+    def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802
+        stream = self._open(request_iterator, context, delta=True)
+        try:
+            while True:
+                ev = stream.events.get()
+                if ev is _END:
+                    return
+                if ev is _PUSH:
+                    yield from self._delta_push(stream, self._snapshot)
+                    continue
+                resp = self._on_delta_request(stream, ev, self._snapshot)
+                if resp is not None:
+                    yield resp
+        finally:
+            self._close(stream)
+
+    def _on_delta_request(self, stream: _Stream, req: discovery_pb2.DeltaDiscoveryRequest,
+                          snap: Snapshot) -> discovery_pb2.DeltaDiscoveryResponse | None:
+        assert stream.delta is not None
+        if req.HasField("node") and req.node.id:
+            stream.node_id = req.node.id
+        t = req.type_url
+        if t not in translate.KIND:
+            log.warning("node %r asked for unknown type %r", stream.node_id, t)
+            return None
+        sub = stream.delta.get(t)
+        if sub is None:
+            sub = stream.delta[t] = DeltaSubscription(t)
+        verdict = sub.on_reply(req)
+        if verdict == "nack":
+            self.nacks += 1
+            log.warning("node %r (%s) NACKed %s version %s: %s", stream.node_id, stream.peer,
+                        translate.KIND[t], sub.sent_version, req.error_detail.message)
+        elif verdict == "ack":
+            self.acks += 1
+            log.debug("node %r ACKed %s version %s", stream.node_id, translate.KIND[t],
+                      sub.sent_version)
+        # Subscription changes count even on a request carrying a stale nonce.
+        due = sub.on_request(req)
+        if due is None:
+            return None
+        changes = sub.changes(snap.digests[t], due.only)
+        if not changes and not due.even_if_empty:
+            return None
+        return self._delta_response(stream, t, snap, changes)
+
+    def _delta_push(self, stream: _Stream, snap: Snapshot):
+        """A new snapshot: additions and changes parents first (CDS, EDS, LDS, RDS), then
+        removals children first (RDS, LDS, EDS, CDS), so nothing points at what is gone."""
+        assert stream.delta is not None
+        todo = {t: sub.changes(snap.digests[t]) for t, sub in stream.delta.items() if sub.started}
+        for t in translate.PUSH_ORDER:
+            if todo.get(t) and todo[t].upsert:
+                yield self._delta_response(stream, t, snap, Changes(todo[t].upsert, ()))
+        for t in reversed(translate.PUSH_ORDER):
+            if todo.get(t) and todo[t].remove:
+                yield self._delta_response(stream, t, snap, Changes((), todo[t].remove))
+
+    def _delta_response(self, stream: _Stream, t: str, snap: Snapshot,
+                        changes: Changes) -> discovery_pb2.DeltaDiscoveryResponse:
+        assert stream.delta is not None
+        sub = stream.delta[t]
+        items, versions = snap.resources[t], snap.digests[t]
+        sub.sent(changes, versions)
+        sub.sent_version = snap.version
+        sub.nonce = self._nonce()
+        return discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=snap.version, type_url=t, nonce=sub.nonce,
+            resources=[discovery_pb2.Resource(name=n, version=versions[n], resource=items[n])
+                       for n in changes.upsert],
+            removed_resources=changes.remove,
             control_plane=base_pb2.ControlPlane(identifier=CONTROL_PLANE))
 
 
