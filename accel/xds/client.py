@@ -1,9 +1,12 @@
-"""The agent's ADS client: state-of-the-world xDS into ServiceTables.
+"""The agent's ADS client: xDS into ServiceTables, state of the world or (delta=True)
+incremental.
 
 LDS and CDS are wildcard subscriptions; EDS follows the clusters CDS yields and RDS the
 route configs listeners name. A response is ACKed only after `on_update` accepted the
 table it leads to; anything that fails (bad resources, a ValidationError or any other
 exception from on_update) is NACKed with the reason and the last good state stays.
+The Delta protocol's wire side lives in client_delta.py; what a response does to the
+resources held and the table is the same for both.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from google.rpc import code_pb2, status_pb2
 
 from accel.model import ServiceTable
 from accel.xds import translate
+from accel.xds.client_delta import DeltaADS
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
 
 log = logging.getLogger(__name__)
@@ -59,9 +63,10 @@ class _Result:
     translation: translate.Translation | None = None  # with `table`
 
 
-class XdsClient:
+class XdsClient(DeltaADS):
     """Run with start()/stop(); `events` is a list of callables (kind, info) called with
-    "applied" after each ACK and "rejected" after each NACK."""
+    "applied" after each ACK and "rejected" after each NACK. delta=True speaks incremental
+    xDS (DeltaAggregatedResources) instead of state of the world."""
 
     def __init__(
         self,
@@ -73,8 +78,10 @@ class XdsClient:
         credentials: grpc.ChannelCredentials | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 15.0,
+        delta: bool = False,
     ):
         self.target = target
+        self.delta = delta
         self.node = base_pb2.Node(id=node_id, cluster=cluster, user_agent_name="meshaccel")
         self.on_update = on_update
         self.credentials = credentials
@@ -89,6 +96,9 @@ class XdsClient:
         self._pending: dict[str, str] = {}
         self._memo = translate.Memo()
         self._names_cache: dict[str, tuple[dict, frozenset[str]]] = {}
+        # Delta: name -> version of each resource held (a superset of the names held:
+        # stale entries go when it is worth it, see client_delta).
+        self._versions: dict[str, dict[str, str]] = {t: {} for t in SUBSCRIBE_ORDER}
         # perf_counter() when the response being handled arrived (for latency measurements).
         self.last_received = 0.0
         self._connected = False
@@ -125,6 +135,7 @@ class XdsClient:
             out: dict = {
                 "connected": self._connected,
                 "target": self.target,
+                "protocol": "delta" if self.delta else "sotw",
                 "node_id": self.node.id,
                 "reconnects": self._reconnects,
                 "services": len(self._table.services) if self._table else None,
@@ -180,16 +191,23 @@ class XdsClient:
             for ts in self._types.values():
                 ts.subscribed = False
                 ts.stream_nonce = ""
-            first = True
-            # Resubscribe with what we hold: the server can skip what we already have.
-            for t in SUBSCRIBE_ORDER:
-                ts = self._types[t]
-                if t in (ENDPOINT, ROUTE) and not ts.names:
-                    continue
-                out.put(self._request(t, nonce="", node=first))
-                ts.subscribed = True
-                first = False
-            self._call = call = stub.StreamAggregatedResources(requests())
+            if self.delta:
+                for req in self._delta_first_requests():
+                    out.put(req)
+                self._call = call = stub.DeltaAggregatedResources(requests())
+                handle = self._handle_delta
+            else:
+                first = True
+                # Resubscribe with what we hold: the server can skip what we already have.
+                for t in SUBSCRIBE_ORDER:
+                    ts = self._types[t]
+                    if t in (ENDPOINT, ROUTE) and not ts.names:
+                        continue
+                    out.put(self._request(t, nonce="", node=first))
+                    ts.subscribed = True
+                    first = False
+                self._call = call = stub.StreamAggregatedResources(requests())
+                handle = self._handle
             if self._stop.is_set():
                 call.cancel()
             for resp in call:
@@ -197,8 +215,9 @@ class XdsClient:
                     got = True
                     with self._lock:
                         self._connected = True
-                    log.info("xDS: connected to %s", self.target)
-                self._handle(resp, out)
+                    log.info("xDS: connected to %s%s", self.target,
+                             " (delta)" if self.delta else "")
+                handle(resp, out)
         except grpc.RpcError as e:
             if not self._stop.is_set():
                 code = e.code() if isinstance(e, grpc.Call) else None
@@ -235,18 +254,31 @@ class XdsClient:
         if t not in self._types:
             log.warning("xDS: ignoring a response of unrequested type %r", t)
             return
+        self._take(
+            t, resp.nonce, resp.version_info, out,
+            # SotW LDS/CDS responses are complete: what is absent is gone.
+            lambda: self._apply(t, translate.unpack(t, resp.resources),
+                                complete=t in translate.WILDCARD_TYPES),
+            lambda error: self._request(t, nonce=resp.nonce, error=error))
+
+    def _take(self, t: str, nonce: str, version: str, out: queue.Queue,
+              apply: Callable[[], _Result], reply: Callable[[str | None], object],
+              commit: Callable[[_Result], None] | None = None) -> None:
+        """Apply a response and ACK it, or NACK it with the reason: `apply` computes the new
+        state (raising leaves everything as it was), `reply(error)` makes the ACK/NACK, and
+        `commit` stores what else the protocol keeps (under the lock, with the state)."""
         ts = self._types[t]
         try:
-            r = self._apply(t, resp)
+            r = apply()
         except Exception as e:  # noqa: BLE001 -- every failure is a NACK, never a crash
             msg = str(e) or type(e).__name__
             with self._lock:
-                ts.last_nonce = ts.stream_nonce = resp.nonce
+                ts.last_nonce = ts.stream_nonce = nonce
                 ts.last_nack_error = msg
-            log.warning("xDS: NACK %s version %s: %s", translate.KIND[t], resp.version_info, msg)
-            out.put(self._request(t, nonce=resp.nonce, error=msg))
-            self._emit("rejected", {"type_url": t, "version": resp.version_info,
-                                    "nonce": resp.nonce, "error": msg})
+            log.warning("xDS: NACK %s version %s: %s", translate.KIND[t], version, msg)
+            out.put(reply(msg))
+            self._emit("rejected", {"type_url": t, "version": version, "nonce": nonce,
+                                    "error": msg})
             return
         with self._lock:
             self._res = r.resources
@@ -255,33 +287,39 @@ class XdsClient:
                 self._table = r.table
                 self._tr = r.translation
                 self._pending = r.pending
-            ts.last_ack_version = resp.version_info
-            ts.last_nonce = ts.stream_nonce = resp.nonce
+            if commit is not None:
+                commit(r)
+            ts.last_ack_version = version
+            ts.last_nonce = ts.stream_nonce = nonce
             ts.last_nack_error = None
             ts.last_update_time = time.time()
-        out.put(self._request(t, nonce=resp.nonce))
-        self._emit("applied", {"type_url": t, "version": resp.version_info,
-                               "nonce": resp.nonce, "resources": r.count,
+        out.put(reply(None))
+        self._emit("applied", {"type_url": t, "version": version, "nonce": nonce,
+                               "resources": r.count,
                                "services": len(r.table.services) if r.table else None,
                                "pending": sorted(r.pending)})
         self._resubscribe(ENDPOINT, r.eds_names, out)
         self._resubscribe(ROUTE, r.rds_names, out)
 
-    def _apply(self, t: str, resp: discovery_pb2.DiscoveryResponse) -> _Result:
-        """Validate a response against the rest of the state and hand the table to on_update;
-        raise (-> NACK) without changing anything if either fails."""
-        items = translate.unpack(t, resp.resources)
-        if t == ENDPOINT:
+    def _apply(self, t: str, items: dict, *, removed: frozenset[str] = frozenset(),
+               complete: bool = False) -> _Result:
+        """Validate a response's resources (`items` added or changed, `removed` gone; or with
+        `complete`, items are all there is) against the rest of the state and hand the table
+        to on_update; raise (-> NACK) without changing anything if either fails."""
+        if t == ENDPOINT and not removed and not complete:
             fast = self._apply_endpoints(items)
             if fast is not None:
                 return fast
-        if t in (ENDPOINT, ROUTE):
-            # SotW EDS/RDS: a response need not repeat every resource; absence is no removal.
-            wanted = self._types[t].names
-            merged = dict(self._res.of(t))
-            merged.update({n: m for n, m in items.items() if n in wanted})
-        else:
+        if complete:
             merged = items
+        else:
+            # A response need not repeat every resource: absence is no removal. EDS/RDS take
+            # only the names subscribed to.
+            wanted = self._types[t].names if t in (ENDPOINT, ROUTE) else None
+            held = self._res.of(t)
+            merged = {n: m for n, m in held.items() if n not in removed} if removed \
+                else dict(held)
+            merged.update({n: m for n, m in items.items() if wanted is None or n in wanted})
         cand = self._res.replace(t, merged)
         # Children go with their parents (EDS follows CDS, RDS follows LDS).
         eds_names = self._names(CLUSTER, cand.clusters, translate.cluster_eds_names)
@@ -342,6 +380,9 @@ class XdsClient:
         return hit[1]
 
     def _resubscribe(self, t: str, names: frozenset[str], out: queue.Queue) -> None:
+        if self.delta:
+            self._delta_resubscribe(t, names, out)
+            return
         ts = self._types[t]
         if names == ts.names and (ts.subscribed or not names):
             return
