@@ -109,7 +109,7 @@ def test_sigterm_tears_down(prefix):
         lines = []
         for line in proc.stdout:  # wait for the first measurement: everything is up
             lines.append(line)
-            if "1/2 " in line:
+            if "1/4 " in line:
                 break
         assert leftovers(prefix), "".join(lines)
         proc.send_signal(signal.SIGTERM)
@@ -131,7 +131,7 @@ def test_killed_bench_is_cleaned_by_the_next(prefix):
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if "1/2 " in line:
+            if "1/4 " in line:
                 break
         proc.kill()  # no teardown at all: agent, haproxy, servers, lab, cgroups stay
         proc.wait()
