@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--xds-ca", metavar="PEM", help="CA bundle: use TLS to the xDS server")
     p.add_argument("--xds-cert", metavar="PEM", help="client certificate for mutual TLS")
     p.add_argument("--xds-key", metavar="PEM", help="client key for mutual TLS")
+    p.add_argument("--xds-delta", action="store_true",
+                   help="incremental (Delta) xDS instead of state of the world: the server "
+                   "sends only what changed")
     add_datapath_args(p)
     p.add_argument("--keep", action="store_true",
                    help="on exit leave programs and maps in place for the next agent")
@@ -74,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         table = config.load(args.config) if args.config else None
         caps = parse_capacities(args.capacity)
+        if args.xds_delta and not args.xds:
+            raise ValidationError("--xds-delta", "goes with --xds HOST:PORT")
         if args.api_listen and not (args.api_insecure or (args.api_tls_cert and args.api_tls_key)):
             raise ValidationError("--api-listen", "TCP needs --api-tls-cert/--api-tls-key "
                                   "(or --api-insecure on a trusted network)")
@@ -184,7 +189,8 @@ def _start_source(args: argparse.Namespace, agent, table) -> list:
         creds = grpc.ssl_channel_credentials(read(args.xds_ca), read(args.xds_key),
                                               read(args.xds_cert))
     node_id = args.node_id or f"meshaccel-{socket.gethostname()}"
-    client = XdsClient(args.xds, node_id, on_update=agent.apply_table, credentials=creds)
+    client = XdsClient(args.xds, node_id, on_update=agent.apply_table, credentials=creds,
+                       delta=args.xds_delta)
     agent.xds_state = client.state
     # ACK/NACK as the protocol saw them (a NACK of a malformed resource never reaches
     # apply_table, so the agent would not know of it otherwise).
