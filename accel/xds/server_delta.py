@@ -75,8 +75,6 @@ class DeltaSubscription:
             self.wildcard = wild_type and not subscribe and not unsubscribe
             # Names the client re-subscribes to with a version are not new to it.
             self.force = {n for n in subscribe if n not in self.known and n != WILDCARD}
-            # A fresh wildcard client learns "there is nothing" from an empty answer.
-            due = Due(None, self.wildcard and not self.known)
         else:
             self.force |= subscribe - {WILDCARD}
         if WILDCARD in subscribe and wild_type and not self.wildcard:
@@ -96,6 +94,9 @@ class DeltaSubscription:
             # The client drops what it no longer wants itself: no answer needed.
             self.known = {n: v for n, v in self.known.items() if n in self.names}
             self.force &= self.names
+        if first:
+            # A fresh wildcard client learns "there is nothing" from an empty answer.
+            return Due(None, self.wildcard and not self.known)
         if due is None and self.force:
             due = Due(frozenset(self.force), False)
         return due
