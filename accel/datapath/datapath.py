@@ -82,6 +82,8 @@ class Datapath:
     pin_dir: str = DEFAULT_PIN_DIR
     cgroup_path: str | None = None
     capacities: Capacities = field(default_factory=Capacities)
+    # Batched map writes where the kernel has them; False: one entry per call, as before.
+    batch_writes: bool = True
 
     def __post_init__(self) -> None:
         self.pin_dir = os.path.abspath(self.pin_dir)
@@ -158,11 +160,12 @@ class Datapath:
     def _load(self) -> None:
         for source in ("sockops.c", "redirect.c", "connect.c"):
             self._modules[source] = compile_program(source, self.pin_dir, self._defines())
-        self._mesh_nets = MeshNetsWriter(self._modules["sockops.c"][b"accel_mesh_nets"])
+        self._mesh_nets = MeshNetsWriter(self._modules["sockops.c"][b"accel_mesh_nets"],
+                                         self.batch_writes)
         lb = self._modules["connect.c"]
         self._services = ServiceWriter(
             lb[b"accel_services"], lb[b"accel_slots"], lb[b"accel_svc_stats"],
-            self.capacities.services,
+            self.capacities.services, batch=self.batch_writes,
         )
 
     def _attach(self) -> None:
@@ -277,7 +280,7 @@ class Datapath:
     def dump(self) -> dict[str, Any]:
         """What the kernel maps hold now, read back afresh (not our bookkeeping)."""
         sock, lb = self._modules["sockops.c"], self._modules["connect.c"]
-        nets = MeshNetsWriter(sock[b"accel_mesh_nets"]).current
+        nets = MeshNetsWriter(sock[b"accel_mesh_nets"]).prefixes()
         svcs = ServiceWriter(lb[b"accel_services"], lb[b"accel_slots"], lb[b"accel_svc_stats"],
                              self.capacities.services).current
         return {

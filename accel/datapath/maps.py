@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from accel.datapath.batch import BatchMap, Layout, strerror
 from accel.model import IPAddress, IPNetwork, Service, ServiceTable, TableDelta, mapped
 
 log = logging.getLogger(__name__)
@@ -57,20 +58,33 @@ class WriteReport:
     errors: list[str] = field(default_factory=list)
 
 
-Prefix = tuple[ipaddress.IPv6Address, int]
+# (address as accel_mesh_nets keys it, v4-mapped, as a 128-bit int; prefix length). Ints, not
+# IPv6Address objects: a full apply hashes and compares a few hundred thousand of them.
+Prefix = tuple[int, int]
+_V4_MAPPED_INT = 0xFFFF00000000
 
 
-def service_addresses(svc: Service) -> frozenset[ipaddress.IPv6Address]:
+def addr_int(addr: IPAddress) -> int:
+    """An address as accel_mesh_nets keys it (v4-mapped v6), as an int."""
+    return int(addr) | _V4_MAPPED_INT if addr.version == 4 else int(addr)
+
+
+def _prefix(net: IPNetwork) -> Prefix:
+    addr, plen = mapped_prefix(net)
+    return int(addr), plen
+
+
+def service_addresses(svc: Service) -> frozenset[int]:
     """A service's endpoint addresses as accel_mesh_nets keys them; computed once per Service."""
     return svc.derived("mesh_addresses",
-                       lambda s: frozenset(mapped(ep.address) for ep in s.endpoints))
+                       lambda s: frozenset([addr_int(ep.address) for ep in s.endpoints]))
 
 
-def mesh_prefixes(table: ServiceTable) -> set[Prefix]:
+def mesh_prefixes(table: ServiceTable) -> set[tuple[ipaddress.IPv6Address, int]]:
     """Every endpoint as a host prefix, plus the configured mesh CIDRs."""
     out = {(a, 128) for s in table.services for a in service_addresses(s)}
-    out.update(mapped_prefix(n) for n in table.mesh_cidrs)
-    return out
+    out.update(_prefix(n) for n in table.mesh_cidrs)
+    return {(ipaddress.IPv6Address(a), p) for a, p in out}
 
 
 class MeshNetsWriter:
@@ -82,23 +96,29 @@ class MeshNetsWriter:
     or after a failed one) it recounts everything and reconciles with what the kernel holds.
     """
 
-    def __init__(self, table) -> None:  # a bcc LpmTrie
+    def __init__(self, table, batch: bool = True) -> None:  # a bcc LpmTrie
         self.table = table
+        # LPM tries have batch ops only on newer kernels: BatchMap finds out, and falls back.
+        self._batch = BatchMap(table, batch)
+        self._key_layout = Layout(table.Key, "prefixlen", "addr")
+        self._one = Layout(table.Leaf, "value").pack(1)
         self.current: set[Prefix] = set(self._read())  # what the map holds
-        self.refs: dict[ipaddress.IPv6Address, int] = {}  # endpoint address -> services
+        self.refs: dict[int, int] = {}  # endpoint address -> services using it
         self.cidrs: set[Prefix] = set()
         self.applied: ServiceTable | None = None
 
-    def _key(self, addr: ipaddress.IPv6Address, plen: int):
-        k = self.table.Key()
-        k.prefixlen = plen
-        set_addr16(k.addr, addr)
-        return k
+    def prefixes(self) -> list[tuple[ipaddress.IPv6Address, int]]:
+        """What the map holds, as addresses."""
+        return [(ipaddress.IPv6Address(a), p) for a, p in self.current]
+
+    def _pack(self, prefixes: Iterable[Prefix]) -> bytes:
+        pack = self._key_layout.pack
+        return b"".join([pack(plen, addr.to_bytes(16, "big")) for addr, plen in prefixes])
 
     def _read(self) -> Iterable[Prefix]:
         for k in self.table.keys():
             raw = ctypes.string_at(ctypes.addressof(k.addr), 16)
-            yield ipaddress.IPv6Address(raw), int(k.prefixlen)
+            yield int.from_bytes(raw, "big"), int(k.prefixlen)
 
     def _wanted(self, p: Prefix) -> bool:
         return (p[1] == 128 and p[0] in self.refs) or p in self.cidrs
@@ -117,7 +137,7 @@ class MeshNetsWriter:
     def apply(self, table: ServiceTable) -> WriteReport:
         old_cidrs = self.cidrs
         if self.applied is None or table.mesh_cidrs != self.applied.mesh_cidrs:
-            self.cidrs = {mapped_prefix(n) for n in table.mesh_cidrs}
+            self.cidrs = {_prefix(n) for n in table.mesh_cidrs}
         if self.applied is None:
             self.refs = {}
             for s in table.services:
@@ -139,21 +159,18 @@ class MeshNetsWriter:
             to_remove = {p for p in touched if p in self.current and not self._wanted(p)}
         report = WriteReport()
         # Add before remove: an address moving between prefixes is never unknown.
-        for addr, plen in to_add:
-            try:
-                self.table[self._key(addr, plen)] = self.table.Leaf(1)
-                self.current.add((addr, plen))
-                report.added += 1
-            except Exception as e:
-                report.failed += 1
-                report.errors.append(f"{addr}/{plen}: {e}")
-        for addr, plen in to_remove:
-            try:
-                del self.table[self._key(addr, plen)]
-            except KeyError:
-                pass
-            self.current.discard((addr, plen))
-            report.removed += 1
+        adds = list(to_add)
+        refused = self._batch.update_each(self._pack(adds), self._one * len(adds))
+        for i, err in refused:
+            addr, plen = adds[i]
+            report.failed += 1
+            report.errors.append(f"{addr}/{plen}: {strerror(err)}")
+        self.current.update(adds)
+        self.current.difference_update(adds[i] for i, _ in refused)
+        report.added = len(adds) - len(refused)
+        self._batch.delete_each(self._pack(to_remove))
+        self.current.difference_update(to_remove)
+        report.removed = len(to_remove)
         # A prefix the map refused is still wanted: only a full reconcile will retry it.
         self.applied = None if report.failed else table
         if report.failed:
@@ -162,13 +179,22 @@ class MeshNetsWriter:
         return report
 
 
-def _ref_changes(delta: TableDelta) -> dict[ipaddress.IPv6Address, int]:
-    """Per endpoint address, how many more (or fewer) services use it after `delta`."""
-    out: dict[ipaddress.IPv6Address, int] = {}
+def _ref_changes(delta: TableDelta) -> dict[int, int]:
+    """Per endpoint address, how many more (or fewer) services use it after `delta`. A service
+    replaced by one with the same addresses (a table rebuilt, not derived) changes nothing."""
+    before = {s.name: s for s in delta.removed}
+    same = set()
     for s in delta.added:
-        for a in service_addresses(s):
-            out[a] = out.get(a, 0) + 1
+        old = before.get(s.name)
+        if old is not None and service_addresses(old) == service_addresses(s):
+            same.add(s.name)
+    out: dict[int, int] = {}
+    for s in delta.added:
+        if s.name not in same:
+            for a in service_addresses(s):
+                out[a] = out.get(a, 0) + 1
     for s in delta.removed:
-        for a in service_addresses(s):
-            out[a] = out.get(a, 0) - 1
+        if s.name not in same:
+            for a in service_addresses(s):
+                out[a] = out.get(a, 0) - 1
     return out
