@@ -102,6 +102,7 @@ class XdsClient(DeltaADS):
         # perf_counter() when the response being handled arrived (for latency measurements).
         self.last_received = 0.0
         self._connected = False
+        self._stream_gen = 0  # which stream _connected speaks of
         self._reconnects = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -210,6 +211,17 @@ class XdsClient(DeltaADS):
                 handle = self._handle
             if self._stop.is_set():
                 call.cancel()
+            with self._lock:
+                self._stream_gen += 1
+                gen = self._stream_gen
+            # A Delta server has nothing to say to a client that is up to date, so a first
+            # response cannot be what tells the stream is up: a ready channel with the call
+            # still open is.
+            def on_state(state: grpc.ChannelConnectivity) -> None:
+                if state == grpc.ChannelConnectivity.READY:
+                    self._mark_connected(gen, call)
+
+            channel.subscribe(on_state)
             for resp in call:
                 if not got:
                     got = True
@@ -226,12 +238,19 @@ class XdsClient(DeltaADS):
         finally:
             with self._lock:
                 self._connected = False
+                self._stream_gen += 1
             out.put(None)
             self._call = None
             channel.close()
         if got and not self._stop.is_set():
             log.warning("xDS stream to %s ended; keeping the last good table", self.target)
         return got
+
+    def _mark_connected(self, gen: int, call) -> None:
+        with self._lock:
+            if gen == self._stream_gen and call.is_active() and not self._connected:
+                self._connected = True
+                log.info("xDS: stream to %s open", self.target)
 
     def _request(self, t: str, *, nonce: str, node: bool = False,
                  error: str | None = None) -> discovery_pb2.DiscoveryRequest:
