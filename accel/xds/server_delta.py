@@ -58,6 +58,8 @@ class DeltaSubscription:
     nacked_version: str = ""
     acks: int = 0
     nacks: int = 0
+    resources_sent: int = 0  # over the stream's life: what incremental xDS saves shows here
+    removals_sent: int = 0
 
     def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> Due | None:
         """Apply one request's subscription changes (and, in the first of the type on the
@@ -122,6 +124,8 @@ class DeltaSubscription:
         return Changes(tuple(sorted(set(upsert))), tuple(sorted(set(remove))))
 
     def sent(self, changes: Changes, versions: Mapping[str, str]) -> None:
+        self.resources_sent += len(changes.upsert)
+        self.removals_sent += len(changes.remove)
         for n in changes.upsert:
             self.known[n] = versions[n]
             self.force.discard(n)
@@ -148,4 +152,5 @@ class DeltaSubscription:
         return {"names": None if self.wildcard and not self.names else
                 sorted(self.names | ({WILDCARD} if self.wildcard else set())),
                 "sent_version": self.sent_version, "acked_version": self.acked_version,
-                "nack_error": self.nack_error, "resources": len(self.known)}
+                "nack_error": self.nack_error, "resources": len(self.known),
+                "resources_sent": self.resources_sent, "removals_sent": self.removals_sent}
