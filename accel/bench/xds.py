@@ -9,6 +9,9 @@
    the client (XdsClient.last_received) until apply_table returned, i.e. the maps are written;
    p50/p99 against the 10 ms target. The maps are read back and checked at the end.
 
+--delta: the agent and the in-process client speak incremental (Delta) xDS instead of
+state of the world.
+
 Names: cgroup accel-hp-<hex>, pin dirs /sys/fs/bpf/hp-<hex>-*, a TCP port in 18500-18599;
 all removed at the end, also after a failure.
 """
@@ -222,12 +225,12 @@ def _rss_mb(pid: int) -> dict[str, float]:
 
 
 def push_phase(ctl: Controller, table: ServiceTable, cgroup: Path, pin_dir: str, node: str,
-               say: Callable[[str], None]) -> dict[str, Any]:
+               say: Callable[[str], None], delta: bool = False) -> dict[str, Any]:
     caps = capacities_for(table)
     cmd = [sys.executable, "-m", "accel.cli", "agent", "--xds", f"127.0.0.1:{ctl.port}",
            "--node-id", node, "--pin-dir", pin_dir, "--cgroup", str(cgroup), "--api-socket", "",
            "--capacity", f"services={caps.services},slots={caps.slots},"
-           f"mesh_nets={caps.mesh_nets}"]
+           f"mesh_nets={caps.mesh_nets}"] + (["--xds-delta"] if delta else [])
     log = tempfile.TemporaryFile("w+")  # the agent's output, shown if the phase fails
     agent = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -279,7 +282,8 @@ def _percentiles(ms: list[float], prefix: str = "") -> dict[str, float]:
 
 
 def change_phase(ctl: Controller, table: ServiceTable, cgroup: Path, pin_dir: str, node: str,
-                 changes: int, seed: int, say: Callable[[str], None]) -> dict[str, Any]:
+                 changes: int, seed: int, say: Callable[[str], None],
+                 delta: bool = False) -> dict[str, Any]:
     from accel.agent import Agent
     from accel.datapath.datapath import Datapath
     from accel.xds.client import XdsClient
@@ -310,7 +314,7 @@ def change_phase(ctl: Controller, table: ServiceTable, cgroup: Path, pin_dir: st
 
     t0 = time.perf_counter()
     client = box["client"] = XdsClient(f"127.0.0.1:{ctl.port}", node, on_update,
-                                       backoff_initial=0.1, backoff_max=1.0)
+                                       backoff_initial=0.1, backoff_max=1.0, delta=delta)
     client.start()
     try:
         say(f"change: in-process agent loads {len(table.services)} services ...")
@@ -359,7 +363,7 @@ def _expected_dump(table: ServiceTable) -> dict[str, Any]:
 
 
 def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: int = 1,
-        say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+        say: Callable[[str], None] = lambda m: None, delta: bool = False) -> dict[str, Any]:
     from accel.datapath import cgroup as cg
 
     if services < 1 or endpoints < 1 or changes < 1:
@@ -371,9 +375,10 @@ def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: i
     ctl = None
     try:
         ctl = Controller(services, endpoints)
-        push = push_phase(ctl, table, group, f"/sys/fs/bpf/hp-{tag}-a", f"hp-{tag}-a", say)
+        push = push_phase(ctl, table, group, f"/sys/fs/bpf/hp-{tag}-a", f"hp-{tag}-a", say,
+                          delta)
         change = change_phase(ctl, table, group, f"/sys/fs/bpf/hp-{tag}-b", f"hp-{tag}-b",
-                              changes, seed, say)
+                              changes, seed, say, delta)
     finally:
         if ctl is not None:
             ctl.close()
@@ -384,6 +389,7 @@ def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: i
         "env": {"kernel": platform.release(), "python": platform.python_version(),
                 "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
                 "services": services, "endpoints_per_service": endpoints, "seed": seed,
+                "xds": "delta" if delta else "sotw",
                 "placement": "unpinned: controller and agent processes as the scheduler puts "
                              "them"},
         "push": push,

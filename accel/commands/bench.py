@@ -213,6 +213,8 @@ def register_xds(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--changes", type=int, default=300,
                    help="one-endpoint changes to time (default 300)")
     p.add_argument("--seed", type=int, default=1, help="which services/endpoints change")
+    p.add_argument("--delta", action="store_true",
+                   help="incremental (Delta) xDS instead of state of the world")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the result here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_xds)
@@ -223,7 +225,7 @@ def run_xds(args: argparse.Namespace) -> int:
 
     try:
         result = xds.run(args.services, args.endpoints, args.changes, args.seed,
-                         say=_say(args.quiet))
+                         say=_say(args.quiet), delta=args.delta)
     except ValueError as e:
         return fail(f"bench xds: {e}", code=2)
     except Exception as e:  # noqa: BLE001 - a benchmark that cannot run says why and fails
