@@ -38,6 +38,7 @@ Event = Callable[[str, dict], None]
 MAX_RESPONSE_BYTES = 256 << 20
 # Subscribe parents first so children are asked for as soon as their names are known.
 SUBSCRIBE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+STABLE_STREAM_S = 5.0
 
 
 @dataclass
@@ -157,10 +158,10 @@ class XdsClient(DeltaADS):
     def _run(self) -> None:
         backoff = self.backoff_initial
         while not self._stop.is_set():
-            got_response = self._stream_once()
+            went_well = self._stream_once()
             if self._stop.is_set():
                 break
-            if got_response:
+            if went_well:
                 backoff = self.backoff_initial
             # Full jitter on the upper half keeps a fleet of agents from reconnecting in step.
             delay = random.uniform(backoff / 2, backoff)
@@ -170,6 +171,7 @@ class XdsClient(DeltaADS):
             self._stop.wait(delay)
 
     def _stream_once(self) -> bool:
+        """One stream, until it ends; True if it went well (a response, or up for a while)."""
         out: queue.Queue = queue.Queue()
 
         def requests() -> Iterator[discovery_pb2.DiscoveryRequest]:
@@ -187,6 +189,7 @@ class XdsClient(DeltaADS):
         channel = (grpc.secure_channel(self.target, self.credentials, options=options)
                    if self.credentials else grpc.insecure_channel(self.target, options=options))
         got = False
+        started = time.monotonic()
         try:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             for ts in self._types.values():
@@ -235,6 +238,9 @@ class XdsClient(DeltaADS):
                 code = e.code() if isinstance(e, grpc.Call) else None
                 details = e.details() if isinstance(e, grpc.Call) else str(e)
                 log.warning("xDS stream to %s failed: %s %s", self.target, code, details)
+                if self.delta and code == grpc.StatusCode.UNIMPLEMENTED:
+                    log.warning("xDS: %s does not serve incremental xDS; without --xds-delta "
+                                "the agent uses state of the world", self.target)
         finally:
             with self._lock:
                 self._connected = False
@@ -244,7 +250,9 @@ class XdsClient(DeltaADS):
             channel.close()
         if got and not self._stop.is_set():
             log.warning("xDS stream to %s ended; keeping the last good table", self.target)
-        return got
+        # A stream that stayed up a while was a success even without a response (an
+        # up-to-date Delta client gets none): the next reconnect need not back off further.
+        return got or time.monotonic() - started >= STABLE_STREAM_S
 
     def _mark_connected(self, gen: int, call) -> None:
         with self._lock:

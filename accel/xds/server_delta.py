@@ -114,13 +114,12 @@ class DeltaSubscription:
             existing: Iterable[str] = versions if self.wildcard else \
                 (n for n in self.names if n in versions)
             upsert = [n for n in existing if known.get(n) != versions[n] or n in self.force]
-            upsert += [n for n in self.force if n in versions and not self.wants(n)]
             remove = [n for n in known if n not in versions or not self.wants(n)]
             remove += [n for n in self.force if n not in versions and n not in known]
         else:
             names = set(only)
             upsert = [n for n in names if n in versions and self.wants(n)]
-            remove = [n for n in names if n not in upsert]
+            remove = list(names.difference(upsert))
         return Changes(tuple(sorted(set(upsert))), tuple(sorted(set(remove))))
 
     def sent(self, changes: Changes, versions: Mapping[str, str]) -> None:
