@@ -1,0 +1,138 @@
+"""Backends in edge_backends (id -> address, port, generation, how to reach it) and the
+devmap slots (edge_tx) of the interfaces they are redirected to, shared and refcounted."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import secrets
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from accel.datapath.edge.encoding import put_addr
+from accel.datapath.edge.errors import EdgeCapacityError
+from accel.datapath.edge.neighbours import NextHop
+from accel.model import IPAddress
+
+log = logging.getLogger(__package__)
+
+BE_VALID = 1
+BE_REDIRECT = 2
+
+
+@dataclass
+class Backend:
+    id: int
+    gen: int
+    addr: IPAddress
+    port: int
+    hop: NextHop | None
+    tx: int  # devmap slot, 0 when in route mode
+
+
+class Backends:
+    """Backend ids and generations, and the devmap; `table(name)` gives the program's maps."""
+
+    def __init__(self, table: Callable[[str], Any], max_backends: int, tx_max: int):
+        self.table = table
+        self.tx_max = tx_max
+        self.free = deque(range(1, max_backends))  # 0 means "no backend"
+        self._gen = secrets.randbits(31) + 1  # never matches a previous agent's flows
+        self._tx_slots: dict[int, int] = {}  # ifindex -> devmap slot
+        self._tx_refs: dict[int, int] = {}
+        self._free_tx = deque(range(tx_max))
+
+    def _next_gen(self) -> int:
+        self._gen = (self._gen % 0xFFFFFFFF) + 1
+        return self._gen
+
+    def new(self, addr: IPAddress, port: int, hop: NextHop | None) -> Backend:
+        b = Backend(self.free.popleft(), self._next_gen(), addr, port, None, 0)
+        self.set_hop(b, hop)
+        return b
+
+    def set_hop(self, b: Backend, hop: NextHop | None) -> None:
+        old_if = b.hop.ifindex if b.hop else None
+        if hop is not None:
+            try:
+                b.tx = self._tx_acquire(hop.ifindex)
+            except EdgeCapacityError as e:
+                log.warning("edge: %s: route mode", e)
+                hop = None
+        b.hop = hop
+        self._write(b)
+        if old_if is not None:
+            self._tx_release(old_if)
+
+    def _write(self, b: Backend) -> None:
+        t = self.table("edge_backends")
+        v = t.Leaf()
+        put_addr(v.addr, b.addr)
+        v.port = socket.htons(b.port)
+        v.gen = b.gen
+        v.flags = BE_VALID
+        if b.hop is not None:
+            v.flags |= BE_REDIRECT
+            v.tx = b.tx
+            ctypes.memmove(ctypes.addressof(v.macs), b.hop.dmac + b.hop.smac, 12)
+        t[ctypes.c_uint32(b.id)] = v
+
+    def drop(self, b: Backend) -> None:
+        t = self.table("edge_backends")
+        t[ctypes.c_uint32(b.id)] = t.Leaf()  # not VALID: its flows pick again
+        self.free.append(b.id)
+        if b.hop is not None:
+            self._tx_release(b.hop.ifindex)
+
+    def _tx_acquire(self, ifindex: int) -> int:
+        slot = self._tx_slots.get(ifindex)
+        if slot is None:
+            if not self._free_tx:
+                raise EdgeCapacityError(f"devmap full ({self.tx_max} interfaces)")
+            slot = self._free_tx.popleft()
+            tx = self.table("edge_tx")
+            tx[ctypes.c_uint32(slot)] = ctypes.c_int(ifindex)
+            self._tx_slots[ifindex] = slot
+            self._tx_refs[ifindex] = 0
+        self._tx_refs[ifindex] += 1
+        return slot
+
+    def _tx_release(self, ifindex: int) -> None:
+        self._tx_refs[ifindex] -= 1
+        if self._tx_refs[ifindex] <= 0:
+            slot = self._tx_slots.pop(ifindex)
+            del self._tx_refs[ifindex]
+            try:
+                del self.table("edge_tx")[ctypes.c_uint32(slot)]
+            except KeyError:
+                pass
+            self._free_tx.append(slot)
+
+    # ---- a previous agent's backends (adoption) -------------------------------------------
+
+    def legacy_ids(self) -> list[int]:
+        """Ids of the valid backends a previous agent left in the map."""
+        return [k.value for k, v in self.table("edge_backends").items() if v.flags & BE_VALID]
+
+    def reserve(self, legacy: list[int]) -> None:
+        """Keep the previous agent's backends and devmap slots until release()."""
+        used = set(legacy)
+        self.free = deque(b for b in self.free if b not in used)
+        for k, v in self.table("edge_tx").items():
+            if v.value:
+                self._tx_slots[v.value] = k.value
+                self._tx_refs[v.value] = 1  # held by the legacy backends until released
+                if k.value in self._free_tx:
+                    self._free_tx.remove(k.value)
+
+    def release(self, legacy: list[int]) -> None:
+        """After the first apply: the previous agent's backends are no longer referenced."""
+        bt = self.table("edge_backends")
+        for bid in legacy:
+            bt[ctypes.c_uint32(bid)] = bt.Leaf()
+            self.free.append(bid)
+        for ifindex in list(self._tx_refs):
+            self._tx_release(ifindex)

@@ -1,0 +1,81 @@
+"""The two edge programs (bpf/edge_xdp.c, bpf/edge_tc.c): compiling them, and the pins under
+which their maps outlive an agent (created on first load, adopted by the next agent)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from accel import maglev
+from accel.datapath.edge.errors import EdgeError
+
+log = logging.getLogger(__package__)
+
+BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+EDGE_H = BPF_DIR / "lib" / "edge.h"
+
+PIN_MAPS = (
+    "edge_vips", "edge_rings", "edge_backends", "edge_conns", "edge_revs", "edge_deny",
+    "edge_syn", "edge_config", "edge_vip_stats", "edge_counters", "edge_tx",
+)
+
+
+def compile_programs(cflags: list[str]):
+    """(xdp module, its edge_xdp function, tc module, its edge_tc function)."""
+    from bcc import BPF
+
+    try:
+        xdp = BPF(src_file=str(BPF_DIR / "edge_xdp.c").encode(), cflags=cflags)
+        xdp_fn = xdp.load_func(b"edge_xdp", BPF.XDP)
+        tc = BPF(src_file=str(BPF_DIR / "edge_tc.c").encode(), cflags=cflags)
+        tc_fn = tc.load_func(b"edge_tc", BPF.SCHED_CLS)
+    except Exception as e:
+        raise EdgeError(f"edge programs failed to load: {e}") from e
+    return xdp, xdp_fn, tc, tc_fn
+
+
+def drop_stale_pins(pin_dir: Path, expected: dict[str, int]) -> None:
+    """Pins from an agent with other sizes would silently mis-index: start them afresh."""
+    from accel.datapath.testrun import pinned_map_info
+
+    stale = []
+    for name, want in expected.items():
+        path = pin_dir / name
+        if path.exists() and pinned_map_info(str(path)).max_entries != want:
+            stale.append(name)
+    if stale:
+        log.warning("edge: pinned maps %s have other sizes: recreating all", stale)
+        unpin(pin_dir)
+
+
+def unpin(pin_dir: Path) -> None:
+    for name in PIN_MAPS:
+        try:
+            (pin_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def pinned_sizes(pin_dir: Path) -> dict | None:
+    """The EdgeDatapath sizes the maps pinned under pin_dir were made with; None when no edge
+    was ever set up there."""
+    if not all((pin_dir / m).exists() for m in PIN_MAPS):
+        return None
+    from accel.datapath.testrun import pinned_map_info
+
+    vips = pinned_map_info(str(pin_dir / "edge_vip_stats")).max_entries
+    rows = pinned_map_info(str(pin_dir / "edge_rings")).max_entries // (vips + 1)
+    return {
+        "maglev_size": prime_for_rows(rows),
+        "max_vips": vips,
+        "max_backends": pinned_map_info(str(pin_dir / "edge_backends")).max_entries,
+        "conn_max": pinned_map_info(str(pin_dir / "edge_conns")).max_entries,
+        "tx_max": pinned_map_info(str(pin_dir / "edge_tx")).max_entries,
+    }
+
+
+def prime_for_rows(rows: int) -> int:
+    for n in range(rows * 16, (rows - 1) * 16, -1):
+        if maglev.is_prime(n):
+            return n
+    raise EdgeError(f"pinned edge_rings has {rows} rows per ring: no prime size fits")
