@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import itertools
 import queue
+import re
+import secrets
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -19,11 +22,12 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from accel.datapath.datapath import Datapath
+from accel.model import ServiceTable
 from accel.sources.file import FileSource
 from accel.xds import translate
 from accel.xds.client import XdsClient
 from accel.xds.server import ControllerServer
-from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER
+from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.test_xds_controller import MESH, RATINGS, Recorder, names, wait_for, write
 from tests.xds_resources import cla, eds_cluster, lbe, locality, tcp_listener
 
@@ -404,10 +408,23 @@ def _pack(msg):
     return a
 
 
+class Chained(Recorder):
+    """A Recorder that first hands the table on (to an agent, which may refuse it)."""
+
+    def __init__(self, hook: Callable[[ServiceTable], None]):
+        super().__init__()
+        self.hook = hook
+
+    def __call__(self, table: ServiceTable) -> None:
+        self.hook(table)
+        super().__call__(table)
+
+
 class DeltaHarness:
-    def __init__(self, fail_on: str | None = None):
+    def __init__(self, fail_on: str | None = None,
+                 hook: Callable[[ServiceTable], None] | None = None):
         self.port = next(PORTS)
-        self.rec = Recorder(fail_on=fail_on)
+        self.rec = Chained(hook) if hook else Recorder(fail_on=fail_on)
         self.start_server()
         self.client = delta_client(self.port, "hdx-script", self.rec)
 
@@ -589,3 +606,111 @@ def test_delta_and_sotw_give_the_same_maps(lab, test_cgroup, tmp_path, uid):
         for p in pins:
             shutil.rmtree(p, ignore_errors=True)
 
+
+
+# --------------------------------------------------------------------------- fuzzed bad input
+
+
+@pytest.fixture
+def hdx_agent():
+    """An agent on a datapath of its own: cgroup accel-hdx-<id>, pins /sys/fs/bpf/hdx-<id>."""
+    from accel.agent import Agent
+    from accel.datapath import cgroup as cg
+    from accel.datapath.datapath import lock_file
+
+    uid = secrets.token_hex(3)
+    cgroup = cg.cgroup2_mount() / f"accel-hdx-{uid}"
+    pin_dir = f"/sys/fs/bpf/hdx-{uid}"
+    cgroup.mkdir()
+    dp = None
+    try:
+        dp = Datapath(pin_dir=pin_dir, cgroup_path=str(cgroup)).start()
+        yield Agent(dp, source="xds")
+    finally:
+        if dp is not None:
+            dp.close()
+        cgroup.rmdir()
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        lock_file(pin_dir).unlink(missing_ok=True)
+
+
+@pytest.mark.reliability
+def test_wire_nack_keeps_the_maps(hdx_agent, capsys) -> None:
+    """test_fuzz_xds's corruptions, each sent as a Delta response (the touched type's
+    resources as changed, the ones it lost as removed): every one is NACKed naming the
+    resource, the client keeps its table and the kernel maps stay byte for byte the same;
+    then a good change is ACKed and reaches the kernel."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from tests import test_fuzz_xds as fz
+
+    layer = "xds delta wire (NACKs)"
+    agent = hdx_agent
+    dp = agent.datapath
+    h = DeltaHarness(hook=agent.apply_table)
+    good = fz.resources(fz.WIRE_TABLE, fz.WIRE_SHAPES)
+
+    def versioned(t: str, v: str, res=None) -> dict:
+        return {n: (v, m) for n, m in (res or good).of(t).items()}
+
+    try:
+        h.ads.wait(lambda r: r.type_url == CLUSTER)
+        assert not h.ads.reply_to(h.ads.send(CLUSTER, versioned(CLUSTER, "g1"))).error_detail.code
+        h.ads.wait(lambda r: r.type_url == ENDPOINT and len(r.resource_names_subscribe) == 3)
+        assert not h.ads.reply_to(h.ads.send(ENDPOINT, versioned(ENDPOINT, "g1"))).error_detail.code
+        assert not h.ads.reply_to(h.ads.send(LISTENER, versioned(LISTENER, "g1"))).error_detail.code
+        h.ads.wait(lambda r: r.type_url == ROUTE and list(r.resource_names_subscribe) ==
+                   ["api.route"])
+        assert not h.ads.reply_to(h.ads.send(ROUTE, versioned(ROUTE, "g1"))).error_detail.code
+        _, table = h.rec.wait(lambda t: len(t.services) == 4)
+        assert table.canonical() == fz.WIRE_TABLE.canonical()
+        before = dp.dump()
+        good_table = h.client.table
+
+        def held() -> dict[str, int]:
+            st_ = h.client.state()
+            return {t: st_[t]["resource_count"] for t in (LISTENER, CLUSTER, ENDPOINT, ROUTE)}
+
+        held_before = held()
+        sent = Counter()
+
+        def nack(which: str, data) -> None:
+            case = fz.Case(fz.copy_resources(good), data.draw)
+            fz.MUTATIONS[which][0](case)
+            if case.accept:
+                return
+            [t] = case.touched
+            n = sum(sent.values())
+            sent[t] += 1
+            gone = sorted(set(good.of(t)) - set(case.res.of(t)))
+            raw = [discovery_pb2.Resource(version=f"bad-{n}", resource=a)
+                   for a in case.all_wire()[t]]
+            req = h.ads.reply_to(h.ads.send(t, raw=raw, removed=gone))
+            fz.COUNTS[layer, "rejected" if req.HasField("error_detail") else "accepted"] += 1
+            assert req.HasField("error_detail"), f"{which}: ACKed, expected /{case.expect}/"
+            msg = req.error_detail.message
+            assert req.error_detail.code == 3  # INVALID_ARGUMENT
+            assert re.search(case.expect, msg) or fz.NAMED.match(msg), f"{which}: {msg}"
+            assert h.client.table is good_table
+            assert dp.dump() == before
+
+        def nacker(which: str):
+            return fz.fuzz(4)(given(data=st.data())(lambda data: nack(which, data)))
+
+        for which in sorted(n for n, (_, on_wire) in fz.MUTATIONS.items() if on_wire):
+            nacker(which)()
+        assert sum(sent.values()) > 50 and len(sent) == 4, sent
+        assert held() == held_before
+        # A good change: just the one assignment, ACKed, in the kernel.
+        more = fz.copy_resources(good)
+        more.endpoints["web"].endpoints[0].lb_endpoints.add().CopyFrom(lbe("10.200.7.9", 8080))
+        ack = h.ads.reply_to(h.ads.send(ENDPOINT, {"web": ("g2", more.endpoints["web"])}))
+        assert not ack.HasField("error_detail")
+        after = dp.dump()
+        assert ("10.200.7.9", 8080) in after["services"]["10.96.7.1:80/TCP"]
+        assert after["services"]["10.96.7.5:5432/TCP"] == before["services"]["10.96.7.5:5432/TCP"]
+        assert agent.rejected_count == 0  # NACKed before the datapath was ever asked
+    finally:
+        h.close()
+    fz.summary(capsys, layer)
