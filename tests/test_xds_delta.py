@@ -714,3 +714,15 @@ def test_wire_nack_keeps_the_maps(hdx_agent, capsys) -> None:
     finally:
         h.close()
     fz.summary(capsys, layer)
+
+
+def test_bench_xds_delta_fills_the_maps_and_times_changes(tmp_path: Path) -> None:
+    """`accel bench xds --delta` (the agent process with --xds-delta, the in-process client
+    with delta=True) ends with complete, verified maps."""
+    from tests.test_perf_smoke import bench
+
+    r = bench(tmp_path, "xds", "--delta", "--services", "30", "--endpoints", "4",
+              "--changes", "8")
+    assert r["env"]["xds"] == "delta"
+    assert r["push"]["maps_complete"] and r["push"]["maps"]["services"] == 30
+    assert r["change"]["changes"] == 8 and r["change"]["maps_verified"]
