@@ -96,25 +96,43 @@ class BatchMap:
     def batched(self) -> bool:
         return self._update_batch
 
-    def update(self, keys: bytes, values: bytes, start: int = 0) -> tuple[int, int]:
-        """Write entries start.. in order, stopping at the first the kernel refuses.
+    def update(self, keys: bytes, values: bytes) -> tuple[int, int]:
+        """Write the entries in order, stopping at the first the kernel refuses.
         Returns (index of that entry, its errno), or (count, 0) when all went in."""
+        return self._update(*self._buffers(keys, values), 0)
+
+    def update_each(self, keys: bytes, values: bytes) -> list[tuple[int, int]]:
+        """Write every entry the kernel accepts, going on past those it refuses:
+        [(index, errno)] of the refused ones."""
+        bufs = self._buffers(keys, values)
+        refused = []
+        i = 0
+        while i < bufs[2]:
+            i, err = self._update(*bufs, i)
+            if err:
+                refused.append((i, err))
+                i += 1
+        return refused
+
+    def _buffers(self, keys: bytes, values: bytes) -> tuple[ctypes.Array, ctypes.Array, int]:
         n = len(keys) // self.key_size
-        if len(values) != n * self.value_size:
-            raise ValueError(f"{n} keys but {len(values) // self.value_size} values")
-        kbuf, vbuf = _buffer(keys), _buffer(values)
+        if len(keys) != n * self.key_size or len(values) != n * self.value_size:
+            raise ValueError(f"{len(keys)} bytes of keys, {len(values)} of values: not "
+                             f"{self.key_size} and {self.value_size} per entry")
+        return _buffer(keys), _buffer(values), n
+
+    def _update(self, kbuf: ctypes.Array, vbuf: ctypes.Array, n: int,
+                i: int) -> tuple[int, int]:
         kaddr, vaddr = ctypes.addressof(kbuf), ctypes.addressof(vbuf)
-        i = start
         while i < n:
             if self._update_batch:
                 count = ctypes.c_uint32(min(CHUNK, n - i))
                 want = count.value
                 rc = lib.bpf_update_batch(self.fd, kaddr + i * self.key_size,
                                           vaddr + i * self.value_size, ctypes.byref(count))
-                done = min(count.value, want) if rc != 0 else want
-                i += done
                 if rc != 0:
-                    return i, _errno(rc)
+                    return i + min(count.value, want), _errno(rc)
+                i += want
             else:
                 rc = lib.bpf_update_elem(self.fd, kaddr + i * self.key_size,
                                          vaddr + i * self.value_size, 0)
@@ -122,19 +140,6 @@ class BatchMap:
                     return i, _errno(rc)
                 i += 1
         return n, 0
-
-    def update_each(self, keys: bytes, values: bytes) -> list[tuple[int, int]]:
-        """Write every entry the kernel accepts, going on past those it refuses:
-        [(index, errno)] of the refused ones."""
-        refused = []
-        n = len(keys) // self.key_size
-        i = 0
-        while i < n:
-            i, err = self.update(keys, values, i)
-            if err:
-                refused.append((i, err))
-                i += 1
-        return refused
 
     def delete_each(self, keys: bytes) -> int:
         """Delete every key; keys already gone (or refused) are skipped, as `del table[k]`
