@@ -44,6 +44,7 @@ class Backends:
         self._tx_slots: dict[int, int] = {}  # ifindex -> devmap slot
         self._tx_refs: dict[int, int] = {}
         self._free_tx = deque(range(tx_max))
+        self._legacy_tx: set[int] = set()  # interfaces the previous agent's backends hold
 
     def _next_gen(self) -> int:
         self._gen = (self._gen % 0xFFFFFFFF) + 1
@@ -125,6 +126,7 @@ class Backends:
             if v.value:
                 self._tx_slots[v.value] = k.value
                 self._tx_refs[v.value] = 1  # held by the legacy backends until released
+                self._legacy_tx.add(v.value)
                 if k.value in self._free_tx:
                     self._free_tx.remove(k.value)
 
@@ -134,5 +136,8 @@ class Backends:
         for bid in legacy:
             bt[ctypes.c_uint32(bid)] = bt.Leaf()
             self.free.append(bid)
-        for ifindex in list(self._tx_refs):
+        # Only the references reserve() took: an interface first used since then holds
+        # exactly one per backend of ours, and none of them is going.
+        for ifindex in self._legacy_tx:
             self._tx_release(ifindex)
+        self._legacy_tx = set()
