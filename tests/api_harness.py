@@ -24,16 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 PORTS = range(18300, 18400)  # this helper's share of the machine's ports
 
 
-def free_port() -> int:
+def free_port(ports: range = PORTS) -> int:
+    """A TCP port in `ports` nobody holds now (test suites keep to their own ranges)."""
     for _ in range(200):
-        port = secrets.choice(PORTS)
+        port = secrets.choice(ports)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port in 18300-18399")
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def accel(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import secrets
-import socket
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -22,6 +20,7 @@ from accel.api.gen import agent_pb2 as pb
 from accel.api.gen import agent_pb2_grpc as pb_grpc
 from accel.api.server import MAX_MESSAGE
 from accel.datapath import cgroup as cg
+from tests import api_harness
 from tests.api_harness import REPO, Env
 
 pytestmark = pytest.mark.reliability
@@ -45,15 +44,7 @@ def summary(capsys, layer: str) -> None:
 
 
 def free_port() -> int:
-    for _ in range(200):
-        port = 18600 + secrets.randbelow(100)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18600-18699")
+    return api_harness.free_port(range(18600, 18700))
 
 
 class HfEnv(Env):

@@ -13,7 +13,6 @@ import ipaddress
 import re
 import secrets
 import shutil
-import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from accel.model import Endpoint, Guard, Service, ServiceTable, ValidationError
 from accel.xds import translate as tr
 from accel.xds.client import XdsClient
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests import api_harness
 from tests.test_xds_client import Harness, ScriptedAds  # noqa: F401 -- ScriptedAds via Harness
 from tests.xds_resources import lbe, locality, pack, tcp_listener
 
@@ -934,15 +934,7 @@ def test_huge_resources(capsys) -> None:
 
 
 def free_port() -> int:
-    for _ in range(200):
-        port = 18600 + secrets.randbelow(100)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18600-18699")
+    return api_harness.free_port(range(18600, 18700))
 
 
 class WireHarness(Harness):

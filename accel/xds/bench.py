@@ -6,23 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import time
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from accel.model import Endpoint, Service, ServiceTable
+from accel.bench.xds import make_table
 from accel.xds import translate
-
-
-def make_table(services: int, endpoints: int) -> ServiceTable:
-    vip0 = int(ipaddress.IPv4Address("10.96.0.0"))
-    ep0 = int(ipaddress.IPv4Address("10.128.0.0"))
-    return ServiceTable(tuple(
-        Service(f"svc-{i}", ipaddress.IPv4Address(vip0 + i), 80, "TCP", tuple(
-            Endpoint(ipaddress.IPv4Address(ep0 + i * endpoints + j), 8080, 1 + j % 3)
-            for j in range(endpoints)))
-        for i in range(services)))
 
 
 def run(services: int, endpoints: int) -> dict[str, float]:
