@@ -88,6 +88,28 @@ def datapath(pin_dir, test_cgroup):
 
 
 @pytest.fixture
+def side_agent(uid):
+    """An Agent on a datapath of its own cgroup (the test process stays outside it): for
+    tests that drive configuration and read the maps back, with no traffic of their own."""
+    from accel.agent import Agent
+    from accel.datapath.datapath import Datapath, lock_file
+
+    group = cg.cgroup2_mount() / f"accel-side-{uid}"
+    pin = f"/sys/fs/bpf/accel-side-{uid}"
+    group.mkdir()
+    dp = None
+    try:
+        dp = Datapath(pin_dir=pin, cgroup_path=str(group)).start()
+        yield Agent(dp, source="xds")
+    finally:
+        if dp is not None:
+            dp.close()
+        group.rmdir()
+        shutil.rmtree(pin, ignore_errors=True)
+        lock_file(pin).unlink(missing_ok=True)
+
+
+@pytest.fixture
 def env():
     """An isolated place to run `accel agent` subprocesses for API tests (tests/api_harness)."""
     from tests.api_harness import Env

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import secrets
-import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -953,29 +951,6 @@ class WireHarness(Harness):
         self.client.start()
 
 
-@pytest.fixture
-def hf_datapath():
-    """A datapath of its own: cgroup accel-hf-<id>, pins under /sys/fs/bpf/hf-<id>."""
-    from accel.agent import Agent
-    from accel.datapath import cgroup as cg
-    from accel.datapath.datapath import Datapath, lock_file
-
-    uid = secrets.token_hex(3)
-    cgroup = cg.cgroup2_mount() / f"accel-hf-{uid}"
-    pin_dir = f"/sys/fs/bpf/hf-{uid}"
-    cgroup.mkdir()
-    dp = None
-    try:
-        dp = Datapath(pin_dir=pin_dir, cgroup_path=str(cgroup)).start()
-        yield Agent(dp, source="xds")
-    finally:
-        if dp is not None:
-            dp.close()
-        cgroup.rmdir()
-        shutil.rmtree(pin_dir, ignore_errors=True)
-        lock_file(pin_dir).unlink(missing_ok=True)
-
-
 WIRE_TABLE = ServiceTable((
     Service("web", "10.96.7.1", 80, "TCP", (Endpoint("10.200.7.1", 8080, 2),
                                              Endpoint("10.200.7.2", 8080, 1))),
@@ -987,9 +962,9 @@ WIRE_TABLE = ServiceTable((
 WIRE_SHAPES = {"api": "rds", "dns": "static", "db": "inline"}
 
 
-def test_wire_nack_keeps_the_maps(hf_datapath, capsys) -> None:
+def test_wire_nack_keeps_the_maps(side_agent, capsys) -> None:
     layer = "xds wire (NACKs)"
-    agent = hf_datapath
+    agent = side_agent
     dp = agent.datapath
     h = WireHarness(agent.apply_table)
     good = resources(WIRE_TABLE, WIRE_SHAPES)

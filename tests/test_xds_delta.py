@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import queue
 import re
-import secrets
 import shutil
 import threading
 import time
@@ -611,31 +610,8 @@ def test_delta_and_sotw_give_the_same_maps(lab, test_cgroup, tmp_path, uid):
 # --------------------------------------------------------------------------- fuzzed bad input
 
 
-@pytest.fixture
-def hdx_agent():
-    """An agent on a datapath of its own: cgroup accel-hdx-<id>, pins /sys/fs/bpf/hdx-<id>."""
-    from accel.agent import Agent
-    from accel.datapath import cgroup as cg
-    from accel.datapath.datapath import lock_file
-
-    uid = secrets.token_hex(3)
-    cgroup = cg.cgroup2_mount() / f"accel-hdx-{uid}"
-    pin_dir = f"/sys/fs/bpf/hdx-{uid}"
-    cgroup.mkdir()
-    dp = None
-    try:
-        dp = Datapath(pin_dir=pin_dir, cgroup_path=str(cgroup)).start()
-        yield Agent(dp, source="xds")
-    finally:
-        if dp is not None:
-            dp.close()
-        cgroup.rmdir()
-        shutil.rmtree(pin_dir, ignore_errors=True)
-        lock_file(pin_dir).unlink(missing_ok=True)
-
-
 @pytest.mark.reliability
-def test_wire_nack_keeps_the_maps(hdx_agent, capsys) -> None:
+def test_wire_nack_keeps_the_maps(side_agent, capsys) -> None:
     """test_fuzz_xds's corruptions, each sent as a Delta response (the touched type's
     resources as changed, the ones it lost as removed): every one is NACKed naming the
     resource, the client keeps its table and the kernel maps stay byte for byte the same;
@@ -646,7 +622,7 @@ def test_wire_nack_keeps_the_maps(hdx_agent, capsys) -> None:
     from tests import test_fuzz_xds as fz
 
     layer = "xds delta wire (NACKs)"
-    agent = hdx_agent
+    agent = side_agent
     dp = agent.datapath
     h = DeltaHarness(hook=agent.apply_table)
     good = fz.resources(fz.WIRE_TABLE, fz.WIRE_SHAPES)
