@@ -70,6 +70,7 @@ def assert_no_trace(pin_dir: str, cgroup_dir: Path) -> None:
     assert not os.path.exists(pin_dir), os.listdir(pin_dir)
     assert attached(cgroup_dir) == []
     assert not state_file(os.path.abspath(pin_dir)).exists()
+    assert not lock_file(os.path.abspath(pin_dir)).exists()
 
 
 def test_agent_runs_and_leaves_no_trace(lab, pin_dir, test_cgroup, tmp_path):

@@ -122,29 +122,40 @@ class Datapath:
                     b.cleanup()
                 self._modules.clear()
                 remove_pins(self.pin_dir)
-            self._unlock()
+            self._unlock(remove=fresh)
             raise
         return self
 
     def _lock(self) -> None:
         path = lock_file(self.pin_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode().strip() or "?"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode().strip() or "?"
+                os.close(fd)
+                raise AlreadyRunning(
+                    f"another agent (pid {holder}) is running on pin dir {self.pin_dir}; "
+                    "stop it first or use another --pin-dir"
+                ) from None
+            # The previous holder unlinks the file on a clean exit: a lock on an unlinked
+            # inode guards nothing, so take it again on the file the path names now.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise AlreadyRunning(
-                f"another agent (pid {holder}) is running on pin dir {self.pin_dir}; "
-                "stop it first or use another --pin-dir"
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
-    def _unlock(self) -> None:
+    def _unlock(self, remove: bool = False) -> None:
         if self._lock_fd is not None:
+            if remove:
+                lock_file(self.pin_dir).unlink(missing_ok=True)  # still held: no one else has it
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -326,7 +337,7 @@ class Datapath:
         for b in self._modules.values():
             b.cleanup()
         self._modules.clear()
-        self._unlock()
+        self._unlock(remove=not keep)
 
     def __enter__(self) -> Datapath:
         return self.start()
