@@ -28,6 +28,27 @@ from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, sock, tcp
 PORTS = itertools.count(18130)
 
 
+def record_and_replay(owner, request_iterator, context):
+    """A scripted stream: every request is appended to owner.requests (owner.cond notified);
+    every response the test puts on owner.out is sent, until the client goes."""
+
+    def read() -> None:
+        try:
+            for req in request_iterator:
+                with owner.cond:
+                    owner.requests.append(req)
+                    owner.cond.notify_all()
+        except Exception:  # noqa: BLE001
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+    while context.is_active():
+        try:
+            yield owner.out.get(timeout=0.05)
+        except queue.Empty:
+            continue
+
+
 class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """Sends what the test tells it to and records every request."""
 
@@ -41,22 +62,7 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802
         with self.cond:
             self.streams += 1
-
-        def read() -> None:
-            try:
-                for req in request_iterator:
-                    with self.cond:
-                        self.requests.append(req)
-                        self.cond.notify_all()
-            except Exception:  # noqa: BLE001
-                pass
-
-        threading.Thread(target=read, daemon=True).start()
-        while context.is_active():
-            try:
-                yield self.out.get(timeout=0.05)
-            except queue.Empty:
-                continue
+        yield from record_and_replay(self, request_iterator, context)
 
     def send(self, t: str, version: str, resources: list[any_pb2.Any]) -> str:
         nonce = f"n{next(self.nonces)}"

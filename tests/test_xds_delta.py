@@ -27,6 +27,7 @@ from accel.xds import translate
 from accel.xds.client import XdsClient
 from accel.xds.server import ControllerServer
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.test_xds_client import record_and_replay
 from tests.test_xds_controller import MESH, RATINGS, Recorder, names, wait_for, write
 from tests.xds_resources import cla, eds_cluster, lbe, locality, tcp_listener
 
@@ -355,21 +356,7 @@ class ScriptedDelta(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.nonces = itertools.count(1)
 
     def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802
-        def read() -> None:
-            try:
-                for req in request_iterator:
-                    with self.cond:
-                        self.requests.append(req)
-                        self.cond.notify_all()
-            except Exception:  # noqa: BLE001
-                pass
-
-        threading.Thread(target=read, daemon=True).start()
-        while context.is_active():
-            try:
-                yield self.out.get(timeout=0.05)
-            except queue.Empty:
-                continue
+        yield from record_and_replay(self, request_iterator, context)
 
     def send(self, t: str, resources: dict[str, tuple[str, object]] | None = None,
              removed=(), raw: list | None = None) -> str:
