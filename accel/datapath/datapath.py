@@ -271,10 +271,9 @@ class Datapath:
         }
         self.table = table
         self.last_report = report
-        if getattr(self, "_state_services", None) != len(table.services):
+        if self._state_extra.get("services") != len(table.services):
             # Readiness signal for whoever waits on the state file; kept off the hot path.
-            self._state_services = len(table.services)
-            self._write_state(services=len(table.services))
+            self.record(services=len(table.services))
         return report
 
     def usage_after(self, table: ServiceTable) -> dict[str, int]:
