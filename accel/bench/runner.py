@@ -181,7 +181,9 @@ def cleanup_recorded(state: dict[str, Any]) -> None:
     if state.get("cgroup_parent"):
         remove_cgroup(Path(state["cgroup_parent"]))
     if state.get("pin_dir"):
-        shutil.rmtree(state["pin_dir"], ignore_errors=True)
+        from accel.datapath.datapath import uninstall
+
+        uninstall(state["pin_dir"])  # pins, and the agent's state and lock files
     if state.get("lab_prefix"):
         lab.remove(state["lab_prefix"])
     if state.get("run_dir"):
@@ -228,7 +230,17 @@ def kill_if(pid: int, marker: str) -> None:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            return
+        # Gone (a zombie has closed its files) before its files are removed: a dying agent
+        # still holds its pin dir's lock.
+        for _ in range(100):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return
+            if stat.rpartition(")")[2].split()[0] == "Z":
+                return
+            time.sleep(0.05)
 
 
 def kill_cgroup(path: Path) -> None:

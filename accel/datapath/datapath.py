@@ -383,6 +383,46 @@ def detach_cgroup_programs(cgroup_dir: str | None, prog_ids: set[int]) -> list[i
     return done
 
 
+@dataclass
+class Uninstalled:
+    pin_dir: str
+    detached: list[int]
+    edge: list[str]
+    had_pins: bool
+
+
+def uninstall(pin_dir: str) -> Uninstalled:
+    """Remove every trace of the agent of `pin_dir` that is no longer running: cgroup
+    attachments, the edge, pins, state and lock files. Raises AlreadyRunning if one runs."""
+    pin_dir = os.path.abspath(pin_dir)
+    lock = lock_file(pin_dir)
+    if lock.exists():
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(
+                f"an agent is running on {pin_dir}: stop it first (SIGTERM)") from None
+        finally:
+            os.close(fd)
+    try:
+        state = json.loads(state_file(pin_dir).read_text())
+    except (OSError, ValueError):
+        state = {}
+    detached = detach_cgroup_programs(state.get("cgroup"),
+                                      set(state.get("prog_ids", {}).values()))
+    edge: list[str] = []
+    if state.get("edge_iface"):
+        from accel.datapath.edge import detach_from
+
+        edge = detach_from(state["edge_iface"])
+    had_pins = os.path.isdir(pin_dir)
+    remove_pins(pin_dir)
+    state_file(pin_dir).unlink(missing_ok=True)
+    lock.unlink(missing_ok=True)
+    return Uninstalled(pin_dir, detached, edge, had_pins)
+
+
 def remove_pins(pin_dir: str) -> None:
     if os.path.isdir(pin_dir):
         shutil.rmtree(pin_dir, ignore_errors=True)
