@@ -58,6 +58,7 @@ class Agent:
         self.last_error = ""
         self.xds_state: Any = None  # callable returning the xDS client's state, if any
         self.edge: Any = None  # the XDP edge datapath, if enabled
+        self.pods: Any = None  # pod routing (datapath/podroute.py), if enabled
         # One writer at a time: sources, the API and edge housekeeping all change maps.
         self.lock = threading.RLock()
         self._watchers: list[queue.Queue[Event]] = []
@@ -147,6 +148,7 @@ class Agent:
             "cgroup": str(self.datapath.cgroup),
             "xds": xds,
             "edge": self._edge_status(),
+            "pod_routing": self.pods.status() if self.pods is not None else None,
         }
 
     def _edge_status(self) -> dict[str, Any] | None:

@@ -150,6 +150,10 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
     if edge is not None:
         msg.edge.enabled = True
         msg.edge.details.CopyFrom(_struct(edge))
+    pods = st.get("pod_routing")
+    if pods is not None:
+        msg.pod_routing.enabled = True
+        msg.pod_routing.details.CopyFrom(_struct(pods))
     for name, u in (st.get("maps") or {}).items():
         msg.maps[name].used = int(u.get("used", 0))
         msg.maps[name].capacity = int(u.get("capacity", 0))
@@ -179,6 +183,8 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         "maps": {n: {"used": u.used, "capacity": u.capacity} for n, u in sorted(msg.maps.items())},
         "edge": _whole(json_format.MessageToDict(msg.edge.details)) if msg.edge.enabled
         else None,
+        "pod_routing": _whole(json_format.MessageToDict(msg.pod_routing.details))
+        if msg.pod_routing.enabled else None,
     }
 
 

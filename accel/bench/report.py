@@ -73,7 +73,7 @@ def brief(row: dict[str, Any]) -> str:
     counters = row.get("accel_counters")
     if counters:
         text += (f"  [redirects {counters['msg_redirects']}, balanced "
-                 f"{counters['connect_balanced']}]")
+                 f"{counters['connect_balanced']}, pod-routed {counters.get('pod_redirects', 0)}]")
     return text
 
 
@@ -120,6 +120,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"  agent counters over the run: {counters.get('msg_redirects', 0)} "
                      f"redirected messages ({counters.get('redirected_bytes', 0)} bytes), "
                      f"{counters.get('connect_balanced', 0)} balanced connects, "
+                     f"{counters.get('pod_redirects', 0)} packets pod-routed past the bridge, "
                      f"{counters.get('msg_peer_unknown', 0)} unpaired")
     load = env.get("loadavg_end")
     if load and load[0] > 1.5:  # the bench itself keeps about one CPU busy

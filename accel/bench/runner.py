@@ -378,6 +378,13 @@ class Bench:
         argv = [sys.executable, "-m", "accel.cli", "agent", "--config", str(path),
                 "--pin-dir", str(self.config.pin_dir), "--cgroup", str(self.cgroups["accel"]),
                 "--api-socket", ""]
+        # The accelerated modes' pods are the mesh pods whose packets may skip the bridge.
+        assert self.lab is not None
+        argv += ["--pod-netns", self.lab.node]
+        for mode in self.modes:
+            if mode.accel and mode.ctx is not None:
+                argv += ["--pod-iface", mode.ctx.client.host_ifname,
+                         "--pod-iface", mode.ctx.server.host_ifname]
         self.say(f"agent: attaching to {self.cgroups['accel']} (pin dir {self.config.pin_dir})")
         with open(logf, "w") as out:
             self.agent = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
@@ -443,7 +450,7 @@ class Bench:
             row["accel_counters"] = {k: after.get(k, 0) - before.get(k, 0)
                                      for k in ("msg_redirects", "msg_passthrough",
                                                "connect_balanced", "sockhash_inserts",
-                                               "msg_peer_unknown")}
+                                               "msg_peer_unknown", "pod_redirects")}
         if error:
             row["error"] = error
         self.say(f"{repeat + 1}/{self.config.repeats} {mode.name:<14} {workload:<6} "

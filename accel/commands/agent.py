@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -49,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the XDP/TC edge load balancer on this interface")
     p.add_argument("--maglev-size", type=int, default=65537,
                    help="Maglev table size per edge VIP (a prime; default 65537)")
+    p.add_argument("--pod-iface", action="append", default=[], metavar="NAME",
+                   help="host-side veth of a local mesh pod (a name or glob such as 'veth*'; "
+                   "repeat for more): packets between such pods on one bridge skip the bridge")
+    p.add_argument("--pod-netns", metavar="NETNS",
+                   help="network namespace holding those veths and their bridge (an `ip netns` "
+                   "name or a path; default: the agent's own)")
     p.add_argument("--capacity", action="append", default=[], metavar="NAME=N",
                    help="map capacity, e.g. services=20000 (names: "
                    "sockets, mesh_nets, services, slots, revnat)")
@@ -79,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
         caps = parse_capacities(args.capacity)
         if args.xds_delta and not args.xds:
             raise ValidationError("--xds-delta", "goes with --xds HOST:PORT")
+        if args.pod_netns and not args.pod_iface:
+            raise ValidationError("--pod-netns", "goes with --pod-iface NAME")
+        if args.pod_netns:
+            from accel.datapath.podroute import netns_path
+
+            if not os.path.exists(netns_path(args.pod_netns) or ""):
+                raise ValidationError("--pod-netns", f"{args.pod_netns!r}: no such network "
+                                      "namespace (`ip netns list` names them)")
         if args.api_listen and not (args.api_insecure or (args.api_tls_cert and args.api_tls_key)):
             raise ValidationError("--api-listen", "TCP needs --api-tls-cert/--api-tls-key "
                                   "(or --api-insecure on a trusted network)")
@@ -103,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     code = 0
+    chores: list = []
     try:
         if args.edge_iface:
             from accel.datapath.edge import EdgeDatapath
@@ -114,7 +130,21 @@ def run(args: argparse.Namespace) -> int:
             if not args.keep:
                 stoppers.append(edge.close)
             agent.edge = edge
-            stoppers.append(_edge_housekeeping(agent, edge, stop))
+            chores.append(edge.refresh)
+            chores.append(_every(10, edge.compact))
+        if args.pod_iface:
+            from accel.datapath.podroute import PodRouter
+
+            pods = PodRouter(dp.pin_dir, tuple(args.pod_iface), netns=args.pod_netns)
+            dp.record(pod_netns=args.pod_netns or "", pod_prog_id=pods.prog_id)
+            if not args.keep:
+                stoppers.append(pods.close)
+            pods.refresh()
+            log.info("pod routing on %d ports (%s)", len(pods.ports), ", ".join(args.pod_iface))
+            agent.pods = pods
+            chores.append(pods.refresh)
+        if chores:
+            stoppers.append(_housekeeping(agent, chores, stop))
         stoppers.extend(_start_source(args, agent, table))
         stoppers.extend(_start_api(args, agent))
         log.info("agent running (pin dir %s, cgroup %s); SIGTERM or Ctrl-C to stop",
@@ -136,23 +166,31 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _edge_housekeeping(agent, edge, stop: threading.Event):
-    """Neighbours resolve and MACs move after a table is applied, and churn leaves ring
-    slots marked dirty: the edge needs a periodic refresh() and an occasional compact()."""
+def _every(n: int, fn):
+    ticks = {"n": 0}
+
+    def tick() -> None:
+        ticks["n"] += 1
+        if ticks["n"] % n == 0:
+            fn()
+
+    return tick
+
+
+def _housekeeping(agent, chores: list, stop: threading.Event):
+    """Once a second, under the agent's lock: the edge's neighbours resolve and MACs move
+    after a table is applied, churn leaves ring slots to compact, and pods come and go."""
 
     def loop() -> None:
-        ticks = 0
         while not stop.wait(1.0):
-            ticks += 1
-            try:
-                with agent.lock:
-                    edge.refresh()
-                    if ticks % 10 == 0:
-                        edge.compact()
-            except Exception as e:  # never let housekeeping take the agent down
-                log.warning("edge housekeeping: %s", e)
+            for chore in chores:
+                try:
+                    with agent.lock:
+                        chore()
+                except Exception as e:  # never let housekeeping take the agent down
+                    log.warning("housekeeping: %s", e)
 
-    t = threading.Thread(target=loop, name="edge-housekeeping", daemon=True)
+    t = threading.Thread(target=loop, name="housekeeping", daemon=True)
     t.start()
     return lambda: t.join(timeout=5)
 

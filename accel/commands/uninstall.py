@@ -23,6 +23,6 @@ def run(args: argparse.Namespace) -> int:
     except AlreadyRunning as e:
         return fail(str(e))
     print(f"uninstalled {done.pin_dir}: {len(done.detached)} cgroup programs detached, "
-          f"{', '.join(done.edge) + ' removed, ' if done.edge else ''}"
+          f"{', '.join(done.interfaces) + ' removed, ' if done.interfaces else ''}"
           f"pins {'removed' if done.had_pins else 'absent'}")
     return 0

@@ -387,7 +387,7 @@ def detach_cgroup_programs(cgroup_dir: str | None, prog_ids: set[int]) -> list[i
 class Uninstalled:
     pin_dir: str
     detached: list[int]
-    edge: list[str]
+    interfaces: list[str]  # what came off network interfaces (edge, pod routing)
     had_pins: bool
 
 
@@ -411,16 +411,20 @@ def uninstall(pin_dir: str) -> Uninstalled:
         state = {}
     detached = detach_cgroup_programs(state.get("cgroup"),
                                       set(state.get("prog_ids", {}).values()))
-    edge: list[str] = []
+    interfaces: list[str] = []
     if state.get("edge_iface"):
         from accel.datapath.edge import detach_from
 
-        edge = detach_from(state["edge_iface"])
+        interfaces = detach_from(state["edge_iface"])
+    if state.get("pod_prog_id"):
+        from accel.datapath import podroute
+
+        interfaces += podroute.detach_from(state.get("pod_netns") or None, state["pod_prog_id"])
     had_pins = os.path.isdir(pin_dir)
     remove_pins(pin_dir)
     state_file(pin_dir).unlink(missing_ok=True)
     lock.unlink(missing_ok=True)
-    return Uninstalled(pin_dir, detached, edge, had_pins)
+    return Uninstalled(pin_dir, detached, interfaces, had_pins)
 
 
 def remove_pins(pin_dir: str) -> None:

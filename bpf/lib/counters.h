@@ -21,6 +21,8 @@ enum accel_counter {
 	C_UDP_BALANCED,               /* UDP sendmsg to a VIP rewritten */
 	C_PEERNAME_VIP,               /* getpeername answered with the VIP */
 	C_REVNAT_FAILURES,            /* could not record the VIP for getpeername/recvmsg */
+	C_POD_REDIRECTS,              /* packet handed from one local mesh pod to another, bridge skipped */
+	C_POD_FOREIGN_SOURCE,         /* packet to a local pod whose source is not the sender's own address: left to the bridge */
 	C_MAX,
 };
 

@@ -16,12 +16,10 @@
 #define ACCEL_SOCK_H
 
 #include "common.h"
+#include "mesh.h"
 
 #ifndef ACCEL_SOCKHASH_MAX
 #define ACCEL_SOCKHASH_MAX 131072
-#endif
-#ifndef ACCEL_MESH_NETS_MAX
-#define ACCEL_MESH_NETS_MAX 131072
 #endif
 
 /* One end of a TCP connection as seen by its own socket. Ports in host order. */
@@ -63,18 +61,9 @@ struct sock_state {
 	__u32 tracked;
 };
 
-/* Longest-prefix set of mesh addresses: endpoints as /128 and configured CIDRs.
- * A socket is a mesh socket when its local or remote address is in it. */
-struct mesh_net_key {
-	__u32 prefixlen;
-	struct addr16 addr;
-};
-
 ACCEL_SOCKHASH(accel_sockhash, struct sock_key, ACCEL_SOCKHASH_MAX);
 ACCEL_MAP("hash", struct conn_id, struct conn_owner, accel_conn_ns, ACCEL_SOCKHASH_MAX);
 ACCEL_MAP_F("sk_storage", int, struct sock_state, accel_sock_state, 0, BPF_F_NO_PREALLOC);
-ACCEL_MAP_F("lpm_trie", struct mesh_net_key, u32, accel_mesh_nets, ACCEL_MESH_NETS_MAX,
-	    BPF_F_NO_PREALLOC);
 
 static __always_inline void conn_id_reverse(struct conn_id *out, const struct conn_id *in)
 {

@@ -113,6 +113,14 @@ class EdgeStatus(_message.Message):
     details: _struct_pb2.Struct
     def __init__(self, enabled: _Optional[bool] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
+class PodRoutingStatus(_message.Message):
+    __slots__ = ("enabled", "details")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    details: _struct_pb2.Struct
+    def __init__(self, enabled: _Optional[bool] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
 class MapUsage(_message.Message):
     __slots__ = ("used", "capacity")
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -122,7 +130,7 @@ class MapUsage(_message.Message):
     def __init__(self, used: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps")
+    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing")
     class MapsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +151,7 @@ class GetStatusResponse(_message.Message):
     XDS_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
+    POD_ROUTING_FIELD_NUMBER: _ClassVar[int]
     version: str
     source: str
     config_version: str
@@ -156,7 +165,8 @@ class GetStatusResponse(_message.Message):
     xds: XdsStatus
     edge: EdgeStatus
     maps: _containers.MessageMap[str, MapUsage]
-    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ...) -> None: ...
+    pod_routing: PodRoutingStatus
+    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,351 @@
+"""Pod routing: packets between local mesh pods on one bridge skip the bridge (bpf/pod_tc.c).
+
+The agent is told which host-side veths belong to mesh pods (`--pod-iface` names or globs,
+in `--pod-netns`, the namespace holding the bridge). For each such port it reads the pod's
+addresses and MAC from the pod's own namespace, which it finds through the veth's peer
+link: the kernel's truth, never learnt from packets. It writes them to accel_pod_eps and
+attaches the tc program to the port's ingress. refresh() follows pods coming and going;
+close() removes exactly the filters (and clsact qdiscs) it made; detach_from() does the
+same for an agent that died.
+
+A port that cannot be read or attached stays on the bridge: fail open, logged, reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import ipaddress
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accel.datapath import bpfsys
+from accel.datapath.maps import set_addr16
+from accel.datapath.programs import compile_program, load_func
+
+log = logging.getLogger(__name__)
+
+TC_INGRESS = "ffff:fff2"
+TC_EGRESS = "ffff:fff3"
+TC_PRIO = 0xAC1D  # our filter's priority on the ingress hook: finds it again to delete
+TC_HANDLE = 0xAC1D
+FILTER_NAME = "accel_pod_tc"
+NETNS_DIRS = ("/run/netns", "/run/docker/netns")
+# Addresses are re-read from every known pod this often (refresh calls); new ports at once.
+REREAD_EVERY = 10
+
+
+class PodRouteError(RuntimeError):
+    pass
+
+
+def netns_path(name: str | None) -> str | None:
+    """A namespace as `ip netns` names it, or a path (/proc/PID/ns/net, /run/docker/netns/X)."""
+    if not name:
+        return None
+    return name if name.startswith("/") else f"/run/netns/{name}"
+
+
+def _ipr(path: str | None):
+    from pyroute2 import IPRoute
+
+    return IPRoute(netns=path) if path else IPRoute()
+
+
+@dataclass(frozen=True)
+class PodPort:
+    ifname: str  # host side of the veth, in the router's namespace
+    ifindex: int
+    bridge: int  # master's ifindex
+    peer_netns: str  # path of the pod's namespace
+    peer_ifindex: int
+    mac: str  # the pod side's MAC
+    addresses: tuple[str, ...]
+
+
+@dataclass
+class PodRouter:
+    pin_dir: str
+    patterns: tuple[str, ...]
+    netns: str | None = None
+    defines: dict[str, int | str] = field(default_factory=dict)
+    capacity: int = 16384
+
+    def __post_init__(self) -> None:
+        from bcc import BPF
+
+        if not self.patterns:
+            raise PodRouteError("pod routing needs at least one --pod-iface")
+        self._path = netns_path(self.netns)
+        if self._path and not os.path.exists(self._path):
+            raise PodRouteError(f"--pod-netns {self.netns}: no such network namespace")
+        defines = {**self.defines, "ACCEL_POD_EPS_MAX": self.capacity}
+        self.module = compile_program("pod_tc.c", self.pin_dir, defines)
+        self.fn = load_func(self.module, "accel_pod_tc", BPF.SCHED_CLS)
+        self.table = self.module[b"accel_pod_eps"]
+        self.prog_id = bpfsys.prog_info(self.fn.fd).id
+        self.ports: dict[int, PodPort] = {}
+        self.attached: dict[int, bool] = {}  # ifindex -> we made its clsact
+        self.written: dict[str, tuple[int, int, str]] = {}  # address -> (ifindex, bridge, mac)
+        self.conflicts: list[str] = []
+        self.failures: dict[str, str] = {}  # ifname -> why it stays on the bridge
+        self._nsids: dict[int, str] = {}
+        self._ticks = 0
+        self._node = _ipr(self._path)
+
+    # ---- discovery ---------------------------------------------------------------------------
+
+    def _candidates(self) -> list[dict[str, Any]]:
+        """Our veth ports that are bridge ports and match a pattern."""
+        out = []
+        for link in self._node.get_links():
+            name = link.get("ifname") or ""
+            if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "veth":
+                continue
+            if not link.get("master") or link.get("link_netnsid") is None:
+                continue
+            if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
+                out.append(link)
+        return out
+
+    def _netns_of(self, nsid: int) -> str | None:
+        """The path of the namespace our namespace calls `nsid` (nsids are per namespace)."""
+        cached = self._nsids.get(nsid)
+        if cached and self._nsid_of(cached) == nsid:
+            return cached
+        self._nsids.pop(nsid, None)
+        seen: set[tuple[int, int]] = set()
+        for path in self._namespace_files():
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            got = self._nsid_of(path)
+            if got is not None and got >= 0:
+                self._nsids[got] = path
+                if got == nsid:
+                    return path
+        return None
+
+    def _nsid_of(self, path: str) -> int | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            r = self._node.get_netnsid(fd=fd)
+            return None if r is None or r.get("nsid") is None else int(r["nsid"])
+        except Exception:
+            return None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _namespace_files() -> Iterable[str]:
+        for d in NETNS_DIRS:
+            try:
+                yield from (os.path.join(d, n) for n in sorted(os.listdir(d)))
+            except OSError:
+                continue
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                yield f"/proc/{pid}/ns/net"
+
+    def _read_port(self, link: dict[str, Any]) -> PodPort:
+        name = link.get("ifname")
+        nsid, peer = link.get("link_netnsid"), link.get("link")
+        path = self._netns_of(nsid)
+        if path is None:
+            raise PodRouteError(f"{name}: the pod's namespace (nsid {nsid}) was not found")
+        with _ipr(path) as ipr:
+            links = ipr.get_links(peer)
+            if not links:
+                raise PodRouteError(f"{name}: the pod side (ifindex {peer}) is gone")
+            mac = links[0].get("address")
+            addrs = []
+            for a in ipr.get_addr(index=peer):
+                ip = ipaddress.ip_address(a.get("address"))
+                # Link-local addresses repeat across links: they do not name a pod.
+                if not ip.is_link_local:
+                    addrs.append(str(ip))
+        return PodPort(ifname=name, ifindex=link["index"], bridge=link.get("master"),
+                       peer_netns=path, peer_ifindex=peer, mac=mac,
+                       addresses=tuple(sorted(addrs)))
+
+    # ---- attach and write --------------------------------------------------------------------
+
+    def _attach(self, ifindex: int) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        made = False
+        try:
+            self._node.tc("add", "clsact", index=ifindex)
+            made = True
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        self._node.tc("replace-filter", "bpf", index=ifindex, handle=TC_HANDLE,
+                      fd=self.fn.fd, name=FILTER_NAME, parent=TC_INGRESS, prio=TC_PRIO,
+                      classid=1, direct_action=True)
+        self.attached[ifindex] = made
+
+    def _detach(self, ifindex: int) -> None:
+        made = self.attached.pop(ifindex, False)
+        _remove_filter(self._node, ifindex, drop_clsact=made)
+
+    def refresh(self) -> None:
+        """Bring ports, filters and accel_pod_eps in line with the pods there are now."""
+        self._ticks += 1
+        reread = self._ticks % REREAD_EVERY == 0
+        current: dict[int, PodPort] = {}
+        failures: dict[str, str] = {}
+        for link in self._candidates():
+            idx = link["index"]
+            known = self.ports.get(idx)
+            same = (known is not None and known.peer_ifindex == link.get("link")
+                    and known.bridge == link.get("master"))
+            try:
+                port = known if same and not reread else self._read_port(link)
+                if idx not in self.attached:
+                    self._attach(idx)
+                current[idx] = port
+            except Exception as e:  # this pod stays on the bridge; the others go on
+                failures[link.get("ifname")] = str(e)
+        for idx in set(self.attached) - set(current):
+            try:
+                self._detach(idx)
+            except Exception as e:
+                log.debug("pod routing: detach ifindex %d: %s", idx, e)
+        self.ports = current
+        for name, why in failures.items():
+            if self.failures.get(name) != why:
+                log.warning("pod routing: %s stays on the bridge: %s", name, why)
+        self.failures = failures
+        self._write(current.values())
+
+    def _write(self, ports: Iterable[PodPort]) -> None:
+        owners: dict[str, list[PodPort]] = {}
+        for p in ports:
+            for a in p.addresses:
+                owners.setdefault(a, []).append(p)
+        # An address two pods claim names neither: both stay on the bridge.
+        self.conflicts = sorted(a for a, ps in owners.items() if len(ps) > 1)
+        want = {a: (ps[0].ifindex, ps[0].bridge, ps[0].mac)
+                for a, ps in owners.items() if len(ps) == 1}
+        for addr in [a for a in self.written if a not in want]:
+            try:
+                del self.table[self._key(addr)]
+            except KeyError:
+                pass
+            del self.written[addr]
+        full = 0
+        for addr, val in want.items():
+            if self.written.get(addr) == val:
+                continue
+            try:
+                self.table[self._key(addr)] = self._leaf(*val)
+                self.written[addr] = val
+            except Exception:  # map full: that pod stays on the bridge
+                full += 1
+        if full:
+            log.warning("pod routing: accel_pod_eps is full; %d addresses stay on the bridge",
+                        full)
+
+    def _key(self, addr: str):
+        k = self.table.Key()
+        set_addr16(k, ipaddress.ip_address(addr))
+        return k
+
+    def _leaf(self, ifindex: int, bridge: int, mac: str):
+        v = self.table.Leaf()
+        v.ifindex, v.bridge = ifindex, bridge
+        for i, b in enumerate(bytes.fromhex(mac.replace(":", ""))):
+            v.mac[i] = b
+        return v
+
+    # ---- reporting and teardown --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "netns": self.netns or "",
+            "patterns": list(self.patterns),
+            "ports": [{"iface": p.ifname, "addresses": list(p.addresses)}
+                      for p in sorted(self.ports.values(), key=lambda p: p.ifname)],
+            "addresses": len(self.written),
+            "conflicts": list(self.conflicts),
+            "failures": dict(self.failures),
+        }
+
+    def close(self) -> None:
+        for idx in list(self.attached):
+            try:
+                self._detach(idx)
+            except Exception as e:
+                log.warning("pod routing: detach ifindex %d: %s", idx, e)
+        for addr in list(self.written):
+            try:
+                del self.table[self._key(addr)]
+            except KeyError:
+                pass
+        self.written.clear()
+        self._node.close()
+        self.module.cleanup()
+
+
+def _remove_filter(ipr, ifindex: int, drop_clsact: bool) -> bool:
+    """Delete our ingress filter (and the clsact qdisc if we made it and it is now empty)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    gone = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
+    removed = False
+    try:
+        ipr.tc("del-filter", "bpf", index=ifindex, handle=TC_HANDLE, parent=TC_INGRESS,
+               prio=TC_PRIO)
+        removed = True
+    except NetlinkError as e:
+        if e.code not in gone:
+            raise
+    if drop_clsact:
+        try:
+            others = ipr.get_filters(index=ifindex, parent=TC_INGRESS) + ipr.get_filters(
+                index=ifindex, parent=TC_EGRESS)
+            if not [f for f in others if f.get_attr("TCA_KIND")]:
+                ipr.tc("del", "clsact", index=ifindex)
+        except NetlinkError as e:
+            if e.code not in gone:
+                raise
+    return removed
+
+
+def carries(ipr, ifindex: int, prog_id: int) -> bool:
+    """Does this interface's ingress run program `prog_id` at our priority?"""
+    for f in ipr.get_filters(index=ifindex, parent=TC_INGRESS):
+        if f["info"] >> 16 == TC_PRIO and f.get_nested("TCA_OPTIONS", "TCA_BPF_ID") == prog_id:
+            return True
+    return False
+
+
+def detach_from(netns: str | None, prog_id: int) -> list[str]:
+    """Remove the ingress filters running `prog_id` (an agent's that died, or --keep) from
+    every interface of `netns`; another agent's filters stay. The clsact qdisc goes too when
+    nothing else is left on it."""
+    path = netns_path(netns)
+    if path and not Path(path).exists():
+        return []
+    done = []
+    with _ipr(path) as ipr:
+        for link in ipr.get_links():
+            idx = link["index"]
+            try:
+                if carries(ipr, idx, prog_id) and _remove_filter(ipr, idx, drop_clsact=True):
+                    done.append(f"tc ingress filter on {link.get('ifname')}")
+            except Exception as e:
+                log.debug("pod routing: %s: %s", link.get("ifname"), e)
+    return done
