@@ -192,7 +192,8 @@ class PodRouter:
             if e.code != errno.EEXIST:
                 raise
         self._node.tc("replace-filter", "bpf", index=ifindex, handle=TC_HANDLE,
-                      fd=self.fn.fd, name=FILTER_NAME, parent=TC_INGRESS, prio=TC_PRIO,
+                      fd=self.fn.fd, name=filter_name(self.prog_id), parent=TC_INGRESS,
+                      prio=TC_PRIO,
                       classid=1, direct_action=True)
         self.attached[ifindex] = made
 
@@ -324,10 +325,17 @@ def _remove_filter(ipr, ifindex: int, drop_clsact: bool) -> bool:
     return removed
 
 
+def filter_name(prog_id: int) -> str:
+    # The program id in the filter's name: pyroute2 does not decode TCA_BPF_ID, and an
+    # uninstall must tell a dead agent's filters from a live one's.
+    return f"{FILTER_NAME}#{prog_id}"
+
+
 def carries(ipr, ifindex: int, prog_id: int) -> bool:
     """Does this interface's ingress run program `prog_id` at our priority?"""
     for f in ipr.get_filters(index=ifindex, parent=TC_INGRESS):
-        if f["info"] >> 16 == TC_PRIO and f.get_nested("TCA_OPTIONS", "TCA_BPF_ID") == prog_id:
+        if (f["info"] >> 16 == TC_PRIO
+                and f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == filter_name(prog_id)):
             return True
     return False
 
