@@ -4,6 +4,7 @@ afterwards, whatever happened."""
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import shutil
@@ -24,15 +25,23 @@ REPO = Path(__file__).resolve().parents[1]
 PORTS = range(18300, 18400)  # this helper's share of the machine's ports
 
 
+_handed_out: collections.deque[int] = collections.deque(maxlen=30)  # the latest few
+
+
 def free_port(ports: range = PORTS) -> int:
-    """A TCP port in `ports` nobody holds now (test suites keep to their own ranges)."""
+    """A TCP port in `ports` nobody holds now (test suites keep to their own ranges) and not
+    handed out before: an Env's metrics port is only bound once its agent starts, so a port
+    picked for the test's own server in between could otherwise be the same one."""
     for _ in range(200):
         port = secrets.choice(ports)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.append(port)
             return port
     raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 

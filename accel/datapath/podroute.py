@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from accel.datapath import bpfsys
-from accel.datapath.maps import set_addr16
+from accel.datapath.maps import get_addr16, set_addr16
 from accel.datapath.programs import compile_program, load_func
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,12 @@ class PodRouter:
         self.prog_id = bpfsys.prog_info(self.fn.fd).id
         self.ports: dict[int, PodPort] = {}
         self.attached: dict[int, bool] = {}  # ifindex -> we made its clsact
-        self.written: dict[str, tuple[int, int, str]] = {}  # address -> (ifindex, bridge, mac)
+        # address -> (ifindex, bridge, mac); a kept map's entries are adopted, so the first
+        # refresh drops those no pod holds any more.
+        self.written: dict[str, tuple[int, int, str]] = {
+            str(get_addr16(k)): (v.ifindex, v.bridge, bytes(v.mac).hex(":"))
+            for k, v in self.table.items()
+        }
         self.conflicts: list[str] = []
         self.failures: dict[str, str] = {}  # ifname -> why it stays on the bridge
         self._nsids: dict[int, str] = {}
