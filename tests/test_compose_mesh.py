@@ -156,12 +156,15 @@ def test_traffic_is_accelerated_and_bytes_arrive_intact(mesh):
     after = mesh.stats()
     assert r["ok"] == n and not r["errors"], r
     delta = {k: after[k] - before[k] for k in ("sockhash_inserts", "msg_redirects",
-                                                "redirected_bytes", "connect_balanced")}
+                                                "redirected_bytes", "connect_balanced",
+                                                "pod_redirects")}
     assert delta["connect_balanced"] >= n, delta
     assert delta["sockhash_inserts"] >= 2 * n, delta  # both ends of every connection
     assert delta["msg_redirects"] >= 2 * n, delta
     # Every payload byte crossed the splice twice: to the replica and back.
     assert delta["redirected_bytes"] >= 2 * n * size, delta
+    # Pod routing: each connection's handshake and teardown went container to container.
+    assert delta["pod_redirects"] >= 4 * n, delta
 
 
 def test_connections_spread_over_the_replicas(mesh):

@@ -221,3 +221,21 @@ def test_agent_pod_routing_end_to_end(env, lab_factory, tmp_path):
     agent.stop()
     assert agent.proc.returncode == 0
     assert "clsact" not in qdiscs(lab)
+
+
+def test_next_router_prunes_a_dead_ones_entries(lab_factory, datapath, router_factory):
+    """A router that died (or --keep) leaves its entries pinned; the next one adopts them and
+    drops those of pods that went away meanwhile, so no address points at a dead port."""
+    lab = lab_factory(3)
+    a, b, c = lab.pods
+    datapath.apply(mesh(lab))
+    dead = PodRouter(datapath.pin_dir, (f"{lab.prefix}p*",), netns=lab.node)
+    dead.refresh()
+    assert len(list(dead.table.keys())) == 6
+    dead._node.close()  # gone without close(): filters and entries stay
+    dead.module.cleanup()
+    subprocess.run(["ip", "netns", "del", c.name], check=True)
+    nxt = router_factory(lab, a, b)
+    assert len(list(nxt.table.keys())) == 4 and nxt.status()["addresses"] == 4
+    with EchoServer(b, 8080):
+        assert roundtrip(a, str(b.ip), 8080, b"z" * 100) == b"z" * 100

@@ -203,8 +203,9 @@ class PodRouter:
         self.attached[ifindex] = made
 
     def _detach(self, ifindex: int) -> None:
-        made = self.attached.pop(ifindex, False)
-        _remove_filter(self._node, ifindex, drop_clsact=made)
+        self.attached.pop(ifindex, None)
+        # An empty clsact goes even when an earlier agent (--keep) made it: nothing uses it.
+        _remove_filter(self._node, ifindex, drop_clsact=True)
 
     def refresh(self) -> None:
         """Bring ports, filters and accel_pod_eps in line with the pods there are now."""
