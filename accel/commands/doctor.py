@@ -118,6 +118,8 @@ def check_programs() -> list[Check]:
         ("cgroup sock_addr", "connect.c", "accel_connect4",
          lambda b, f: b.load_func(f, BPF.CGROUP_SOCK_ADDR,
                                   attach_type=BPFAttachType.CGROUP_INET4_CONNECT)),
+        ("pod routing", "pod_tc.c", "accel_pod_tc",
+         lambda b, f: b.load_func(f, BPF.SCHED_CLS)),
     ]
     try:
         for title, source, fn, load in loads:
