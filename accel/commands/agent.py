@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
             if not args.keep:
                 stoppers.append(edge.close)
             agent.edge = edge
-            chores.append(edge.refresh)
-            chores.append(_every(10, edge.compact))
+            chores.append((edge.refresh, True))
+            chores.append((_every(10, edge.compact), True))
         if args.pod_iface:
             from accel.datapath.podroute import PodRouter
 
@@ -142,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
             pods.refresh()
             log.info("pod routing on %d ports (%s)", len(pods.ports), ", ".join(args.pod_iface))
             agent.pods = pods
-            chores.append(pods.refresh)
+            # Outside the agent's lock: it touches only its own map and filters, and reading
+            # many pods' namespaces must not hold up an xDS update.
+            chores.append((pods.refresh, False))
         if chores:
             stoppers.append(_housekeeping(agent, chores, stop))
         stoppers.extend(_start_source(args, agent, table))
@@ -178,14 +180,18 @@ def _every(n: int, fn):
 
 
 def _housekeeping(agent, chores: list, stop: threading.Event):
-    """Once a second, under the agent's lock: the edge's neighbours resolve and MACs move
-    after a table is applied, churn leaves ring slots to compact, and pods come and go."""
+    """Once a second, each chore (fn, under the agent's lock?): the edge's neighbours resolve
+    and MACs move after a table is applied, churn leaves ring slots to compact, and pods
+    come and go."""
 
     def loop() -> None:
         while not stop.wait(1.0):
-            for chore in chores:
+            for chore, locked in chores:
                 try:
-                    with agent.lock:
+                    if locked:
+                        with agent.lock:
+                            chore()
+                    else:
                         chore()
                 except Exception as e:  # never let housekeeping take the agent down
                     log.warning("housekeeping: %s", e)

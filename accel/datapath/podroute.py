@@ -35,8 +35,9 @@ TC_PRIO = 0xAC1D  # our filter's priority on the ingress hook: finds it again to
 TC_HANDLE = 0xAC1D
 FILTER_NAME = "accel_pod_tc"
 NETNS_DIRS = ("/run/netns", "/run/docker/netns")
-# Addresses are re-read from every known pod this often (refresh calls); new ports at once.
-REREAD_EVERY = 10
+# Addresses are re-read from every known pod this often (refresh calls, about seconds); a
+# new port, or one whose peer changed, at once. Pods rarely renumber in place.
+REREAD_EVERY = 30
 
 
 class PodRouteError(RuntimeError):
