@@ -2,8 +2,12 @@
 
 Everything lives in namespaces named ``<prefix>-*``: a ``node`` namespace holds the bridge
 (standing in for the host's pod network, so the root namespace is never touched) and each
-pod has one veth into it. Deleting the namespaces removes every link, so ``down`` works
-after a crash: it only needs the prefix, which is recorded under /run/accel/labs.
+pod has one veth into it. ``routed=True`` builds the other common CNI shape instead (as
+Calico and Cilium do): no bridge, each pod's address is a /32 (/128) route to its veth in
+the node namespace, the pod's default gateway is a link-local address the node holds on
+every pod veth, and the node forwards between pods. Deleting the namespaces removes
+every link, so ``down`` works after a crash: it only needs the prefix, which is recorded
+under /run/accel/labs.
 """
 
 from __future__ import annotations
@@ -107,7 +111,11 @@ class Lab:
     subnet: str = "10.200.0.0/24"
     subnet6: str = "fd00:200::/64"
     cgroup: str | None = None
+    routed: bool = False
     pods: list[Pod] = field(default_factory=list)
+
+    GATEWAY4 = "169.254.1.1"  # a routed pod's gateway, on each of the node's pod veths
+    GATEWAY6 = "fe80::1"
 
     @property
     def node(self) -> str:
@@ -144,10 +152,15 @@ class Lab:
         netns.create(self.node)
         with IPRoute(netns=self.node) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            ipr.link("add", ifname=self.bridge, kind="bridge")
-            br = ipr.link_lookup(ifname=self.bridge)[0]
-            ipr.addr("add", index=br, address=str(self.gateway), prefixlen=net.prefixlen)
-            ipr.link("set", index=br, state="up")
+            br = None
+            if self.routed:
+                in_netns(self.node, lambda: _sysctl({"net/ipv4/ip_forward": "1",
+                                                     "net/ipv6/conf/all/forwarding": "1"}))
+            else:
+                ipr.link("add", ifname=self.bridge, kind="bridge")
+                br = ipr.link_lookup(ifname=self.bridge)[0]
+                ipr.addr("add", index=br, address=str(self.gateway), prefixlen=net.prefixlen)
+                ipr.link("set", index=br, state="up")
             for i in range(self.n_pods):
                 pod = Pod(
                     name=f"{self.prefix}-p{i}",
@@ -165,18 +178,38 @@ class Lab:
                     peer={"ifname": "eth0", "net_ns_fd": pod.name},
                 )
                 host = ipr.link_lookup(ifname=pod.host_ifname)[0]
-                ipr.link("set", index=host, master=br, state="up")
-                with IPRoute(netns=pod.name) as pr:
-                    pr.link("set", index=pr.link_lookup(ifname="lo")[0], state="up")
-                    eth = pr.link_lookup(ifname="eth0")[0]
-                    pr.addr("add", index=eth, address=str(pod.ip), prefixlen=net.prefixlen)
-                    pr.addr(
-                        "add", index=eth, address=str(pod.ip6), prefixlen=net6.prefixlen,
-                        flags=0x02,  # IFA_F_NODAD: usable at once
-                    )
-                    pr.link("set", index=eth, state="up")
-                    pr.route("add", dst="default", gateway=str(self.gateway))
+                if self.routed:
+                    self._route_pod(ipr, host, pod)
+                else:
+                    ipr.link("set", index=host, master=br, state="up")
+                    with IPRoute(netns=pod.name) as pr:
+                        self._pod_up(pr, pod, net.prefixlen, net6.prefixlen)
+                        pr.route("add", dst="default", gateway=str(self.gateway))
                 self.pods.append(pod)
+
+    @staticmethod
+    def _pod_up(pr: IPRoute, pod: Pod, plen: int, plen6: int) -> int:
+        pr.link("set", index=pr.link_lookup(ifname="lo")[0], state="up")
+        eth = pr.link_lookup(ifname="eth0")[0]
+        pr.addr("add", index=eth, address=str(pod.ip), prefixlen=plen)
+        pr.addr("add", index=eth, address=str(pod.ip6), prefixlen=plen6,
+                flags=0x02)  # IFA_F_NODAD: usable at once
+        pr.link("set", index=eth, state="up")
+        return eth
+
+    def _route_pod(self, ipr: IPRoute, host: int, pod: Pod) -> None:
+        """A routed pod: /32 and /128 towards its veth; the node holds the gateway address on
+        every pod veth, so it answers the pod's ARP and neighbour solicitations itself."""
+        ipr.link("set", index=host, state="up")
+        ipr.addr("add", index=host, address=self.GATEWAY4, prefixlen=32)
+        ipr.addr("add", index=host, address=self.GATEWAY6, prefixlen=64, flags=0x02)
+        ipr.route("add", dst=f"{pod.ip}/32", oif=host)
+        ipr.route("add", dst=f"{pod.ip6}/128", oif=host)
+        with IPRoute(netns=pod.name) as pr:
+            eth = self._pod_up(pr, pod, 32, 128)
+            pr.route("add", dst=f"{self.GATEWAY4}/32", oif=eth, scope=253)  # link scope
+            pr.route("add", dst="default", gateway=self.GATEWAY4, oif=eth)
+            pr.route("add", dst="default", gateway=self.GATEWAY6, oif=eth, family=10)
 
     def _record(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -198,11 +231,17 @@ class Lab:
         return {
             "prefix": self.prefix,
             "node": self.node,
+            "topology": "routed" if self.routed else "bridge",
             "pods": [
                 {"name": p.name, "ip": str(p.ip), "ip6": str(p.ip6), "host_ifname": p.host_ifname}
                 for p in self.pods
             ],
         }
+
+
+def _sysctl(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        Path("/proc/sys", key).write_text(value)
 
 
 def remove(prefix: str) -> list[str]:

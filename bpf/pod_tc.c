@@ -1,16 +1,21 @@
 /* tc ingress on the host side of each mesh pod's veth: a packet from a local
- * mesh pod to another local pod on the same bridge skips the bridge.
+ * mesh pod to another local pod skips the bridge (or, for routed pods, the
+ * host's routing).
  *
- * The kernel path for pod -> pod is veth -> backlog -> bridge (and its
- * netfilter hooks) -> veth -> backlog -> pod. bpf_redirect_peer moves the
- * packet into the peer pod's namespace within the same softirq round, as
- * Cilium's host routing does. It carries every packet the socket fast path
- * cannot: handshakes, ACKs, FINs, UDP, and connections kept on TCP.
+ * The kernel path for pod -> pod is veth -> backlog -> bridge or IP forward
+ * (and their netfilter hooks) -> veth -> backlog -> pod. bpf_redirect_peer
+ * moves the packet into the peer pod's namespace within the same softirq
+ * round, as Cilium's host routing does. It carries every packet the socket
+ * fast path cannot: handshakes, ACKs, FINs, UDP, and connections kept on TCP.
+ * A routed hop stays a routed hop: TTL/hop limit down by one, MACs those of
+ * the peer's gateway and the peer.
  *
- * What stays with the kernel, untouched: non-IP, packets whose destination is
- * not a local pod, packets whose source address is not the sending pod's own
- * (spoofed or unknown), traffic between bridges (the host's routing and
- * firewall decide that), and traffic where neither end is a mesh address. */
+ * What stays with the kernel, untouched: non-IP, IP options or a TTL about to
+ * expire (the kernel answers those), packets whose destination is not a local
+ * pod, packets whose source address is not the sending pod's own (spoofed or
+ * unknown), traffic between bridges or between a bridge and a routed pod (the
+ * host's routing and firewall decide that), and traffic where neither end is
+ * a mesh address. */
 #include "lib/common.h"
 #include "lib/counters.h"
 #include "lib/mesh.h"
@@ -19,6 +24,11 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
+#include <linux/stddef.h>
+
+#define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define IP_TTL_OFF (ETH_HLEN + offsetof(struct iphdr, ttl))
+#define IP6_HOPS_OFF (ETH_HLEN + offsetof(struct ipv6hdr, hop_limit))
 
 static __always_inline void count_add(u32 idx, u64 n)
 {
@@ -44,16 +54,20 @@ int accel_pod_tc(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct addr16 src, dst;
 	struct pod_ep *to, *from;
+	__u8 ttl;
+	int v4;
 
 	if ((void *)(eth + 1) > end)
 		return TC_ACT_OK;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
-		if ((void *)(ip + 1) > end)
+		if ((void *)(ip + 1) > end || ip->ihl != 5)
 			return TC_ACT_OK;
 		addr_from4(&src, ip->saddr);
 		addr_from4(&dst, ip->daddr);
+		ttl = ip->ttl;
+		v4 = 1;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
@@ -61,6 +75,8 @@ int accel_pod_tc(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		__builtin_memcpy(&src, &ip6->saddr, sizeof(src));
 		__builtin_memcpy(&dst, &ip6->daddr, sizeof(dst));
+		ttl = ip6->hop_limit;
+		v4 = 0;
 	} else {
 		return TC_ACT_OK;
 	}
@@ -79,10 +95,33 @@ int accel_pod_tc(struct __sk_buff *skb)
 	if (!is_mesh_addr(&dst) && !is_mesh_addr(&src))
 		return TC_ACT_OK;
 
-	/* The peer pod's interface accepts what is addressed to it (a routed
-	 * sender may have addressed the gateway). */
+	if (!to->bridge) {
+		/* Routed: what the host's forwarding would do to the packet. An
+		 * expiring TTL is the kernel's to answer (ICMP time exceeded). */
+		if (ttl <= 1)
+			return TC_ACT_OK;
+		if (v4) {
+			__u16 old = 0, new = 0;
+
+			if (bpf_skb_load_bytes(skb, IP_TTL_OFF, &old, 2) < 0)
+				return TC_ACT_OK;
+			new = old;
+			((__u8 *)&new)[0] = ttl - 1;
+			if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, 2) < 0 ||
+			    bpf_skb_store_bytes(skb, IP_TTL_OFF, &new, 2, 0) < 0)
+				return TC_ACT_SHOT; /* half-rewritten: never deliver it */
+		} else {
+			__u8 hops = ttl - 1;
+
+			if (bpf_skb_store_bytes(skb, IP6_HOPS_OFF, &hops, 1, 0) < 0)
+				return TC_ACT_OK;
+		}
+		if (bpf_skb_store_bytes(skb, 6, to->host_mac, 6, 0) < 0)
+			return TC_ACT_SHOT;
+	}
+	/* The peer pod's interface accepts what is addressed to it. */
 	if (bpf_skb_store_bytes(skb, 0, to->mac, 6, 0) < 0)
-		return TC_ACT_OK;
+		return to->bridge ? TC_ACT_OK : TC_ACT_SHOT;
 	count(C_POD_REDIRECTS);
 	return bpf_redirect_peer(to->ifindex, 0);
 }

@@ -239,3 +239,71 @@ def test_next_router_prunes_a_dead_ones_entries(lab_factory, datapath, router_fa
     assert len(list(nxt.table.keys())) == 4 and nxt.status()["addresses"] == 4
     with EchoServer(b, 8080):
         assert roundtrip(a, str(b.ip), 8080, b"z" * 100) == b"z" * 100
+
+
+IP_RECVTTL = 12  # linux/in.h; Python's socket module lacks it
+
+
+def _recv_hops(sock: socket.socket, family: int) -> tuple[bytes, int]:
+    data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4))
+    for level, kind, value in anc:
+        if (level, kind) in ((socket.IPPROTO_IP, socket.IP_TTL),
+                             (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)):
+            return data, int.from_bytes(value[:4], "little") if len(value) >= 4 else value[0]
+    raise AssertionError(f"no TTL/hop limit in {anc}")
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_routed_pods_stay_a_routed_hop(lab_factory, datapath, router_factory, family):
+    """Pods on /32 routes without a bridge (Calico's shape): routed by us, bytes exact, the
+    TTL/hop limit one less as the host's forwarding would leave it, an expiring TTL left
+    to the kernel."""
+    lab = lab_factory(3, routed=True)
+    a, b, outsider = lab.pods
+    datapath.apply(mesh(lab))
+    r = router_factory(lab, a, b)
+    assert [p["bridge"] for p in r.status()["ports"]] == [None, None]
+    v4 = family == socket.AF_INET
+    target = str(b.ip) if v4 else str(b.ip6)
+    payload = random.Random(5).randbytes(200_000)
+    before = datapath.counters()
+    with EchoServer(b, 8080, family=family):
+        assert digest(roundtrip(a, target, 8080, payload, family=family)) == digest(payload)
+    assert delta(datapath, before)["pod_redirects"] >= 6
+
+    rx = b.socket(family, socket.SOCK_DGRAM)
+    with rx:
+        rx.bind((target, 9997))
+        rx.settimeout(5)
+        if v4:
+            rx.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+        else:
+            rx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+        hops = {}
+        for name, pod in (("routed", a), ("kernel", outsider)):
+            tx = pod.socket(family, socket.SOCK_DGRAM)
+            with tx:
+                if v4:
+                    tx.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 9)
+                else:
+                    tx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 9)
+                before = datapath.counters()
+                tx.sendto(name.encode(), (target, 9997))
+                data, hops[name] = _recv_hops(rx, family)
+                assert data == name.encode()
+                assert delta(datapath, before)["pod_redirects"] == (name == "routed")
+        assert hops == {"routed": 8, "kernel": 8}
+
+        # TTL 1 would expire on the host: the kernel drops it (and answers), not us.
+        tx = a.socket(family, socket.SOCK_DGRAM)
+        with tx:
+            if v4:
+                tx.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+            else:
+                tx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+            before = datapath.counters()
+            tx.sendto(b"expires", (target, 9997))
+            rx.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                rx.recv(100)
+            assert delta(datapath, before)["pod_redirects"] == 0

@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("-n", "--pods", type=int, default=3)
     up.add_argument("--prefix", default=None, help="name prefix (default: random ax<hex>)")
     up.add_argument("--subnet", default="10.200.0.0/24")
+    up.add_argument("--routed", action="store_true",
+                    help="no bridge: a /32 route per pod and the node forwarding (Calico's "
+                    "shape) instead of pods on one bridge")
     add_json_arg(up)
     down = lsub.add_parser("down", help="remove a lab (works after a crash)")
     down.add_argument("prefix", nargs="?", help="lab prefix (default: every recorded lab)")
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             return fail("--pods must be between 1 and 200", code=2)
         kw = {"prefix": args.prefix} if args.prefix else {}
         try:
-            mesh = lab.Lab(args.pods, subnet=args.subnet, **kw).up()
+            mesh = lab.Lab(args.pods, subnet=args.subnet, routed=args.routed, **kw).up()
         except (ValueError, OSError) as e:
             return fail(f"lab up: {e}", code=2 if isinstance(e, ValueError) else 1)
         info = mesh.describe()

@@ -1,12 +1,14 @@
-"""Pod routing: packets between local mesh pods on one bridge skip the bridge (bpf/pod_tc.c).
+"""Pod routing: packets between local mesh pods skip the bridge or the host's routing
+(bpf/pod_tc.c).
 
 The agent is told which host-side veths belong to mesh pods (`--pod-iface` names or globs,
-in `--pod-netns`, the namespace holding the bridge). For each such port it reads the pod's
-addresses and MAC from the pod's own namespace, which it finds through the veth's peer
-link: the kernel's truth, never learnt from packets. It writes them to accel_pod_eps and
-attaches the tc program to the port's ingress. refresh() follows pods coming and going;
-close() removes exactly the filters (and clsact qdiscs) it made; detach_from() does the
-same for an agent that died.
+in `--pod-netns`, the namespace holding them): bridge ports, or routed veths without a
+bridge (a /32 route per pod, as Calico and Cilium's veth mode do). For each such port it
+reads the pod's addresses and MAC from the pod's own namespace, which it finds through the
+veth's peer link: the kernel's truth, never learnt from packets. It writes them to
+accel_pod_eps and attaches the tc program to the port's ingress. refresh() follows pods
+coming and going; close() removes exactly the filters (and clsact qdiscs) it made;
+detach_from() does the same for an agent that died.
 
 A port that cannot be read or attached stays on the bridge: fail open, logged, reported.
 """
@@ -61,7 +63,8 @@ def _ipr(path: str | None):
 class PodPort:
     ifname: str  # host side of the veth, in the router's namespace
     ifindex: int
-    bridge: int  # master's ifindex
+    bridge: int  # master's ifindex; 0 for a routed veth
+    host_mac: str  # the host side's MAC: a routed pod's gateway
     peer_netns: str  # path of the pod's namespace
     peer_ifindex: int
     mac: str  # the pod side's MAC
@@ -93,8 +96,9 @@ class PodRouter:
         self.attached: dict[int, bool] = {}  # ifindex -> we made its clsact
         # address -> (ifindex, bridge, mac); a kept map's entries are adopted, so the first
         # refresh drops those no pod holds any more.
-        self.written: dict[str, tuple[int, int, str]] = {
-            str(get_addr16(k)): (v.ifindex, v.bridge, bytes(v.mac).hex(":"))
+        self.written: dict[str, tuple[int, int, str, str]] = {
+            str(get_addr16(k)): (v.ifindex, v.bridge, bytes(v.mac).hex(":"),
+                                 bytes(v.host_mac).hex(":"))
             for k, v in self.table.items()
         }
         self.conflicts: list[str] = []
@@ -106,13 +110,13 @@ class PodRouter:
     # ---- discovery ---------------------------------------------------------------------------
 
     def _candidates(self) -> list[dict[str, Any]]:
-        """Our veth ports that are bridge ports and match a pattern."""
+        """Veths matching a pattern whose other end is in another namespace (a pod's)."""
         out = []
         for link in self._node.get_links():
             name = link.get("ifname") or ""
             if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "veth":
                 continue
-            if not link.get("master") or link.get("link_netnsid") is None:
+            if link.get("link_netnsid") is None:
                 continue
             if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
                 out.append(link)
@@ -181,8 +185,8 @@ class PodRouter:
                 # Link-local addresses repeat across links: they do not name a pod.
                 if not ip.is_link_local:
                     addrs.append(str(ip))
-        return PodPort(ifname=name, ifindex=link["index"], bridge=link.get("master"),
-                       peer_netns=path, peer_ifindex=peer, mac=mac,
+        return PodPort(ifname=name, ifindex=link["index"], bridge=link.get("master") or 0,
+                       host_mac=link.get("address"), peer_netns=path, peer_ifindex=peer, mac=mac,
                        addresses=tuple(sorted(addrs)))
 
     # ---- attach and write --------------------------------------------------------------------
@@ -218,7 +222,8 @@ class PodRouter:
             idx = link["index"]
             known = self.ports.get(idx)
             same = (known is not None and known.peer_ifindex == link.get("link")
-                    and known.bridge == link.get("master"))
+                    and known.bridge == (link.get("master") or 0)
+                    and known.host_mac == link.get("address"))
             try:
                 port = known if same and not reread else self._read_port(link)
                 if idx not in self.attached:
@@ -245,7 +250,7 @@ class PodRouter:
                 owners.setdefault(a, []).append(p)
         # An address two pods claim names neither: both stay on the bridge.
         self.conflicts = sorted(a for a, ps in owners.items() if len(ps) > 1)
-        want = {a: (ps[0].ifindex, ps[0].bridge, ps[0].mac)
+        want = {a: (ps[0].ifindex, ps[0].bridge, ps[0].mac, ps[0].host_mac)
                 for a, ps in owners.items() if len(ps) == 1}
         for addr in [a for a in self.written if a not in want]:
             try:
@@ -271,11 +276,12 @@ class PodRouter:
         set_addr16(k, ipaddress.ip_address(addr))
         return k
 
-    def _leaf(self, ifindex: int, bridge: int, mac: str):
+    def _leaf(self, ifindex: int, bridge: int, mac: str, host_mac: str):
         v = self.table.Leaf()
         v.ifindex, v.bridge = ifindex, bridge
-        for i, b in enumerate(bytes.fromhex(mac.replace(":", ""))):
-            v.mac[i] = b
+        for field_, text in ((v.mac, mac), (v.host_mac, host_mac)):
+            for i, b in enumerate(bytes.fromhex(text.replace(":", ""))):
+                field_[i] = b
         return v
 
     # ---- reporting and teardown --------------------------------------------------------------
@@ -284,7 +290,8 @@ class PodRouter:
         return {
             "netns": self.netns or "",
             "patterns": list(self.patterns),
-            "ports": [{"iface": p.ifname, "addresses": list(p.addresses)}
+            "ports": [{"iface": p.ifname, "addresses": list(p.addresses),
+                       "bridge": p.bridge or None}
                       for p in sorted(self.ports.values(), key=lambda p: p.ifname)],
             "addresses": len(self.written),
             "conflicts": list(self.conflicts),

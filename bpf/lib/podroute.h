@@ -2,9 +2,11 @@
  * kernel (never learnt from packets, so a pod cannot claim another's address).
  *
  * Each entry names the host side of the pod's veth, the bridge it is a port of
- * and the MAC of the pod's own interface. A packet between two pods on the same
- * bridge can then be handed straight to the peer pod's interface
- * (bpf_redirect_peer): no bridge, no bridge netfilter, no second backlog queue.
+ * (none for a routed pod, as with Calico or Cilium's veth mode), and the MACs of
+ * both ends. A packet between two pods on the same bridge, or between two routed
+ * pods, can then be handed straight to the peer pod's interface
+ * (bpf_redirect_peer): no bridge or routing, no netfilter, no second backlog
+ * queue.
  */
 #ifndef ACCEL_PODROUTE_H
 #define ACCEL_PODROUTE_H
@@ -16,10 +18,10 @@
 #endif
 
 struct pod_ep {
-	__u32 ifindex; /* host side of the pod's veth */
-	__u32 bridge;  /* ifindex of the bridge that port belongs to */
-	__u8 mac[6];   /* the pod's own interface */
-	__u16 pad;
+	__u32 ifindex;    /* host side of the pod's veth */
+	__u32 bridge;     /* ifindex of the bridge that port belongs to; 0: routed */
+	__u8 mac[6];      /* the pod's own interface */
+	__u8 host_mac[6]; /* the host side: a routed pod's gateway */
 };
 
 ACCEL_MAP("hash", struct addr16, struct pod_ep, accel_pod_eps, ACCEL_POD_EPS_MAX);
