@@ -75,7 +75,44 @@ static __always_inline void remember_vip(void *ctx, struct svc_key *key, struct 
 		count(C_REVNAT_FAILURES);
 }
 
-static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter)
+/* connect(): one peer for the socket's life, kept with the socket itself. */
+static __always_inline void remember_vip_sk(struct bpf_sock_addr *ctx, struct svc_key *key,
+					    struct backend *be)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct sock_vip *sv;
+
+	if (!sk) {
+		remember_vip(ctx, key, be);
+		return;
+	}
+	sv = accel_sock_vip.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!sv) {
+		remember_vip(ctx, key, be); /* no storage: the LRU still serves */
+		return;
+	}
+	sv->backend = be->addr;
+	sv->backend_port = be->port;
+	sv->vip = key->vip;
+	sv->vip_port = key->port;
+}
+
+/* The VIP a connected socket dialed, when `addr:port` is the endpoint it got. */
+static __always_inline struct sock_vip *dialed_vip(struct bpf_sock_addr *ctx,
+						   struct addr16 *addr, __u16 port)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct sock_vip *sv;
+
+	if (!sk)
+		return NULL;
+	sv = accel_sock_vip.sk_storage_get(sk, 0, 0);
+	if (!sv || sv->backend_port != port || !addr_eq(&sv->backend, addr))
+		return NULL;
+	return sv;
+}
+
+static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter, int connected)
 {
 	struct svc_key key = {};
 	struct backend *be;
@@ -93,12 +130,15 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter)
 	}
 	ctx->user_ip4 = be->addr.w[3];
 	ctx->user_port = bpf_htons(be->port);
-	remember_vip(ctx, &key, be);
+	if (connected)
+		remember_vip_sk(ctx, &key, be);
+	else
+		remember_vip(ctx, &key, be);
 	count(counter);
 	return SYS_PROCEED;
 }
 
-static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter)
+static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter, int connected)
 {
 	struct svc_key key = {};
 	struct backend *be;
@@ -119,7 +159,10 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter)
 	ctx->user_ip6[2] = be->addr.w[2];
 	ctx->user_ip6[3] = be->addr.w[3];
 	ctx->user_port = bpf_htons(be->port);
-	remember_vip(ctx, &key, be);
+	if (connected)
+		remember_vip_sk(ctx, &key, be);
+	else
+		remember_vip(ctx, &key, be);
 	count(counter);
 	return SYS_PROCEED;
 }
@@ -129,10 +172,20 @@ static __always_inline int unbalance4(struct bpf_sock_addr *ctx)
 {
 	struct revnat_key rk = {};
 	struct revnat_val *rv;
+	struct sock_vip *sv;
 
-	rk.cookie = bpf_get_socket_cookie(ctx);
 	addr_from4(&rk.backend, CTX_READ(ctx->user_ip4));
 	rk.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
+	sv = dialed_vip(ctx, &rk.backend, rk.port);
+	if (sv) {
+		if (!addr_is_v4(&sv->vip))
+			return SYS_PROCEED;
+		ctx->user_ip4 = sv->vip.w[3];
+		ctx->user_port = bpf_htons(sv->vip_port);
+		count(C_PEERNAME_VIP);
+		return SYS_PROCEED;
+	}
+	rk.cookie = bpf_get_socket_cookie(ctx);
 	rv = accel_revnat.lookup(&rk);
 	if (!rv || !addr_is_v4(&rv->vip))
 		return SYS_PROCEED;
@@ -146,14 +199,23 @@ static __always_inline int unbalance6(struct bpf_sock_addr *ctx)
 {
 	struct revnat_key rk = {};
 	struct revnat_val *rv;
+	struct revnat_val found = {};
+	struct sock_vip *sv;
 
-	rk.cookie = bpf_get_socket_cookie(ctx);
 	rk.backend.w[0] = CTX_READ(ctx->user_ip6[0]);
 	rk.backend.w[1] = CTX_READ(ctx->user_ip6[1]);
 	rk.backend.w[2] = CTX_READ(ctx->user_ip6[2]);
 	rk.backend.w[3] = CTX_READ(ctx->user_ip6[3]);
 	rk.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
-	rv = accel_revnat.lookup(&rk);
+	sv = dialed_vip(ctx, &rk.backend, rk.port);
+	if (sv) {
+		found.vip = sv->vip;
+		found.port = sv->vip_port;
+		rv = &found;
+	} else {
+		rk.cookie = bpf_get_socket_cookie(ctx);
+		rv = accel_revnat.lookup(&rk);
+	}
 	if (!rv)
 		return SYS_PROCEED;
 	ctx->user_ip6[0] = rv->vip.w[0];
@@ -165,10 +227,10 @@ static __always_inline int unbalance6(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-int accel_connect4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_CONNECT_BALANCED); }
-int accel_connect6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_CONNECT_BALANCED); }
-int accel_sendmsg4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_UDP_BALANCED); }
-int accel_sendmsg6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_UDP_BALANCED); }
+int accel_connect4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_CONNECT_BALANCED, 1); }
+int accel_connect6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_CONNECT_BALANCED, 1); }
+int accel_sendmsg4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_UDP_BALANCED, 0); }
+int accel_sendmsg6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_UDP_BALANCED, 0); }
 int accel_recvmsg4(struct bpf_sock_addr *ctx) { return unbalance4(ctx); }
 int accel_recvmsg6(struct bpf_sock_addr *ctx) { return unbalance6(ctx); }
 int accel_peer4(struct bpf_sock_addr *ctx) { return unbalance4(ctx); }

@@ -156,3 +156,38 @@ def test_make_before_break_under_churn(lab_factory, datapath):
             s.close()
     assert sum(results.values()) == 500 and flips[0] > 20
     assert datapath.counters()["connect_no_backend"] == 0
+
+
+def test_long_lived_sockets_keep_their_vip_through_churn(lab, pin_dir, test_cgroup):
+    """The VIP a connected socket dialed lives with the socket: thousands of connections
+    later (far more than the reverse-NAT LRU holds) getpeername() and a connected UDP
+    socket's recvmsg() still show the VIP, not the endpoint."""
+    from accel.datapath.datapath import Capacities, Datapath
+
+    client, server = lab.pods
+    dp = Datapath(pin_dir=pin_dir, cgroup_path=str(test_cgroup),
+                  capacities=Capacities(revnat=64)).start()
+    try:
+        dp.apply(ServiceTable((
+            Service("web", VIP, 80, endpoints=(Endpoint(server.ip, 8080),)),
+            Service("dns", VIP, 53, "UDP", endpoints=(Endpoint(server.ip, 5353),)),
+        )))
+        srv = server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        srv.bind((str(server.ip), 5353))
+        srv.settimeout(5)
+        udp = client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.settimeout(5)
+        udp.connect((VIP, 53))
+        with srv, udp, EchoServer(server, 8080), connect(client, VIP, 80) as old:
+            for _ in range(300):  # churn: each one a reverse-NAT entry, 64 of them at most
+                with connect(client, VIP, 80) as s:
+                    assert s.getpeername() == (VIP, 80)
+            assert old.getpeername() == (VIP, 80)
+            old.sendall(b"ping")
+            assert old.recv(4) == b"ping"
+            udp.send(b"q")
+            data, addr = srv.recvfrom(10)
+            srv.sendto(b"a", addr)
+            assert udp.recvfrom(10) == (b"a", (VIP, 53))
+    finally:
+        dp.close()
