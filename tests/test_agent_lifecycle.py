@@ -234,3 +234,32 @@ def test_missing_kernel_feature_doctor_names_it_agent_refuses(lab, pin_dir, test
     client, server = lab.pods
     with EchoServer(server, 8080):
         assert roundtrip(client, str(server.ip), 8080, b"still here") == b"still here"
+
+
+def test_uninstall_after_sigkill_removes_pod_routing(lab, pin_dir, test_cgroup, tmp_path):
+    """A killed agent leaves its tc filters on the pods' veths (traffic still flows, routed
+    past the bridge); `accel uninstall` removes exactly those, qdisc included."""
+    client, server = lab.pods
+    cfg = write_config(tmp_path, [server])
+    agent = start_agent(cfg, pin_dir, test_cgroup, "--pod-netns", lab.node,
+                        "--pod-iface", f"{lab.prefix}p*")
+
+    def filters() -> str:
+        return "".join(subprocess.run(
+            ["ip", "netns", "exec", lab.node, "tc", "filter", "show", "dev", p.host_ifname,
+             "ingress"], capture_output=True, text=True).stdout for p in lab.pods)
+
+    assert filters().count("accel_pod_tc#") == 2  # one filter per pod veth
+    agent.kill()
+    agent.wait(timeout=10)
+    with EchoServer(server, 8080):
+        assert roundtrip(client, "10.96.0.1", 80, b"after" * 100) == b"after" * 100
+    assert stats(pin_dir)["pod_redirects"] > 0
+    r = subprocess.run([*ACCEL, "uninstall", "--pin-dir", pin_dir], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "tc ingress filter on" in r.stdout, r.stdout + r.stderr
+    assert "accel_pod_tc" not in filters()
+    qdiscs = subprocess.run(["ip", "netns", "exec", lab.node, "tc", "qdisc", "show"],
+                            capture_output=True, text=True).stdout
+    assert "clsact" not in qdiscs
+    assert_no_trace(pin_dir, test_cgroup)
