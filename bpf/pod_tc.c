@@ -10,9 +10,11 @@
  * A routed hop stays a routed hop: TTL/hop limit down by one, MACs those of
  * the peer's gateway and the peer.
  *
- * What stays with the kernel, untouched: non-IP, IP options or a TTL about to
- * expire (the kernel answers those), packets whose destination is not a local
- * pod, packets whose source address is not the sending pod's own (spoofed or
+ * Only TCP, and only connections whose SYN we saw go pod to pod (see
+ * accel_pod_flows: replies of connections the host NATs must meet its
+ * conntrack). What stays with the kernel, untouched: non-TCP, IP options,
+ * fragments or a TTL about to expire (the kernel answers those), packets whose
+ * destination is not a local pod, packets whose source address is not the sending pod's own (spoofed or
  * unknown), traffic between bridges or between a bridge and a routed pod (the
  * host's routing and firewall decide that), and traffic where neither end is
  * a mesh address. */
@@ -24,6 +26,7 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
 #include <linux/stddef.h>
 
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
@@ -52,48 +55,76 @@ int accel_pod_tc(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	struct addr16 src, dst;
+	struct pod_flow flow = {};
 	struct pod_ep *to, *from;
+	struct tcphdr *tcp;
 	__u8 ttl;
-	int v4;
+	int v4, opening;
 
 	if ((void *)(eth + 1) > end)
 		return TC_ACT_OK;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
-		if ((void *)(ip + 1) > end || ip->ihl != 5)
+		if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_TCP ||
+		    (ip->frag_off & bpf_htons(0x3fff)))
 			return TC_ACT_OK;
-		addr_from4(&src, ip->saddr);
-		addr_from4(&dst, ip->daddr);
+		tcp = (void *)(ip + 1);
+		if ((void *)(tcp + 1) > end)
+			return TC_ACT_OK;
+		addr_from4(&flow.src, ip->saddr);
+		addr_from4(&flow.dst, ip->daddr);
 		ttl = ip->ttl;
 		v4 = 1;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
-		if ((void *)(ip6 + 1) > end)
+		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
 			return TC_ACT_OK;
-		__builtin_memcpy(&src, &ip6->saddr, sizeof(src));
-		__builtin_memcpy(&dst, &ip6->daddr, sizeof(dst));
+		tcp = (void *)(ip6 + 1);
+		if ((void *)(tcp + 1) > end)
+			return TC_ACT_OK;
+		__builtin_memcpy(&flow.src, &ip6->saddr, sizeof(flow.src));
+		__builtin_memcpy(&flow.dst, &ip6->daddr, sizeof(flow.dst));
 		ttl = ip6->hop_limit;
 		v4 = 0;
 	} else {
 		return TC_ACT_OK;
 	}
 
+	flow.sport = tcp->source;
+	flow.dport = tcp->dest;
+	opening = tcp->syn && !tcp->ack;
+
 	/* Most packets leaving a pod go elsewhere: one lookup decides. */
-	to = accel_pod_eps.lookup(&dst);
+	to = accel_pod_eps.lookup(&flow.dst);
 	if (!to)
 		return TC_ACT_OK;
-	from = accel_pod_eps.lookup(&src);
+	from = accel_pod_eps.lookup(&flow.src);
 	if (!from || from->ifindex != skb->ingress_ifindex) {
 		count(C_POD_FOREIGN_SOURCE);
 		return TC_ACT_OK;
 	}
 	if (from->bridge != to->bridge || to->ifindex == skb->ingress_ifindex)
 		return TC_ACT_OK;
-	if (!is_mesh_addr(&dst) && !is_mesh_addr(&src))
+	if (!is_mesh_addr(&flow.dst) && !is_mesh_addr(&flow.src))
 		return TC_ACT_OK;
+	if (opening) {
+		__u32 one = 1;
+
+		accel_pod_flows.update(&flow, &one);
+	} else if (!accel_pod_flows.lookup(&flow)) {
+		struct pod_flow rev = {};
+
+		rev.src = flow.dst;
+		rev.dst = flow.src;
+		rev.sport = flow.dport;
+		rev.dport = flow.sport;
+		if (!accel_pod_flows.lookup(&rev)) {
+			count(C_POD_UNTRACKED);
+			return TC_ACT_OK;
+		}
+	}
 
 	if (!to->bridge) {
 		/* Routed: what the host's forwarding would do to the packet. An

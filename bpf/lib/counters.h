@@ -23,6 +23,7 @@ enum accel_counter {
 	C_REVNAT_FAILURES,            /* could not record the VIP for getpeername/recvmsg */
 	C_POD_REDIRECTS,              /* packet handed from one local mesh pod to another, bridge skipped */
 	C_POD_FOREIGN_SOURCE,         /* packet to a local pod whose source is not the sender's own address: left to the bridge */
+	C_POD_UNTRACKED,              /* pod-to-pod packet of a connection not seen starting pod to pod (host NAT, older): left to the kernel */
 	C_MAX,
 };
 

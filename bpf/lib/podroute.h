@@ -26,4 +26,24 @@ struct pod_ep {
 
 ACCEL_MAP("hash", struct addr16, struct pod_ep, accel_pod_eps, ACCEL_POD_EPS_MAX);
 
+#ifndef ACCEL_POD_FLOWS_MAX
+#define ACCEL_POD_FLOWS_MAX 131072
+#endif
+
+/* TCP connections whose SYN went straight from one local pod to another, as the
+ * initiator sent it (ports in network order). Only their packets are handed
+ * over: a connection the host NATs (a pod dialing a ClusterIP or a published
+ * host port that the host's DNAT sends to another local pod) never shows such
+ * a SYN, and its replies must reach the host's conntrack to be translated
+ * back. LRU: a flow that ages out simply goes back to the bridge. */
+struct pod_flow {
+	struct addr16 src;
+	struct addr16 dst;
+	__u16 sport;
+	__u16 dport;
+	__u32 pad;
+};
+
+ACCEL_MAP("lru_hash", struct pod_flow, __u32, accel_pod_flows, ACCEL_POD_FLOWS_MAX);
+
 #endif /* ACCEL_PODROUTE_H */
