@@ -6,7 +6,7 @@
  * (and their netfilter hooks) -> veth -> backlog -> pod. bpf_redirect_peer
  * moves the packet into the peer pod's namespace within the same softirq
  * round, as Cilium's host routing does. It carries every packet the socket
- * fast path cannot: handshakes, ACKs, FINs, UDP, and connections kept on TCP.
+ * fast path cannot: handshakes, ACKs, FINs, and connections kept on TCP.
  * A routed hop stays a routed hop: TTL/hop limit down by one, MACs those of
  * the peer's gateway and the peer.
  *

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -426,7 +427,9 @@ class Bench:
             for mode in self.modes[k:] + self.modes[:k]:
                 assert mode.ctx is not None
                 for workload in cfg.workloads:
+                    check_interrupted()
                     runs.append(self._one(mode, workload, r))
+        check_interrupted()
         measured = time.monotonic() - t0
         return {
             "env": self.environment(measured),
@@ -603,6 +606,15 @@ def aggregate(runs: list[dict[str, Any]], modes: list[Mode],
 # ---- entry points ----------------------------------------------------------------------------
 
 
+_TERMINATED = threading.Event()
+
+
+def check_interrupted() -> None:
+    """Between runs: a SIGTERM whose KeyboardInterrupt was swallowed still stops us."""
+    if _TERMINATED.is_set():
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so teardown runs, in this process only: a forked
@@ -614,6 +626,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        # Raised inside an at-fork hook (logging's lock release after each subprocess
+        # fork) the exception is printed and dropped: check_interrupted() raises it again.
+        _TERMINATED.set()
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, raise_interrupt)

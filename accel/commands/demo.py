@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             return fail(f"demo: {e}", code=2)
     progress = Progress(4 if args.no_compare else 5)
-    from accel.bench.runner import sigterm_as_interrupt
+    from accel.bench.runner import check_interrupted, sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():
@@ -133,10 +133,13 @@ def run(args: argparse.Namespace) -> int:
             setup(progress, install=not args.no_setup)
             progress.step("a mesh of 3 services over 5 pods, the controller, an agent on xDS")
             with Mesh(prefix, progress) as mesh:
+                check_interrupted()
                 progress.step("traffic through the service VIPs")
                 mesh.traffic()
+                check_interrupted()
                 progress.step("the agent's counters")
                 mesh.show_counters()
+            check_interrupted()
             if not args.no_compare:
                 progress.step("quick comparison: kernel, accel, sidecars, iptables DNAT")
                 code = compare(prefix, args.out, cpus, progress)
