@@ -225,6 +225,8 @@ def test_agent_pod_routing_end_to_end(env, lab_factory, tmp_path):
     st = json.loads(out.stdout)
     ports = st["pod_routing"]["ports"]
     assert [p["iface"] for p in ports] == [a.host_ifname, b.host_ifname]
+    human = accel("status", "--api-socket", env.socket).stdout
+    assert f"2 ports, 4 addresses in netns {lab.node}" in human
     with EchoServer(b, 8080):
         assert roundtrip(a, str(b.ip), 8080, b"y" * 1000) == b"y" * 1000
     out = accel("stats", "--json", "--pin-dir", env.pin_dir, "--api-socket", env.socket)

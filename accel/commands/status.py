@@ -16,7 +16,8 @@ def add_api_arg(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="the running agent's state (source, config, xDS, edge)")
+    p = sub.add_parser("status", help="the running agent's state (source, config, xDS, edge, "
+                       "pod routing)")
     add_json_arg(p)
     add_api_arg(p)
     p.set_defaults(func=run)
@@ -50,6 +51,18 @@ def _edge(edge: dict) -> str:
     return ", ".join(parts) or "on"
 
 
+def _pods(pods: dict | None) -> str:
+    if pods is None:
+        return "off"
+    ports = pods.get("ports") or []
+    text = (f"{len(ports)} ports, {pods.get('addresses', 0)} addresses"
+            + (f" in netns {pods['netns']}" if pods.get("netns") else ""))
+    for what in ("conflicts", "failures"):
+        if pods.get(what):
+            text += f"; {what}: {json.dumps(pods[what], separators=(',', ':'))}"
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     from accel.api import client
 
@@ -72,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
          or "-"],
         ["cgroup", st["cgroup"]],
         ["edge", "off" if st["edge"] is None else _edge(st["edge"])],
+        ["pod routing", _pods(st.get("pod_routing"))],
     ]
     xds = st["xds"]
     if xds is not None:
