@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "name or a path; default: the agent's own)")
     p.add_argument("--capacity", action="append", default=[], metavar="NAME=N",
                    help="map capacity, e.g. services=20000 (names: "
-                   "sockets, mesh_nets, services, slots, revnat)")
+                   "sockets, mesh_nets, services, slots, revnat, pods, pod_flows)")
     p.set_defaults(func=run)
 
 
@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         if args.pod_iface:
             from accel.datapath.podroute import PodRouter
 
-            pods = PodRouter(dp.pin_dir, tuple(args.pod_iface), netns=args.pod_netns)
+            pods = PodRouter(dp.pin_dir, tuple(args.pod_iface), netns=args.pod_netns,
+                             capacity=caps.pods, flows=caps.pod_flows)
             dp.record(pod_netns=args.pod_netns or "", pod_prog_id=pods.prog_id)
             if not args.keep:
                 stoppers.append(pods.close)

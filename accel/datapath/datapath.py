@@ -63,6 +63,8 @@ class Capacities:
     services: int = 16384
     slots: int = 262144  # endpoint slots over all services (weights take several)
     revnat: int = 262144
+    pods: int = 16384  # local pod addresses (pod routing)
+    pod_flows: int = 131072  # pod-to-pod TCP connections pod routing hands over (LRU)
 
 
 def _key(pin_dir: str) -> str:

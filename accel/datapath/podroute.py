@@ -77,7 +77,8 @@ class PodRouter:
     patterns: tuple[str, ...]
     netns: str | None = None
     defines: dict[str, int | str] = field(default_factory=dict)
-    capacity: int = 16384
+    capacity: int = 16384  # pod addresses
+    flows: int = 131072  # pod-to-pod TCP connections handed over (LRU)
 
     def __post_init__(self) -> None:
         from bcc import BPF
@@ -87,7 +88,8 @@ class PodRouter:
         self._path = netns_path(self.netns)
         if self._path and not os.path.exists(self._path):
             raise PodRouteError(f"--pod-netns {self.netns}: no such network namespace")
-        defines = {**self.defines, "ACCEL_POD_EPS_MAX": self.capacity}
+        defines = {**self.defines, "ACCEL_POD_EPS_MAX": self.capacity,
+                   "ACCEL_POD_FLOWS_MAX": self.flows}
         self.module = compile_program("pod_tc.c", self.pin_dir, defines)
         self.fn = load_func(self.module, "accel_pod_tc", BPF.SCHED_CLS)
         self.table = self.module[b"accel_pod_eps"]
@@ -285,6 +287,9 @@ class PodRouter:
         return v
 
     # ---- reporting and teardown --------------------------------------------------------------
+
+    def usage(self) -> dict[str, int]:
+        return {"used": len(self.written), "capacity": self.capacity}
 
     def status(self) -> dict[str, Any]:
         return {
