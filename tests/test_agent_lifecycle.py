@@ -249,9 +249,11 @@ def test_uninstall_after_sigkill_removes_pod_routing(lab, pin_dir, test_cgroup, 
             ["ip", "netns", "exec", lab.node, "tc", "filter", "show", "dev", p.host_ifname,
              "ingress"], capture_output=True, text=True).stdout for p in lab.pods)
 
-    assert filters().count("accel_pod_tc#") == 2  # one filter per pod veth
-    agent.kill()
-    agent.wait(timeout=10)
+    try:
+        assert filters().count("accel_pod_tc#") == 2  # one filter per pod veth
+    finally:
+        agent.kill()
+        agent.wait(timeout=10)
     with EchoServer(server, 8080):
         assert roundtrip(client, "10.96.0.1", 80, b"after" * 100) == b"after" * 100
     assert stats(pin_dir)["pod_redirects"] > 0
