@@ -337,3 +337,22 @@ def test_connections_the_host_nats_are_left_to_its_conntrack(lab_factory, datapa
     assert digest(got) == digest(payload) and direct == payload[:500]
     assert nat["pod_redirects"] == 0 and nat["pod_untracked"] >= 2  # b's answers
     assert routed["pod_redirects"] >= 6
+
+
+def test_isolated_bridge_ports_stay_isolated(lab_factory, datapath, router_factory):
+    """Two isolated bridge ports cannot reach each other through the bridge; routing them
+    past it would undo that, so such ports are not taken (and say why)."""
+    lab = lab_factory(2)
+    a, b = lab.pods
+    datapath.apply(mesh(lab))
+    for p in (a, b):
+        subprocess.run(["ip", "netns", "exec", lab.node, "bridge", "link", "set", "dev",
+                        p.host_ifname, "isolated", "on"], check=True)
+    r = router_factory(lab, a, b)
+    st = r.status()
+    assert st["ports"] == [] and st["addresses"] == 0
+    assert all("isolated" in why for why in st["failures"].values()) and len(st["failures"]) == 2
+    s = a.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(1)
+    with EchoServer(b, 8080), s, pytest.raises(OSError):
+        s.connect((str(b.ip), 8080))

@@ -111,17 +111,20 @@ class PodRouter:
 
     # ---- discovery ---------------------------------------------------------------------------
 
-    def _candidates(self) -> list[dict[str, Any]]:
-        """Veths matching a pattern whose other end is in another namespace (a pod's)."""
+    def _candidates(self) -> list[tuple[Any, str | None]]:
+        """Veths matching a pattern whose other end is in another namespace (a pod's), each
+        with why it must stay on the bridge, if it must."""
+        links = self._node.get_links()
+        by_index = {link["index"]: link for link in links}
         out = []
-        for link in self._node.get_links():
+        for link in links:
             name = link.get("ifname") or ""
             if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "veth":
                 continue
             if link.get("link_netnsid") is None:
                 continue
             if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
-                out.append(link)
+                out.append((link, _l2_isolation(link, by_index.get(link.get("master")))))
         return out
 
     def _netns_of(self, nsid: int) -> str | None:
@@ -220,13 +223,15 @@ class PodRouter:
         reread = self._ticks % REREAD_EVERY == 0
         current: dict[int, PodPort] = {}
         failures: dict[str, str] = {}
-        for link in self._candidates():
+        for link, unroutable in self._candidates():
             idx = link["index"]
             known = self.ports.get(idx)
             same = (known is not None and known.peer_ifindex == link.get("link")
                     and known.bridge == (link.get("master") or 0)
                     and known.host_mac == link.get("address"))
             try:
+                if unroutable:
+                    raise PodRouteError(unroutable)
                 port = known if same and not reread else self._read_port(link)
                 if idx not in self.attached:
                     self._attach(idx)
@@ -317,6 +322,20 @@ class PodRouter:
         self.written.clear()
         self._node.close()
         self.module.cleanup()
+
+
+def _l2_isolation(port: dict[str, Any], bridge: dict[str, Any] | None) -> str | None:
+    """Why the bridge would keep this port from other pods where same-bridge routing would
+    not: an isolated port, or a VLAN-filtering bridge (ports in different VLANs). Such
+    ports stay with the bridge, which enforces it."""
+    if bridge is None:
+        return None
+    slave = port.get_nested("IFLA_LINKINFO", "IFLA_INFO_SLAVE_DATA")
+    if slave is not None and slave.get_attr("IFLA_BRPORT_ISOLATED"):
+        return "an isolated bridge port: left to the bridge"
+    if bridge.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_BR_VLAN_FILTERING"):
+        return f"bridge {bridge.get('ifname')} filters VLANs: left to the bridge"
+    return None
 
 
 def _remove_filter(ipr, ifindex: int, drop_clsact: bool) -> bool:
