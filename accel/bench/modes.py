@@ -127,8 +127,8 @@ class KernelMode(Mode):
 class AccelMode(Mode):
     def __init__(self) -> None:
         super().__init__("accel", accel=True,
-                         describe="client -> service VIP; connect-time balancing and "
-                         "sock_ops/sk_msg redirect by the agent")
+                         describe="client -> service VIP; connect-time balancing, "
+                         "sock_ops/sk_msg redirect and pod routing by the agent")
 
     def target(self, workload: str) -> tuple[str, int]:
         assert self.ctx is not None

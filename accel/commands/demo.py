@@ -370,7 +370,7 @@ class Mesh:
             f"({d['redirected_bytes']} bytes) handed socket to socket past TCP/IP, "
             f"{d['msg_peer_unknown']} left on TCP; {d.get('pod_redirects', 0)} packets "
             "(handshakes, ACKs, FINs) passed pod to pod past the bridge")
-        if d["connect_balanced"] < n or d["msg_redirects"] == 0:
+        if d["connect_balanced"] < n or d["msg_redirects"] == 0 or d["pod_redirects"] == 0:
             raise DemoError("the counters do not show the traffic accelerated: see above")
 
 
