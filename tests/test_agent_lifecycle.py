@@ -265,3 +265,42 @@ def test_uninstall_after_sigkill_removes_pod_routing(lab, pin_dir, test_cgroup, 
                             capture_output=True, text=True).stdout
     assert "clsact" not in qdiscs
     assert_no_trace(pin_dir, test_cgroup)
+
+
+def test_pod_routing_that_cannot_load_fails_open(lab, pin_dir, test_cgroup, tmp_path):
+    """Pod routing's program rejected by the kernel: the agent still balances and splices,
+    pod traffic keeps the bridge, and status says why."""
+    import shutil
+
+    from accel.datapath.programs import bpf_dir
+
+    broken = tmp_path / "bpf"
+    shutil.copytree(bpf_dir(), broken)
+    src = (broken / "pod_tc.c").read_text()
+    src = src.replace("int accel_pod_tc(struct __sk_buff *skb)\n{",
+                      "int accel_pod_tc(struct __sk_buff *skb)\n{\n"
+                      "\tbpf_msg_apply_bytes((void *)skb, 1);")
+    (broken / "pod_tc.c").write_text(src)
+    client, server = lab.pods
+    cfg = write_config(tmp_path, [server])
+    os.environ["ACCEL_BPF_DIR"] = str(broken)
+    try:
+        agent = start_agent(cfg, pin_dir, test_cgroup, "--pod-netns", lab.node,
+                            "--pod-iface", f"{lab.prefix}p*")
+    finally:
+        del os.environ["ACCEL_BPF_DIR"]
+    try:
+        before = stats(pin_dir)
+        with EchoServer(server, 8080):
+            assert roundtrip(client, "10.96.0.1", 80, b"open" * 100) == b"open" * 100
+        after = stats(pin_dir)
+        assert after["connect_balanced"] > before["connect_balanced"]
+        assert after["msg_redirects"] > before["msg_redirects"]
+        assert after["pod_redirects"] == 0
+        assert agent.poll() is None
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        out = agent.communicate(timeout=30)[0]
+    assert agent.returncode == 0
+    assert "pod routing unavailable" in out
+    assert_no_trace(pin_dir, test_cgroup)

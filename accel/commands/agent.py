@@ -133,19 +133,7 @@ def run(args: argparse.Namespace) -> int:
             chores.append((edge.refresh, True))
             chores.append((_every(10, edge.compact), True))
         if args.pod_iface:
-            from accel.datapath.podroute import PodRouter
-
-            pods = PodRouter(dp.pin_dir, tuple(args.pod_iface), netns=args.pod_netns,
-                             capacity=caps.pods, flows=caps.pod_flows)
-            dp.record(pod_netns=args.pod_netns or "", pod_prog_id=pods.prog_id)
-            if not args.keep:
-                stoppers.append(pods.close)
-            pods.refresh()
-            log.info("pod routing on %d ports (%s)", len(pods.ports), ", ".join(args.pod_iface))
-            agent.pods = pods
-            # Outside the agent's lock: it touches only its own map and filters, and reading
-            # many pods' namespaces must not hold up an xDS update.
-            chores.append((pods.refresh, False))
+            agent.pods = _start_pod_routing(args, dp, caps, stoppers, chores)
         if chores:
             stoppers.append(_housekeeping(agent, chores, stop))
         stoppers.extend(_start_source(args, agent, table))
@@ -167,6 +155,29 @@ def run(args: argparse.Namespace) -> int:
         dp.close(keep=args.keep)
         log.info("agent stopped%s", " (datapath kept)" if args.keep else ", datapath removed")
     return code
+
+
+def _start_pod_routing(args: argparse.Namespace, dp, caps, stoppers: list, chores: list):
+    """Pod routing, or, when it cannot run here, an Unavailable that says why: the rest of
+    the datapath serves on and pod traffic keeps the bridge (fail open)."""
+    from accel.datapath.podroute import PodRouter, Unavailable
+
+    patterns = tuple(args.pod_iface)
+    try:
+        pods = PodRouter(dp.pin_dir, patterns, netns=args.pod_netns, capacity=caps.pods,
+                         flows=caps.pod_flows)
+    except Exception as e:
+        log.error("pod routing unavailable, pod traffic stays on the bridge: %s", e)
+        return Unavailable(patterns, args.pod_netns, str(e))
+    dp.record(pod_netns=args.pod_netns or "", pod_prog_id=pods.prog_id)
+    if not args.keep:
+        stoppers.append(pods.close)
+    pods.refresh()
+    log.info("pod routing on %d ports (%s)", len(pods.ports), ", ".join(patterns))
+    # Outside the agent's lock: it touches only its own map and filters, and reading many
+    # pods' namespaces must not hold up an xDS update.
+    chores.append((pods.refresh, False))
+    return pods
 
 
 def _every(n: int, fn):

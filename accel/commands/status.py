@@ -54,6 +54,8 @@ def _edge(edge: dict) -> str:
 def _pods(pods: dict | None) -> str:
     if pods is None:
         return "off"
+    if pods.get("error"):
+        return f"UNAVAILABLE: {pods['error']}"
     ports = pods.get("ports") or []
     text = (f"{len(ports)} ports, {pods.get('addresses', 0)} addresses"
             + (f" in netns {pods['netns']}" if pods.get("netns") else ""))

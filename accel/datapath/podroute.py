@@ -324,6 +324,30 @@ class PodRouter:
         self.module.cleanup()
 
 
+@dataclass
+class Unavailable:
+    """Pod routing asked for but not possible here (the program does not load on this
+    kernel, the namespace went away): the agent runs on without it, traffic keeps the
+    bridge, and status says why."""
+
+    patterns: tuple[str, ...]
+    netns: str | None
+    error: str
+
+    def usage(self) -> dict[str, int]:
+        return {"used": 0, "capacity": 0}
+
+    def status(self) -> dict[str, Any]:
+        return {"netns": self.netns or "", "patterns": list(self.patterns), "ports": [],
+                "addresses": 0, "conflicts": [], "failures": {}, "error": self.error}
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _l2_isolation(port: dict[str, Any], bridge: dict[str, Any] | None) -> str | None:
     """Why the bridge would keep this port from other pods where same-bridge routing would
     not: an isolated port, or a VLAN-filtering bridge (ports in different VLANs). Such
