@@ -107,9 +107,11 @@ int accel_pod_tc(struct __sk_buff *skb)
 	}
 	if (from->bridge != to->bridge || to->ifindex == skb->ingress_ifindex)
 		return TC_ACT_OK;
-	if (!is_mesh_addr(&flow.dst) && !is_mesh_addr(&flow.src))
-		return TC_ACT_OK;
 	if (opening) {
+		/* Mesh membership is decided when the connection opens and kept for
+		 * its life, as the socket fast path does: the flow entry says so. */
+		if (!is_mesh_addr(&flow.dst) && !is_mesh_addr(&flow.src))
+			return TC_ACT_OK;
 		__u32 one = 1;
 
 		accel_pod_flows.update(&flow, &one);
@@ -121,7 +123,8 @@ int accel_pod_tc(struct __sk_buff *skb)
 		rev.sport = flow.dport;
 		rev.dport = flow.sport;
 		if (!accel_pod_flows.lookup(&rev)) {
-			count(C_POD_UNTRACKED);
+			if (is_mesh_addr(&flow.dst) || is_mesh_addr(&flow.src))
+				count(C_POD_UNTRACKED);
 			return TC_ACT_OK;
 		}
 	}

@@ -44,6 +44,7 @@ struct pod_flow {
 	__u32 pad;
 };
 
-ACCEL_MAP("lru_hash", struct pod_flow, __u32, accel_pod_flows, ACCEL_POD_FLOWS_MAX);
+ACCEL_MAP_F("lru_hash", struct pod_flow, __u32, accel_pod_flows, ACCEL_POD_FLOWS_MAX,
+	    BPF_F_NO_COMMON_LRU);
 
 #endif /* ACCEL_PODROUTE_H */
