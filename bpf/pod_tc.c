@@ -42,6 +42,12 @@ static __always_inline void count_add(u32 idx, u64 n)
 
 #define count(idx) count_add((idx), 1)
 
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
 static __always_inline int is_mesh_addr(const struct addr16 *a)
 {
 	struct mesh_net_key k = { .prefixlen = 128 };
@@ -129,6 +135,9 @@ int accel_pod_tc(struct __sk_buff *skb)
 		}
 	}
 
+	/* On a bridge the sender addressed the peer already (it resolved it). */
+	int set_mac = !to->bridge || !mac_eq(eth->h_dest, to->mac);
+
 	if (!to->bridge) {
 		/* Routed: what the host's forwarding would do to the packet. An
 		 * expiring TTL is the kernel's to answer (ICMP time exceeded). */
@@ -154,7 +163,7 @@ int accel_pod_tc(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 	}
 	/* The peer pod's interface accepts what is addressed to it. */
-	if (bpf_skb_store_bytes(skb, 0, to->mac, 6, 0) < 0)
+	if (set_mac && bpf_skb_store_bytes(skb, 0, to->mac, 6, 0) < 0)
 		return to->bridge ? TC_ACT_OK : TC_ACT_SHOT;
 	count(C_POD_REDIRECTS);
 	return bpf_redirect_peer(to->ifindex, 0);
