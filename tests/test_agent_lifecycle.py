@@ -162,6 +162,22 @@ def test_keep_then_restart_adopts(lab, pin_dir, test_cgroup, tmp_path):
     assert_no_trace(pin_dir, test_cgroup)
 
 
+def with_rejected_helper(tmp_path: Path, source: str, entry: str) -> Path:
+    """A copy of bpf/ where the program opening with `entry` calls a helper its program type
+    may not use: the kernel rejects it as an older kernel would a newer helper."""
+    import shutil
+
+    from accel.datapath.programs import bpf_dir
+
+    broken = tmp_path / "bpf"
+    shutil.copytree(bpf_dir(), broken)
+    text = (broken / source).read_text()
+    assert entry in text
+    (broken / source).write_text(
+        text.replace(entry, entry + "\n\tbpf_msg_apply_bytes((void *)0, 1);"))
+    return broken
+
+
 def _xdp_prog(iface: str) -> str | None:
     out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", iface],
                          capture_output=True, text=True, check=True).stdout
@@ -204,17 +220,8 @@ def test_missing_kernel_feature_doctor_names_it_agent_refuses(lab, pin_dir, test
     """A program this kernel rejects (here: connect4 calling a helper sock_addr programs may
     not use, as an older kernel would reject a newer helper): doctor names it, the agent
     refuses to start, undoes what it attached, and traffic is unaffected."""
-    import shutil
-
-    from accel.datapath.programs import bpf_dir
-
-    broken = tmp_path / "bpf"
-    shutil.copytree(bpf_dir(), broken)
-    src = (broken / "connect.c").read_text()
-    src = src.replace("int accel_connect4(struct bpf_sock_addr *ctx) {",
-                      "int accel_connect4(struct bpf_sock_addr *ctx) {\n"
-                      "\tbpf_msg_apply_bytes((void *)ctx, 1);")
-    (broken / "connect.c").write_text(src)
+    broken = with_rejected_helper(tmp_path, "connect.c",
+                                  "int accel_connect4(struct bpf_sock_addr *ctx) {")
     env = {**os.environ, "ACCEL_BPF_DIR": str(broken)}
     doctor = subprocess.run([*ACCEL, "doctor", "--json"], capture_output=True, text=True,
                             env=env, timeout=120)
@@ -270,17 +277,8 @@ def test_uninstall_after_sigkill_removes_pod_routing(lab, pin_dir, test_cgroup, 
 def test_pod_routing_that_cannot_load_fails_open(lab, pin_dir, test_cgroup, tmp_path):
     """Pod routing's program rejected by the kernel: the agent still balances and splices,
     pod traffic keeps the bridge, and status says why."""
-    import shutil
-
-    from accel.datapath.programs import bpf_dir
-
-    broken = tmp_path / "bpf"
-    shutil.copytree(bpf_dir(), broken)
-    src = (broken / "pod_tc.c").read_text()
-    src = src.replace("int accel_pod_tc(struct __sk_buff *skb)\n{",
-                      "int accel_pod_tc(struct __sk_buff *skb)\n{\n"
-                      "\tbpf_msg_apply_bytes((void *)skb, 1);")
-    (broken / "pod_tc.c").write_text(src)
+    broken = with_rejected_helper(tmp_path, "pod_tc.c",
+                                  "int accel_pod_tc(struct __sk_buff *skb)\n{")
     client, server = lab.pods
     cfg = write_config(tmp_path, [server])
     os.environ["ACCEL_BPF_DIR"] = str(broken)
