@@ -460,6 +460,19 @@ class Bench:
                  + (f"error: {error}" if error else report.brief(row)))
         return row
 
+    def _bridge_nf(self) -> int | None:
+        """net.bridge.bridge-nf-call-iptables in the lab's node namespace (None: no
+        br_netfilter)."""
+        from accel.lab import in_netns
+
+        if self.lab is None:
+            return None
+        try:
+            return in_netns(self.lab.node, lambda: int(
+                Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text()))
+        except (OSError, ValueError):
+            return None
+
     def environment(self, measured_s: float) -> dict[str, Any]:
         cpu_model = ""
         try:
@@ -481,6 +494,8 @@ class Bench:
             "tools": tool_versions(),
             "placement": self.placement.as_dict(),
             "placement_note": "every process pinned with taskset; the same CPUs for every mode",
+            # The kernel path's cost depends on it: bridged packets also cross iptables.
+            "bridge_nf_call_iptables": self._bridge_nf(),
             "modes": {m.name: m.record() for m in self.modes},
             "workloads": {w: WORKLOAD_DOC[w] for w in self.config.workloads},
             "repeats": self.config.repeats,
