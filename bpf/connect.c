@@ -9,6 +9,7 @@
 #include "lib/common.h"
 #include "lib/counters.h"
 #include "lib/lb.h"
+#include "lib/sock.h"
 
 #define SYS_PROCEED 1
 #define SYS_REJECT 0
@@ -80,17 +81,20 @@ static __always_inline void remember_vip_sk(struct bpf_sock_addr *ctx, struct sv
 					    struct backend *be)
 {
 	struct bpf_sock *sk = ctx->sk;
+	struct sock_state *st;
 	struct sock_vip *sv;
 
 	if (!sk) {
 		remember_vip(ctx, key, be);
 		return;
 	}
-	sv = accel_sock_vip.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!sv) {
+	st = accel_sock_state.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
 		remember_vip(ctx, key, be); /* no storage: the LRU still serves */
 		return;
 	}
+	sv = &st->vip;
+	sv->set = 1;
 	sv->backend = be->addr;
 	sv->backend_port = be->port;
 	sv->vip = key->vip;
@@ -102,14 +106,15 @@ static __always_inline struct sock_vip *dialed_vip(struct bpf_sock_addr *ctx,
 						   struct addr16 *addr, __u16 port)
 {
 	struct bpf_sock *sk = ctx->sk;
-	struct sock_vip *sv;
+	struct sock_state *st;
 
 	if (!sk)
 		return NULL;
-	sv = accel_sock_vip.sk_storage_get(sk, 0, 0);
-	if (!sv || sv->backend_port != port || !addr_eq(&sv->backend, addr))
+	st = accel_sock_state.sk_storage_get(sk, 0, 0);
+	if (!st || !st->vip.set || st->vip.backend_port != port ||
+	    !addr_eq(&st->vip.backend, addr))
 		return NULL;
-	return sv;
+	return &st->vip;
 }
 
 static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter, int connected)

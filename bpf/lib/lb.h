@@ -61,17 +61,6 @@ struct revnat_val {
 	__u16 pad;
 };
 
-/* The VIP a connected socket dialed, kept in the socket's own storage: right for
- * the socket's whole life (an LRU entry can age out under connection churn while
- * the connection lives on) and freed with it. */
-struct sock_vip {
-	struct addr16 backend;
-	struct addr16 vip;
-	__u16 backend_port; /* host order */
-	__u16 vip_port;
-	__u32 pad;
-};
-
 struct svc_stats {
 	__u64 connects;    /* connect()/sendmsg() balanced to an endpoint */
 	__u64 no_backend;  /* refused: no usable endpoint */
@@ -84,9 +73,9 @@ ACCEL_MAP_F("hash", struct svc_key, struct svc_val, accel_services, ACCEL_SERVIC
 ACCEL_MAP_F("hash", struct slot_key, struct backend, accel_slots, ACCEL_SLOTS_MAX,
 	    BPF_F_NO_PREALLOC);
 /* (socket, endpoint) -> VIP it was dialed as, for unconnected UDP (one socket,
- * many peers); LRU: old entries age out. Connected sockets use accel_sock_vip. */
+ * many peers); LRU: old entries age out. A connected socket keeps its VIP in its
+ * own storage instead (sock_state.vip, lib/sock.h). */
 ACCEL_MAP("lru_hash", struct revnat_key, struct revnat_val, accel_revnat, ACCEL_REVNAT_MAX);
-ACCEL_MAP_F("sk_storage", int, struct sock_vip, accel_sock_vip, 0, BPF_F_NO_PREALLOC);
 /* Per-service counters, indexed by svc_val.index. */
 ACCEL_MAP("percpu_array", u32, struct svc_stats, accel_svc_stats, ACCEL_SERVICES_MAX);
 
