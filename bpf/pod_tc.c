@@ -56,6 +56,14 @@ static __always_inline int is_mesh_addr(const struct addr16 *a)
 	return accel_mesh_nets.lookup(&k) != NULL;
 }
 
+/* A pod-to-pod packet of a connection we did not see open pod to pod: the kernel's. */
+static __always_inline int untracked(struct pod_flow *flow)
+{
+	if (is_mesh_addr(&flow->dst) || is_mesh_addr(&flow->src))
+		count(C_POD_UNTRACKED);
+	return TC_ACT_OK;
+}
+
 int accel_pod_tc(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -65,7 +73,8 @@ int accel_pod_tc(struct __sk_buff *skb)
 	struct pod_ep *to, *from;
 	struct tcphdr *tcp;
 	__u8 ttl;
-	int v4, opening;
+	int v4, opening, answering;
+	__u32 seq, ack_seq;
 
 	if ((void *)(eth + 1) > end)
 		return TC_ACT_OK;
@@ -101,6 +110,9 @@ int accel_pod_tc(struct __sk_buff *skb)
 	flow.sport = tcp->source;
 	flow.dport = tcp->dest;
 	opening = tcp->syn && !tcp->ack;
+	answering = tcp->syn && tcp->ack;
+	seq = bpf_ntohl(tcp->seq);
+	ack_seq = bpf_ntohl(tcp->ack_seq);
 
 	/* Most packets leaving a pod go elsewhere: one lookup decides. */
 	to = accel_pod_eps.lookup(&flow.dst);
@@ -118,20 +130,32 @@ int accel_pod_tc(struct __sk_buff *skb)
 		 * its life, as the socket fast path does: the flow entry says so. */
 		if (!is_mesh_addr(&flow.dst) && !is_mesh_addr(&flow.src))
 			return TC_ACT_OK;
-		__u32 one = 1;
+		struct pod_flow_val fresh = { .syn_next = seq + 1 };
 
-		accel_pod_flows.update(&flow, &one);
-	} else if (!accel_pod_flows.lookup(&flow)) {
+		accel_pod_flows.update(&flow, &fresh);
+	} else {
+		struct pod_flow_val *seen = accel_pod_flows.lookup(&flow);
 		struct pod_flow rev = {};
 
 		rev.src = flow.dst;
 		rev.dst = flow.src;
 		rev.sport = flow.dport;
 		rev.dport = flow.sport;
-		if (!accel_pod_flows.lookup(&rev)) {
-			if (is_mesh_addr(&flow.dst) || is_mesh_addr(&flow.src))
-				count(C_POD_UNTRACKED);
-			return TC_ACT_OK;
+		if (seen) {
+			/* The initiator never sends the SYN-ACK: this is another
+			 * connection on an old entry's four-tuple. */
+			if (answering) {
+				accel_pod_flows.delete(&flow);
+				return untracked(&flow);
+			}
+		} else {
+			seen = accel_pod_flows.lookup(&rev);
+			if (!seen)
+				return untracked(&flow);
+			if (answering && ack_seq != seen->syn_next) {
+				accel_pod_flows.delete(&rev);
+				return untracked(&flow);
+			}
 		}
 	}
 

@@ -356,3 +356,41 @@ def test_isolated_bridge_ports_stay_isolated(lab_factory, datapath, router_facto
     s.settimeout(1)
     with EchoServer(b, 8080), s, pytest.raises(OSError):
         s.connect((str(b.ip), 8080))
+
+
+def test_a_stale_flow_does_not_capture_a_nated_connection(lab_factory, datapath,
+                                                          router_factory):
+    """Flow entries outlive their connections. A direct connection from port P, then one
+    from the same port P to a host address the host DNATs to the same server: the second
+    one's answers match the old entry's four-tuple, but its SYN-ACK does not acknowledge
+    the recorded SYN, so the entry goes and the host translates the answers as it must."""
+    lab = lab_factory(2)
+    a, b = lab.pods
+    datapath.apply(mesh(lab))
+    router_factory(lab, a, b)
+    subprocess.run(["ip", "netns", "exec", lab.node, "iptables", "-t", "nat", "-A",
+                    "PREROUTING", "-d", str(lab.gateway), "-p", "tcp", "--dport", "9000", "-j",
+                    "DNAT", "--to-destination", f"{b.ip}:8080"], check=True)
+    port = 40000 + random.Random().randrange(20000)
+
+    def dial(host: str, dport: int) -> bytes:
+        s = a.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # RST on close: no TIME_WAIT on our side, so the port is free again at once.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.settimeout(5)
+            s.bind((str(a.ip), port))
+            s.connect((host, dport))
+            s.sendall(b"hello")
+            return s.recv(5)
+
+    with EchoServer(b, 8080):
+        before = datapath.counters()
+        assert dial(str(b.ip), 8080) == b"hello"
+        assert delta(datapath, before)["pod_redirects"] >= 3
+        time.sleep(0.2)
+        before = datapath.counters()
+        assert dial(str(lab.gateway), 9000) == b"hello"
+        d = delta(datapath, before)
+    assert d["pod_redirects"] == 0 and d["pod_untracked"] >= 1

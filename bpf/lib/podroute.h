@@ -44,7 +44,17 @@ struct pod_flow {
 	__u32 pad;
 };
 
-ACCEL_MAP_F("lru_hash", struct pod_flow, __u32, accel_pod_flows, ACCEL_POD_FLOWS_MAX,
-	    BPF_F_NO_COMMON_LRU);
+/* The initiator's sequence number after its SYN: the SYN-ACK must acknowledge it.
+ * An entry outlives its connection (LRU), so a later connection on the same
+ * four-tuple that the host NATs (its SYN never passed pod to pod) would find a
+ * stale one: its SYN-ACK does not acknowledge the recorded SYN, and the stale
+ * entry goes before any of that connection's packets is handed over. */
+struct pod_flow_val {
+	__u32 syn_next; /* host order */
+	__u32 pad;
+};
+
+ACCEL_MAP_F("lru_hash", struct pod_flow, struct pod_flow_val, accel_pod_flows,
+	    ACCEL_POD_FLOWS_MAX, BPF_F_NO_COMMON_LRU);
 
 #endif /* ACCEL_PODROUTE_H */
