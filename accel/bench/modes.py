@@ -103,8 +103,11 @@ class Mode:
 
     def record(self) -> dict[str, Any]:
         assert self.ctx is not None
-        return {"describe": self.describe, "accel": self.accel,
-                "client_pod": self.ctx.client.name, "server_pod": self.ctx.server.name}
+        out = {"describe": self.describe, "accel": self.accel,
+               "client_pod": self.ctx.client.name, "server_pod": self.ctx.server.name}
+        if self.accel:  # the agent pod-routes these two (runner: --pod-iface)
+            out["pod_routing"] = [self.ctx.client.host_ifname, self.ctx.server.host_ifname]
+        return out
 
     def close(self) -> None:
         for p in self.procs:
