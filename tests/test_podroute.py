@@ -200,7 +200,7 @@ def test_close_and_crash_leave_nothing(lab_factory, datapath):
         assert "accel_pod_tc" not in tc_state(lab, a)
         assert "accel_pod_tc" in tc_state(lab, b)
     finally:
-        dead.attached.clear()  # already removed above
+        dead.ports.clear()  # its filter was removed above
         dead.close()
         alive.close()
     assert "clsact" not in qdiscs(lab)

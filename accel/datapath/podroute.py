@@ -94,8 +94,7 @@ class PodRouter:
         self.fn = load_func(self.module, "accel_pod_tc", BPF.SCHED_CLS)
         self.table = self.module[b"accel_pod_eps"]
         self.prog_id = bpfsys.prog_info(self.fn.fd).id
-        self.ports: dict[int, PodPort] = {}
-        self.attached: dict[int, bool] = {}  # ifindex -> we made its clsact
+        self.ports: dict[int, PodPort] = {}  # by ifindex: exactly the ports carrying our filter
         # address -> (ifindex, bridge, mac); a kept map's entries are adopted, so the first
         # refresh drops those no pod holds any more.
         self.written: dict[str, tuple[int, int, str, str]] = {
@@ -199,23 +198,14 @@ class PodRouter:
     def _attach(self, ifindex: int) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
-        made = False
         try:
             self._node.tc("add", "clsact", index=ifindex)
-            made = True
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
         self._node.tc("replace-filter", "bpf", index=ifindex, handle=TC_HANDLE,
                       fd=self.fn.fd, name=filter_name(self.prog_id), parent=TC_INGRESS,
-                      prio=TC_PRIO,
-                      classid=1, direct_action=True)
-        self.attached[ifindex] = made
-
-    def _detach(self, ifindex: int) -> None:
-        self.attached.pop(ifindex, None)
-        # An empty clsact goes even when an earlier agent (--keep) made it: nothing uses it.
-        _remove_filter(self._node, ifindex, drop_clsact=True)
+                      prio=TC_PRIO, classid=1, direct_action=True)
 
     def refresh(self) -> None:
         """Bring ports, filters and accel_pod_eps in line with the pods there are now."""
@@ -233,14 +223,14 @@ class PodRouter:
                 if unroutable:
                     raise PodRouteError(unroutable)
                 port = known if same and not reread else self._read_port(link)
-                if idx not in self.attached:
+                if idx not in self.ports:
                     self._attach(idx)
                 current[idx] = port
             except Exception as e:  # this pod stays on the bridge; the others go on
                 failures[link.get("ifname")] = str(e)
-        for idx in set(self.attached) - set(current):
+        for idx in set(self.ports) - set(current):
             try:
-                self._detach(idx)
+                _remove_filter(self._node, idx)
             except Exception as e:
                 log.debug("pod routing: detach ifindex %d: %s", idx, e)
         self.ports = current
@@ -309,11 +299,12 @@ class PodRouter:
         }
 
     def close(self) -> None:
-        for idx in list(self.attached):
+        for idx in self.ports:
             try:
-                self._detach(idx)
+                _remove_filter(self._node, idx)
             except Exception as e:
                 log.warning("pod routing: detach ifindex %d: %s", idx, e)
+        self.ports = {}
         for addr in list(self.written):
             try:
                 del self.table[self._key(addr)]
@@ -362,8 +353,9 @@ def _l2_isolation(port: dict[str, Any], bridge: dict[str, Any] | None) -> str | 
     return None
 
 
-def _remove_filter(ipr, ifindex: int, drop_clsact: bool) -> bool:
-    """Delete our ingress filter (and the clsact qdisc if we made it and it is now empty)."""
+def _remove_filter(ipr, ifindex: int) -> bool:
+    """Delete our ingress filter, and the clsact qdisc once nothing is left on it (even when
+    an earlier agent, --keep, made it: nothing uses an empty one)."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     gone = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
@@ -375,15 +367,14 @@ def _remove_filter(ipr, ifindex: int, drop_clsact: bool) -> bool:
     except NetlinkError as e:
         if e.code not in gone:
             raise
-    if drop_clsact:
-        try:
-            others = ipr.get_filters(index=ifindex, parent=TC_INGRESS) + ipr.get_filters(
-                index=ifindex, parent=TC_EGRESS)
-            if not [f for f in others if f.get_attr("TCA_KIND")]:
-                ipr.tc("del", "clsact", index=ifindex)
-        except NetlinkError as e:
-            if e.code not in gone:
-                raise
+    try:
+        others = ipr.get_filters(index=ifindex, parent=TC_INGRESS) + ipr.get_filters(
+            index=ifindex, parent=TC_EGRESS)
+        if not [f for f in others if f.get_attr("TCA_KIND")]:
+            ipr.tc("del", "clsact", index=ifindex)
+    except NetlinkError as e:
+        if e.code not in gone:
+            raise
     return removed
 
 
@@ -414,7 +405,7 @@ def detach_from(netns: str | None, prog_id: int) -> list[str]:
         for link in ipr.get_links():
             idx = link["index"]
             try:
-                if carries(ipr, idx, prog_id) and _remove_filter(ipr, idx, drop_clsact=True):
+                if carries(ipr, idx, prog_id) and _remove_filter(ipr, idx):
                     done.append(f"tc ingress filter on {link.get('ifname')}")
             except Exception as e:
                 log.debug("pod routing: %s: %s", link.get("ifname"), e)
