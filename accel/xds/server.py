@@ -179,25 +179,33 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     # -- state of the world
 
     def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802
-        stream = self._open(request_iterator, context, delta=False)
+        return self._serve(request_iterator, context, False, self._sotw_push,
+                           self._on_request)
+
+    def _serve(self, request_iterator, context, delta: bool, push, answer):
+        """One ADS stream, either flavour: requests and pushes arrive on one queue and are
+        answered in order until the client goes."""
+        stream = self._open(request_iterator, context, delta=delta)
         try:
             while True:
                 ev = stream.events.get()
                 if ev is _END:
                     return
                 if ev is _PUSH:
-                    snap = self._snapshot
-                    for t in translate.PUSH_ORDER:
-                        if t in stream.subs:
-                            resp = self._respond(stream, t, snap, only_if_changed=True)
-                            if resp is not None:
-                                yield resp
+                    yield from push(stream, self._snapshot)
                     continue
-                resp = self._on_request(stream, ev)
+                resp = answer(stream, ev)
                 if resp is not None:
                     yield resp
         finally:
             self._close(stream)
+
+    def _sotw_push(self, stream: _Stream, snap: Snapshot):
+        for t in translate.PUSH_ORDER:
+            if t in stream.subs:
+                resp = self._respond(stream, t, snap, only_if_changed=True)
+                if resp is not None:
+                    yield resp
 
     def _on_request(self, stream: _Stream,
                     req: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryResponse | None:
@@ -269,20 +277,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     # -- incremental (Delta)
 
     def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802
-        stream = self._open(request_iterator, context, delta=True)
-        try:
-            while True:
-                ev = stream.events.get()
-                if ev is _END:
-                    return
-                if ev is _PUSH:
-                    yield from self._delta_push(stream, self._snapshot)
-                    continue
-                resp = self._on_delta_request(stream, ev, self._snapshot)
-                if resp is not None:
-                    yield resp
-        finally:
-            self._close(stream)
+        return self._serve(request_iterator, context, True, self._delta_push,
+                           lambda stream, req: self._on_delta_request(stream, req,
+                                                                      self._snapshot))
 
     def _on_delta_request(self, stream: _Stream, req: discovery_pb2.DeltaDiscoveryRequest,
                           snap: Snapshot) -> discovery_pb2.DeltaDiscoveryResponse | None:
