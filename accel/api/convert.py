@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from accel import config
 from accel.api.gen import agent_pb2 as pb
 from accel.model import Guard, ServiceTable, ValidationError
+from accel.structs import struct_to_data
 
 # ---- tables ---------------------------------------------------------------------------------
 
@@ -181,22 +182,11 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         "applied": msg.applied, "rejected": msg.rejected, "last_error": msg.last_error,
         "pin_dir": msg.pin_dir, "cgroup": msg.cgroup, "xds": xds,
         "maps": {n: {"used": u.used, "capacity": u.capacity} for n, u in sorted(msg.maps.items())},
-        "edge": _whole(json_format.MessageToDict(msg.edge.details)) if msg.edge.enabled
+        "edge": struct_to_data(msg.edge.details) if msg.edge.enabled
         else None,
-        "pod_routing": _whole(json_format.MessageToDict(msg.pod_routing.details))
-        if msg.pod_routing.enabled else None,
+        "pod_routing": struct_to_data(msg.pod_routing.details) if msg.pod_routing.enabled
+        else None,
     }
-
-
-def _whole(v: Any) -> Any:
-    """Struct numbers are doubles: give integral ones back as ints (counts, ports, rates)."""
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _whole(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_whole(x) for x in v]
-    return v
 
 
 # ---- stats ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from google.protobuf import json_format, message
+from google.protobuf import message
 
 from accel import config
 from accel.model import (
@@ -22,6 +22,7 @@ from accel.model import (
     ValidationError,
     endpoint_loops,
 )
+from accel.structs import struct_to_data
 from accel.xds.endpoints import endpoints_of
 from accel.xds.fronts import Front, cluster_eds_name, front, route_cluster
 from accel.xds.kinds import MESH_CLUSTER, META_KEY, Resources
@@ -234,27 +235,16 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
 
 def mesh_settings(c: cluster_pb2.Cluster) -> tuple[tuple[IPNetwork, ...], Guard]:
     where = f"Cluster[{c.name}].metadata.filter_metadata.{META_KEY}"
-    raw = json_format.MessageToDict(c.metadata.filter_metadata[META_KEY])
+    raw = struct_to_data(c.metadata.filter_metadata[META_KEY])
     unknown = set(raw) - {"mesh_cidrs", "guard"}
     if unknown:
         raise ValidationError(where, f"unknown field(s) {', '.join(sorted(unknown))}; "
                               "allowed: guard, mesh_cidrs")
     try:
-        t = config.table_from_dict(_integral(raw))
+        t = config.table_from_dict(raw)
     except ValidationError as e:
         raise ValidationError(f"{where}.{e.path}", e.reason) from None
     return t.mesh_cidrs, t.guard
-
-
-def _integral(v):
-    """Struct numbers are doubles: 1000.0 means 1000."""
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _integral(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_integral(x) for x in v]
-    return v
 
 
 def _hold(services: list[Service], waiting: list[Front],
