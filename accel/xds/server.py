@@ -207,13 +207,20 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if resp is not None:
                     yield resp
 
-    def _on_request(self, stream: _Stream,
-                    req: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryResponse | None:
+    @staticmethod
+    def _requested_type(stream: _Stream, req) -> str | None:
+        """Either flavour's request: note who asks; the type it asks for, if we serve it."""
         if req.HasField("node") and req.node.id:
             stream.node_id = req.node.id
-        t = req.type_url
-        if t not in translate.KIND:
-            log.warning("node %r asked for unknown type %r", stream.node_id, t)
+        if req.type_url not in translate.KIND:
+            log.warning("node %r asked for unknown type %r", stream.node_id, req.type_url)
+            return None
+        return req.type_url
+
+    def _on_request(self, stream: _Stream,
+                    req: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryResponse | None:
+        t = self._requested_type(stream, req)
+        if t is None:
             return None
         sub = stream.subs.get(t)
         if sub is not None and sub.nonce and req.response_nonce:
@@ -284,11 +291,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def _on_delta_request(self, stream: _Stream, req: discovery_pb2.DeltaDiscoveryRequest,
                           snap: Snapshot) -> discovery_pb2.DeltaDiscoveryResponse | None:
         assert stream.delta is not None
-        if req.HasField("node") and req.node.id:
-            stream.node_id = req.node.id
-        t = req.type_url
-        if t not in translate.KIND:
-            log.warning("node %r asked for unknown type %r", stream.node_id, t)
+        t = self._requested_type(stream, req)
+        if t is None:
             return None
         sub = stream.delta.get(t)
         if sub is None:
