@@ -12,20 +12,22 @@ from typing import Any
 import yaml
 
 from accel.model import (
+    DEFAULT_FASTPATH,
     PROTOCOLS,
     Endpoint,
     Guard,
     Service,
     ServiceTable,
     ValidationError,
+    check_fastpath,
     check_name,
     endpoint_loops,
     parse_network,
 )
 
-SERVICE_KEYS = {"name", "vip", "port", "protocol", "endpoints", "edge"}
+SERVICE_KEYS = {"name", "vip", "port", "protocol", "endpoints", "edge", "fastpath"}
 ENDPOINT_KEYS = {"address", "port", "weight", "healthy"}
-TOP_KEYS = {"services", "guard", "mesh_cidrs"}
+TOP_KEYS = {"services", "guard", "mesh_cidrs", "fastpath"}
 GUARD_KEYS = {"deny", "syn_rate", "syn_burst"}
 
 
@@ -70,7 +72,8 @@ def parse_endpoint(raw: Any, path: str) -> Endpoint:
     )
 
 
-def parse_service(raw: Any, index: int) -> Service:
+def parse_service(raw: Any, index: int, fastpath: str = DEFAULT_FASTPATH) -> Service:
+    """One service; `fastpath` is the file's default for a service that names none."""
     where = f"services[{index}]"
     # By name only when it is a valid one: a 64 KiB "name" would make every message (and the
     # API's error trailer) 64 KiB long, a lone surrogate would make it unsendable.
@@ -91,6 +94,7 @@ def parse_service(raw: Any, index: int) -> Service:
     edge = d.get("edge", False)
     if not isinstance(edge, bool):
         raise ValidationError(f"{where}.edge", f"expected true or false, got {edge!r}")
+    fastpath = check_fastpath(d.get("fastpath", fastpath), f"{where}.fastpath")
     return _within(
         where,
         Service,
@@ -100,6 +104,7 @@ def parse_service(raw: Any, index: int) -> Service:
         protocol=protocol,
         endpoints=endpoints,
         edge=edge,
+        fastpath=fastpath,
     )
 
 
@@ -122,7 +127,8 @@ def table_from_dict(doc: Any) -> ServiceTable:
     raw_services = d.get("services") or []
     if not isinstance(raw_services, list):
         raise ValidationError("services", "expected a list of services")
-    services = [parse_service(s, i) for i, s in enumerate(raw_services)]
+    fastpath = check_fastpath(d.get("fastpath", DEFAULT_FASTPATH), "fastpath")
+    services = [parse_service(s, i, fastpath) for i, s in enumerate(raw_services)]
     for svc, i, other in endpoint_loops(services):
         raise ValidationError(f"services[{svc.name}].endpoints[{i}]", f"{svc.endpoints[i]} is "
                               f"the VIP:port of service {other.name!r}; endpoints must be "
@@ -132,7 +138,8 @@ def table_from_dict(doc: Any) -> ServiceTable:
         raise ValidationError("mesh_cidrs", "expected a list of CIDRs")
     cidrs = tuple(parse_network(c, f"mesh_cidrs[{i}]") for i, c in enumerate(cidrs_raw))
     guard = parse_guard(d.get("guard"))
-    return ServiceTable(services=tuple(services), mesh_cidrs=cidrs, guard=guard)
+    return ServiceTable(services=tuple(services), mesh_cidrs=cidrs, guard=guard,
+                        fastpath=fastpath)
 
 
 def load_text(text: str) -> ServiceTable:
@@ -162,6 +169,7 @@ def table_to_dict(table: ServiceTable) -> dict[str, Any]:
                 "port": s.port,
                 "protocol": s.protocol,
                 **({"edge": True} if s.edge else {}),
+                **({} if s.fastpath == table.fastpath else {"fastpath": s.fastpath}),
                 "endpoints": [
                     {
                         "address": str(e.address),
@@ -175,6 +183,8 @@ def table_to_dict(table: ServiceTable) -> dict[str, Any]:
             for s in table.services
         ]
     }
+    if table.fastpath != DEFAULT_FASTPATH:
+        out["fastpath"] = table.fastpath
     if table.mesh_cidrs:
         out["mesh_cidrs"] = [str(c) for c in table.mesh_cidrs]
     g = table.guard

@@ -16,6 +16,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PROTOCOLS = ("TCP", "UDP")
+# How a service's connections between two local sockets travel once established:
+# "route": TCP (balanced at connect(), pod-routed past the bridge): every socket call
+# behaves exactly as on TCP; "redirect": each send handed socket to socket (sk_msg),
+# faster, with the gaps README lists (splice, MSG_OOB, blocking reads' wake-ups).
+FASTPATHS = ("route", "redirect")
+DEFAULT_FASTPATH = "route"
 MAX_WEIGHT = 65535
 T = TypeVar("T")
 
@@ -95,6 +101,12 @@ def check_name(value: object, path: str) -> str:
     return value
 
 
+def check_fastpath(value: object, path: str) -> str:
+    if value not in FASTPATHS:
+        raise ValidationError(path, f"expected one of {', '.join(FASTPATHS)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 def mapped(addr: IPAddress) -> ipaddress.IPv6Address:
     """IPv4 as v4-mapped IPv6: the datapath keys every address as 16 bytes."""
     if isinstance(addr, ipaddress.IPv4Address):
@@ -133,9 +145,11 @@ class Service:
     protocol: str = "TCP"
     endpoints: tuple[Endpoint, ...] = ()
     edge: bool = False
+    fastpath: str = DEFAULT_FASTPATH
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
+        check_fastpath(self.fastpath, "fastpath")
         object.__setattr__(self, "vip", parse_address(self.vip, "vip"))
         check_port(self.port, "port")
         if self.protocol not in PROTOCOLS:
@@ -160,7 +174,8 @@ class Service:
     def canonical(self) -> Service:
         """Endpoints in a fixed order: two services that mean the same compare equal."""
         return Service(self.name, self.vip, self.port, self.protocol,
-                       tuple(sorted(self.endpoints, key=_endpoint_order)), self.edge)
+                       tuple(sorted(self.endpoints, key=_endpoint_order)), self.edge,
+                       self.fastpath)
 
     def derived(self, key: str, make: Callable[[Service], T]) -> T:
         """`make(self)`, computed once per Service object (slot runs, address sets): a service
@@ -209,6 +224,8 @@ class ServiceTable:
     # Extra prefixes whose sockets count as mesh sockets (pod CIDRs, loopback for sidecar hops).
     mesh_cidrs: tuple[IPNetwork, ...] = ()
     guard: Guard = field(default_factory=Guard)
+    # The fast path of mesh connections dialed straight to a mesh address (not a VIP).
+    fastpath: str = DEFAULT_FASTPATH
 
     # Out of equality and repr: the indexes validation builds anyway, kept so that derive()
     # validates only what changes (name -> position; (vip, port, protocol) -> name), and for
@@ -222,6 +239,7 @@ class ServiceTable:
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", tuple(self.services))
         object.__setattr__(self, "mesh_cidrs", tuple(self.mesh_cidrs))
+        check_fastpath(self.fastpath, "fastpath")
         names: dict[str, int] = {}
         keys: dict[tuple[IPAddress, int, str], str] = {}
         for i, svc in enumerate(self.services):
@@ -344,6 +362,7 @@ class ServiceTable:
         object.__setattr__(table, "services", services)
         object.__setattr__(table, "mesh_cidrs", mesh_cidrs)
         object.__setattr__(table, "guard", guard)
+        object.__setattr__(table, "fastpath", self.fastpath)
         object.__setattr__(table, "_index", index)
         object.__setattr__(table, "_keys", keys)
         object.__setattr__(table, "_base", (weakref.ref(self), delta))
@@ -382,13 +401,13 @@ class ServiceTable:
         return {s.name: s.canonical() for s in d.added} == \
             {s.name: s.canonical() for s in d.removed}
 
-    def _settings(self) -> tuple[tuple[IPNetwork, ...], Guard]:
+    def _settings(self) -> tuple[tuple[IPNetwork, ...], Guard, str]:
         def order(n: IPNetwork) -> tuple[int, str]:
             return (n.version, str(n))
 
         g = self.guard
         return (tuple(sorted(self.mesh_cidrs, key=order)),
-                Guard(tuple(sorted(g.deny, key=order)), g.syn_rate, g.syn_burst))
+                Guard(tuple(sorted(g.deny, key=order)), g.syn_rate, g.syn_burst), self.fastpath)
 
     def endpoint_addresses(self) -> set[IPAddress]:
         return {ep.address for s in self.services for ep in s.endpoints}
@@ -399,8 +418,8 @@ class ServiceTable:
     def canonical(self) -> ServiceTable:
         """Order-independent form: two tables that mean the same compare equal."""
         services = tuple(sorted((s.canonical() for s in self.services), key=lambda s: s.name))
-        cidrs, guard = self._settings()
-        return ServiceTable(services=services, mesh_cidrs=cidrs, guard=guard)
+        cidrs, guard, fastpath = self._settings()
+        return ServiceTable(services=services, mesh_cidrs=cidrs, guard=guard, fastpath=fastpath)
 
 
 def _key_clash(svc: Service, other: str) -> str:

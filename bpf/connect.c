@@ -36,7 +36,7 @@ static __always_inline void svc_count(__u32 index, int ok)
 
 /* Pick an endpoint for key; NULL when the VIP is not a service. *reject is set
  * when it is a service without a usable endpoint. */
-static __always_inline struct backend *pick(struct svc_key *key, int *reject)
+static __always_inline struct backend *pick(struct svc_key *key, int *reject, __u32 *flags)
 {
 	struct svc_val *svc = accel_services.lookup(key);
 	struct slot_key sk = {};
@@ -58,6 +58,7 @@ static __always_inline struct backend *pick(struct svc_key *key, int *reject)
 		return NULL;
 	}
 	svc_count(svc->index, 1);
+	*flags = svc->flags;
 	return be;
 }
 
@@ -78,7 +79,7 @@ static __always_inline void remember_vip(void *ctx, struct svc_key *key, struct 
 
 /* connect(): one peer for the socket's life, kept with the socket itself. */
 static __always_inline void remember_vip_sk(struct bpf_sock_addr *ctx, struct svc_key *key,
-					    struct backend *be)
+					    struct backend *be, __u32 flags)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct sock_state *st;
@@ -93,6 +94,8 @@ static __always_inline void remember_vip_sk(struct bpf_sock_addr *ctx, struct sv
 		remember_vip(ctx, key, be); /* no storage: the LRU still serves */
 		return;
 	}
+	/* sock_ops reads it when the connection is established: redirect or stay on TCP. */
+	st->fastpath = (flags & SVC_F_REDIRECT) ? FASTPATH_REDIRECT : FASTPATH_ROUTE;
 	sv = &st->vip;
 	sv->set = 1;
 	sv->backend = be->addr;
@@ -121,12 +124,13 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter, in
 {
 	struct svc_key key = {};
 	struct backend *be;
+	__u32 flags = 0;
 	int reject = 0;
 
 	addr_from4(&key.vip, CTX_READ(ctx->user_ip4));
 	key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
 	key.proto = CTX_READ(ctx->protocol);
-	be = pick(&key, &reject);
+	be = pick(&key, &reject, &flags);
 	if (!be)
 		return reject ? SYS_REJECT : SYS_PROCEED;
 	if (!addr_is_v4(&be->addr)) {
@@ -136,7 +140,7 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter, in
 	ctx->user_ip4 = be->addr.w[3];
 	ctx->user_port = bpf_htons(be->port);
 	if (connected)
-		remember_vip_sk(ctx, &key, be);
+		remember_vip_sk(ctx, &key, be, flags);
 	else
 		remember_vip(ctx, &key, be);
 	count(counter);
@@ -147,6 +151,7 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter, in
 {
 	struct svc_key key = {};
 	struct backend *be;
+	__u32 flags = 0;
 	int reject = 0;
 
 	key.vip.w[0] = CTX_READ(ctx->user_ip6[0]);
@@ -155,7 +160,7 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter, in
 	key.vip.w[3] = CTX_READ(ctx->user_ip6[3]);
 	key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
 	key.proto = CTX_READ(ctx->protocol);
-	be = pick(&key, &reject);
+	be = pick(&key, &reject, &flags);
 	if (!be)
 		return reject ? SYS_REJECT : SYS_PROCEED;
 	/* An IPv4 endpoint is dialed as ::ffff:a.b.c.d from an IPv6 socket. */
@@ -165,7 +170,7 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter, in
 	ctx->user_ip6[3] = be->addr.w[3];
 	ctx->user_port = bpf_htons(be->port);
 	if (connected)
-		remember_vip_sk(ctx, &key, be);
+		remember_vip_sk(ctx, &key, be, flags);
 	else
 		remember_vip(ctx, &key, be);
 	count(counter);

@@ -55,11 +55,12 @@ static __always_inline void read_conn_id(struct bpf_sock_ops *skops, struct conn
 	id->rcv_isn = skops->rcv_nxt;
 }
 
-static __always_inline void publish_owner(struct conn_id *id, __u64 netns)
+static __always_inline void publish_owner(struct conn_id *id, __u64 netns, __u64 sk)
 {
-	struct conn_owner fresh = { .netns = netns, .claims = 1 };
+	struct conn_owner fresh = { .netns = netns, .claims = 1, .flags = CONN_F_REDIRECT };
 	struct conn_owner *cur;
 
+	fresh.sk = sk;
 	int rc = accel_conn_ns.insert(id, &fresh);
 	if (rc == 0)
 		return;
@@ -74,6 +75,34 @@ static __always_inline void publish_owner(struct conn_id *id, __u64 netns)
 		cur->netns = 0;
 }
 
+/* Whether this connection is handed socket to socket. The client end decides, from the
+ * service it dialed (connect.c) or, dialed straight to a mesh address, the agent's default;
+ * it publishes the choice with its owner entry, and the server end follows it. Everything
+ * else stays plain TCP: the kernel's redirect changes what some socket calls see (splice,
+ * MSG_OOB, a blocking read's wake-ups), so it is used only where it was asked for. */
+static __always_inline int wants_redirect(struct bpf_sock_ops *skops, const struct conn_id *id,
+					  struct bpf_sock *sk)
+{
+	struct conn_owner *client;
+	struct sock_config *cfg;
+	struct sock_state *st;
+	struct conn_id peer;
+	__u32 zero = 0;
+
+	if (!ACCEL_REDIRECT_OK)
+		return 0;
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		conn_id_reverse(&peer, id);
+		client = accel_conn_ns.lookup(&peer);
+		return client && (client->flags & CONN_F_REDIRECT);
+	}
+	st = accel_sock_state.sk_storage_get(sk, 0, 0);
+	if (st && st->fastpath != FASTPATH_DEFAULT)
+		return st->fastpath == FASTPATH_REDIRECT;
+	cfg = accel_sock_config.lookup(&zero);
+	return cfg && cfg->default_redirect;
+}
+
 static __always_inline void track(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -85,6 +114,10 @@ static __always_inline void track(struct bpf_sock_ops *skops)
 	read_conn_id(skops, &key.id);
 	if (!is_mesh_addr(&key.id.local) && !is_mesh_addr(&key.id.remote)) {
 		count(C_SOCKS_NON_MESH);
+		return;
+	}
+	if (!wants_redirect(skops, &key.id, sk)) {
+		count(C_SOCKS_ROUTED);
 		return;
 	}
 	st = accel_sock_state.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -106,7 +139,7 @@ static __always_inline void track(struct bpf_sock_ops *skops)
 		count(C_SOCKHASH_INSERT_FAILURES);
 		return;
 	}
-	publish_owner(&key.id, key.netns);
+	publish_owner(&key.id, key.netns, (__u64)sk);
 	st->tracked = 1;
 	st->mode = MODE_UNDECIDED;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);

@@ -7,6 +7,7 @@ a restarted agent adopts it and `accel uninstall` removes it.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import logging
@@ -20,6 +21,7 @@ from bcc import BPF, BPFAttachType
 from bcc.libbcc import lib
 
 from accel.datapath import bpfsys, cgroup, counters
+from accel.datapath.kbtf import fastpath_offsets
 from accel.datapath.maps import MeshNetsWriter, WriteReport
 from accel.datapath.programs import (
     DEFAULT_PIN_DIR,
@@ -33,6 +35,12 @@ from accel.model import ServiceTable
 
 log = logging.getLogger(__name__)
 
+# A redirected connection's queue at the receiver, when the receiver set no SO_RCVBUF (then
+# its own buffer is the bound). TCP grows a window only as its receiver reads (up to
+# tcp_rmem[2], 32 MiB on 6.18); a redirect queue has no such feedback, so it gets a fixed
+# bound: a reader that keeps up never nears it, one that stops reading holds the sender
+# at 4 MiB plus what TCP then queues (under 1 MiB): 0.8 MB on plain TCP here.
+REDIRECT_QUEUE_MAX = 4 << 20
 RUN_DIR = Path(os.environ.get("ACCEL_RUN_DIR", "/run/accel"))
 ATTACH_CGROUP_SOCK_OPS = BPFAttachType.CGROUP_SOCK_OPS
 
@@ -99,6 +107,7 @@ class Datapath:
         self.cgroup: Path | None = None
         self.table: ServiceTable | None = None
         self.last_report: dict[str, WriteReport] = {}
+        self._sock_config: tuple[int, int] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -168,6 +177,8 @@ class Datapath:
             "ACCEL_SERVICES_MAX": self.capacities.services,
             "ACCEL_SLOTS_MAX": self.capacities.slots,
             "ACCEL_REVNAT_MAX": self.capacities.revnat,
+            # Kernel structure offsets the redirect's queue bound reads (none: no redirect).
+            **fastpath_offsets().defines,
         }
 
     def _load(self) -> None:
@@ -267,6 +278,7 @@ class Datapath:
     def apply(self, table: ServiceTable) -> dict[str, WriteReport]:
         assert self._mesh_nets is not None, "start() first"
         # Mesh addresses before services: a balanced connection is paired from its first byte.
+        self._write_sock_config(table)
         report = {
             "mesh_nets": self._mesh_nets.apply(table),
             "services": self._services.apply(table),
@@ -277,6 +289,22 @@ class Datapath:
             # Readiness signal for whoever waits on the state file; kept off the hot path.
             self.record(services=len(table.services))
         return report
+
+    def _write_sock_config(self, table: ServiceTable) -> None:
+        wanted = (int(table.fastpath == "redirect"), min(tcp_rmem_max(), REDIRECT_QUEUE_MAX))
+        if wanted == self._sock_config:
+            return
+        cfg = self._modules["sockops.c"][b"accel_sock_config"]
+        v = cfg.Leaf()
+        v.default_redirect, v.ingress_max = wanted
+        cfg[ctypes.c_uint32(0)] = v
+        self._sock_config = wanted
+
+    @staticmethod
+    def redirect_unavailable() -> str:
+        """Why this kernel cannot take `fastpath: redirect` ("" when it can): such services
+        then stay on TCP, the transparent path."""
+        return fastpath_offsets().missing
 
     def usage_after(self, table: ServiceTable) -> dict[str, int]:
         """Entries the maps hold once `table` is applied, for the capacity check: counted from
@@ -347,9 +375,16 @@ class Datapath:
         self.close()
 
 
+def tcp_rmem_max() -> int:
+    """tcp_rmem's maximum: the most TCP's autotuning grows a receive buffer to."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 6 << 20  # the kernel's default
+
+
 def count_keys(fd: int, id_struct: type, extra: int) -> int:
     """Count keys of a map we have no bcc table class for (sockhash: bcc 0.26 lacks one)."""
-    import ctypes
 
     size = ctypes.sizeof(id_struct) + extra
     key = ctypes.create_string_buffer(size)

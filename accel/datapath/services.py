@@ -71,6 +71,13 @@ def _endpoint_order(ep: Endpoint) -> tuple[int, int, int, int]:
     return ep.address.version, int(ep.address), ep.port, ep.weight
 
 
+SVC_F_REDIRECT = 1  # bpf/lib/lb.h
+
+
+def service_flags(svc: Service) -> int:
+    return SVC_F_REDIRECT if svc.fastpath == "redirect" else 0
+
+
 def service_slots(svc: Service) -> tuple[Slot, ...]:
     """weighted_slots of a service, computed once per Service object."""
     return svc.derived("slots", lambda s: tuple(weighted_slots(s.endpoints)))
@@ -83,6 +90,10 @@ class Written:
     index: int
     name: str = ""
     svc: Service | None = None  # the object written (None: adopted from a previous agent)
+    flags: int = 0  # svc_val.flags
+
+    def same(self, run: tuple[Slot, ...], svc: Service) -> bool:
+        return self.slots == run and self.flags == service_flags(svc)
 
 
 @dataclass
@@ -136,7 +147,8 @@ class ServiceWriter:
                 except KeyError:
                     break
                 run.append((get_addr16(be.addr), int(be.port)))
-            self.current[key] = Written(tuple(run), int(v.slots_id), int(v.index))
+            self.current[key] = Written(tuple(run), int(v.slots_id), int(v.index),
+                                        flags=int(v.flags))
             self._next_id = max(self._next_id, int(v.slots_id) + 1)
         if self.current:
             log.info("adopted %d services from the pinned maps", len(self.current))
@@ -183,7 +195,7 @@ class ServiceWriter:
     def _put(self, svc: Service, run: tuple[Slot, ...]) -> None:
         key = svc.key
         old = self.current.get(key)
-        if old and old.slots == run:
+        if old and old.same(run, svc):
             old.name, old.svc = svc.name, svc
             return
         index = old.index if old else self._free_index()
@@ -193,7 +205,7 @@ class ServiceWriter:
             if run:
                 self._write_run(slots_id, run)
             v = self.services.Leaf()
-            v.slots_id, v.nslots, v.index, v.flags = slots_id, len(run), index, 0
+            v.slots_id, v.nslots, v.index, v.flags = slots_id, len(run), index, service_flags(svc)
             try:
                 self.services[self._svc_key_struct(key)] = v  # the flip
             except Exception as e:
@@ -210,7 +222,7 @@ class ServiceWriter:
             self.slots_used -= len(old.slots)
         else:
             self._reset_stats(index)
-        self.current[key] = Written(run, slots_id, index, svc.name, svc)
+        self.current[key] = Written(run, slots_id, index, svc.name, svc, service_flags(svc))
         self.slots_used += len(run)
 
     def _remove(self, key: SvcKey) -> None:
@@ -254,7 +266,7 @@ class ServiceWriter:
             svc = svcs[i]
             run = service_slots(svc)
             old = self.current.get(svc.key)
-            if old and old.slots == run:
+            if old and old.same(run, svc):
                 old.name, old.svc = svc.name, svc
             else:
                 if old:
@@ -302,7 +314,7 @@ class ServiceWriter:
         # The flips, only now that every run they point at is whole.
         flips = self._svc_key.pack_all((addr16(p.svc.key[0]), p.svc.key[1], PROTO[p.svc.key[2]])
                                        for p in plans[:done])
-        svals = self._svc_val.pack_all((p.slots_id, len(p.run), p.index, 0)
+        svals = self._svc_val.pack_all((p.slots_id, len(p.run), p.index, service_flags(p.svc))
                                        for p in plans[:done])
         flipped, flip_err = self._services_b.update(flips, svals)
         err = err or flip_err
@@ -319,7 +331,8 @@ class ServiceWriter:
             self._stats_b.update(self._stats_key.pack_all((i,) for i in fresh),
                                  bytes(self._stats_b.value_size * len(fresh)))
         for p in live:
-            self.current[p.svc.key] = Written(p.run, p.slots_id, p.index, p.svc.name, p.svc)
+            self.current[p.svc.key] = Written(p.run, p.slots_id, p.index, p.svc.name, p.svc,
+                                              service_flags(p.svc))
             self.slots_used += len(p.run) - (len(p.old.slots) if p.old else 0)
         for p in plans[flipped:]:
             if not p.old:

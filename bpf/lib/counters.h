@@ -24,6 +24,8 @@ enum accel_counter {
 	C_POD_REDIRECTS,              /* packet handed from one local mesh pod to another, bridge skipped */
 	C_POD_FOREIGN_SOURCE,         /* packet to a local pod whose source is not the sender's own address: left to the bridge */
 	C_POD_UNTRACKED,              /* pod-to-pod packet of a connection not seen starting pod to pod (host NAT, older): left to the kernel */
+	C_SOCKS_ROUTED,               /* mesh socket kept on TCP: its connection's fastpath is route */
+	C_MSG_BACKPRESSURE,           /* receiver's queue at its bound: the connection moved to TCP, whose flow control holds the sender */
 	C_MAX,
 };
 

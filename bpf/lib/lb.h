@@ -32,8 +32,12 @@ struct svc_val {
 	__u32 slots_id; /* which run of accel_slots is live */
 	__u32 nslots;   /* 0: the service has no usable endpoint */
 	__u32 index;    /* slot in accel_svc_stats */
-	__u32 flags;
+	__u32 flags;    /* SVC_F_* */
 };
+
+/* The service's connections are handed socket to socket (its fastpath: redirect); without
+ * it they stay on TCP (balanced at connect(), pod-routed). */
+#define SVC_F_REDIRECT 1
 
 struct slot_key {
 	__u32 slots_id;

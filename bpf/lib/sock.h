@@ -43,7 +43,19 @@ struct sock_key {
 struct conn_owner {
 	__u64 netns;
 	__u32 claims; /* sockets that published this identity */
-	__u32 pad;
+	__u32 flags;  /* CONN_F_*: what the end that published it asked for */
+	__u64 sk;     /* its kernel socket's address: read (never written) for backpressure */
+};
+
+/* The client end of a connection decides its fast path (it knows the service it dialed)
+ * and publishes the choice; the server end follows it. */
+#define CONN_F_REDIRECT 1
+
+/* A socket's fast path, as the service it dialed asks (connect.c). */
+enum sock_fastpath {
+	FASTPATH_DEFAULT = 0, /* not dialed through a VIP: accel_sock_config decides */
+	FASTPATH_REDIRECT = 1,
+	FASTPATH_ROUTE = 2,
 };
 
 enum sock_mode {
@@ -71,14 +83,25 @@ struct sock_state {
 	struct conn_id id;
 	__u64 netns;
 	__u64 peer_netns;
+	__u64 peer_sk; /* the peer's kernel socket (conn_owner.sk), for the queue bound */
 	__u32 mode;
 	__u32 tracked;
+	__u32 fastpath; /* enum sock_fastpath */
+	__u32 pad;
 	struct sock_vip vip;
+};
+
+/* Settings the agent writes (one entry). */
+struct sock_config {
+	__u32 default_redirect; /* 1: connections not dialed through a VIP are redirected too */
+	__u32 pad;
+	__u64 ingress_max; /* redirect queue bound for a receiver that set no SO_RCVBUF */
 };
 
 ACCEL_SOCKHASH(accel_sockhash, struct sock_key, ACCEL_SOCKHASH_MAX);
 ACCEL_MAP("hash", struct conn_id, struct conn_owner, accel_conn_ns, ACCEL_SOCKHASH_MAX);
 ACCEL_MAP_F("sk_storage", int, struct sock_state, accel_sock_state, 0, BPF_F_NO_PREALLOC);
+ACCEL_MAP("array", u32, struct sock_config, accel_sock_config, 1);
 
 static __always_inline void conn_id_reverse(struct conn_id *out, const struct conn_id *in)
 {
@@ -90,5 +113,14 @@ static __always_inline void conn_id_reverse(struct conn_id *out, const struct co
 	out->rport = in->lport;
 	out->pad = 0;
 }
+
+/* Whether the redirect mode may be used at all: sk_msg must bound what it queues at the
+ * peer (redirect.c), which needs kernel structure offsets from BTF (accel/datapath/kbtf.py). */
+#if defined(ACCEL_OFF_SK_USER_DATA) && defined(ACCEL_OFF_SK_RCVBUF) && \
+	defined(ACCEL_OFF_SK_USERLOCKS) && defined(ACCEL_OFF_PSOCK_MSG_TOT_LEN)
+#define ACCEL_REDIRECT_OK 1
+#else
+#define ACCEL_REDIRECT_OK 0
+#endif
 
 #endif /* ACCEL_SOCK_H */
