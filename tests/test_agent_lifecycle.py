@@ -34,7 +34,7 @@ def write_config(tmp_path: Path, pods) -> Path:
     path = tmp_path / "mesh.yaml"
     eps = "\n".join(f"      - {{address: {p.ip}, port: 8080}}" for p in pods)
     path.write_text(f"services:\n  - name: echo\n    vip: 10.96.0.1\n    port: 80\n"
-                    f"    endpoints:\n{eps}\n")
+                    f"    fastpath: redirect\n    endpoints:\n{eps}\n")
     return path
 
 

@@ -19,7 +19,9 @@ VIP = "10.96.0.10"
 
 
 def table(*eps, vip=VIP, port=80, proto="TCP", name="web") -> ServiceTable:
-    return ServiceTable((Service(name, vip, port, proto, endpoints=tuple(eps)),))
+    # Redirect: these tests also prove balanced connections are paired socket to socket.
+    return ServiceTable((Service(name, vip, port, proto, endpoints=tuple(eps),
+                                 fastpath="redirect"),))
 
 
 def who(client, host=VIP, port=80, family=socket.AF_INET) -> str:
@@ -56,8 +58,9 @@ def test_weighted_balance_getpeername_and_fast_path(lab_factory, datapath):
 def test_ipv6_vip_and_v4_vip_from_ipv6_socket(lab, datapath):
     client, server = lab.pods
     datapath.apply(ServiceTable((
-        Service("v6", "fd00:96::10", 80, endpoints=(Endpoint(server.ip6, 8080),)),
-        Service("v4", VIP, 80, endpoints=(Endpoint(server.ip, 8081),)),
+        Service("v6", "fd00:96::10", 80, endpoints=(Endpoint(server.ip6, 8080),),
+                fastpath="redirect"),
+        Service("v4", VIP, 80, endpoints=(Endpoint(server.ip, 8081),), fastpath="redirect"),
     )))
     payload = os.urandom(50_000)
     with EchoServer(server, 8080, family=socket.AF_INET6), EchoServer(server, 8081):

@@ -16,8 +16,9 @@ from tests.traffic import EchoServer, connect, recv_all
 
 def loopback_mesh(*pods) -> ServiceTable:
     return ServiceTable(
-        (Service("echo", "10.96.0.1", 80, endpoints=tuple(Endpoint(p.ip, 8080) for p in pods)),),
-        mesh_cidrs=(ipaddress.ip_network("127.0.0.0/8"),),
+        (Service("echo", "10.96.0.1", 80, endpoints=tuple(Endpoint(p.ip, 8080) for p in pods),
+                 fastpath="redirect"),),
+        mesh_cidrs=(ipaddress.ip_network("127.0.0.0/8"),), fastpath="redirect",
     )
 
 
@@ -59,7 +60,7 @@ def test_same_addresses_on_separate_links_half_open(lab_factory, datapath):
     assert (a_cli.ip, a_srv.ip) == (b_cli.ip, b_srv.ip)
     datapath.apply(ServiceTable((
         Service("echo", "10.96.0.1", 80, endpoints=(Endpoint(a_srv.ip, 8080),)),
-    )))
+    ), fastpath="redirect"))
     # Hold pair A half-open: the server pod drops pure ACKs, so the server never
     # reaches ESTABLISHED while the client already has.
     a_srv.run("iptables -A INPUT -p tcp --dport 8080 --tcp-flags SYN,ACK ACK -j DROP")

@@ -28,7 +28,8 @@ def small(pin_dir, test_cgroup):
 
 
 def svc(i: int, *pods) -> Service:
-    return Service(f"s{i}", f"10.96.1.{i}", 80, endpoints=tuple(Endpoint(p.ip, 8080) for p in pods))
+    return Service(f"s{i}", f"10.96.1.{i}", 80, endpoints=tuple(Endpoint(p.ip, 8080) for p in pods),
+                   fastpath="redirect")
 
 
 def test_full_sockhash_falls_back_to_tcp(lab, small):

@@ -29,7 +29,8 @@ VIP = "10.96.0.20"
 
 def mesh_yaml(*pods, port: int = 8080) -> str:
     eps = "".join(f"      - {{address: {p.ip}, port: {port}}}\n" for p in pods)
-    return f"services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    endpoints:\n{eps}"
+    return (f"services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    fastpath: redirect\n"
+            f"    endpoints:\n{eps}")
 
 
 def who(client) -> str:

@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 
 from accel import config
 from accel.api.gen import agent_pb2 as pb
-from accel.model import Guard, ServiceTable, ValidationError
+from accel.model import DEFAULT_FASTPATH, Guard, ServiceTable, ValidationError
 from accel.structs import struct_to_data
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -43,8 +43,12 @@ def table_to_dict(msg: pb.ServiceTable) -> dict[str, Any]:
                              "endpoints": eps, "edge": s.edge}
         if s.protocol:
             d["protocol"] = s.protocol
+        if s.fastpath:
+            d["fastpath"] = s.fastpath
         services.append(d)
     out: dict[str, Any] = {"services": services, "mesh_cidrs": list(msg.mesh_cidrs)}
+    if msg.fastpath:
+        out["fastpath"] = msg.fastpath
     if msg.HasField("guard"):
         out["guard"] = _guard_dict(msg.guard)
     return out
@@ -76,6 +80,7 @@ def table_to_proto(t: ServiceTable) -> pb.ServiceTable:
         services=[
             pb.Service(
                 name=s.name, vip=str(s.vip), port=s.port, protocol=s.protocol, edge=s.edge,
+                fastpath=s.fastpath,
                 endpoints=[pb.Endpoint(address=str(e.address), port=e.port, weight=e.weight,
                                        healthy=e.healthy) for e in s.endpoints],
             )
@@ -83,6 +88,7 @@ def table_to_proto(t: ServiceTable) -> pb.ServiceTable:
         ],
         mesh_cidrs=[str(c) for c in t.mesh_cidrs],
         guard=guard_to_proto(t.guard),
+        fastpath=t.fastpath,
     )
 
 
@@ -92,7 +98,7 @@ def table_msg_to_json(msg: pb.ServiceTable) -> dict[str, Any]:
         "services": [
             {
                 "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol or "TCP",
-                "edge": s.edge,
+                "edge": s.edge, "fastpath": s.fastpath or DEFAULT_FASTPATH,
                 "endpoints": [
                     {"address": e.address, "port": e.port,
                      "weight": e.weight if e.HasField("weight") else 1,
@@ -103,6 +109,7 @@ def table_msg_to_json(msg: pb.ServiceTable) -> dict[str, Any]:
             for s in msg.services
         ],
         "mesh_cidrs": list(msg.mesh_cidrs),
+        "fastpath": msg.fastpath or DEFAULT_FASTPATH,
         "guard": {"deny": list(msg.guard.deny), "syn_rate": msg.guard.syn_rate,
                   "syn_burst": msg.guard.syn_burst},
     }

@@ -1,7 +1,9 @@
 """The compared datapaths, each on its own pair of pods on the same bridge.
 
     kernel         client -> server pod IP; no meshaccel, no proxy
-    accel          client -> service VIP, balanced at connect() and redirected by the agent
+    accel          client -> service VIP, balanced at connect(), pod-routed past the bridge:
+                   plain TCP to the applications (the default `fastpath: route`)
+    accel+redirect the same with `fastpath: redirect`: every send handed socket to socket
     sidecar        client -> its pod's haproxy -> the server pod's haproxy -> server,
                    as Envoy sidecars; captured by iptables REDIRECT as Istio does (haproxy
                    finds the original destination with SO_ORIGINAL_DST), or by explicit proxy
@@ -25,7 +27,7 @@ from typing import Any
 from accel.bench.workloads import start_server, wait_listening
 from accel.lab import Pod
 
-MODES = ("kernel", "accel", "sidecar", "sidecar+accel", "iptables-dnat")
+MODES = ("kernel", "accel", "accel+redirect", "sidecar", "sidecar+accel", "iptables-dnat")
 PROXY_UID = 1337  # Istio's proxy uid: the capture rules let the proxy's own traffic pass
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -128,10 +130,13 @@ class KernelMode(Mode):
 
 
 class AccelMode(Mode):
-    def __init__(self) -> None:
-        super().__init__("accel", accel=True,
-                         describe="client -> service VIP; connect-time balancing, "
-                         "sock_ops/sk_msg redirect and pod routing by the agent")
+    def __init__(self, fastpath: str = "route") -> None:
+        how = ("sock_ops/sk_msg redirect socket to socket" if fastpath == "redirect"
+               else "TCP as it is (fastpath: route)")
+        super().__init__("accel+redirect" if fastpath == "redirect" else "accel", accel=True,
+                         describe=f"client -> service VIP; connect-time balancing, {how} "
+                         "and pod routing by the agent")
+        self.fastpath = fastpath
 
     def target(self, workload: str) -> tuple[str, int]:
         assert self.ctx is not None
@@ -140,7 +145,8 @@ class AccelMode(Mode):
     def services(self) -> list[dict[str, Any]]:
         assert self.ctx is not None
         return [
-            {"name": f"bench-{w}", "vip": self.ctx.vip, "port": port, "protocol": "TCP",
+            {"name": f"{self.name}-{w}", "vip": self.ctx.vip, "port": port, "protocol": "TCP",
+             "fastpath": self.fastpath,
              "endpoints": [{"address": str(self.ctx.server.ip), "port": port, "weight": 1}]}
             for w, port in self.ctx.ports.items()
         ]
@@ -290,6 +296,7 @@ def make_modes(names: tuple[str, ...], sidecar_capture: str = "redirect") -> lis
     makers = {
         "kernel": KernelMode,
         "accel": AccelMode,
+        "accel+redirect": lambda: AccelMode("redirect"),
         "sidecar": lambda: SidecarMode(accel=False, capture=sidecar_capture),
         "sidecar+accel": lambda: SidecarMode(accel=True, capture="ports"),
         "iptables-dnat": DnatMode,

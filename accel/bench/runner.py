@@ -11,6 +11,7 @@ killed outright is cleaned up by the next one (its state file names what it made
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -86,7 +87,12 @@ class BenchConfig:
 
     @property
     def needs_agent(self) -> bool:
-        return any(m in ("accel", "sidecar+accel") for m in self.modes)
+        return any(m in ("accel", "accel+redirect", "sidecar+accel") for m in self.modes)
+
+
+def mode_vip(base: str, i: int) -> str:
+    """Each mode's own VIP (two accel modes cannot share a VIP:port)."""
+    return str(ipaddress.ip_address(base) + i)
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:
@@ -352,7 +358,7 @@ class Bench:
             group = str(self.cgroups["accel" if mode.accel else "plain"])
             client.cgroup = server.cgroup = group
             mode.ctx = ModeContext(client=client, server=server, placement=self.placement,
-                                   ports=self.config.ports, vip=self.config.vip,
+                                   ports=self.config.ports, vip=mode_vip(self.config.vip, i),
                                    run_dir=self.run_dir, msg_size=self.config.msg_size)
         if self.config.needs_agent:
             self._start_agent()
@@ -366,7 +372,11 @@ class Bench:
     def mesh_yaml(self) -> dict[str, Any]:
         services = [s for m in self.modes for s in m.services()]
         # Pod subnet and loopback: the sidecar hops (127.0.0.1 and pod IPs) are mesh sockets.
-        return {"services": services, "mesh_cidrs": [self.config.subnet, "127.0.0.0/8"]}
+        # Connections dialed straight to a mesh address are the sidecar hops of sidecar+accel
+        # (Merbridge's shape): redirected. Pods of the other modes run outside the agent's
+        # cgroup, and each accel mode's services name their own fast path.
+        return {"services": services, "mesh_cidrs": [self.config.subnet, "127.0.0.0/8"],
+                "fastpath": "redirect"}
 
     def _start_agent(self) -> None:
         from accel import config as mesh_config
@@ -453,7 +463,8 @@ class Bench:
             row["accel_counters"] = {k: after.get(k, 0) - before.get(k, 0)
                                      for k in ("msg_redirects", "msg_passthrough",
                                                "connect_balanced", "sockhash_inserts",
-                                               "msg_peer_unknown", "pod_redirects")}
+                                               "msg_peer_unknown", "pod_redirects",
+                                               "socks_routed", "msg_backpressure")}
         if error:
             row["error"] = error
         self.say(f"{repeat + 1}/{self.config.repeats} {mode.name:<14} {workload:<6} "

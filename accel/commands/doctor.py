@@ -108,9 +108,16 @@ def check_programs() -> list[Check]:
     """Compile and load every real program (no attach)."""
     from bcc import BPF, BPFAttachType
 
+    from accel.datapath.kbtf import fastpath_offsets
     from accel.datapath.programs import compile_program
 
     checks: list[Check] = []
+    offsets = fastpath_offsets()
+    # Optional: without it every service stays on TCP (the default, transparent mode).
+    checks.append(Check("fastpath: redirect", offsets.available,
+                        "kernel structure offsets from BTF found: services may ask for the "
+                        "socket redirect" if offsets.available else offsets.missing,
+                        "services with fastpath: redirect stay on TCP", required=False))
     pin = _scratch_pin_dir()
     loads: list[tuple[str, str, str, Callable]] = [
         ("sock_ops", "sockops.c", "accel_sockops", lambda b, f: b.load_func(f, BPF.SOCK_OPS)),
@@ -124,7 +131,7 @@ def check_programs() -> list[Check]:
     try:
         for title, source, fn, load in loads:
             try:
-                b = compile_program(source, pin)
+                b = compile_program(source, pin, offsets.defines)
                 load(b, fn)
                 if source == "redirect.c":
                     from bcc.libbcc import lib

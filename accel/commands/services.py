@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         eps = [f"{_hostport(e['address'], e['port'])} w={e['weight']}"
                + ("" if e["healthy"] else " (unhealthy)") for e in s["endpoints"]]
         rows.append([s["name"], f"{_hostport(s['vip'], s['port'])}/{s['protocol']}",
-                     "yes" if s["edge"] else "no", ", ".join(eps) or "(none)"])
-    print_table(rows, ["service", "vip", "edge", "endpoints"])
+                     s.get("fastpath", "route"), "yes" if s["edge"] else "no",
+                     ", ".join(eps) or "(none)"])
+    print_table(rows, ["service", "vip", "fastpath", "edge", "endpoints"])
     print(f"\nconfig version {out['config_version'] or '(none)'}, {len(rows)} services")
     return 0

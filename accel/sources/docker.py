@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from accel.model import (
+    DEFAULT_FASTPATH,
     PROTOCOLS,
     Endpoint,
     IPAddress,
@@ -39,6 +40,7 @@ from accel.model import (
     Service,
     ServiceTable,
     ValidationError,
+    check_fastpath,
     parse_address,
 )
 from accel.sources import OnChange
@@ -52,6 +54,7 @@ LABEL_WEIGHT = "meshaccel.weight"
 LABEL_VIP = "meshaccel.vip"
 LABEL_PROTOCOL = "meshaccel.protocol"
 LABEL_NETWORK = "meshaccel.network"
+LABEL_FASTPATH = "meshaccel.fastpath"
 COMPOSE_PROJECT = "com.docker.compose.project"
 
 # Container events that can change the table; network connect/disconnect too.
@@ -73,6 +76,7 @@ class Member:
     address: IPAddress | None  # None: not running, so no endpoint
     subnet: IPNetwork | None
     healthy: bool
+    fastpath: str = DEFAULT_FASTPATH
 
 
 def _label_int(labels: dict[str, str], key: str, default: int | None, low: int, high: int) -> int:
@@ -123,6 +127,8 @@ def member_from_inspect(info: dict[str, Any], draining: Iterable[str] = (),
     if protocol not in PROTOCOLS:
         raise ValidationError(LABEL_PROTOCOL, f"{protocol!r} is not one of {PROTOCOLS}")
     vip = parse_address(labels[LABEL_VIP], LABEL_VIP) if labels.get(LABEL_VIP) else None
+    fastpath = check_fastpath((labels.get(LABEL_FASTPATH) or DEFAULT_FASTPATH).strip(),
+                              LABEL_FASTPATH)
 
     state = info.get("State") or {}
     running = bool(state.get("Running")) and not state.get("Restarting")
@@ -142,7 +148,8 @@ def member_from_inspect(info: dict[str, Any], draining: Iterable[str] = (),
             health = (state.get("Health") or {}).get("Status")
             healthy = (not state.get("Paused") and info.get("Id") not in set(draining)
                        and health in (None, "", "healthy"))
-    return Member(name, service, port, protocol, weight, vip, address, subnet, healthy)
+    return Member(name, service, port, protocol, weight, vip, address, subnet, healthy,
+                  fastpath)
 
 
 def table_from_members(
@@ -169,12 +176,13 @@ def table_from_members(
                         ", ".join(sorted(map(str, counts))), best)
         return best
 
-    spec: dict[str, tuple[int, str, IPAddress | None]] = {}
+    spec: dict[str, tuple[int, str, IPAddress | None, str]] = {}
     for name, ms in by_service.items():
         pinned = [m.vip for m in ms if m.vip is not None]
         spec[name] = (agreed(name, LABEL_PORT, [m.port for m in ms]),
                       agreed(name, LABEL_PROTOCOL, [m.protocol for m in ms]),
-                      agreed(name, LABEL_VIP, pinned) if pinned else None)
+                      agreed(name, LABEL_VIP, pinned) if pinned else None,
+                      agreed(name, LABEL_FASTPATH, [m.fastpath for m in ms]))
     vips = allocate(by_service, cidr, {n: s[2] for n, s in spec.items() if s[2] is not None})
 
     services: list[Service] = []
@@ -182,7 +190,7 @@ def table_from_members(
     subnets = set(mesh_cidrs)
     # Pinned services first, so an allocated VIP never pushes out a pinned one.
     for name in sorted(by_service, key=lambda n: (spec[n][2] is None, n)):
-        port, protocol, _ = spec[name]
+        port, protocol, _, fastpath = spec[name]
         eps: dict[tuple[IPAddress, int], Endpoint] = {}
         for m in sorted(by_service[name], key=lambda m: m.container):
             if m.address is None:
@@ -194,7 +202,8 @@ def table_from_members(
                 continue
             eps[key] = Endpoint(m.address, port, m.weight, m.healthy)
         try:
-            svc = Service(name, vips[name], port, protocol, tuple(eps.values()))
+            svc = Service(name, vips[name], port, protocol, tuple(eps.values()),
+                          fastpath=fastpath)
         except ValidationError as e:
             problems[f"service {name}"] = str(e)
             continue

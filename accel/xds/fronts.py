@@ -17,7 +17,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.filters.udp.udp_proxy.v3 import udp_proxy_pb2
 
-from accel.model import IPAddress, ValidationError
+from accel.model import DEFAULT_FASTPATH, IPAddress, ValidationError, check_fastpath
 from accel.xds.decode import socket_address, typed
 from accel.xds.kinds import HCM, META_KEY, TCP_PROXY, UDP_PROXY
 
@@ -36,6 +36,7 @@ class Front:
     route: str | None  # RDS name when the cluster comes from a RouteConfiguration
     service: str | None  # from metadata
     edge: bool
+    fastpath: str = DEFAULT_FASTPATH  # from metadata
 
 
 def front(name: str, lst: listener_pb2.Listener) -> Front | None:
@@ -51,14 +52,15 @@ def front(name: str, lst: listener_pb2.Listener) -> Front | None:
         raise ValidationError(f"{where}.address.socket_address.protocol",
                               f"unsupported protocol {sa.protocol}")
     protocol = "UDP" if sa.protocol == _UDP else "TCP"
-    service, edge = _meta(lst, where)
+    service, edge, fastpath = _meta(lst, where)
     cluster, route = _listener_target(lst, where, protocol)
-    return Front(name, vip, port, protocol, cluster, route, service, edge)
+    return Front(name, vip, port, protocol, cluster, route, service, edge, fastpath)
 
 
-def _meta(lst: listener_pb2.Listener, where: str) -> tuple[str | None, bool]:
+def _meta(lst: listener_pb2.Listener, where: str) -> tuple[str | None, bool, str]:
+    """The listener's `meshaccel` metadata: service name, edge, fastpath."""
     if META_KEY not in lst.metadata.filter_metadata:
-        return None, False
+        return None, False, DEFAULT_FASTPATH
     meta = lst.metadata.filter_metadata[META_KEY]
     path = f"{where}.metadata.filter_metadata.{META_KEY}"
     service = None
@@ -73,7 +75,12 @@ def _meta(lst: listener_pb2.Listener, where: str) -> tuple[str | None, bool]:
         if v.WhichOneof("kind") != "bool_value":
             raise ValidationError(f"{path}.edge", "expected true or false")
         edge = v.bool_value
-    return service, edge
+    fastpath = DEFAULT_FASTPATH
+    if "fastpath" in meta.fields:
+        v = meta.fields["fastpath"]
+        fastpath = check_fastpath(v.string_value if v.WhichOneof("kind") == "string_value"
+                                  else v, f"{path}.fastpath")
+    return service, edge, fastpath
 
 
 def _listener_target(lst: listener_pb2.Listener, where: str,

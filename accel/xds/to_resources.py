@@ -19,7 +19,14 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.filters.udp.udp_proxy.v3 import udp_proxy_pb2
 from google.protobuf import any_pb2, message, struct_pb2, wrappers_pb2
 
-from accel.model import Guard, IPAddress, Service, ServiceTable, ValidationError
+from accel.model import (
+    DEFAULT_FASTPATH,
+    Guard,
+    IPAddress,
+    Service,
+    ServiceTable,
+    ValidationError,
+)
 from accel.xds.kinds import (
     CLUSTER,
     ENDPOINT,
@@ -73,9 +80,13 @@ def vip_listener(svc: Service) -> listener_pb2.Listener:
                 name="envoy.filters.network.tcp_proxy",
                 typed_config=_pack(tcp_proxy_pb2.TcpProxy(stat_prefix=svc.name,
                                                           cluster=svc.name)))]))
+    meta = {}
     if svc.edge:
-        lst.metadata.filter_metadata[META_KEY].CopyFrom(
-            struct_pb2.Struct(fields={"edge": struct_pb2.Value(bool_value=True)}))
+        meta["edge"] = struct_pb2.Value(bool_value=True)
+    if svc.fastpath != DEFAULT_FASTPATH:
+        meta["fastpath"] = struct_pb2.Value(string_value=svc.fastpath)
+    if meta:
+        lst.metadata.filter_metadata[META_KEY].CopyFrom(struct_pb2.Struct(fields=meta))
     return lst
 
 
@@ -144,13 +155,15 @@ def merge(table: ServiceTable, per_service) -> dict[str, dict[str, object]]:
 
 def mesh_cluster(table: ServiceTable) -> cluster_pb2.Cluster | None:
     """The table-wide settings as a cluster (None when they are the defaults)."""
-    if not table.mesh_cidrs and table.guard == Guard():
+    if not table.mesh_cidrs and table.guard == Guard() and table.fastpath == DEFAULT_FASTPATH:
         return None
     g = table.guard
     meta = struct_pb2.Struct()
     meta.update({"mesh_cidrs": [str(n) for n in table.mesh_cidrs],
                  "guard": {"deny": [str(n) for n in g.deny], "syn_rate": g.syn_rate,
                            "syn_burst": g.syn_burst}})
+    if table.fastpath != DEFAULT_FASTPATH:
+        meta.update({"fastpath": table.fastpath})
     c = cluster_pb2.Cluster(name=MESH_CLUSTER, type=cluster_pb2.Cluster.STATIC)
     c.metadata.filter_metadata[META_KEY].CopyFrom(meta)
     return c

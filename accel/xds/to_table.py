@@ -14,6 +14,7 @@ from google.protobuf import message
 
 from accel import config
 from accel.model import (
+    DEFAULT_FASTPATH,
     Guard,
     IPAddress,
     IPNetwork,
@@ -96,7 +97,8 @@ def update_endpoints(prev: Translation,
             old = prev.table.get(name)
             assert old is not None, name
             try:
-                svc = Service(name, old.vip, old.port, old.protocol, endpoints, old.edge)
+                svc = Service(name, old.vip, old.port, old.protocol, endpoints, old.edge,
+                              old.fastpath)
             except ValidationError as e:
                 raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
             for i, ep in enumerate(endpoints):  # endpoint_loops, for this service alone
@@ -207,8 +209,9 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
             # Keyed by the endpoints tuple's identity (the memo holds it): what did not
             # change comes back as the very same Service object.
             services.append(memo.keep(
-                ("service", name, f.vip, f.port, f.protocol, f.edge, id(endpoints)),
-                lambda n=name, f=f, e=endpoints: Service(n, f.vip, f.port, f.protocol, e, f.edge)))
+                ("service", name, f.vip, f.port, f.protocol, f.edge, f.fastpath, id(endpoints)),
+                lambda n=name, f=f, e=endpoints: Service(n, f.vip, f.port, f.protocol, e, f.edge,
+                                                         f.fastpath)))
         except ValidationError as e:
             raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
         if eds_name is not None:
@@ -224,27 +227,28 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
         raise ValidationError(f"{origin[svc.name][0]} (service {svc.name!r}).endpoints[{i}]",
                               f"{svc.endpoints[i]} is the VIP:port of service {other.name!r}"
                               f"{via}; endpoints must be backends, not VIPs")
-    cidrs, guard = memo.get("M", res.clusters[MESH_CLUSTER],
-                            lambda: mesh_settings(res.clusters[MESH_CLUSTER])) \
-        if MESH_CLUSTER in res.clusters else ((), Guard())
-    table = ServiceTable(tuple(services) + held, mesh_cidrs=cidrs, guard=guard)
+    cidrs, guard, fastpath = memo.get("M", res.clusters[MESH_CLUSTER],
+                                      lambda: mesh_settings(res.clusters[MESH_CLUSTER])) \
+        if MESH_CLUSTER in res.clusters else ((), Guard(), DEFAULT_FASTPATH)
+    table = ServiceTable(tuple(services) + held, mesh_cidrs=cidrs, guard=guard,
+                         fastpath=fastpath)
     return Translation(table, pending, frozenset(eds), rds_names,
                        {k: tuple(v) for k, v in by_eds.items()}, frozenset(eds_waiting),
                        {n: lst for n, (_, lst) in origin.items()})
 
 
-def mesh_settings(c: cluster_pb2.Cluster) -> tuple[tuple[IPNetwork, ...], Guard]:
+def mesh_settings(c: cluster_pb2.Cluster) -> tuple[tuple[IPNetwork, ...], Guard, str]:
     where = f"Cluster[{c.name}].metadata.filter_metadata.{META_KEY}"
     raw = struct_to_data(c.metadata.filter_metadata[META_KEY])
-    unknown = set(raw) - {"mesh_cidrs", "guard"}
+    unknown = set(raw) - {"mesh_cidrs", "guard", "fastpath"}
     if unknown:
         raise ValidationError(where, f"unknown field(s) {', '.join(sorted(unknown))}; "
-                              "allowed: guard, mesh_cidrs")
+                              "allowed: fastpath, guard, mesh_cidrs")
     try:
         t = config.table_from_dict(raw)
     except ValidationError as e:
         raise ValidationError(f"{where}.{e.path}", e.reason) from None
-    return t.mesh_cidrs, t.guard
+    return t.mesh_cidrs, t.guard, t.fastpath
 
 
 def _hold(services: list[Service], waiting: list[Front],

@@ -20,20 +20,22 @@ class Endpoint(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "vip", "port", "protocol", "endpoints", "edge")
+    __slots__ = ("name", "vip", "port", "protocol", "endpoints", "edge", "fastpath")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VIP_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
+    FASTPATH_FIELD_NUMBER: _ClassVar[int]
     name: str
     vip: str
     port: int
     protocol: str
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     edge: bool
-    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., edge: _Optional[bool] = ...) -> None: ...
+    fastpath: str
+    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., edge: _Optional[bool] = ..., fastpath: _Optional[str] = ...) -> None: ...
 
 class Guard(_message.Message):
     __slots__ = ("deny", "syn_rate", "syn_burst")
@@ -46,14 +48,16 @@ class Guard(_message.Message):
     def __init__(self, deny: _Optional[_Iterable[str]] = ..., syn_rate: _Optional[int] = ..., syn_burst: _Optional[int] = ...) -> None: ...
 
 class ServiceTable(_message.Message):
-    __slots__ = ("services", "mesh_cidrs", "guard")
+    __slots__ = ("services", "mesh_cidrs", "guard", "fastpath")
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     MESH_CIDRS_FIELD_NUMBER: _ClassVar[int]
     GUARD_FIELD_NUMBER: _ClassVar[int]
+    FASTPATH_FIELD_NUMBER: _ClassVar[int]
     services: _containers.RepeatedCompositeFieldContainer[Service]
     mesh_cidrs: _containers.RepeatedScalarFieldContainer[str]
     guard: Guard
-    def __init__(self, services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., mesh_cidrs: _Optional[_Iterable[str]] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ...) -> None: ...
+    fastpath: str
+    def __init__(self, services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., mesh_cidrs: _Optional[_Iterable[str]] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ..., fastpath: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
