@@ -42,18 +42,22 @@ def test_demo_end_to_end(tmp_path):
     assert reviews, out
     assert int(reviews.group(2)) + int(reviews.group(4)) == 30
     assert int(reviews.group(4)) > int(reviews.group(2))
-    # The counters prove it: every connect balanced in the kernel, bytes redirected.
-    m = re.search(r"this traffic: (\d+) of 90 connects balanced.*?, (\d+) messages "
-                  r"\((\d+) bytes\) handed socket to socket.*?, (\d+) left on TCP", out)
+    # The counters prove it: every connect balanced in the kernel, the route services'
+    # sockets left on TCP, the redirect service's bytes handed socket to socket.
+    m = re.search(r"this traffic: (\d+) of 90 connects balanced.*?; (\d+) sockets kept on TCP.*?"
+                  r"(\d+) paired .*? and (\d+) messages \((\d+) bytes\) handed socket to socket"
+                  r".*?, (\d+) left on TCP", out, re.S)
     assert m, out
     assert int(m.group(1)) == 90
-    assert int(m.group(2)) >= 180 and int(m.group(3)) >= 90 * 2 * 16384
-    assert int(m.group(4)) == 0
+    assert int(m.group(2)) == 2 * 60  # productpage and reviews: both ends of 60 connections
+    assert int(m.group(3)) == 2 * 30  # ratings
+    assert int(m.group(4)) >= 60 and int(m.group(5)) >= 30 * 2 * 16384
+    assert int(m.group(6)) == 0
     # The comparison: table, targets, plot and JSON.
-    assert re.search(r"^accel\s+[\d.]+\s", out, re.M) and "accel p50 <= 0.55x kernel" in out
+    assert re.search(r"^accel\s+[\d.]+\s", out, re.M) and "accel+redirect p50 <= 0.55x kernel" in out
     assert f"plot: {tmp_path / 'bench.png'}" in out
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     doc = json.loads((tmp_path / "bench.json").read_text())
-    assert len(doc["cases"]) == 15 and all(c["repeats"] > 0 for c in doc["cases"])
+    assert len(doc["cases"]) == 18 and all(c["repeats"] > 0 for c in doc["cases"])
     assert "everything the demo made is removed" in out
     assert leftovers(prefix) == []

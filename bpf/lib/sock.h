@@ -1,5 +1,7 @@
-/* The socket fast path: which sockets are mesh sockets, how they are keyed in
- * the sockhash, and how a sender proves which socket is its peer.
+/* The socket fast path: which sockets are mesh sockets, which of their
+ * connections are redirected (`fastpath: redirect`; the rest stay plain TCP and
+ * never enter the sockhash), how they are keyed in the sockhash, and how a
+ * sender proves which socket is its peer.
  *
  * Pairing is exact. A socket's key holds its own network namespace (netns
  * cookie), its addresses and ports, and the two sequence numbers its
