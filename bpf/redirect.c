@@ -19,6 +19,11 @@ static __always_inline void count_add(u32 idx, u64 n)
 
 #define count(idx) count_add((idx), 1)
 
+/* bpf_probe_read_kernel by its number: some bcc builds map the name to the old
+ * bpf_probe_read, which sk_msg programs may not call. */
+static long (*accel_read_kernel)(void *dst, __u32 size, const void *src) =
+	(void *)BPF_FUNC_probe_read_kernel;
+
 /* sk_user_data holds the psock with flag bits (include/net/sock.h SK_USER_DATA_*). */
 #define SK_USER_DATA_PSOCK 4UL
 #define SK_USER_DATA_PTRMASK (~7UL)
@@ -46,14 +51,14 @@ static __always_inline int peer_has_room(struct sock_state *st, __u64 size)
 
 	if (!sk)
 		return 0;
-	if (bpf_probe_read_kernel(&ud, sizeof(ud), sk + ACCEL_OFF_SK_USER_DATA) ||
+	if (accel_read_kernel(&ud, sizeof(ud), sk + ACCEL_OFF_SK_USER_DATA) ||
 	    !(ud & SK_USER_DATA_PSOCK))
 		return 0;
-	if (bpf_probe_read_kernel(&queued, sizeof(queued),
+	if (accel_read_kernel(&queued, sizeof(queued),
 				  (char *)(ud & SK_USER_DATA_PTRMASK) + ACCEL_OFF_PSOCK_MSG_TOT_LEN))
 		return 0;
-	if (bpf_probe_read_kernel(&rcvbuf, sizeof(rcvbuf), sk + ACCEL_OFF_SK_RCVBUF) ||
-	    bpf_probe_read_kernel(&locks, sizeof(locks), sk + ACCEL_OFF_SK_USERLOCKS))
+	if (accel_read_kernel(&rcvbuf, sizeof(rcvbuf), sk + ACCEL_OFF_SK_RCVBUF) ||
+	    accel_read_kernel(&locks, sizeof(locks), sk + ACCEL_OFF_SK_USERLOCKS))
 		return 0;
 	if (locks & SOCK_RCVBUF_LOCK) {
 		bound = rcvbuf > 0 ? (__u64)rcvbuf : 0;
