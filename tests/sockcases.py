@@ -21,17 +21,14 @@ import threading
 import time
 from collections.abc import Callable
 
+from tests.traffic import digest
+
 Pair = tuple[socket.socket, socket.socket]
 Result = dict[str, object]
 
 SO_ZEROCOPY = 60
 MSG_ZEROCOPY = 0x4000000
-TCP_INQ = 36
-TCP_CM_INQ = TCP_INQ
-
-
-def digest(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()[:16]
+TCP_INQ = 36  # also the control message's type (TCP_CM_INQ)
 
 
 def payload(n: int, seed: int = 1) -> bytes:
@@ -206,7 +203,7 @@ def inq(pair: Pair) -> Result:
         time.sleep(0.005)
     data, anc, _, _ = sv.recvmsg(1000, socket.CMSG_SPACE(4))
     left = [struct.unpack("i", d[:4])[0] for lvl, typ, d in anc
-            if lvl == socket.IPPROTO_TCP and typ == TCP_CM_INQ]
+            if lvl == socket.IPPROTO_TCP and typ == TCP_INQ]
     fcntl.ioctl(sv.fileno(), termios.FIONREAD, buf)
     return {"fionread": n, "read": len(data), "tcp_inq": left,
             "fionread_after": struct.unpack("i", buf)[0]}

@@ -54,7 +54,8 @@ def test_demo_end_to_end(tmp_path):
     assert int(m.group(4)) >= 60 and int(m.group(5)) >= 30 * 2 * 16384
     assert int(m.group(6)) == 0
     # The comparison: table, targets, plot and JSON.
-    assert re.search(r"^accel\s+[\d.]+\s", out, re.M) and "accel+redirect p50 <= 0.55x kernel" in out
+    assert re.search(r"^accel\s+[\d.]+\s", out, re.M)
+    assert "accel+redirect p50 <= 0.55x kernel" in out
     assert f"plot: {tmp_path / 'bench.png'}" in out
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     doc = json.loads((tmp_path / "bench.json").read_text())

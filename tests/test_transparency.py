@@ -6,15 +6,14 @@ README lists (and this test keeps honest: a gap that closes shows up as a failur
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from accel.bench.workloads import wait_listening
 from accel.model import Endpoint, Service, ServiceTable
 from tests import sockcases
 from tests.sockcases import CASES, REDIRECT_GAPS, Result, fill
@@ -206,7 +205,7 @@ def test_splice_reader_and_splicing_proxy_get_every_byte(lab_factory, datapath, 
         srv = server.popen([str(c_tool()), "splice-server", str(server.ip), "9000"],
                            stdout=subprocess.PIPE, text=True)
         try:
-            wait_listening(server, 9000)
+            wait_listening(server, 9000, [srv])
             s = client.socket()
             s.connect((VIP4, 80))
             s.sendall(data)
@@ -215,7 +214,7 @@ def test_splice_reader_and_splicing_proxy_get_every_byte(lab_factory, datapath, 
         finally:
             srv.kill()
             srv.wait()
-        assert out.split() == [f"bytes={len(data)}", hashlib.sha256(data).hexdigest(), "-"], out
+        assert out.split() == [f"bytes={len(data)}", sockcases.digest(data), "-"], out
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(f"""global
   maxconn 100
@@ -235,7 +234,7 @@ listen fwd
                       stderr=subprocess.DEVNULL)
     try:
         with EchoServer(server, 9002):
-            wait_listening(proxy, 9001)
+            wait_listening(proxy, 9001, [hap])
             for _ in range(3):
                 s = client.socket()
                 s.settimeout(30)
@@ -248,15 +247,6 @@ listen fwd
     finally:
         hap.terminate()
         hap.wait(10)
-
-
-def wait_listening(pod, port: int, timeout: float = 10) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if f":{port} " in pod.run(["ss", "-Hltn"]).stdout:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port} in {pod.name}")
 
 
 _TOOL = Path(__file__).with_name("csock.c")

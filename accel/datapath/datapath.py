@@ -107,7 +107,7 @@ class Datapath:
         self.cgroup: Path | None = None
         self.table: ServiceTable | None = None
         self.last_report: dict[str, WriteReport] = {}
-        self._sock_config: tuple[int, int] | None = None
+        self._default_redirect: int | None = None  # as last written to accel_sock_config
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -291,20 +291,15 @@ class Datapath:
         return report
 
     def _write_sock_config(self, table: ServiceTable) -> None:
-        wanted = (int(table.fastpath == "redirect"), min(tcp_rmem_max(), REDIRECT_QUEUE_MAX))
-        if wanted == self._sock_config:
+        default_redirect = int(table.fastpath == "redirect")
+        if default_redirect == self._default_redirect:
             return
         cfg = self._modules["sockops.c"][b"accel_sock_config"]
         v = cfg.Leaf()
-        v.default_redirect, v.ingress_max = wanted
+        v.default_redirect = default_redirect
+        v.ingress_max = min(tcp_rmem_max(), REDIRECT_QUEUE_MAX)
         cfg[ctypes.c_uint32(0)] = v
-        self._sock_config = wanted
-
-    @staticmethod
-    def redirect_unavailable() -> str:
-        """Why this kernel cannot take `fastpath: redirect` ("" when it can): such services
-        then stay on TCP, the transparent path."""
-        return fastpath_offsets().missing
+        self._default_redirect = default_redirect
 
     def usage_after(self, table: ServiceTable) -> dict[str, int]:
         """Entries the maps hold once `table` is applied, for the capacity check: counted from

@@ -3,9 +3,9 @@ kernel's own BTF (/sys/kernel/btf/vmlinux).
 
 bcc compiles against whatever headers this host has (Debian's 6.1 headers stand in for a
 6.18 kernel here), so struct sock and struct sk_psock cannot be taken from headers: their
-layouts change between releases. The redirect program reads three fields of the peer socket
-with bpf_probe_read_kernel at the offsets found here, passed in as -D switches (a CO-RE
-relocation done by hand, for three fields). A kernel without BTF, or without a field
+layouts change between releases. The redirect program reads four fields of the peer socket
+and its psock with bpf_probe_read_kernel at the offsets found here, passed in as -D switches
+(a CO-RE relocation done by hand, for four fields). A kernel without BTF, or without a field
 (sk_psock.msg_tot_len exists since 6.12-ish), has no offsets: the redirect mode is then not
 offered and every mesh connection stays on TCP.
 """
