@@ -46,7 +46,10 @@ def test_full_sockhash_falls_back_to_tcp(lab, small):
             s.close()
     c = small.datapath.counters()
     assert c["sockhash_inserts"] == 64  # exactly what fits
-    assert c["sockhash_insert_failures"] == 200 - 64
+    # Every other socket stays on TCP, counted: a client that did not fit publishes no
+    # redirect choice, so its server end is not even tried (left routed).
+    assert c["sockhash_insert_failures"] + c["socks_routed"] == 200 - 64
+    assert c["sockhash_insert_failures"] > 0
     assert c["msg_redirects"] > 0  # those that fit are still accelerated
     usage = small.status()["maps"]["sockets"]
     assert usage["capacity"] == 64
