@@ -1,11 +1,11 @@
 /* sk_msg on the sockhash: hand each send to the peer socket's ingress queue
  * when the peer is proven (lib/sock.h) and has room, else let TCP carry it.
  *
- * The choice is made on a connection's first message and kept: the receiver
- * reads redirected data before its TCP queue, so a byte sent over TCP followed
- * by a redirected one would be read out of order. Redirect-then-TCP is safe
- * (a peer that vanished, a receiver that stopped reading), TCP-then-redirect
- * never happens. */
+ * The choice is made on a connection's first message: the receiver reads
+ * redirected data before its TCP queue, so a byte sent over TCP followed by a
+ * redirected one could be read out of order. Redirect-then-TCP is safe (a peer
+ * that vanished, a receiver whose queue is full); TCP-then-redirect happens only
+ * after the receiver has read every byte TCP carried (tcp_drained). */
 #include "lib/common.h"
 #include "lib/counters.h"
 #include "lib/sock.h"
@@ -33,9 +33,10 @@ static long (*accel_read_kernel)(void *dst, __u32 size, const void *src) =
  * charges only the host-wide TCP memory, so a receiver that never reads would let
  * its sender queue gigabytes and push every TCP socket of the host into memory
  * pressure. TCP stops the sender at the receiver's window: the buffer the
- * application set (SO_RCVBUF), else one TCP grows only as the receiver reads. The
- * redirect queue has no such feedback, so it takes the application's buffer when
- * one was set, else the agent's bound (sock_config.ingress_max). Past the bound the
+ * application set (SO_RCVBUF), else one TCP grows only as the receiver reads. So
+ * does this bound: the application's buffer when one was set, else twice what the
+ * receiver has read so far, at least sock_config.ingress_min and at most
+ * ingress_max (TCP's own ceiling, tcp_rmem[2]). Past the bound the
  * connection moves to TCP for good, and TCP's own flow control then blocks the
  * sender or answers EAGAIN, as for any connection. The peer's fields are read,
  * never written; a read that fails says "no room". */
@@ -64,7 +65,14 @@ static __always_inline int peer_has_room(struct sock_state *st, __u64 size)
 		bound = rcvbuf > 0 ? (__u64)rcvbuf : 0;
 	} else {
 		cfg = accel_sock_config.lookup(&zero);
-		bound = cfg ? cfg->ingress_max : 0;
+		if (!cfg)
+			return 0;
+		/* What the receiver has read: all we handed over but what it still queues. */
+		bound = st->redirected > queued ? 2 * (st->redirected - queued) : 0;
+		if (bound < cfg->ingress_min)
+			bound = cfg->ingress_min;
+		if (bound > cfg->ingress_max)
+			bound = cfg->ingress_max;
 	}
 	return (__u64)queued + size <= bound;
 #else
@@ -72,10 +80,45 @@ static __always_inline int peer_has_room(struct sock_state *st, __u64 size)
 #endif
 }
 
+/* Whether a byte redirected now would still be read after every byte this
+ * connection sent over TCP: all of them acknowledged by the peer (our write_seq ==
+ * snd_una) and read by its application (its copied_seq == rcv_nxt). The receiver
+ * reads its redirect queue before its TCP queue, so only then may a connection
+ * paused on TCP go back to the redirect. */
+static __always_inline int tcp_drained(struct sock_state *st)
+{
+#if ACCEL_REDIRECT_OK
+	char *me = (char *)st->self_sk, *peer = (char *)st->peer_sk;
+	__u32 write_seq = 0, snd_una = 1, copied = 0, rcv_nxt = 1;
+
+	if (!me || !peer)
+		return 0;
+	if (accel_read_kernel(&write_seq, sizeof(write_seq), me + ACCEL_OFF_TP_WRITE_SEQ) ||
+	    accel_read_kernel(&snd_una, sizeof(snd_una), me + ACCEL_OFF_TP_SND_UNA) ||
+	    accel_read_kernel(&copied, sizeof(copied), peer + ACCEL_OFF_TP_COPIED_SEQ) ||
+	    accel_read_kernel(&rcv_nxt, sizeof(rcv_nxt), peer + ACCEL_OFF_TP_RCV_NXT))
+		return 0;
+	return write_seq == snd_una && copied == rcv_nxt && rcv_nxt == snd_una;
+#else
+	return 0;
+#endif
+}
+
 static __always_inline int stay_on_tcp(struct sock_state *st, u32 why)
 {
 	st->mode = MODE_TCP;
 	count(why);
+	count(C_MSG_PASSTHROUGH);
+	return SK_PASS;
+}
+
+/* The receiver's queue is full: this message goes over TCP, whose flow control
+ * holds the sender; the connection returns to the redirect once TCP is drained. */
+static __always_inline int pause_on_tcp(struct sock_state *st)
+{
+	if (st->mode != MODE_PAUSED)
+		count(C_MSG_BACKPRESSURE);
+	st->mode = MODE_PAUSED;
 	count(C_MSG_PASSTHROUGH);
 	return SK_PASS;
 }
@@ -112,11 +155,18 @@ int accel_msg(struct sk_msg_md *msg)
 		st->peer_sk = other->sk;
 		st->mode = MODE_REDIRECT;
 	}
-	if (!peer_has_room(st, size))
-		return stay_on_tcp(st, C_MSG_BACKPRESSURE);
+	if (st->mode == MODE_PAUSED) {
+		if (!tcp_drained(st) || !peer_has_room(st, size))
+			return pause_on_tcp(st);
+		st->mode = MODE_REDIRECT;
+		count(C_MSG_RESUMED);
+	} else if (!peer_has_room(st, size)) {
+		return pause_on_tcp(st);
+	}
 	peer.netns = st->peer_netns;
 	int verdict = accel_sockhash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (verdict == SK_PASS) {
+		st->redirected += size;
 		count(C_MSG_REDIRECTS);
 		count_add(C_REDIRECTED_BYTES, size);
 		return SK_PASS;

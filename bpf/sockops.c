@@ -131,6 +131,7 @@ static __always_inline void track(struct bpf_sock_ops *skops)
 	key.netns = bpf_get_netns_cookie(skops);
 	st->id = key.id;
 	st->netns = key.netns;
+	st->self_sk = (__u64)sk;
 	st->mode = MODE_TCP;
 	/* Sockhash first, owner second: whoever finds our owner entry finds our socket. */
 	/* bcc rewrites map methods as statements: keep each call on its own line. */

@@ -53,7 +53,8 @@ def test_bytes_exact_through_redirect(lab, datapath, size):
         assert after["redirected_bytes"] - before["redirected_bytes"] == 2 * size
         assert after["msg_passthrough"] == before["msg_passthrough"]
     elif size:
-        # Past the receiver's queue bound (REDIRECT_QUEUE_MAX) a connection moves to TCP.
+        # Past the receiver's queue bound (it grows from REDIRECT_QUEUE_MIN as the receiver
+        # reads) a connection pauses on TCP.
         moved = after["msg_backpressure"] - before["msg_backpressure"]
         redirected = after["redirected_bytes"] - before["redirected_bytes"]
         assert redirected == 2 * size or (moved and redirected > 0)

@@ -36,11 +36,11 @@ from accel.model import ServiceTable
 log = logging.getLogger(__name__)
 
 # A redirected connection's queue at the receiver, when the receiver set no SO_RCVBUF (then
-# its own buffer is the bound). TCP grows a window only as its receiver reads (up to
-# tcp_rmem[2], 32 MiB on 6.18); a redirect queue has no such feedback, so it gets a fixed
-# bound: a reader that keeps up never nears it, one that stops reading holds the sender
-# at 4 MiB plus what TCP then queues (under 1 MiB): 0.8 MB on plain TCP here.
-REDIRECT_QUEUE_MAX = 4 << 20
+# its own buffer is the bound). TCP grows a window only as its receiver reads, up to
+# tcp_rmem[2] (32 MiB on 6.18); the bound does the same (twice what the receiver has read,
+# bpf/redirect.c), starting here: a receiver that never reads holds its sender at 4 MiB
+# plus what TCP then queues (under 1 MiB; 0.8 MB on plain TCP here).
+REDIRECT_QUEUE_MIN = 4 << 20
 RUN_DIR = Path(os.environ.get("ACCEL_RUN_DIR", "/run/accel"))
 ATTACH_CGROUP_SOCK_OPS = BPFAttachType.CGROUP_SOCK_OPS
 
@@ -297,7 +297,8 @@ class Datapath:
         cfg = self._modules["sockops.c"][b"accel_sock_config"]
         v = cfg.Leaf()
         v.default_redirect = default_redirect
-        v.ingress_max = min(tcp_rmem_max(), REDIRECT_QUEUE_MAX)
+        v.ingress_max = max(tcp_rmem_max(), REDIRECT_QUEUE_MIN)
+        v.ingress_min = REDIRECT_QUEUE_MIN
         cfg[ctypes.c_uint32(0)] = v
         self._default_redirect = default_redirect
 

@@ -3,11 +3,11 @@ kernel's own BTF (/sys/kernel/btf/vmlinux).
 
 bcc compiles against whatever headers this host has (Debian's 6.1 headers stand in for a
 6.18 kernel here), so struct sock and struct sk_psock cannot be taken from headers: their
-layouts change between releases. The redirect program reads four fields of the peer socket
-and its psock with bpf_probe_read_kernel at the offsets found here, passed in as -D switches
-(a CO-RE relocation done by hand, for four fields). A kernel without BTF, or without a field
-(sk_psock.msg_tot_len exists since 6.12-ish), has no offsets: the redirect mode is then not
-offered and every mesh connection stays on TCP.
+layouts change between releases. The redirect program reads a few fields of the two sockets
+and the peer's psock with bpf_probe_read_kernel at the offsets found here, passed in as -D
+switches (a CO-RE relocation done by hand, for eight fields). A kernel without BTF, or
+without a field (sk_psock.msg_tot_len exists since 6.12-ish), has no offsets: the redirect
+mode is then not offered and every mesh connection stays on TCP.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ FIELDS = {
     ("sock", "sk_rcvbuf"): "ACCEL_OFF_SK_RCVBUF",
     ("sock", "sk_userlocks"): "ACCEL_OFF_SK_USERLOCKS",
     ("sk_psock", "msg_tot_len"): "ACCEL_OFF_PSOCK_MSG_TOT_LEN",
+    # Whether every byte sent over TCP has been read: a paused redirect may resume.
+    ("tcp_sock", "write_seq"): "ACCEL_OFF_TP_WRITE_SEQ",
+    ("tcp_sock", "snd_una"): "ACCEL_OFF_TP_SND_UNA",
+    ("tcp_sock", "copied_seq"): "ACCEL_OFF_TP_COPIED_SEQ",
+    ("tcp_sock", "rcv_nxt"): "ACCEL_OFF_TP_RCV_NXT",
 }
 
 

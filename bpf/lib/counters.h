@@ -25,7 +25,8 @@ enum accel_counter {
 	C_POD_FOREIGN_SOURCE,         /* packet to a local pod whose source is not the sender's own address: left to the bridge */
 	C_POD_UNTRACKED,              /* pod-to-pod packet of a connection not seen starting pod to pod (host NAT, older): left to the kernel */
 	C_SOCKS_ROUTED,               /* mesh socket kept on TCP: its connection's fastpath is route */
-	C_MSG_BACKPRESSURE,           /* receiver's queue at its bound: the connection moved to TCP, whose flow control holds the sender */
+	C_MSG_BACKPRESSURE,           /* receiver's queue at its bound: the connection paused on TCP, whose flow control holds the sender */
+	C_MSG_RESUMED,                /* connection paused on TCP by backpressure handed to the peer socket again */
 	C_MAX,
 };
 

@@ -64,6 +64,8 @@ enum sock_mode {
 	MODE_UNDECIDED = 0, /* no payload sent yet */
 	MODE_REDIRECT = 1,  /* every byte so far went to the peer socket */
 	MODE_TCP = 2,       /* a byte went through TCP: stay there, or order breaks */
+	MODE_PAUSED = 3,    /* on TCP while the receiver's queue is full: back to redirect
+			     * once the receiver has read every byte TCP carried */
 };
 
 /* The VIP a connected socket dialed (connect.c): right for the socket's whole
@@ -85,7 +87,10 @@ struct sock_state {
 	struct conn_id id;
 	__u64 netns;
 	__u64 peer_netns;
+	__u64 self_sk; /* this socket's kernel address (read, never written) */
 	__u64 peer_sk; /* the peer's kernel socket (conn_owner.sk), for the queue bound */
+	__u64 redirected; /* bytes this socket handed to its peer: minus what the peer still
+			   * queues, what the peer has read (the queue bound grows with it) */
 	__u32 mode;
 	__u32 tracked;
 	__u32 fastpath; /* enum sock_fastpath */
@@ -97,7 +102,9 @@ struct sock_state {
 struct sock_config {
 	__u32 default_redirect; /* 1: connections not dialed through a VIP are redirected too */
 	__u32 pad;
-	__u64 ingress_max; /* redirect queue bound for a receiver that set no SO_RCVBUF */
+	__u64 ingress_min; /* redirect queue bound for a receiver that set no SO_RCVBUF and
+			    * has read nothing yet */
+	__u64 ingress_max; /* the most it grows to as the receiver reads (tcp_rmem[2]) */
 };
 
 ACCEL_SOCKHASH(accel_sockhash, struct sock_key, ACCEL_SOCKHASH_MAX);
@@ -119,7 +126,9 @@ static __always_inline void conn_id_reverse(struct conn_id *out, const struct co
 /* Whether the redirect mode may be used at all: sk_msg must bound what it queues at the
  * peer (redirect.c), which needs kernel structure offsets from BTF (accel/datapath/kbtf.py). */
 #if defined(ACCEL_OFF_SK_USER_DATA) && defined(ACCEL_OFF_SK_RCVBUF) && \
-	defined(ACCEL_OFF_SK_USERLOCKS) && defined(ACCEL_OFF_PSOCK_MSG_TOT_LEN)
+	defined(ACCEL_OFF_SK_USERLOCKS) && defined(ACCEL_OFF_PSOCK_MSG_TOT_LEN) && \
+	defined(ACCEL_OFF_TP_WRITE_SEQ) && defined(ACCEL_OFF_TP_SND_UNA) && \
+	defined(ACCEL_OFF_TP_COPIED_SEQ) && defined(ACCEL_OFF_TP_RCV_NXT)
 #define ACCEL_REDIRECT_OK 1
 #else
 #define ACCEL_REDIRECT_OK 0
