@@ -19,6 +19,7 @@ from typing import Any
 
 from accel import __version__
 from accel.datapath.datapath import Datapath
+from accel.datapath.kbtf import fastpath_offsets
 from accel.model import Guard, Service, ServiceTable, ValidationError
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class Agent:
             "xds": xds,
             "edge": self._edge_status(),
             "pod_routing": self.pods.status() if self.pods is not None else None,
+            "redirect_unavailable": fastpath_offsets().missing or None,
         }
 
     def _edge_status(self) -> dict[str, Any] | None:

@@ -135,6 +135,7 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
         services=int(st.get("services") or 0), applied=int(st.get("applied") or 0),
         rejected=int(st.get("rejected") or 0), last_error=st.get("last_error") or "",
         pin_dir=st.get("pin_dir") or "", cgroup=st.get("cgroup") or "",
+        redirect_unavailable=st.get("redirect_unavailable") or "",
     )
     xds = st.get("xds")
     if isinstance(xds, dict):
@@ -193,6 +194,7 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         else None,
         "pod_routing": struct_to_data(msg.pod_routing.details) if msg.pod_routing.enabled
         else None,
+        "redirect_unavailable": msg.redirect_unavailable or None,
     }
 
 

@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         ["cgroup", st["cgroup"]],
         ["edge", "off" if st["edge"] is None else _edge(st["edge"])],
         ["pod routing", _pods(st.get("pod_routing"))],
+        ["fastpath: redirect", "available" if not st.get("redirect_unavailable")
+         else f"UNAVAILABLE ({st['redirect_unavailable']}): those services stay on TCP"],
     ]
     xds = st["xds"]
     if xds is not None:

@@ -134,7 +134,7 @@ class MapUsage(_message.Message):
     def __init__(self, used: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing")
+    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing", "redirect_unavailable")
     class MapsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class GetStatusResponse(_message.Message):
     EDGE_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
     POD_ROUTING_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     version: str
     source: str
     config_version: str
@@ -170,7 +171,8 @@ class GetStatusResponse(_message.Message):
     edge: EdgeStatus
     maps: _containers.MessageMap[str, MapUsage]
     pod_routing: PodRoutingStatus
-    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ...) -> None: ...
+    redirect_unavailable: str
+    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ..., redirect_unavailable: _Optional[str] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()
