@@ -123,6 +123,21 @@ def vip_table(server, mode: str, port: int = 8080) -> ServiceTable:
                                  fastpath=mode),))
 
 
+def vip_pair(client, server, rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """(client end, server end) of one connection through VIP4:80 to server:8080."""
+    lst = server.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if rcvbuf:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    lst.bind((str(server.ip), 8080))
+    lst.listen(1)
+    cl = client.socket()
+    cl.connect((VIP4, 80))
+    sv, _ = lst.accept()
+    lst.close()
+    return cl, sv
+
+
 @pytest.mark.parametrize("mode", ["route", "redirect"])
 def test_receiver_that_never_reads_stops_the_sender(lab, datapath, mode):
     """TCP stops a non-blocking sender once the receiver's buffer is full (0.8 MB here);
@@ -131,16 +146,7 @@ def test_receiver_that_never_reads_stops_the_sender(lab, datapath, mode):
     client, server = lab.pods
     datapath.apply(vip_table(server, mode))
     for rcvbuf in (None, 65536):
-        lst = server.socket()
-        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if rcvbuf:
-            lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        lst.bind((str(server.ip), 8080))
-        lst.listen(1)
-        cl = client.socket()
-        cl.connect((VIP4, 80))
-        sv, _ = lst.accept()
-        lst.close()
+        cl, sv = vip_pair(client, server, rcvbuf)
         try:
             cl.setblocking(False)
             before = datapath.counters()
@@ -269,14 +275,7 @@ def test_paused_redirect_resumes_in_order(lab, datapath):
     again, and the receiver reads one stream in the order it was sent, three times over."""
     client, server = lab.pods
     datapath.apply(vip_table(server, "redirect"))
-    lst = server.socket()
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lst.bind((str(server.ip), 8080))
-    lst.listen(1)
-    cl = client.socket()
-    cl.connect((VIP4, 80))
-    sv, _ = lst.accept()
-    lst.close()
+    cl, sv = vip_pair(client, server)
     try:
         sv.settimeout(10)
         sent = bytearray()
