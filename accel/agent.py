@@ -19,7 +19,7 @@ from typing import Any
 
 from accel import __version__
 from accel.datapath.datapath import Datapath
-from accel.datapath.kbtf import fastpath_offsets
+from accel.kernel.kbtf import fastpath_offsets
 from accel.model import Guard, Service, ServiceTable, ValidationError
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from accel.datapath import bpfsys
 from accel.datapath.datapath import CGROUP_PROGRAMS, lock_file, state_file
+from accel.kernel import bpf as bpfsys
+from accel.kernel.loader import bpf_dir
 from tests.traffic import EchoServer, roundtrip
 
 ACCEL = [sys.executable, "-m", "accel.cli"]
@@ -38,11 +40,12 @@ def write_config(tmp_path: Path, pods) -> Path:
     return path
 
 
-def start_agent(cfg: Path, pin_dir: str, cgroup_dir: Path, *extra: str) -> subprocess.Popen:
+def start_agent(cfg: Path, pin_dir: str, cgroup_dir: Path, *extra: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(
         [*ACCEL, "agent", "--config", str(cfg), "--pin-dir", pin_dir, "--cgroup",
          str(cgroup_dir), "--api-socket", "", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -149,16 +152,34 @@ def test_keep_then_restart_adopts(lab, pin_dir, test_cgroup, tmp_path):
     assert first.wait(timeout=30) == 0
     kept = attached(test_cgroup)
     assert len(kept) == len(CGROUP_PROGRAMS)
-    second = start_agent(cfg, pin_dir, test_cgroup)
+    # Same build (sources, switches, kernel): the kept programs are adopted as they are.
+    second = start_agent(cfg, pin_dir, test_cgroup, "--keep")
     try:
-        now = attached(test_cgroup)
-        assert len(now) == len(CGROUP_PROGRAMS) and not set(now) & set(kept)
+        assert sorted(attached(test_cgroup)) == sorted(kept)
         payload = os.urandom(10_000)
         with EchoServer(server, 8080):
             assert roundtrip(client, "10.96.0.1", 80, payload) == payload
     finally:
         second.send_signal(signal.SIGTERM)
-        second.wait(timeout=30)
+        assert second.wait(timeout=30) == 0
+    # Another build (a source changed): compiled afresh, attached, and only then are the kept
+    # programs taken off (make-before-break); traffic flows throughout.
+    src = tmp_path / "bpf"
+    shutil.copytree(bpf_dir(), src)
+    with open(src / "connect.c", "a") as f:
+        f.write("\n/* another build */\n")
+    third = start_agent(cfg, pin_dir, test_cgroup, env={**os.environ,
+                                                         "ACCEL_BPF_DIR": str(src)})
+    try:
+        now = attached(test_cgroup)
+        assert len(now) == len(CGROUP_PROGRAMS)
+        # sockops.c did not change, but the unit is built as one: every program is new.
+        assert not set(now) & set(kept)
+        with EchoServer(server, 8080):
+            assert roundtrip(client, "10.96.0.1", 80, payload) == payload
+    finally:
+        third.send_signal(signal.SIGTERM)
+        third.wait(timeout=30)
     assert_no_trace(pin_dir, test_cgroup)
 
 
@@ -167,7 +188,7 @@ def with_rejected_helper(tmp_path: Path, source: str, entry: str) -> Path:
     may not use: the kernel rejects it as an older kernel would a newer helper."""
     import shutil
 
-    from accel.datapath.programs import bpf_dir
+    from accel.kernel.loader import bpf_dir
 
     broken = tmp_path / "bpf"
     shutil.copytree(bpf_dir(), broken)

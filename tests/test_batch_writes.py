@@ -49,7 +49,7 @@ def expected(table: ServiceTable) -> dict:
 
 def slot_entries(dp: Datapath) -> int:
     """accel_slots entries in the kernel: a run left behind would show here, not in dump()."""
-    return sum(1 for _ in dp._modules["connect.c"][b"accel_slots"].keys())
+    return len(dp.map("accel_slots"))
 
 
 @pytest.fixture
@@ -72,9 +72,8 @@ def pair(pin_dir, test_cgroup) -> Iterator:
         shutil.rmtree(dp.pin_dir, ignore_errors=True)
 
 
-def test_layout_packs_as_the_bcc_struct(datapath) -> None:
-    lb = datapath._modules["connect.c"]
-    slots, services = lb[b"accel_slots"], lb[b"accel_services"]
+def test_layout_packs_as_the_c_struct(datapath) -> None:
+    slots, services = datapath.map("accel_slots"), datapath.map("accel_services")
     v = slots.Leaf()
     ctypes.memmove(ctypes.addressof(v.addr), addr16(ipaddress.IPv4Address("10.1.2.3")), 16)
     v.port = 8080
@@ -90,12 +89,11 @@ def test_layout_packs_as_the_bcc_struct(datapath) -> None:
 
 
 def test_kernel_support_is_probed_per_map_and_op(datapath) -> None:
-    lb = datapath._modules["connect.c"]
-    assert BatchMap(lb[b"accel_slots"]).batched  # hash maps: since 5.6
-    stats = BatchMap(lb[b"accel_svc_stats"])
+    assert BatchMap(datapath.map("accel_slots")).batched  # hash maps: since 5.6
+    stats = BatchMap(datapath.map("accel_svc_stats"))
     # Arrays have no delete batch: the probe says so and deletes go one by one.
     assert stats._update_batch and not stats._delete_batch
-    assert not BatchMap(lb[b"accel_slots"], batch=False).batched
+    assert not BatchMap(datapath.map("accel_slots"), batch=False).batched
 
 
 def test_both_paths_leave_the_same_maps(pair) -> None:
@@ -174,8 +172,7 @@ def test_replacing_every_run_of_a_nearly_full_map_succeeds_like_one_by_one(pair)
 
 
 def test_no_reader_sees_a_service_whose_run_is_not_whole(datapath) -> None:
-    lb = datapath._modules["connect.c"]
-    services, slots = lb[b"accel_services"], lb[b"accel_slots"]
+    services, slots = datapath.map("accel_services"), datapath.map("accel_slots")
     tables = [ServiceTable(tuple(svc(i, 10, base=b % 2) for i in range(2000))) for b in range(4)]
     datapath.apply(tables[0])
     done = threading.Event()

@@ -18,7 +18,7 @@ from scapy.all import IP, TCP, UDP, Dot1Q, Ether, IPOption, IPv6, IPv6ExtHdrFrag
 
 from accel import maglev
 from accel.datapath.edge import EdgeCapacityError, EdgeDatapath, NextHop, flow_slot
-from accel.datapath.testrun import TC_ACT_OK, XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
+from accel.kernel.testrun import TC_ACT_OK, XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
 from accel.model import Endpoint, Guard, Service, ServiceTable, parse_network
 
 NODE_MAC = "02:00:00:00:0e:01"

@@ -357,9 +357,9 @@ CLI_CASES = {
 
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_agent_refuses_a_bad_file(tmp_path, case) -> None:
-    from accel.datapath import bpfsys
     from accel.datapath import cgroup as cg
     from accel.datapath.datapath import CGROUP_PROGRAMS, lock_file, state_file
+    from accel.kernel import bpf as bpfsys
 
     text, needle = CLI_CASES[case]
     uid = secrets.token_hex(3)

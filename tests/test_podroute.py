@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -189,11 +190,13 @@ def test_close_and_crash_leave_nothing(lab_factory, datapath):
     assert "clsact" not in qdiscs(lab) and "accel_pod_tc" not in tc_state(lab, a)
 
     # An agent that died: its filters are found by program id and removed; another
-    # router's filters on the same namespace stay.
+    # agent's (its own pin dir, so its own program) on the same namespace stay.
     dead = PodRouter(datapath.pin_dir, (a.host_ifname,), netns=lab.node)
     dead.refresh()
-    alive = PodRouter(datapath.pin_dir, (b.host_ifname,), netns=lab.node)
+    other_pins = f"{datapath.pin_dir}-other"
+    alive = PodRouter(other_pins, (b.host_ifname,), netns=lab.node)
     alive.refresh()
+    assert alive.prog_id != dead.prog_id
     try:
         assert podroute.detach_from(lab.node, dead.prog_id) == [
             f"tc ingress filter on {a.host_ifname}"]
@@ -203,6 +206,7 @@ def test_close_and_crash_leave_nothing(lab_factory, datapath):
         dead.ports.clear()  # its filter was removed above
         dead.close()
         alive.close()
+        shutil.rmtree(other_pins, ignore_errors=True)
     assert "clsact" not in qdiscs(lab)
 
 
@@ -247,7 +251,8 @@ def test_next_router_prunes_a_dead_ones_entries(lab_factory, datapath, router_fa
     dead.refresh()
     assert len(list(dead.table.keys())) == 6
     dead._node.close()  # gone without close(): filters and entries stay
-    dead.module.cleanup()
+    dead.table.close()
+    dead.prog.close()
     subprocess.run(["ip", "netns", "del", c.name], check=True)
     nxt = router_factory(lab, a, b)
     assert len(list(nxt.table.keys())) == 4 and nxt.status()["addresses"] == 4

@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from accel.datapath.edge import EdgeDatapath, NextHop
-from accel.datapath.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
+from accel.kernel.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
 from accel.model import Endpoint, Guard, Service, ServiceTable
 
 VIP_A, VIP_B = "10.254.0.1", "10.254.0.2"

@@ -583,9 +583,9 @@ def foreign_cgroup_programs(cgroup_dir: Path | None) -> int:
     if cgroup_dir is None:
         return 0
     try:
-        from accel.datapath import bpfsys
         from accel.datapath import cgroup as cg
         from accel.datapath.datapath import CGROUP_PROGRAMS
+        from accel.kernel import bpf as bpfsys
     except ImportError:
         return 0
     root = cg.cgroup2_mount()

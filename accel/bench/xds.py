@@ -18,7 +18,6 @@ all removed at the end, also after a failure.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import ipaddress
 import logging
@@ -161,36 +160,12 @@ def _free_port() -> int:
 # ---- reading pinned maps back ---------------------------------------------------------------
 
 
-class _MapInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
-                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
-                ("name", ctypes.c_char * 16)]
-
-
 def pinned_entries(path: str) -> int:
     """Entries of a pinned map, counted key by key in the kernel (never unpins it)."""
-    from bcc.libbcc import lib
+    from accel.kernel.maps import Map
 
-    from accel.datapath import bpfsys
-
-    fd = bpfsys.obj_get(path)
-    try:
-        info = _MapInfo()
-        size = ctypes.c_uint32(ctypes.sizeof(info))
-        if lib.bpf_obj_get_info(fd, ctypes.byref(info), ctypes.byref(size)) != 0:
-            raise OSError(ctypes.get_errno(), f"bpf_obj_get_info({path})")
-        key = ctypes.create_string_buffer(info.key_size)
-        nxt = ctypes.create_string_buffer(info.key_size)
-        if lib.bpf_get_next_key(fd, None, key) != 0:
-            return 0
-        n = 1
-        while lib.bpf_get_next_key(fd, key, nxt) == 0:
-            n += 1
-            ctypes.memmove(key, nxt, info.key_size)
-        return n
-    finally:
-        os.close(fd)
+    with Map.open(path) as m:
+        return len(m)
 
 
 def expected_entries(table: ServiceTable) -> dict[str, int]:

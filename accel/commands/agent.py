@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     from accel.agent import Agent
     from accel.datapath.datapath import AlreadyRunning, Datapath
-    from accel.datapath.programs import LoadError
+    from accel.kernel.loader import LoadError
 
     dp = Datapath(pin_dir=args.pin_dir, cgroup_path=args.cgroup, capacities=caps)
     try:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from accel.datapath.programs import DEFAULT_PIN_DIR
+from accel.kernel.loader import DEFAULT_PIN_DIR
 
 
 def add_datapath_args(p: argparse.ArgumentParser, cgroup: bool = True) -> None:

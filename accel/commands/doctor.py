@@ -10,7 +10,6 @@ import os
 import platform
 import secrets
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from accel.commands.common import add_json_arg, print_json
@@ -106,10 +105,7 @@ def _scratch_pin_dir() -> str:
 
 def check_programs() -> list[Check]:
     """Compile and load every real program (no attach)."""
-    from bcc import BPF, BPFAttachType
-
-    from accel.datapath.kbtf import fastpath_offsets
-    from accel.datapath.programs import compile_program
+    from accel.kernel.kbtf import fastpath_offsets
 
     checks: list[Check] = []
     offsets = fastpath_offsets()
@@ -118,28 +114,31 @@ def check_programs() -> list[Check]:
                         "kernel structure offsets from BTF found: services may ask for the "
                         "socket redirect" if offsets.available else offsets.missing,
                         "services with fastpath: redirect stay on TCP", required=False))
+    from accel.kernel import attach, bpf, loader
+    from accel.kernel.maps import Map
+
     pin = _scratch_pin_dir()
-    loads: list[tuple[str, str, str, Callable]] = [
-        ("sock_ops", "sockops.c", "accel_sockops", lambda b, f: b.load_func(f, BPF.SOCK_OPS)),
-        ("sk_msg + sockhash", "redirect.c", "accel_msg", lambda b, f: b.load_func(f, BPF.SK_MSG)),
-        ("cgroup sock_addr", "connect.c", "accel_connect4",
-         lambda b, f: b.load_func(f, BPF.CGROUP_SOCK_ADDR,
-                                  attach_type=BPFAttachType.CGROUP_INET4_CONNECT)),
-        ("pod routing", "pod_tc.c", "accel_pod_tc",
-         lambda b, f: b.load_func(f, BPF.SCHED_CLS)),
+    loads: list[tuple[str, loader.Program]] = [
+        ("sock_ops", loader.Program("sockops.c", "accel_sockops", "sock_ops",
+                                    bpf.ATTACH["cgroup_sock_ops"])),
+        ("sk_msg + sockhash", loader.Program("redirect.c", "accel_msg", "sk_msg")),
+        ("cgroup sock_addr", loader.Program("connect.c", "accel_connect4", "cgroup_sock_addr",
+                                            bpf.ATTACH["cgroup_inet4_connect"])),
+        ("pod routing", loader.Program("pod_tc.c", "accel_pod_tc", "sched_cls")),
     ]
     try:
-        for title, source, fn, load in loads:
+        for title, prog in loads:
+            source, fn = prog.source, prog.function
             try:
-                b = compile_program(source, pin, offsets.defines)
-                load(b, fn)
+                # The agent's own loader (a child process compiles), on a scratch pin dir.
+                loaded = loader.ensure(loader.Unit(f"doctor-{fn}", (prog,), offsets.defines),
+                                       pin)
                 if source == "redirect.c":
-                    from bcc.libbcc import lib
-
-                    fd = lib.bpf_table_fd(b.module, b"accel_sockhash")
-                    BPF.attach_func(b.funcs[fn.encode()], fd, BPFAttachType.SK_MSG_VERDICT)
-                    BPF.detach_func(b.funcs[fn.encode()], fd, BPFAttachType.SK_MSG_VERDICT)
-                b.cleanup()
+                    p = attach.Program(loaded.programs[fn])
+                    with Map.open(os.path.join(pin, "accel_sockhash")) as sockhash:
+                        attach.sockmap_attach(p, sockhash.fd, bpf.ATTACH["sk_msg_verdict"])
+                        attach.sockmap_detach(p.fd, sockhash.fd, bpf.ATTACH["sk_msg_verdict"])
+                    p.close()
                 checks.append(Check(title, True, f"{source}:{fn} loads"))
             except Exception as e:
                 optional = source == "pod_tc.c"  # the agent runs on without pod routing
@@ -148,6 +147,8 @@ def check_programs() -> list[Check]:
                                     + ("; the agent runs without pod routing" if optional
                                        else ""),
                                     required=not optional))
+        from bcc import BPF  # doctor is short-lived: compiling here costs the agent nothing
+
         for title, prog_type, text in (
             ("xdp", BPF.XDP, "int f(struct xdp_md *c) { return XDP_PASS; }"),
             ("tc (sched_cls)", BPF.SCHED_CLS, "int f(struct __sk_buff *s) { return 0; }"),

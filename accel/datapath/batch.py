@@ -16,19 +16,16 @@ says no, the same buffers go in one bpf_update_elem/bpf_delete_elem per entry.
 from __future__ import annotations
 
 import ctypes
-import errno
-import os
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from bcc.libbcc import lib
+from accel.kernel import bpf
 
 # Entries per call: bounds one syscall's time and nothing else (the kernel reschedules
 # between entries anyway).
 CHUNK = 65536
 
-_ENOTSUPP = 524  # the kernel's "operation not supported for this map" (not EOPNOTSUPP)
 _INT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}
 
 
@@ -89,8 +86,8 @@ class BatchMap:
         self.fd = table.map_fd
         self.key_size = ctypes.sizeof(table.Key)
         self.value_size = ctypes.sizeof(table.Leaf)
-        self._update_batch = batch and _probe(lib.bpf_update_batch, self.fd, None, None)
-        self._delete_batch = batch and _probe(lib.bpf_delete_batch, self.fd, None)
+        self._update_batch = batch and _probe(bpf.MAP_UPDATE_BATCH, self.fd)
+        self._delete_batch = batch and _probe(bpf.MAP_DELETE_BATCH, self.fd)
 
     @property
     def batched(self) -> bool:
@@ -126,18 +123,20 @@ class BatchMap:
         kaddr, vaddr = ctypes.addressof(kbuf), ctypes.addressof(vbuf)
         while i < n:
             if self._update_batch:
-                count = ctypes.c_uint32(min(CHUNK, n - i))
-                want = count.value
-                rc = lib.bpf_update_batch(self.fd, kaddr + i * self.key_size,
-                                          vaddr + i * self.value_size, ctypes.byref(count))
-                if rc != 0:
-                    return i + min(count.value, want), _errno(rc)
+                want = min(CHUNK, n - i)
+                attr = bpf.BatchAttr(keys=kaddr + i * self.key_size,
+                                     values=vaddr + i * self.value_size, count=want,
+                                     map_fd=self.fd)
+                err = bpf.try_bpf(bpf.MAP_UPDATE_BATCH, attr)
+                if err:
+                    return i + min(attr.count, want), err
                 i += want
             else:
-                rc = lib.bpf_update_elem(self.fd, kaddr + i * self.key_size,
-                                         vaddr + i * self.value_size, 0)
-                if rc != 0:
-                    return i, _errno(rc)
+                err = bpf.try_bpf(bpf.MAP_UPDATE_ELEM, bpf.ElemAttr(
+                    map_fd=self.fd, key=kaddr + i * self.key_size,
+                    value=vaddr + i * self.value_size))
+                if err:
+                    return i, err
                 i += 1
         return n, 0
 
@@ -150,14 +149,15 @@ class BatchMap:
         deleted = i = 0
         while i < n:
             if self._delete_batch:
-                count = ctypes.c_uint32(min(CHUNK, n - i))
-                want = count.value
-                rc = lib.bpf_delete_batch(self.fd, kaddr + i * self.key_size, ctypes.byref(count))
-                done = min(count.value, want) if rc != 0 else want
+                want = min(CHUNK, n - i)
+                attr = bpf.BatchAttr(keys=kaddr + i * self.key_size, count=want, map_fd=self.fd)
+                err = bpf.try_bpf(bpf.MAP_DELETE_BATCH, attr)
+                done = min(attr.count, want) if err else want
                 deleted += done
-                i += done + (rc != 0)  # skip the key the kernel stopped at
+                i += done + bool(err)  # skip the key the kernel stopped at
             else:
-                deleted += lib.bpf_delete_elem(self.fd, kaddr + i * self.key_size) == 0
+                deleted += not bpf.try_bpf(bpf.MAP_DELETE_ELEM, bpf.ElemAttr(
+                    map_fd=self.fd, key=kaddr + i * self.key_size))
                 i += 1
         return deleted
 
@@ -166,18 +166,11 @@ def _buffer(data: bytes) -> ctypes.Array:
     return (ctypes.c_char * max(1, len(data))).from_buffer_copy(data or b"\0")
 
 
-def _errno(rc: int) -> int:
-    # libbcc is loaded with use_errno; libbpf also returns -errno (older modes: -1).
-    return ctypes.get_errno() or (-rc if rc < -1 else errno.EIO)
-
-
-def _probe(fn: Any, fd: int, *buffers: None) -> bool:
+def _probe(cmd: int, fd: int) -> bool:
     """Does this kernel have the batch op for this map? A count-0 call succeeds where it does
     and fails where it does not: ENOTSUPP (no such op for the map type), EINVAL (command
     unknown before 5.6). Any failure means the per-element path, which always works."""
-    count = ctypes.c_uint32(0)
-    return fn(fd, *buffers, ctypes.byref(count)) == 0
+    return bpf.try_bpf(cmd, bpf.BatchAttr(map_fd=fd, count=0)) == 0
 
 
-def strerror(err: int) -> str:
-    return os.strerror(err) if err != _ENOTSUPP else "operation not supported"
+strerror = bpf.strerror

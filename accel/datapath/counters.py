@@ -1,6 +1,6 @@
 """Pinned per-CPU counters -> numbers, readable with or without a running agent.
 
-Counter names come from `enum accel_counter` in bpf/lib/counters.h (C_FOO -> "foo"),
+Counter names come from `enum accel_counter` in accel/bpf/lib/counters.h (C_FOO -> "foo"),
 so the C header stays the one definition.
 """
 
@@ -11,8 +11,8 @@ import re
 from functools import cache
 from pathlib import Path
 
-from accel.datapath import bpfsys
-from accel.datapath.programs import bpf_dir
+from accel.kernel.loader import bpf_dir
+from accel.kernel.maps import Map
 
 COUNTERS_MAP = "accel_counters"
 
@@ -22,7 +22,7 @@ def counter_names() -> tuple[str, ...]:
     text = (bpf_dir() / "lib" / "counters.h").read_text()
     body = re.search(r"enum accel_counter\s*\{(.*?)\};", text, re.S)
     if not body:
-        raise RuntimeError("enum accel_counter not found in bpf/lib/counters.h")
+        raise RuntimeError("enum accel_counter not found in accel/bpf/lib/counters.h")
     names = re.findall(r"^\s*C_([A-Z0-9_]+)\s*(?:=\s*0\s*)?,", body.group(1), re.M)
     return tuple(n.lower() for n in names if n != "MAX")
 
@@ -32,9 +32,5 @@ def read(pin_dir: str) -> dict[str, int]:
     path = os.path.join(pin_dir, COUNTERS_MAP)
     if not Path(path).exists():
         raise FileNotFoundError(f"no counters pinned at {path}: is an agent installed there?")
-    fd = bpfsys.obj_get(path)
-    try:
-        ncpu = bpfsys.possible_cpus()
-        return {name: bpfsys.percpu_u64_sum(fd, i, ncpu) for i, name in enumerate(counter_names())}
-    finally:
-        os.close(fd)
+    with Map.open(path) as m:
+        return {name: sum(m.get(i) or ()) for i, name in enumerate(counter_names())}

@@ -17,20 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bcc import BPF, BPFAttachType
-from bcc.libbcc import lib
-
-from accel.datapath import bpfsys, cgroup, counters
-from accel.datapath.kbtf import fastpath_offsets
+from accel.datapath import cgroup, counters
 from accel.datapath.maps import MeshNetsWriter, WriteReport
-from accel.datapath.programs import (
-    DEFAULT_PIN_DIR,
-    Attachments,
-    LoadError,
-    compile_program,
-    load_func,
-)
 from accel.datapath.services import ServiceWriter
+from accel.kernel import attach, bpf, loader
+from accel.kernel.attach import Attachments
+from accel.kernel.kbtf import fastpath_offsets
+from accel.kernel.loader import DEFAULT_PIN_DIR, LoadError
+from accel.kernel.maps import Map
 from accel.model import ServiceTable
 
 log = logging.getLogger(__name__)
@@ -38,24 +32,36 @@ log = logging.getLogger(__name__)
 # A redirected connection's queue at the receiver, when the receiver set no SO_RCVBUF (then
 # its own buffer is the bound). TCP grows a window only as its receiver reads, up to
 # tcp_rmem[2] (32 MiB on 6.18); the bound does the same (twice what the receiver has read,
-# bpf/redirect.c), starting here: a receiver that never reads holds its sender at 4 MiB
+# accel/bpf/redirect.c), starting here: a receiver that never reads holds its sender at 4 MiB
 # plus what TCP then queues (under 1 MiB; 0.8 MB on plain TCP here).
 REDIRECT_QUEUE_MIN = 4 << 20
 RUN_DIR = Path(os.environ.get("ACCEL_RUN_DIR", "/run/accel"))
-ATTACH_CGROUP_SOCK_OPS = BPFAttachType.CGROUP_SOCK_OPS
+ATTACH_SK_MSG = bpf.ATTACH["sk_msg_verdict"]
 
 # (source, function, cgroup attach type): every cgroup program the agent attaches.
 CGROUP_PROGRAMS = (
-    ("sockops.c", "accel_sockops", BPFAttachType.CGROUP_SOCK_OPS),
-    ("connect.c", "accel_connect4", BPFAttachType.CGROUP_INET4_CONNECT),
-    ("connect.c", "accel_connect6", BPFAttachType.CGROUP_INET6_CONNECT),
-    ("connect.c", "accel_sendmsg4", BPFAttachType.CGROUP_UDP4_SENDMSG),
-    ("connect.c", "accel_sendmsg6", BPFAttachType.CGROUP_UDP6_SENDMSG),
-    ("connect.c", "accel_recvmsg4", BPFAttachType.CGROUP_UDP4_RECVMSG),
-    ("connect.c", "accel_recvmsg6", BPFAttachType.CGROUP_UDP6_RECVMSG),
-    ("connect.c", "accel_peer4", BPFAttachType.CGROUP_INET4_GETPEERNAME),
-    ("connect.c", "accel_peer6", BPFAttachType.CGROUP_INET6_GETPEERNAME),
+    ("sockops.c", "accel_sockops", bpf.ATTACH["cgroup_sock_ops"]),
+    ("connect.c", "accel_connect4", bpf.ATTACH["cgroup_inet4_connect"]),
+    ("connect.c", "accel_connect6", bpf.ATTACH["cgroup_inet6_connect"]),
+    ("connect.c", "accel_sendmsg4", bpf.ATTACH["cgroup_udp4_sendmsg"]),
+    ("connect.c", "accel_sendmsg6", bpf.ATTACH["cgroup_udp6_sendmsg"]),
+    ("connect.c", "accel_recvmsg4", bpf.ATTACH["cgroup_udp4_recvmsg"]),
+    ("connect.c", "accel_recvmsg6", bpf.ATTACH["cgroup_udp6_recvmsg"]),
+    ("connect.c", "accel_peer4", bpf.ATTACH["cgroup_inet4_getpeername"]),
+    ("connect.c", "accel_peer6", bpf.ATTACH["cgroup_inet6_getpeername"]),
 )
+CGROUP_ATTACH_TYPES = frozenset(t for _, _, t in CGROUP_PROGRAMS)
+
+
+def sock_unit(defines: dict[str, int | str]) -> loader.Unit:
+    """The socket programs as the loader builds them: sockops.c first (it creates the
+    shared maps), the sk_msg verdict, then the connect-time balancer."""
+    progs = [loader.Program("sockops.c", "accel_sockops", "sock_ops",
+                            bpf.ATTACH["cgroup_sock_ops"]),
+             loader.Program("redirect.c", "accel_msg", "sk_msg")]
+    progs += [loader.Program(src, fn, "cgroup_sock_addr", t)
+              for src, fn, t in CGROUP_PROGRAMS if src == "connect.c"]
+    return loader.Unit("sock", tuple(progs), defines)
 
 
 class AlreadyRunning(RuntimeError):
@@ -98,7 +104,9 @@ class Datapath:
     def __post_init__(self) -> None:
         self.pin_dir = os.path.abspath(self.pin_dir)
         self.attachments = Attachments()
-        self._modules: dict[str, BPF] = {}
+        self._maps: dict[str, Map] = {}
+        self._progs: dict[str, attach.Program] = {}
+        self.compiled = False  # True when this start compiled, False when it reused pins
         self._lock_fd: int | None = None
         self._mesh_nets: MeshNetsWriter | None = None
         self._services: ServiceWriter | None = None
@@ -126,12 +134,10 @@ class Datapath:
             self._write_state()
         except BaseException:
             self.attachments.undo_all()
+            self._close_fds()
             if fresh:
                 # Nothing of ours was here before: leave nothing. (Pins of a kept datapath
                 # stay: it is still serving.)
-                for b in self._modules.values():
-                    b.cleanup()
-                self._modules.clear()
                 remove_pins(self.pin_dir)
             self._unlock(remove=fresh)
             raise
@@ -170,7 +176,8 @@ class Datapath:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _defines(self) -> dict[str, int | str]:
+    def defines(self) -> dict[str, int | str]:
+        """-D switches for every program sharing these pins: one set of sizes for all."""
         return {
             "ACCEL_SOCKHASH_MAX": self.capacities.sockets,
             "ACCEL_MESH_NETS_MAX": self.capacities.mesh_nets,
@@ -182,64 +189,58 @@ class Datapath:
         }
 
     def _load(self) -> None:
-        for source in ("sockops.c", "redirect.c", "connect.c"):
-            self._modules[source] = compile_program(source, self.pin_dir, self._defines())
-        self._mesh_nets = MeshNetsWriter(self._modules["sockops.c"][b"accel_mesh_nets"],
-                                         self.batch_writes)
-        lb = self._modules["connect.c"]
+        loaded = loader.ensure(sock_unit(self.defines()), self.pin_dir)
+        self.compiled = loaded.compiled
+        self._progs = {fn: attach.Program(path) for fn, path in loaded.programs.items()}
+        self._mesh_nets = MeshNetsWriter(self.map("accel_mesh_nets"), self.batch_writes)
         self._services = ServiceWriter(
-            lb[b"accel_services"], lb[b"accel_slots"], lb[b"accel_svc_stats"],
+            self.map("accel_services"), self.map("accel_slots"), self.map("accel_svc_stats"),
             self.capacities.services, batch=self.batch_writes,
         )
 
+    def map(self, name: str) -> Map:
+        """One of the socket programs' pinned maps, opened once."""
+        if name not in self._maps:
+            self._maps[name] = Map.open(os.path.join(self.pin_dir, name))
+        return self._maps[name]
+
     def _attach(self) -> None:
-        msg = load_func(self._modules["redirect.c"], "accel_msg", BPF.SK_MSG)
-        sockhash_fd = self.map_fd("redirect.c", "accel_sockhash")
+        msg = self._progs["accel_msg"]
+        sockhash_fd = self.map("accel_sockhash").fd
         # sk_msg first: a socket inserted by sock_ops must find its verdict program ready.
         try:
-            BPF.attach_func(msg, sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
-        except Exception as e:
-            raise LoadError(f"attaching sk_msg to the sockhash: {e}") from e
+            attach.sockmap_attach(msg, sockhash_fd, ATTACH_SK_MSG)
+        except attach.AttachError as e:
+            raise LoadError(str(e)) from e
         self.attachments.add(
-            "sk_msg", lambda: BPF.detach_func(msg, sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
-        )
-        self._pin_prog(msg.fd, "prog_msg")
-        self._prog_ids = {"accel_msg": bpfsys.prog_info(msg.fd).id}
+            "sk_msg", lambda: attach.sockmap_detach(msg.fd, sockhash_fd, ATTACH_SK_MSG))
+        self._prog_ids = {"accel_msg": msg.id}
 
         cg_fd = cgroup.open_dir(self.cgroup)
         self.attachments.add(f"cgroup fd {self.cgroup}", lambda: os.close(cg_fd))
-        for source, name, attach_type in CGROUP_PROGRAMS:
-            self._attach_cgroup(cg_fd, source, name, attach_type)
+        for _source, name, attach_type in CGROUP_PROGRAMS:
+            self._attach_cgroup(cg_fd, name, attach_type)
 
-    def _attach_cgroup(self, cg_fd: int, source: str, name: str, attach_type: int) -> None:
-        prog_type = BPF.SOCK_OPS if attach_type == ATTACH_CGROUP_SOCK_OPS else BPF.CGROUP_SOCK_ADDR
-        b = self._modules[source]
+    def _attach_cgroup(self, cg_fd: int, name: str, attach_type: int) -> None:
+        prog = self._progs[name]
         try:
-            fn = b.load_func(name.encode(), prog_type, attach_type=attach_type)
-        except Exception as e:
-            raise LoadError(f"loading {name}: {e}") from e
-        try:
-            # ALLOW_MULTI: coexist with another CNI's programs on the same cgroup.
-            BPF.attach_func(fn, cg_fd, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
-        except Exception as e:
-            raise LoadError(f"attaching {name} to {self.cgroup}: {e}") from e
+            # ALLOW_MULTI: coexist with another CNI's programs on the same cgroup. Already
+            # attached (a kept datapath, same build): adopted as it is.
+            attach.cgroup_attach(prog, cg_fd, attach_type)
+        except attach.AttachError as e:
+            raise LoadError(f"{e} on {self.cgroup}") from e
         self.attachments.add(
-            f"{name} on {self.cgroup}", lambda: BPF.detach_func(fn, cg_fd, attach_type)
-        )
-        self._pin_prog(fn.fd, f"prog_{name}")
-        self._prog_ids[name] = bpfsys.prog_info(fn.fd).id
+            f"{name} on {self.cgroup}",
+            lambda: attach.cgroup_detach(prog.fd, cg_fd, attach_type))
+        self._prog_ids[name] = prog.id
 
-    def _pin_prog(self, fd: int, name: str) -> None:
-        path = os.path.join(self.pin_dir, name)
-        if os.path.exists(path):
-            os.unlink(path)  # the previous agent's program: replaced by ours
-        bpfsys.obj_pin(fd, path)
-
-    def map_fd(self, module: str, name: str) -> int:
-        fd = lib.bpf_table_fd(self._modules[module].module, name.encode())
-        if fd < 0:
-            raise LoadError(f"map {name} not found in {module}")
-        return fd
+    def _close_fds(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        for p in self._progs.values():
+            p.close()
+        self._maps.clear()
+        self._progs.clear()
 
     # ---- state shared with the next agent and with uninstall --------------------------------
 
@@ -270,8 +271,10 @@ class Datapath:
         tmp.replace(path)  # readers never see a half-written file
 
     def _detach_previous(self, previous: dict[str, Any]) -> None:
-        """Make-before-break adoption: ours is attached, now drop the old agent's program."""
-        detach_cgroup_programs(previous.get("cgroup"), set(previous.get("prog_ids", {}).values()))
+        """Make-before-break adoption: ours is attached, now drop the old agent's programs
+        (none when it left the very programs we reuse)."""
+        old = set(previous.get("prog_ids", {}).values()) - set(self._prog_ids.values())
+        detach_cgroup_programs(previous.get("cgroup"), old)
 
     # ---- configuration ----------------------------------------------------------------------
 
@@ -294,7 +297,7 @@ class Datapath:
         default_redirect = int(table.fastpath == "redirect")
         if default_redirect == self._default_redirect:
             return
-        cfg = self._modules["sockops.c"][b"accel_sock_config"]
+        cfg = self.map("accel_sock_config")
         v = cfg.Leaf()
         v.default_redirect = default_redirect
         v.ingress_max = max(tcp_rmem_max(), REDIRECT_QUEUE_MIN)
@@ -315,10 +318,9 @@ class Datapath:
 
     def dump(self) -> dict[str, Any]:
         """What the kernel maps hold now, read back afresh (not our bookkeeping)."""
-        sock, lb = self._modules["sockops.c"], self._modules["connect.c"]
-        nets = MeshNetsWriter(sock[b"accel_mesh_nets"]).prefixes()
-        svcs = ServiceWriter(lb[b"accel_services"], lb[b"accel_slots"], lb[b"accel_svc_stats"],
-                             self.capacities.services).current
+        nets = MeshNetsWriter(self.map("accel_mesh_nets")).prefixes()
+        svcs = ServiceWriter(self.map("accel_services"), self.map("accel_slots"),
+                             self.map("accel_svc_stats"), self.capacities.services).current
         return {
             "mesh_nets": sorted((str(a), p) for a, p in nets),
             "services": {f"{k[0]}:{k[1]}/{k[2]}": sorted((str(a), p) for a, p in w.slots)
@@ -330,8 +332,7 @@ class Datapath:
 
     def sockhash_entries(self) -> int:
         """Live sockets in the sockhash (walks the keys; for tests and status)."""
-        fd = self.map_fd("redirect.c", "accel_sockhash")
-        return count_keys(fd, self._modules["sockops.c"][b"accel_conn_ns"].Key, extra=8)
+        return len(self.map("accel_sockhash"))
 
     def usage(self) -> dict[str, dict[str, int]]:
         """Entries in use against capacity, per map that can fill up."""
@@ -347,7 +348,7 @@ class Datapath:
         }
 
     def pairing_entries(self) -> int:
-        return len(list(self._modules["sockops.c"][b"accel_conn_ns"].keys()))
+        return len(self.map("accel_conn_ns"))
 
     def close(self, keep: bool = False) -> None:
         if keep:
@@ -359,9 +360,7 @@ class Datapath:
                 log.error("cleanup: %s", msg)
             remove_pins(self.pin_dir)
             state_file(self.pin_dir).unlink(missing_ok=True)
-        for b in self._modules.values():
-            b.cleanup()
-        self._modules.clear()
+        self._close_fds()
         self._unlock(remove=not keep)
 
     def __enter__(self) -> Datapath:
@@ -379,41 +378,9 @@ def tcp_rmem_max() -> int:
         return 6 << 20  # the kernel's default
 
 
-def count_keys(fd: int, id_struct: type, extra: int) -> int:
-    """Count keys of a map we have no bcc table class for (sockhash: bcc 0.26 lacks one)."""
-
-    size = ctypes.sizeof(id_struct) + extra
-    key = ctypes.create_string_buffer(size)
-    nxt = ctypes.create_string_buffer(size)
-    n = 0
-    if lib.bpf_get_first_key(fd, key, size) != 0:
-        return 0
-    n = 1
-    while lib.bpf_get_next_key(fd, key, nxt) == 0:
-        n += 1
-        ctypes.memmove(key, nxt, size)
-    return n
-
-
 def detach_cgroup_programs(cgroup_dir: str | None, prog_ids: set[int]) -> list[int]:
     """Detach the given program IDs from every hook of a cgroup; returns those detached."""
-    if not cgroup_dir or not prog_ids or not os.path.isdir(cgroup_dir):
-        return []
-    done = []
-    cg_fd = cgroup.open_dir(Path(cgroup_dir))
-    try:
-        for attach_type in {t for _, _, t in CGROUP_PROGRAMS}:
-            attached = set(bpfsys.prog_query(cg_fd, attach_type))
-            for pid in prog_ids & attached:
-                fd = bpfsys.prog_fd_by_id(pid)
-                try:
-                    if lib.bpf_prog_detach2(fd, cg_fd, attach_type) == 0:
-                        done.append(pid)
-                finally:
-                    os.close(fd)
-    finally:
-        os.close(cg_fd)
-    return done
+    return attach.cgroup_detach_ids(cgroup_dir, prog_ids, set(CGROUP_ATTACH_TYPES))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """ServiceTable -> BPF maps, written as diffs.
 
-Key and value layouts come from bcc's table classes (table.Key / table.Leaf), built
-from the C structs in bpf/lib/*.h: nothing here restates a layout.
+Key and value layouts are the maps' own, read back from their BTF (accel/kernel/maps.py),
+which the C structs in accel/bpf/lib/*.h defined: nothing here restates a layout.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Pod routing: packets between local mesh pods skip the bridge or the host's routing
-(bpf/pod_tc.c).
+(accel/bpf/pod_tc.c).
 
 The agent is told which host-side veths belong to mesh pods (`--pod-iface` names or globs,
 in `--pod-netns`, the namespace holding them): bridge ports, or routed veths without a
@@ -15,7 +15,6 @@ A port that cannot be read or attached stays on the bridge: fail open, logged, r
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import ipaddress
 import logging
@@ -25,14 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accel.datapath import bpfsys
 from accel.datapath.maps import get_addr16, set_addr16
-from accel.datapath.programs import compile_program, load_func
+from accel.kernel import attach, loader
+from accel.kernel.maps import Map
+
+POD_PROGRAM = loader.Program("pod_tc.c", "accel_pod_tc", "sched_cls")
 
 log = logging.getLogger(__name__)
 
-TC_INGRESS = "ffff:fff2"
-TC_EGRESS = "ffff:fff3"
+TC_INGRESS = attach.TC_INGRESS
 TC_PRIO = 0xAC1D  # our filter's priority on the ingress hook: finds it again to delete
 TC_HANDLE = 0xAC1D
 FILTER_NAME = "accel_pod_tc"
@@ -81,8 +81,6 @@ class PodRouter:
     flows: int = 131072  # pod-to-pod TCP connections handed over (LRU)
 
     def __post_init__(self) -> None:
-        from bcc import BPF
-
         if not self.patterns:
             raise PodRouteError("pod routing needs at least one --pod-iface")
         self._path = netns_path(self.netns)
@@ -90,10 +88,10 @@ class PodRouter:
             raise PodRouteError(f"--pod-netns {self.netns}: no such network namespace")
         defines = {**self.defines, "ACCEL_POD_EPS_MAX": self.capacity,
                    "ACCEL_POD_FLOWS_MAX": self.flows}
-        self.module = compile_program("pod_tc.c", self.pin_dir, defines)
-        self.fn = load_func(self.module, "accel_pod_tc", BPF.SCHED_CLS)
-        self.table = self.module[b"accel_pod_eps"]
-        self.prog_id = bpfsys.prog_info(self.fn.fd).id
+        loaded = loader.ensure(loader.Unit("pods", (POD_PROGRAM,), defines), self.pin_dir)
+        self.prog = attach.Program(loaded.programs[POD_PROGRAM.function])
+        self.table = Map.open(os.path.join(self.pin_dir, "accel_pod_eps"))
+        self.prog_id = self.prog.id
         self.ports: dict[int, PodPort] = {}  # by ifindex: exactly the ports carrying our filter
         # address -> (ifindex, bridge, mac); a kept map's entries are adopted, so the first
         # refresh drops those no pod holds any more.
@@ -196,16 +194,8 @@ class PodRouter:
     # ---- attach and write --------------------------------------------------------------------
 
     def _attach(self, ifindex: int) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        try:
-            self._node.tc("add", "clsact", index=ifindex)
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise
-        self._node.tc("replace-filter", "bpf", index=ifindex, handle=TC_HANDLE,
-                      fd=self.fn.fd, name=filter_name(self.prog_id), parent=TC_INGRESS,
-                      prio=TC_PRIO, classid=1, direct_action=True)
+        attach.tc_attach(self._node, ifindex, self.prog.fd, filter_name(self.prog_id),
+                         TC_INGRESS, TC_PRIO, TC_HANDLE)
 
     def refresh(self) -> None:
         """Bring ports, filters and accel_pod_eps in line with the pods there are now."""
@@ -312,7 +302,8 @@ class PodRouter:
                 pass
         self.written.clear()
         self._node.close()
-        self.module.cleanup()
+        self.table.close()
+        self.prog.close()
 
 
 @dataclass
@@ -354,28 +345,8 @@ def _l2_isolation(port: dict[str, Any], bridge: dict[str, Any] | None) -> str | 
 
 
 def _remove_filter(ipr, ifindex: int) -> bool:
-    """Delete our ingress filter, and the clsact qdisc once nothing is left on it (even when
-    an earlier agent, --keep, made it: nothing uses an empty one)."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    gone = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
-    removed = False
-    try:
-        ipr.tc("del-filter", "bpf", index=ifindex, handle=TC_HANDLE, parent=TC_INGRESS,
-               prio=TC_PRIO)
-        removed = True
-    except NetlinkError as e:
-        if e.code not in gone:
-            raise
-    try:
-        others = ipr.get_filters(index=ifindex, parent=TC_INGRESS) + ipr.get_filters(
-            index=ifindex, parent=TC_EGRESS)
-        if not [f for f in others if f.get_attr("TCA_KIND")]:
-            ipr.tc("del", "clsact", index=ifindex)
-    except NetlinkError as e:
-        if e.code not in gone:
-            raise
-    return removed
+    """Delete our ingress filter (and the clsact qdisc once nothing is left on it)."""
+    return attach.tc_detach(ipr, ifindex, TC_INGRESS, TC_PRIO, TC_HANDLE)
 
 
 def filter_name(prog_id: int) -> str:

@@ -71,7 +71,7 @@ def _endpoint_order(ep: Endpoint) -> tuple[int, int, int, int]:
     return ep.address.version, int(ep.address), ep.port, ep.weight
 
 
-SVC_F_REDIRECT = 1  # bpf/lib/lb.h
+SVC_F_REDIRECT = 1  # accel/bpf/lib/lb.h
 
 
 def service_flags(svc: Service) -> int:

@@ -1,4 +1,4 @@
-"""The XDP edge balancer: loads bpf/edge_xdp.c and bpf/edge_tc.c and keeps their maps.
+"""The XDP edge balancer: runs accel/bpf/edge_xdp.c and edge_tc.c and keeps their maps.
 
 How a backend is reached. The programs never look up routes: for each endpoint
 this class asks the kernel (pyroute2: `route get`, then the neighbour table)
@@ -60,6 +60,8 @@ from accel.datapath.edge.neighbours import NeighbourResolver, NextHop, Resolver
 from accel.datapath.edge.programs import BPF_DIR, EDGE_H, PIN_MAPS
 from accel.datapath.edge.rings import Rings
 from accel.datapath.edge.vips import VIP_EMPTY, VIP_GONE, VIP_LIVE, VIP_PROBES, Vip, VipSlots
+from accel.kernel.attach import Program
+from accel.kernel.maps import Map
 from accel.model import Guard, IPAddress, Service, ServiceTable
 
 __all__ = [
@@ -109,10 +111,9 @@ class EdgeDatapath:
         self.conn_max = conn_max
         self.tx_max = tx_max
         self.resolver: Resolver = resolver or NeighbourResolver()
-        self._xdp = None
-        self._tc = None
-        self._xdp_fn = None
-        self._tc_fn = None
+        self._progs: dict[str, Program] = {}
+        self._maps: dict[str, Map] = {}
+        self._loaded = False
         self._made_pin_dir = False
         self._attachment = Attachment(iface)
         self._vips: dict[tuple[IPAddress, int, str], Vip] = {}
@@ -136,18 +137,15 @@ class EdgeDatapath:
     def ring_rows(self) -> int:
         return self._rings.rows
 
-    def cflags(self) -> list[str]:
-        return [
-            f"-I{BPF_DIR}",
-            f'-DACCEL_PIN_DIR="{self.pin_dir}"',
-            f"-DEDGE_RING_SIZE={self.maglev_size}",
-            f"-DEDGE_MAX_VIPS={self.max_vips}",
-            f"-DEDGE_VIP_SLOTS={self.vip_slots}",
-            f"-DEDGE_MAX_BACKENDS={self.max_backends}",
-            f"-DEDGE_CONN_MAX={self.conn_max}",
-            f"-DEDGE_TX_MAX={self.tx_max}",
-            "-Wno-unused-function",
-        ]
+    def defines(self) -> dict[str, int | str]:
+        return {
+            "EDGE_RING_SIZE": self.maglev_size,
+            "EDGE_MAX_VIPS": self.max_vips,
+            "EDGE_VIP_SLOTS": self.vip_slots,
+            "EDGE_MAX_BACKENDS": self.max_backends,
+            "EDGE_CONN_MAX": self.conn_max,
+            "EDGE_TX_MAX": self.tx_max,
+        }
 
     def _expected_sizes(self) -> dict[str, int]:
         return {
@@ -162,11 +160,13 @@ class EdgeDatapath:
         }
 
     def load(self, readonly: bool = False) -> None:
-        """Compile and load both programs; maps are created or adopted from the pins.
+        """Both programs loaded (the loader compiles them, or reuses their pins); maps are
+        created or adopted from the pins.
 
-        `readonly` (a stats reader): adopt nothing, write nothing.
+        `readonly` (a stats reader): only the pinned maps are opened; nothing is compiled,
+        adopted or written.
         """
-        if self._xdp is not None:
+        if self._loaded:
             return
         self._readonly = readonly
         if not readonly:
@@ -174,23 +174,28 @@ class EdgeDatapath:
                 self.pin_dir.mkdir(parents=True)
                 self._made_pin_dir = True
             programs.drop_stale_pins(self.pin_dir, self._expected_sizes())
-        self._xdp, self._xdp_fn, self._tc, self._tc_fn = programs.compile_programs(self.cflags())
+            loaded = programs.load(self.pin_dir, self.defines())
+            self._progs = {fn: Program(path) for fn, path in loaded.programs.items()}
+        self._loaded = True
         if not readonly:
             self._adopt()
 
     @property
     def xdp_fd(self) -> int:
         self.load()
-        return self._xdp_fn.fd
+        return self._progs["edge_xdp"].fd
 
     @property
     def tc_fd(self) -> int:
         self.load()
-        return self._tc_fn.fd
+        return self._progs["edge_tc"].fd
 
-    def table(self, name: str):
-        self.load()
-        return self._xdp[name.encode()]
+    def table(self, name: str) -> Map:
+        """One of the edge's pinned maps, opened once."""
+        self.load(self._readonly)
+        if name not in self._maps:
+            self._maps[name] = Map.open(self.pin_dir / name)
+        return self._maps[name]
 
     def _adopt(self) -> None:
         """A restarted agent finds the previous one's VIPs still serving traffic.
@@ -224,7 +229,7 @@ class EdgeDatapath:
         if mode not in ("auto", "native", "generic"):
             raise EdgeError(f"xdp mode {mode!r} is not one of auto, native, generic")
         self.load()
-        return self._attachment.attach(self._xdp_fn, self._tc_fn, mode)
+        return self._attachment.attach(self.xdp_fd, self.tc_fd, mode)
 
     def detach(self) -> None:
         """Remove the XDP program and our tc filter (and the clsact qdisc if we made it)."""
@@ -233,10 +238,11 @@ class EdgeDatapath:
     def close(self, unpin: bool = True) -> None:
         """Detach and, unless told otherwise, remove every pin this datapath made."""
         self.detach()
-        for b in (self._tc, self._xdp):
-            if b is not None:
-                b.cleanup()
-        self._xdp = self._tc = None
+        for obj in (*self._maps.values(), *self._progs.values()):
+            obj.close()
+        self._maps.clear()
+        self._progs.clear()
+        self._loaded = False
         if unpin and not self._readonly:
             programs.unpin(self.pin_dir)
             try:
@@ -441,7 +447,7 @@ class EdgeDatapath:
     def counters(self) -> dict:
         """{"global": {counter: n}, "vips": [{service, vip, port, protocol, packets, ...}]}."""
         self.load()
-        return read_counters(self._xdp, {k: v.name for k, v in self._vips.items()})
+        return read_counters(self.table, {k: v.name for k, v in self._vips.items()})
 
     def status(self) -> dict:
         """What the edge serves and how each backend is reached (for `accel status`)."""

@@ -1,5 +1,5 @@
-"""The edge's counters: global ones (enum edge_counter in bpf/lib/edge.h, per CPU) and per
-VIP ones (edge_vip_stats), read from a loaded program's maps or from the pins."""
+"""The edge's counters: global ones (enum edge_counter in accel/bpf/lib/edge.h, per CPU) and
+per VIP ones (edge_vip_stats), read from the pinned maps."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import ctypes
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from accel.datapath.edge.encoding import PROTO_NAMES
 from accel.datapath.edge.programs import EDGE_H
 from accel.datapath.edge.vips import VIP_LIVE
+from accel.kernel.maps import Map
 
 VIP_STAT_FIELDS = (
     "packets", "bytes", "new_flows", "drop_deny", "drop_syn", "drop_no_backend",
@@ -30,15 +32,16 @@ def counter_names(header: Path = EDGE_H) -> list[tuple[str, str]]:
     return out
 
 
-def read_counters(bpf, names: dict | None = None) -> dict:
-    """Counters from a loaded edge program's maps (the agent's, or a reader's over the pins)."""
+def read_counters(table: Callable[[str], Map], names: dict | None = None) -> dict:
+    """Counters from the edge's maps (`table(name)`: the agent's, or a reader's over the
+    pins)."""
     glob = {}
-    t = bpf[b"edge_counters"]
+    t = table("edge_counters")
     for i, (name, _) in enumerate(counter_names()):
         glob[name] = int(sum(t[ctypes.c_uint32(i)]))
     vips = []
-    stats = bpf[b"edge_vip_stats"]
-    for _, v in bpf[b"edge_vips"].items():
+    stats = table("edge_vip_stats")
+    for _, v in table("edge_vips").items():
         if v.state != VIP_LIVE:
             continue
         k = v.key

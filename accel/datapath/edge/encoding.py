@@ -1,4 +1,4 @@
-"""How the edge programs see addresses, ports and endpoints: bpf/lib/edge.h's encodings and
+"""How the edge programs see addresses, ports and endpoints: accel/bpf/lib/edge.h's encodings and
 hashes, mirrored so that Python places VIPs and predicts ring slots as XDP will."""
 
 from __future__ import annotations

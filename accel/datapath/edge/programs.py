@@ -1,5 +1,6 @@
-"""The two edge programs (bpf/edge_xdp.c, bpf/edge_tc.c): compiling them, and the pins under
-which their maps outlive an agent (created on first load, adopted by the next agent)."""
+"""The two edge programs (accel/bpf/edge_xdp.c, accel/bpf/edge_tc.c) as a loader unit, and
+the pins under which their maps outlive an agent (created on first load, adopted by the
+next agent)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from pathlib import Path
 
 from accel import maglev
 from accel.datapath.edge.errors import EdgeError
+from accel.kernel import loader
+from accel.kernel.bpf import pinned_map_info
 
 log = logging.getLogger(__package__)
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+BPF_DIR = loader.bpf_dir()
 EDGE_H = BPF_DIR / "lib" / "edge.h"
+PROGRAMS = (loader.Program("edge_xdp.c", "edge_xdp", "xdp"),
+            loader.Program("edge_tc.c", "edge_tc", "sched_cls"))
 
 PIN_MAPS = (
     "edge_vips", "edge_rings", "edge_backends", "edge_conns", "edge_revs", "edge_deny",
@@ -20,24 +25,16 @@ PIN_MAPS = (
 )
 
 
-def compile_programs(cflags: list[str]):
-    """(xdp module, its edge_xdp function, tc module, its edge_tc function)."""
-    from bcc import BPF
-
+def load(pin_dir: Path, defines: dict[str, int | str]) -> loader.Loaded:
+    """Both programs pinned under pin_dir (compiled by the loader, or reused as they are)."""
     try:
-        xdp = BPF(src_file=str(BPF_DIR / "edge_xdp.c").encode(), cflags=cflags)
-        xdp_fn = xdp.load_func(b"edge_xdp", BPF.XDP)
-        tc = BPF(src_file=str(BPF_DIR / "edge_tc.c").encode(), cflags=cflags)
-        tc_fn = tc.load_func(b"edge_tc", BPF.SCHED_CLS)
-    except Exception as e:
+        return loader.ensure(loader.Unit("edge", PROGRAMS, defines), pin_dir)
+    except loader.LoadError as e:
         raise EdgeError(f"edge programs failed to load: {e}") from e
-    return xdp, xdp_fn, tc, tc_fn
 
 
 def drop_stale_pins(pin_dir: Path, expected: dict[str, int]) -> None:
     """Pins from an agent with other sizes would silently mis-index: start them afresh."""
-    from accel.datapath.testrun import pinned_map_info
-
     stale = []
     for name, want in expected.items():
         path = pin_dir / name
@@ -49,6 +46,7 @@ def drop_stale_pins(pin_dir: Path, expected: dict[str, int]) -> None:
 
 
 def unpin(pin_dir: Path) -> None:
+    loader.forget(pin_dir, "edge", [p.function for p in PROGRAMS])
     for name in PIN_MAPS:
         try:
             (pin_dir / name).unlink()
@@ -61,8 +59,6 @@ def pinned_sizes(pin_dir: Path) -> dict | None:
     was ever set up there."""
     if not all((pin_dir / m).exists() for m in PIN_MAPS):
         return None
-    from accel.datapath.testrun import pinned_map_info
-
     vips = pinned_map_info(str(pin_dir / "edge_vip_stats")).max_entries
     rows = pinned_map_info(str(pin_dir / "edge_rings")).max_entries // (vips + 1)
     return {

@@ -1,6 +1,6 @@
 """Maglev rings in edge_rings: one ring slot per VIP plus a spare, each written whole before
 a VIP entry points at it, and the dirty bits that send a ring slot whose owner changed
-through the flow table (EDGE_CELL_DIRTY in bpf/lib/edge.h)."""
+through the flow table (EDGE_CELL_DIRTY in accel/bpf/lib/edge.h)."""
 
 from __future__ import annotations
 

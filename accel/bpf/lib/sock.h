@@ -124,7 +124,7 @@ static __always_inline void conn_id_reverse(struct conn_id *out, const struct co
 }
 
 /* Whether the redirect mode may be used at all: sk_msg must bound what it queues at the
- * peer (redirect.c), which needs kernel structure offsets from BTF (accel/datapath/kbtf.py). */
+ * peer (redirect.c), which needs kernel structure offsets from BTF (accel.kernel.kbtf.py). */
 #if defined(ACCEL_OFF_SK_USER_DATA) && defined(ACCEL_OFF_SK_RCVBUF) && \
 	defined(ACCEL_OFF_SK_USERLOCKS) && defined(ACCEL_OFF_PSOCK_MSG_TOT_LEN) && \
 	defined(ACCEL_OFF_TP_WRITE_SEQ) && defined(ACCEL_OFF_TP_SND_UNA) && \
