@@ -7,6 +7,7 @@ is a table the datapath can load. Errors name the service and the field.
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,7 +99,28 @@ def check_name(value: object, path: str) -> str:
             value.encode()
         except UnicodeEncodeError:
             raise ValidationError(path, f"{value!r} is not valid Unicode") from None
+    bad = _bad_name_char(value)
+    if bad is not None:
+        raise ValidationError(path, f"{value!r} holds {bad}; names must be printable text")
     return value
+
+
+# Characters a name may not hold: control characters (an escape sequence in a name rewrites
+# the terminal that prints `accel services`), invisible format characters such as bidi
+# overrides (U+202E shows "abc" for "cba") and line or paragraph separators.
+_BAD_NAME_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible formatting "
+                        "character (bidi override, zero-width, ...)", "Zl": "a line separator",
+                        "Zp": "a paragraph separator"}
+
+
+def _bad_name_char(value: str) -> str | None:
+    if value.isprintable():  # the common case, one C pass: no Cc, Cf, Zl or Zp in it
+        return None
+    for ch in value:
+        what = _BAD_NAME_CATEGORIES.get(unicodedata.category(ch))
+        if what is not None:
+            return f"U+{ord(ch):04X} ({what})"
+    return None
 
 
 def check_fastpath(value: object, path: str) -> str:

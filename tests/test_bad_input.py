@@ -7,6 +7,7 @@ No kernel work here: the agent's datapath is replaced by one that fails the test
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,58 @@ def test_vip_that_no_client_dials_is_refused_everywhere(vip) -> None:
 def test_ordinary_vips_and_loopback_endpoints_still_work() -> None:
     for vip in ("10.96.0.1", "fd00:96::1", "192.168.1.255", "::ffff:10.96.0.2"):
         Service("a", vip, 80, endpoints=(Endpoint("127.0.0.1", 8080),))
+
+
+# --------------------------------------------------------------------------- names
+
+BAD_NAMES = {
+    "ESC": ("a\x1b[2Jb", "U+001B (a control character)"),
+    "BEL": ("a\x07", "U+0007 (a control character)"),
+    "newline": ("a\nb", "U+000A (a control character)"),
+    "DEL": ("a\x7f", "U+007F (a control character)"),
+    "C1 CSI": ("a\x9bb", "U+009B (a control character)"),
+    "right-to-left override": ("abc\u202etxt.exe", "U+202E (an invisible formatting"),
+    "right-to-left isolate": ("a\u2067b", "U+2067 (an invisible formatting"),
+    "zero-width space": ("a\u200bb", "U+200B (an invisible formatting"),
+    "BOM": ("\ufeffa", "U+FEFF (an invisible formatting"),
+    "line separator": ("a\u2028b", "U+2028 (a line separator)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NAMES))
+def test_control_and_bidi_characters_in_names_are_refused(case) -> None:
+    name, what = BAD_NAMES[case]
+    with pytest.raises(ValidationError) as e:
+        Service(name, "10.96.0.1", 80)
+    assert e.value.path == "name" and what in e.value.reason, e.value
+    assert "\x1b" not in str(e.value) and "\u202e" not in str(e.value)  # shown escaped
+    # In mesh.yaml (double-quoted, so that YAML carries the character), named by index.
+    quoted = name.encode("unicode_escape").decode().replace('"', '\\"')
+    msg = error(f'services: [{{name: "{quoted}", vip: 10.96.0.1, port: 80}}]')
+    assert msg.startswith("services[0].name: ") and what in msg, msg
+    # Over the API too.
+    with pytest.raises(ValidationError, match="names must be printable"):
+        convert.table_from_proto(pb.ServiceTable(services=[pb.Service(
+            name=name, vip="10.96.0.1", port=80)]))
+
+
+def test_letters_of_any_script_are_still_names() -> None:
+    for name in ("café", "сервис", "服务", "a b", "a_b.c-d"):
+        Service(name, "10.96.0.1", 80)
+
+
+def test_accel_services_escapes_what_the_agent_holds(monkeypatch, capsys) -> None:
+    """An older agent (or one fed before this check) may hold such a name: shown escaped."""
+    from accel.api import client
+    from accel.commands import services
+
+    evil = "ok\x1b]0;owned\x07\x1b[2J\u202etxt"
+    monkeypatch.setattr(client, "list_services", lambda _sock: {
+        "config_version": "v\x1b[31m1", "services": [{
+            "name": evil, "vip": "10.96.0.1", "port": 80, "protocol": "TCP", "edge": False,
+            "fastpath": "route", "endpoints": [{"address": "10.0.0.1", "port": 8080,
+                                                "weight": 1, "healthy": True}]}]})
+    assert services.run(argparse.Namespace(json=False, api_socket=None)) == 0
+    out = capsys.readouterr().out
+    assert not [c for c in out if not (c.isprintable() or c == "\n")], repr(out)
+    assert "ok\\x1b]0;owned\\x07\\x1b[2J\\u202etxt" in out and "v\\x1b[31m1" in out
