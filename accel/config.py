@@ -31,6 +31,33 @@ TOP_KEYS = {"services", "guard", "mesh_cidrs", "fastpath"}
 GUARD_KEYS = {"deny", "syn_rate", "syn_burst"}
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping naming one key twice: YAML says keys are unique, and
+    PyYAML would silently keep the last (a second `vip:` replacing the first unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: explicit keys may override merged ones
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # unhashable: SafeConstructor says so below
+                if first is not key_node:
+                    shown = repr(key) if len(repr(key)) <= 60 else repr(key)[:57] + "..."
+                    raise ValidationError("config", f"duplicate key {shown} at "
+                                          f"{_at(key_node)} (first at {_at(first)}): each key "
+                                          "may appear once in a mapping")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _at(node: yaml.Node) -> str:
+    return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+
+
 def _within(prefix: str, fn, *args, **kw):
     try:
         return fn(*args, **kw)
@@ -144,7 +171,7 @@ def table_from_dict(doc: Any) -> ServiceTable:
 
 def load_text(text: str) -> ServiceTable:
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         raise ValidationError("config", f"not valid YAML: {e}") from None
     except RecursionError:  # PyYAML recurses per nesting level: [[[[...]]]] exhausts the stack

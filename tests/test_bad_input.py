@@ -129,3 +129,20 @@ def test_accel_services_escapes_what_the_agent_holds(monkeypatch, capsys) -> Non
     out = capsys.readouterr().out
     assert not [c for c in out if not (c.isprintable() or c == "\n")], repr(out)
     assert "ok\\x1b]0;owned\\x07\\x1b[2J\\u202etxt" in out and "v\\x1b[31m1" in out
+
+
+# --------------------------------------------------------------------------- YAML
+
+def test_duplicate_keys_are_refused_with_their_line() -> None:
+    msg = error("services:\n- name: a\n  vip: 10.96.0.1\n  port: 80\n  vip: 10.96.0.2\n")
+    assert msg.startswith("config: duplicate key 'vip' at line 5, column 3 (first at line 3, "
+                          "column 3)"), msg
+    msg = error("services: []\nguard: {syn_rate: 5}\nservices: []\n")
+    assert msg.startswith("config: duplicate key 'services' at line 3"), msg
+    msg = error("services: [{name: a, vip: 10.96.0.1, port: 80, endpoints: "
+                "[{address: 10.0.0.1, port: 1, port: 2}]}]")
+    assert msg.startswith("config: duplicate key 'port' at line 1"), msg
+    # The same key in different mappings is no duplicate; a merge key's keys may be overridden.
+    t = config.load_text("services:\n- {name: a, vip: 10.96.0.1, port: 80}\n"
+                         "- {<<: {vip: 10.96.0.9, port: 1}, name: b, port: 81}\n")
+    assert [(str(s.vip), s.port) for s in t.services] == [("10.96.0.1", 80), ("10.96.0.9", 81)]
