@@ -8,11 +8,15 @@ No kernel work here: the agent's datapath is replaced by one that fails the test
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from accel import config
+from accel import cli, config
 from accel.api import convert
 from accel.api.gen import agent_pb2 as pb
 from accel.model import Endpoint, Service, ValidationError
@@ -28,6 +32,31 @@ def error(text: str) -> str:
     with pytest.raises(ValidationError) as e:
         config.load_text(text)
     return str(e.value)
+
+
+class NoDatapath:
+    """Stands in for Datapath in `accel agent`: bad input must be refused before one exists."""
+
+    built = 0
+
+    def __init__(self, *a, **kw) -> None:
+        type(self).built += 1
+        raise AssertionError("the datapath was built before the input was checked")
+
+
+@pytest.fixture
+def agent_cli(monkeypatch, capsys):
+    """`accel agent ...` in this process: (exit code, stderr, whether a datapath was built)."""
+    from accel.datapath import datapath
+
+    monkeypatch.setattr(datapath, "Datapath", NoDatapath)
+    NoDatapath.built = 0
+
+    def run(*args: str) -> tuple[int, str, bool]:
+        code = cli.main(["agent", *args, "--api-socket", "", "--pin-dir", "/nonexistent-wtin"])
+        return code, capsys.readouterr().err, NoDatapath.built > 0
+
+    return run
 
 
 # --------------------------------------------------------------------------- VIPs
@@ -146,3 +175,78 @@ def test_duplicate_keys_are_refused_with_their_line() -> None:
     t = config.load_text("services:\n- {name: a, vip: 10.96.0.1, port: 80}\n"
                          "- {<<: {vip: 10.96.0.9, port: 1}, name: b, port: 81}\n")
     assert [(str(s.vip), s.port) for s in t.services] == [("10.96.0.1", 80), ("10.96.0.9", 81)]
+
+
+def test_binary_file_is_a_clear_error(tmp_path, agent_cli) -> None:
+    f = tmp_path / "mesh.yaml"
+    f.write_bytes(b"services: []\n# \x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(ValidationError) as e:
+        config.load(f)
+    assert str(e.value).startswith(f"{f}: not UTF-8 text: byte 0x89 at offset 15"), e.value
+    code, err, built = agent_cli("--config", str(f))
+    assert code == 2 and "not UTF-8 text" in err and "Traceback" not in err, err
+    assert not built
+
+
+def test_binary_file_through_the_real_cli(tmp_path) -> None:
+    f = tmp_path / "mesh.yaml"
+    f.write_bytes(bytes(range(256)))
+    r = subprocess.run([sys.executable, "-m", "accel.cli", "agent", "--config", str(f),
+                        "--api-socket", "", "--pin-dir", str(tmp_path / "pins-wtin")],
+                       capture_output=True, text=True, timeout=60, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and "not UTF-8 text" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "pins-wtin").exists()
+
+
+# --------------------------------------------------------------------------- size
+
+def test_oversized_file_is_refused_before_parsing(tmp_path, agent_cli) -> None:
+    f = tmp_path / "mesh.yaml"
+    # Valid YAML that would take long to parse: one flow mapping per line, past the limit.
+    line = "- {name: s%07d, vip: 10.96.0.1, port: 80}\n"
+    n = config.MAX_CONFIG_BYTES // len(line % 0) + 1
+    with open(f, "w") as out:
+        out.write("services:\n")
+        out.writelines(line % i for i in range(n))
+    size = f.stat().st_size
+    start = time.process_time()
+    with pytest.raises(ValidationError) as e:
+        config.load(f)
+    assert time.process_time() - start < 1.0  # not parsed: no 2 minutes, no 2 GB
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: {size:,} bytes is over the limit of "
+                          f"{config.MAX_CONFIG_BYTES:,} bytes (8 MiB)"), msg
+    assert "ACCEL_MAX_CONFIG_BYTES" in msg and "split" in msg
+    code, err, built = agent_cli("--config", str(f))
+    assert code == 2 and "over the limit" in err and not built, err
+
+
+def test_size_limit_is_the_same_for_api_text_and_can_be_raised(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ACCEL_MAX_CONFIG_BYTES", str(len(GOOD) - 1))
+    assert error(GOOD).startswith(f"config: {len(GOOD)} bytes is over the limit of "
+                                  f"{len(GOOD) - 1} bytes")
+    f = tmp_path / "mesh.yaml"
+    f.write_text(GOOD)
+    with pytest.raises(ValidationError, match="over the limit"):
+        config.load(f)
+    with pytest.raises(ValidationError, match="over the limit"):  # no size: read, not stat'ed
+        config.load(_fifo_with(tmp_path, GOOD))
+    monkeypatch.setenv("ACCEL_MAX_CONFIG_BYTES", str(len(GOOD)))
+    assert len(config.load(f).services) == 1 and len(config.load_text(GOOD).services) == 1
+    monkeypatch.setenv("ACCEL_MAX_CONFIG_BYTES", "lots")
+    assert error(GOOD).startswith("ACCEL_MAX_CONFIG_BYTES: 'lots': expected a size in bytes")
+
+
+def _fifo_with(tmp_path: Path, text: str) -> str:
+    import threading
+
+    path = tmp_path / "fifo.yaml"
+    os.mkfifo(path)
+
+    def feed() -> None:
+        with open(path, "w") as w:
+            w.write(text)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return str(path)
