@@ -228,6 +228,28 @@ def load(path: str | Path) -> ServiceTable:
     return load_text(text)
 
 
+def check_fits(table: ServiceTable, capacities: Any) -> None:
+    """Raise ValidationError if `table` cannot fit maps of these capacities (services,
+    endpoint slots, mesh addresses), counted as the agent's capacity check counts them.
+    Pure: for checking a file before anything is loaded, so that a table too big for the
+    maps is refused with nothing changed, not after the datapath is up."""
+    from accel.datapath.maps import service_addresses
+    from accel.datapath.services import service_slots
+
+    if len(table.services) > capacities.services:
+        raise ValidationError("services", f"{len(table.services)} services exceed the "
+                              f"capacity of {capacities.services} (--capacity services=N)")
+    slots = sum(len(service_slots(s)) for s in table.services)
+    if slots > capacities.slots:
+        raise ValidationError("services", f"{slots} endpoint slots exceed the capacity of "
+                              f"{capacities.slots} (--capacity slots=N)")
+    prefixes = len({a for s in table.services for a in service_addresses(s)}) + \
+        len(table.mesh_cidrs)
+    if prefixes > capacities.mesh_nets:
+        raise ValidationError("services", f"{prefixes} mesh addresses exceed the capacity of "
+                              f"{capacities.mesh_nets} (--capacity mesh_nets=N)")
+
+
 def table_to_dict(table: ServiceTable) -> dict[str, Any]:
     out: dict[str, Any] = {
         "services": [

@@ -250,3 +250,46 @@ def _fifo_with(tmp_path: Path, text: str) -> str:
 
     threading.Thread(target=feed, daemon=True).start()
     return str(path)
+
+
+# --------------------------------------------------------------------------- capacity
+
+def test_check_fits_counts_as_the_maps_do() -> None:
+    from accel.datapath.datapath import Capacities
+
+    t = config.load_text("services:\n" + "".join(
+        f"- {{name: s{i}, vip: 10.96.0.{i + 1}, port: 80, endpoints: [{{address: 10.0.0.1, "
+        f"port: 80, weight: 1}}, {{address: 10.0.{i}.2, port: 80, weight: 2}}]}}\n"
+        for i in range(3)))
+    config.check_fits(t, Capacities(services=3, slots=9, mesh_nets=4))
+    with pytest.raises(ValidationError, match=r"^services: 3 services exceed the capacity of "
+                       r"2 \(--capacity services=N\)"):
+        config.check_fits(t, Capacities(services=2))
+    with pytest.raises(ValidationError, match=r"^services: 9 endpoint slots exceed the "
+                       r"capacity of 8 \(--capacity slots=N\)"):
+        config.check_fits(t, Capacities(slots=8))
+    with pytest.raises(ValidationError, match=r"^services: 4 mesh addresses exceed the "
+                       r"capacity of 3 \(--capacity mesh_nets=N\)"):
+        config.check_fits(t, Capacities(mesh_nets=3))
+
+
+def test_agent_checks_capacity_before_loading_the_datapath(tmp_path, agent_cli) -> None:
+    f = tmp_path / "mesh.yaml"
+    f.write_text("services:\n" + "".join(f"- {{name: s{i}, vip: 10.96.0.{i + 1}, port: 80}}\n"
+                                         for i in range(5)))
+    code, err, built = agent_cli("--config", str(f), "--capacity", "services=4")
+    assert code == 2 and "5 services exceed the capacity of 4 (--capacity services=N)" in err
+    assert not built, "the datapath was started before the capacity check"
+
+
+def test_agent_refuses_each_bad_input_before_loading(tmp_path, agent_cli) -> None:
+    for text, needle in [
+        ("services: [{name: a, vip: 127.0.0.1, port: 22}]", "services[a].vip: 127.0.0.1 "
+         "cannot be a service VIP"),
+        ("services: [{name: a, vip: 10.96.0.1, port: 80, port: 81}]", "duplicate key 'port'"),
+        ('services: [{name: "a\\e[2J", vip: 10.96.0.1, port: 80}]', "U+001B"),
+    ]:
+        f = tmp_path / "mesh.yaml"
+        f.write_text(text)
+        code, err, built = agent_cli("--config", str(f))
+        assert code == 2 and needle in err and not built, err
