@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -293,3 +296,40 @@ def test_agent_refuses_each_bad_input_before_loading(tmp_path, agent_cli) -> Non
         f.write_text(text)
         code, err, built = agent_cli("--config", str(f))
         assert code == 2 and needle in err and not built, err
+
+
+# --------------------------------------------------------------------------- non-root status
+
+def _as_nobody(*args: str) -> subprocess.CompletedProcess:
+    if not shutil.which("setpriv") or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, "-m", "accel.cli", *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO),
+                               "HOME": "/"})
+
+
+def _listening(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(1)
+    os.chmod(path, 0o600)
+    return s
+
+
+@pytest.mark.parametrize("where", ["root-only directory", "open directory"])
+def test_non_root_status_says_permission_denied(where) -> None:
+    d = tempfile.mkdtemp(prefix="accel-wtin-")
+    os.chmod(d, 0o700 if where == "root-only directory" else 0o755)  # as /run/accel, or not
+    path = os.path.join(d, "agent.sock")
+    s = _listening(path)
+    try:
+        for cmd in ("status", "services"):
+            r = _as_nobody(cmd, "--api-socket", path)
+            assert r.returncode == 1, r.stderr
+            assert f"permission denied on {path}: run as root" in r.stderr, r.stderr
+            assert "running" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        s.close()
+        shutil.rmtree(d)
