@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -333,3 +334,52 @@ def test_non_root_status_says_permission_denied(where) -> None:
     finally:
         s.close()
         shutil.rmtree(d)
+
+
+# --------------------------------------------------------------------------- uninstall
+
+@pytest.fixture
+def uninstall_env():
+    d = tempfile.mkdtemp(prefix="accel-wtin-")
+    pin_dir = os.path.join(d, "pins")
+    os.mkdir(pin_dir)
+    yield d, pin_dir
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def uninstall(pin_dir: str, sock: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "accel.cli", "uninstall", "--pin-dir", pin_dir,
+                           "--api-socket", sock], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_uninstall_removes_the_socket_a_killed_agent_left(uninstall_env) -> None:
+    d, pin_dir = uninstall_env
+    sock = os.path.join(d, "agent.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(sock)  # as a SIGKILLed agent leaves it: bound, nobody listening
+    stale.close()
+    r = uninstall(pin_dir, sock)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.lexists(sock), r.stdout
+    assert f"API socket {sock} removed" in r.stdout and not os.path.exists(pin_dir)
+    r = uninstall(pin_dir, sock)  # again: nothing left, still fine
+    assert r.returncode == 0 and f"API socket {sock} absent" in r.stdout, r.stdout + r.stderr
+
+
+def test_uninstall_never_removes_a_live_socket_or_another_file(uninstall_env) -> None:
+    d, pin_dir = uninstall_env
+    sock = os.path.join(d, "agent.sock")
+    live = _listening(sock)  # an agent (of another pin dir) serving here
+    try:
+        r = uninstall(pin_dir, sock)
+        assert r.returncode == 0, r.stderr
+        assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+        assert f"API socket {sock} left (an agent listens on it)" in r.stdout, r.stdout
+    finally:
+        live.close()
+    os.unlink(sock)
+    Path(sock).write_text("not a socket")
+    r = uninstall(pin_dir, sock)
+    assert r.returncode == 0 and Path(sock).read_text() == "not a socket"
+    assert "left (not a socket)" in r.stdout, r.stdout
