@@ -6,6 +6,7 @@ Errors name the service and the field, e.g.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,43 @@ from accel.model import (
     parse_network,
 )
 
+# The largest mesh.yaml read, checked before a byte is parsed: parsing costs seconds of CPU
+# and ~100 bytes of memory per byte of YAML. 8 MiB holds the default capacity (10,000
+# services, 100,000 endpoints) written out in full; ACCEL_MAX_CONFIG_BYTES raises it.
+MAX_CONFIG_BYTES = 8 << 20
+MAX_CONFIG_ENV = "ACCEL_MAX_CONFIG_BYTES"
+
 SERVICE_KEYS = {"name", "vip", "port", "protocol", "endpoints", "edge", "fastpath"}
 ENDPOINT_KEYS = {"address", "port", "weight", "healthy"}
 TOP_KEYS = {"services", "guard", "mesh_cidrs", "fastpath"}
 GUARD_KEYS = {"deny", "syn_rate", "syn_burst"}
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping naming one key twice: YAML says keys are unique, and
+    PyYAML would silently keep the last (a second `vip:` replacing the first unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: explicit keys may override merged ones
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # unhashable: SafeConstructor says so below
+                if first is not key_node:
+                    shown = repr(key) if len(repr(key)) <= 60 else repr(key)[:57] + "..."
+                    raise ValidationError("config", f"duplicate key {shown} at "
+                                          f"{_at(key_node)} (first at {_at(first)}): each key "
+                                          "may appear once in a mapping")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _at(node: yaml.Node) -> str:
+    return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
 
 
 def _within(prefix: str, fn, *args, **kw):
@@ -142,9 +176,29 @@ def table_from_dict(doc: Any) -> ServiceTable:
                         fastpath=fastpath)
 
 
+def max_config_bytes() -> int:
+    raw = os.environ.get(MAX_CONFIG_ENV, "")
+    if not raw:
+        return MAX_CONFIG_BYTES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValidationError(MAX_CONFIG_ENV, f"{raw!r}: expected a size in bytes")
+    return int(raw)
+
+
+def _too_big(size: int, limit: int, where: str = "config") -> ValidationError:
+    return ValidationError(where, f"{size:,} bytes is over the limit of {limit:,} bytes "
+                           f"({limit / (1 << 20):g} MiB), which is checked before parsing: split "
+                           f"the mesh, or raise the limit with {MAX_CONFIG_ENV}=<bytes>")
+
+
 def load_text(text: str) -> ServiceTable:
+    limit = max_config_bytes()
+    if len(text) * 4 > limit:  # UTF-8 takes at most 4 bytes a character: else surely fits
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise _too_big(size, limit)
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         raise ValidationError("config", f"not valid YAML: {e}") from None
     except RecursionError:  # PyYAML recurses per nesting level: [[[[...]]]] exhausts the stack
@@ -153,11 +207,47 @@ def load_text(text: str) -> ServiceTable:
 
 
 def load(path: str | Path) -> ServiceTable:
+    """The file's table. Its size is checked before it is read, and its encoding before
+    it is parsed: a huge or binary file is an error naming the limit or the byte."""
+    limit = max_config_bytes()
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise _too_big(size, limit, str(path))
+            data = f.read(limit + 1)  # a pipe or /dev/... has no size: read past the limit
     except OSError as e:
         raise ValidationError(str(path), f"cannot read: {e.strerror}") from None
+    if len(data) > limit:
+        raise _too_big(len(data), limit, str(path))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValidationError(str(path), f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset "
+                              f"{e.start} (a binary file? mesh.yaml is UTF-8 YAML)") from None
     return load_text(text)
+
+
+def check_fits(table: ServiceTable, capacities: Any) -> None:
+    """Raise ValidationError if `table` cannot fit maps of these capacities (services,
+    endpoint slots, mesh addresses), counted as the agent's capacity check counts them.
+    Pure: for checking a file before anything is loaded, so that a table too big for the
+    maps is refused with nothing changed, not after the datapath is up."""
+    from accel.datapath.maps import service_addresses
+    from accel.datapath.services import service_slots
+
+    if len(table.services) > capacities.services:
+        raise ValidationError("services", f"{len(table.services)} services exceed the "
+                              f"capacity of {capacities.services} (--capacity services=N)")
+    slots = sum(len(service_slots(s)) for s in table.services)
+    if slots > capacities.slots:
+        raise ValidationError("services", f"{slots} endpoint slots exceed the capacity of "
+                              f"{capacities.slots} (--capacity slots=N)")
+    prefixes = len({a for s in table.services for a in service_addresses(s)}) + \
+        len(table.mesh_cidrs)
+    if prefixes > capacities.mesh_nets:
+        raise ValidationError("services", f"{prefixes} mesh addresses exceed the capacity of "
+                              f"{capacities.mesh_nets} (--capacity mesh_nets=N)")
 
 
 def table_to_dict(table: ServiceTable) -> dict[str, Any]:

@@ -7,6 +7,7 @@ is a table the datapath can load. Errors name the service and the field.
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,13 +99,51 @@ def check_name(value: object, path: str) -> str:
             value.encode()
         except UnicodeEncodeError:
             raise ValidationError(path, f"{value!r} is not valid Unicode") from None
+    bad = _bad_name_char(value)
+    if bad is not None:
+        raise ValidationError(path, f"{value!r} holds {bad}; names must be printable text")
     return value
+
+
+# Characters a name may not hold: control characters (an escape sequence in a name rewrites
+# the terminal that prints `accel services`), invisible format characters such as bidi
+# overrides (U+202E shows "abc" for "cba") and line or paragraph separators.
+_BAD_NAME_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible formatting "
+                        "character (bidi override, zero-width, ...)", "Zl": "a line separator",
+                        "Zp": "a paragraph separator"}
+
+
+def _bad_name_char(value: str) -> str | None:
+    if value.isprintable():  # the common case, one C pass: no Cc, Cf, Zl or Zp in it
+        return None
+    for ch in value:
+        what = _BAD_NAME_CATEGORIES.get(unicodedata.category(ch))
+        if what is not None:
+            return f"U+{ord(ch):04X} ({what})"
+    return None
 
 
 def check_fastpath(value: object, path: str) -> str:
     if value not in FASTPATHS:
         raise ValidationError(path, f"expected one of {', '.join(FASTPATHS)}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_vip(addr: IPAddress, path: str) -> IPAddress:
+    """A VIP is an address clients dial, matched at connect() in every pod: never an address
+    that means "any", "everyone" or "this host"."""
+    if addr.is_unspecified:
+        why = "the unspecified address (any address), which no client dials"
+    elif addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+        why = "the broadcast address"
+    elif addr.is_multicast:
+        why = "a multicast address"
+    elif addr.is_loopback:
+        why = ("a loopback address: every pod's own connections to it, on that port, would "
+               "be sent to the endpoints")
+    else:
+        return addr
+    raise ValidationError(path, f"{addr} cannot be a service VIP: it is {why}")
 
 
 def mapped(addr: IPAddress) -> ipaddress.IPv6Address:
@@ -150,7 +189,7 @@ class Service:
     def __post_init__(self) -> None:
         check_name(self.name, "name")
         check_fastpath(self.fastpath, "fastpath")
-        object.__setattr__(self, "vip", parse_address(self.vip, "vip"))
+        object.__setattr__(self, "vip", check_vip(parse_address(self.vip, "vip"), "vip"))
         check_port(self.port, "port")
         if self.protocol not in PROTOCOLS:
             raise ValidationError("protocol", f"{self.protocol!r} is not one of {PROTOCOLS}")

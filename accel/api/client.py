@@ -7,6 +7,7 @@ answers, and ApiCallError (with the gRPC status) when the agent refused the requ
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,11 +37,33 @@ class ApiCallError(RuntimeError):
 
 def _target(socket_path: str | None) -> tuple[str, str]:
     path = socket_path or DEFAULT_SOCKET
-    if not os.path.exists(path):
+    denied = AgentUnavailable(f"permission denied on {path}: run as root (the API socket "
+                              "and its directory are root-only)")
+    try:
+        os.stat(path)
+    except PermissionError:  # its directory (/run/accel, 0700) is closed to us: not absent
+        raise denied from None
+    except FileNotFoundError:
         raise AgentUnavailable(f"no agent API at {path}: is `accel agent` running? "
-                               "(--api-socket names another socket)")
+                               "(--api-socket names another socket)") from None
+    except OSError as e:
+        raise AgentUnavailable(f"cannot use {path}: {e.strerror}") from None
     if not os.access(path, os.R_OK | os.W_OK):
-        raise AgentUnavailable(f"no permission to use {path}: the API socket is root-only")
+        raise denied
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:  # what connect() says, before gRPC turns every failure into a timeout
+        probe.connect(path)
+    except PermissionError:
+        raise denied from None
+    except ConnectionRefusedError:
+        raise AgentUnavailable(f"no agent answers on {path} (a stale socket: its agent was "
+                               "killed? `accel uninstall` removes it): is `accel agent` "
+                               "running?") from None
+    except OSError:
+        pass  # busy or odd: let gRPC try and say
+    finally:
+        probe.close()
     return path, f"unix:{path}"
 
 

@@ -188,6 +188,30 @@ def _socket_is_live(path: str) -> bool:
         s.close()
 
 
+def remove_stale_socket(path: str) -> str:
+    """Remove the API socket at `path` if no agent listens on it (one SIGKILLed leaves it
+    behind). Returns what was done: "removed", "absent", or why it was left ("live", "not a
+    socket", "unknown: <error>"). A socket some agent serves on is never removed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "absent"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "not a socket"
+    try:
+        if _socket_is_live(path):
+            return "live"
+    except OSError as e:
+        return f"unknown: {e.strerror or e}"
+    try:
+        if os.lstat(path).st_ino != st.st_ino:
+            return "live"  # an agent starting just now replaced it: its socket, not ours
+        os.unlink(path)
+    except FileNotFoundError:
+        return "absent"
+    return "removed"
+
+
 def prepare_unix_path(path: str) -> None:
     """Parent dir root-only; a stale socket removed; a live one (another agent) refused."""
     p = Path(path)

@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         table = config.load(args.config) if args.config else None
         caps = parse_capacities(args.capacity)
+        if table is not None:
+            config.check_fits(table, caps)
         if args.xds_delta and not args.xds:
             raise ValidationError("--xds-delta", "goes with --xds HOST:PORT")
         if args.pod_netns and not args.pod_iface:

@@ -32,8 +32,19 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on or hide (controls such as ESC,
+    bidi overrides, zero-width and line separators) escaped as \\xNN / \\uNNNN: what the
+    agent holds is shown, never interpreted. Printable text is returned as is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else
+                   c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def print_table(rows: list[list[Any]], header: list[str]) -> None:
-    cells = [header] + [[str(c) for c in r] for r in rows]
+    cells = [header] + [[printable(str(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

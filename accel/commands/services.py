@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from accel.commands.common import add_json_arg, print_json, print_table
+from accel.commands.common import add_json_arg, print_json, print_table, printable
 from accel.commands.status import add_api_arg, call
 
 
@@ -36,5 +36,6 @@ def run(args: argparse.Namespace) -> int:
                      s.get("fastpath", "route"), "yes" if s["edge"] else "no",
                      ", ".join(eps) or "(none)"])
     print_table(rows, ["service", "vip", "fastpath", "edge", "endpoints"])
-    print(f"\nconfig version {out['config_version'] or '(none)'}, {len(rows)} services")
+    print(f"\nconfig version {printable(out['config_version'] or '(none)')}, {len(rows)} "
+          "services")
     return 0
