@@ -17,6 +17,8 @@ from accel.datapath import bpfsys
 from accel.datapath.datapath import CGROUP_PROGRAMS, lock_file, state_file
 from tests.traffic import EchoServer, roundtrip
 
+pytestmark = pytest.mark.kernel
+
 ACCEL = [sys.executable, "-m", "accel.cli"]
 
 

@@ -18,6 +18,8 @@ from accel.api.gen import agent_pb2 as pb
 from accel.api.gen import agent_pb2_grpc as pb_grpc
 from tests.api_harness import Env, accel, write
 
+pytestmark = pytest.mark.kernel
+
 VIP = "192.168.251.100"
 
 

@@ -15,6 +15,8 @@ from accel.model import Endpoint, Service, ServiceTable
 from tests import traffic
 from tests.traffic import EchoServer, connect, named_servers, roundtrip
 
+pytestmark = pytest.mark.kernel
+
 VIP = "10.96.0.10"
 
 

@@ -11,8 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from accel.bench import runner
 from tests.leftovers import leftovers
+
+pytestmark = pytest.mark.kernel
 
 REPO = Path(__file__).resolve().parents[1]
 

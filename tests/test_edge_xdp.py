@@ -21,6 +21,8 @@ from accel.datapath.edge import EdgeCapacityError, EdgeDatapath, NextHop, flow_s
 from accel.datapath.testrun import TC_ACT_OK, XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
 from accel.model import Endpoint, Guard, Service, ServiceTable, parse_network
 
+pytestmark = pytest.mark.kernel
+
 NODE_MAC = "02:00:00:00:0e:01"
 CLIENT_MAC = "02:00:00:00:0e:02"
 SMAC = bytes.fromhex("02000000ee01")
