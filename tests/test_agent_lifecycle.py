@@ -19,6 +19,8 @@ from accel.kernel import bpf as bpfsys
 from accel.kernel.loader import bpf_dir
 from tests.traffic import EchoServer, roundtrip
 
+pytestmark = pytest.mark.kernel
+
 ACCEL = [sys.executable, "-m", "accel.cli"]
 
 

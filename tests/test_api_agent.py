@@ -24,6 +24,8 @@ from accel.lab import Lab
 from tests.api_harness import REPO, accel, write
 from tests.traffic import EchoServer, connect
 
+pytestmark = pytest.mark.kernel
+
 MESH = REPO / "examples" / "mesh.yaml"
 VIP = "10.96.0.1"
 

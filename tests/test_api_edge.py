@@ -18,6 +18,8 @@ from accel.api.gen import agent_pb2 as pb
 from accel.api.gen import agent_pb2_grpc as pb_grpc
 from tests.api_harness import Env, accel, write
 
+pytestmark = pytest.mark.kernel
+
 VIP = "192.168.251.100"
 
 
@@ -47,6 +49,17 @@ def edge_counter(env: Env, name: str) -> int:
     return client.get_stats(env.socket)["edge"]["global"][name]
 
 
+def vip_stat(env: Env, name: str) -> int:
+    return client.get_stats(env.socket)["edge"]["vips"][0][name]
+
+
+def wait_for(check, what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def test_edge_status_stats_and_guard(env, veth):
     e0, e1 = veth
     cfg = write(env.tmp, "mesh.yaml",
@@ -61,7 +74,7 @@ def test_edge_status_stats_and_guard(env, veth):
     assert "drop_deny" in stats["edge"]["global"]
 
     syns(e0, e1, "198.51.100.9", 5)
-    time.sleep(0.3)
+    wait_for(lambda: vip_stat(env, "packets") >= 5, "the edge to see the 5 SYNs")
     assert edge_counter(env, "drop_deny") == 0  # nothing denied yet
 
     s = pb_grpc.AgentStub(grpc.insecure_channel(f"unix:{env.socket}"))
@@ -69,9 +82,8 @@ def test_edge_status_stats_and_guard(env, veth):
     assert r.enforced
     syns(e0, e1, "198.51.100.9", 5)
     syns(e0, e1, "203.0.113.9", 5)  # not denied
-    deadline = time.time() + 5
-    while edge_counter(env, "drop_deny") < 5 and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: edge_counter(env, "drop_deny") >= 5 and vip_stat(env, "packets") >= 10,
+             "the edge to see the next 10 SYNs")
     assert edge_counter(env, "drop_deny") == 5
     st = client.get_status(env.socket)
     assert st["edge"]["guard"]["deny"] == ["198.51.100.0/24"]

@@ -12,6 +12,8 @@ from accel.api.gen import agent_pb2 as pb
 from accel.api.gen import agent_pb2_grpc as pb_grpc
 from tests.api_harness import REPO, accel, cert_chain, free_port
 
+pytestmark = pytest.mark.kernel
+
 MESH = REPO / "examples" / "mesh.yaml"
 
 

@@ -7,6 +7,7 @@ import json
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from accel.sources.file import FileSource
@@ -14,6 +15,7 @@ from accel.xds.server import ControllerServer
 from accel.xds.translate import CLUSTER, ENDPOINT
 from tests.api_harness import Env, accel, free_port, write
 
+pytestmark = pytest.mark.kernel
 
 def service(name: str, octet: int) -> str:
     return (f"  - name: {name}\n    vip: 10.96.7.{octet}\n    port: 80\n    endpoints:\n"

@@ -21,6 +21,8 @@ from accel.datapath.maps import mesh_prefixes
 from accel.datapath.services import PROTO, weighted_slots
 from accel.model import Endpoint, Service, ServiceTable
 
+pytestmark = pytest.mark.kernel
+
 
 def svc(i: int, n: int, *, base: int = 0, v6: bool = False, proto: str = "TCP",
         weights: bool = True, unhealthy: bool = True) -> Service:

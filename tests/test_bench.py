@@ -49,6 +49,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.kernel
 def test_quick_bench_writes_json_and_png(tmp_path, prefix):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     t0 = time.monotonic()
@@ -102,6 +103,7 @@ def test_quick_bench_writes_json_and_png(tmp_path, prefix):
     assert leftovers(prefix) == []
 
 
+@pytest.mark.kernel
 def test_sigterm_tears_down(prefix):
     proc = subprocess.Popen(
         # Long enough that the signal always lands mid-run, never after a finished bench.
@@ -127,6 +129,7 @@ def test_sigterm_tears_down(prefix):
     assert leftovers(prefix) == []
 
 
+@pytest.mark.kernel
 def test_killed_bench_is_cleaned_by_the_next(prefix):
     proc = subprocess.Popen(
         [sys.executable, "-m", "accel.cli", "bench", "--quick", "--prefix", prefix,

@@ -44,7 +44,7 @@ from tests.conftest_docker import (
 __all__ = ["compose_images", "docker_api", "docker_cleanup", "docker_compose_command",
            "docker_setup", "privileged_ok"]
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.kernel, pytest.mark.docker, pytest.mark.timeout(600)]
 
 VIP_CIDR = os.environ.get("ACCEL_TEST_VIP_CIDR", "10.96.250.0/24")
 GRACE = 4.0  # seconds a stopping reviews replica keeps accepting (an app draining)

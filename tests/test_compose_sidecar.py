@@ -23,7 +23,7 @@ from tests.conftest_docker import (
 __all__ = ["compose_images", "docker_api", "docker_cleanup", "docker_compose_command",
            "docker_setup"]
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.kernel, pytest.mark.docker, pytest.mark.timeout(300)]
 
 
 def test_sidecar_baseline_serves_every_replica_through_haproxy(

@@ -111,6 +111,7 @@ def serve(name: str, port: int, grace: float = 0.0) -> list[str]:
 SVC = {"meshaccel.service": "reviews", "meshaccel.port": "9080"}
 
 
+@pytest.mark.docker
 def test_labels_become_a_service_table(docker_api, labelled):
     r1 = labelled("r1", {**SVC, "meshaccel.weight": "3"}, serve("reviews", 9080))
     r2 = labelled("r2", SVC, serve("reviews", 9080))
@@ -141,6 +142,7 @@ def test_labels_become_a_service_table(docker_api, labelled):
             .current().services} == {s.name: s.vip for s in src.current().services}
 
 
+@pytest.mark.docker
 def test_network_label_picks_the_endpoint_network(docker_api, labelled):
     other = docker_api.create_network(f"{labelled.tag}-zz", labels={"meshaccel.test":
                                                                      labelled.tag})["Id"]
@@ -171,6 +173,7 @@ class Recorder:
         return {e.address: e.healthy for e in svc.endpoints} if svc else {}
 
 
+@pytest.mark.docker
 def test_events_follow_health_stop_start_and_removal(docker_api, labelled):
     r1 = labelled("r1", SVC, serve("reviews", 9080))
     r2 = labelled("r2", SVC, serve("reviews", 9080, grace=3))
@@ -264,6 +267,7 @@ class CuttableProxy:
             os.unlink(self.path)
 
 
+@pytest.mark.docker
 def test_event_stream_reconnects_after_the_engine_connection_drops(docker_api, labelled,
                                                                    tmp_path):
     import docker
@@ -299,9 +303,6 @@ def test_unreachable_engine_is_a_clear_error(tmp_path):
                               timeout=2)
     with pytest.raises(ConnectionError, match="Docker Engine"):
         DockerSource(CIDR, client)
-
-
-pytestmark = pytest.mark.docker
 
 
 def test_the_committed_example_vips_are_what_the_generator_makes(monkeypatch):

@@ -14,6 +14,8 @@ import pytest
 from accel.datapath.edge import EdgeDatapath, NextHop
 from accel.model import Endpoint, Service, ServiceTable
 
+pytestmark = pytest.mark.kernel
+
 SMAC = bytes.fromhex("02000000ee01")
 
 

@@ -25,6 +25,8 @@ from accel.datapath.edge import EdgeDatapath
 from accel.lab import Lab, in_netns
 from accel.model import Endpoint, Guard, Service, ServiceTable, parse_network
 
+pytestmark = pytest.mark.kernel
+
 VIP, VIP6 = "10.96.77.1", "fd00:96::77"
 EDGE_NET, EDGE_NET6 = "10.201.0", "fd00:201:"
 CLIENT, CLIENT6 = f"{EDGE_NET}.2", f"{EDGE_NET6}:2"

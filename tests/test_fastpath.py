@@ -14,6 +14,8 @@ import pytest
 from accel.model import Endpoint, Service, ServiceTable
 from tests.traffic import EchoServer, connect, cpu_hog, digest, recv_all, roundtrip
 
+pytestmark = pytest.mark.kernel
+
 
 def mesh_of(*pods, port: int = 8080) -> ServiceTable:
     """The pods as a redirect-mode mesh: these tests dial the pod IPs (the table's default

@@ -23,7 +23,7 @@ from accel.datapath import cgroup as cg
 from tests import api_harness
 from tests.api_harness import REPO, Env
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.kernel, pytest.mark.reliability]
 
 FUZZ = settings(deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))

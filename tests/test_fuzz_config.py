@@ -355,6 +355,7 @@ CLI_CASES = {
 }
 
 
+@pytest.mark.kernel  # a cgroup of its own, and what is attached to it read back
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_agent_refuses_a_bad_file(tmp_path, case) -> None:
     from accel.datapath import cgroup as cg

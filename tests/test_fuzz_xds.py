@@ -39,7 +39,6 @@ from accel.model import Endpoint, Guard, Service, ServiceTable, ValidationError
 from accel.xds import translate as tr
 from accel.xds.client import XdsClient
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests import api_harness
 from tests.test_xds_client import Harness, ScriptedAds  # noqa: F401 -- ScriptedAds via Harness
 from tests.xds_resources import lbe, locality, pack, tcp_listener
 
@@ -932,6 +931,8 @@ def test_huge_resources(capsys) -> None:
 
 
 def free_port() -> int:
+    from tests import api_harness  # imports the datapath (bcc): wire level only
+
     return api_harness.free_port(range(18600, 18700))
 
 

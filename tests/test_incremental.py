@@ -8,7 +8,6 @@ import random
 
 import pytest
 
-from accel.datapath.services import weighted_slots
 from accel.model import Endpoint, Service, ServiceTable, ValidationError, mapped
 
 VIP0 = int(ipaddress.IPv4Address("10.96.0.0"))
@@ -81,6 +80,8 @@ def test_derive_matches_a_table_built_anew() -> None:
 
 def expected_maps(table: ServiceTable) -> dict:
     """What the kernel must hold for `table`, from the definitions (not the writers' code)."""
+    from accel.datapath.services import weighted_slots  # loads bcc: kernel tests only
+
     nets = {(str(mapped(ep.address)), 128) for s in table.services for ep in s.endpoints}
     for n in table.mesh_cidrs:
         nets.add((str(mapped(n.network_address)), 96 + n.prefixlen))
@@ -94,6 +95,7 @@ def expected_maps(table: ServiceTable) -> dict:
 
 def test_derived_tables_land_in_the_kernel_like_full_ones(datapath) -> None:
     from accel.agent import Agent
+    from accel.datapath.services import weighted_slots
 
     agent = Agent(datapath)
     events = agent.watch()

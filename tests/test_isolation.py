@@ -10,8 +10,12 @@ import socket
 import threading
 import time
 
+import pytest
+
 from accel.model import Endpoint, Service, ServiceTable
 from tests.traffic import EchoServer, connect, recv_all
+
+pytestmark = pytest.mark.kernel
 
 
 def loopback_mesh(*pods) -> ServiceTable:

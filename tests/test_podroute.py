@@ -20,6 +20,8 @@ from accel.datapath.podroute import PodRouter
 from accel.model import ServiceTable
 from tests.traffic import EchoServer, digest, roundtrip
 
+pytestmark = pytest.mark.kernel
+
 
 def mesh(lab) -> ServiceTable:
     return ServiceTable((), mesh_cidrs=(ipaddress.ip_network(lab.subnet),

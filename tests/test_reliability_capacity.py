@@ -14,7 +14,7 @@ from accel.datapath.datapath import Capacities, Datapath
 from accel.model import Endpoint, Service, ServiceTable
 from tests.traffic import EchoServer, connect, recv_all
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.kernel, pytest.mark.reliability]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from accel.model import Endpoint, Service, ServiceTable
 from tests.test_reliability_restart import Pump
 from tests.traffic import connect, named_servers
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.kernel, pytest.mark.reliability]
 VIP = "10.96.3.1"
 
 

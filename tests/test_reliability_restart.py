@@ -17,7 +17,7 @@ from accel.datapath import counters
 from tests.test_agent_lifecycle import assert_no_trace, attached, start_agent, write_config
 from tests.traffic import EchoServer, connect
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.kernel, pytest.mark.reliability]
 
 
 class Pump:

@@ -248,8 +248,8 @@ def test_listener_waits_for_its_endpoints_then_removal_follows_parents(h: Harnes
     n = h.ads.send(LISTENER, "2", [pack(tcp_listener("a", "10.96.0.1", 80, "a")),
                                    pack(tcp_listener("b", "10.96.0.2", 80, "b"))])
     h.ads.reply_to(n)
-    # b has no ClusterLoadAssignment yet: the table goes on without it.
-    time.sleep(0.2)
+    # b has no ClusterLoadAssignment yet: the table goes on without it. (The client stores
+    # the table and what is pending before it ACKs, and reply_to waited for that ACK.)
     assert names(h.client.table) == ["a"]
     assert h.client.state()["pending"] == {"b": "ClusterLoadAssignment 'b'"}
     h.ads.send(ENDPOINT, "2", [pack(cla("b", locality(lbe("10.0.0.9", 80))))])

@@ -23,6 +23,8 @@ from tests.test_xds_client import Harness
 from tests.traffic import connect, named_servers
 from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, tcp_listener
 
+pytestmark = pytest.mark.kernel
+
 PORTS = itertools.count(18160)
 VIP = "10.96.0.20"
 

@@ -20,7 +20,6 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from accel.datapath.datapath import Datapath
 from accel.model import ServiceTable
 from accel.sources.file import FileSource
 from accel.xds import translate
@@ -542,6 +541,8 @@ def test_client_applies_changes_and_removals_and_unsubscribes(dh: DeltaHarness) 
 
 
 def test_delta_and_sotw_give_the_same_maps(lab, test_cgroup, tmp_path, uid):
+    from accel.datapath.datapath import Datapath
+
     client, server = lab.pods
     mesh = tmp_path / "mesh.yaml"
 
@@ -679,6 +680,7 @@ def test_wire_nack_keeps_the_maps(side_agent, capsys) -> None:
     fz.summary(capsys, layer)
 
 
+@pytest.mark.kernel  # the agent process, its datapath in this kernel
 def test_bench_xds_delta_fills_the_maps_and_times_changes(tmp_path: Path) -> None:
     """`accel bench xds --delta` (the agent process with --xds-delta, the in-process client
     with delta=True) ends with complete, verified maps."""

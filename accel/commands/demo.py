@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from accel.commands.common import fail
+from accel.commands.common import fail, print_json
 
 SUBNET = "10.212.0.0/24"
 APP_PORT = 9080
@@ -93,32 +93,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus", default=None, metavar="LIST",
                    help="CPU placement of the comparison (see accel bench --cpus)")
     p.add_argument("--prefix", default=None, help="name prefix (default ad<hex>)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report (steps, traffic, counters, checks, comparison) as "
+                   "one JSON document on stdout; the running commentary goes to stderr")
     p.set_defaults(func=run)
 
 
 class Progress:
-    def __init__(self, steps: int):
+    """The human commentary (stdout, or stderr under --json) and the report --json prints."""
+
+    def __init__(self, steps: int, out: Any = None):
         self.steps = steps
         self.n = 0
         self.t0 = time.monotonic()
+        self.out = out or sys.stdout
+        self.report: dict[str, Any] = {"ok": False, "error": None, "steps": []}
 
     def step(self, title: str) -> None:
         self.n += 1
-        print(f"\n[{self.n}/{self.steps}] {title}  (+{self.elapsed():.0f}s)", flush=True)
+        self.report["steps"].append({"n": self.n, "of": self.steps, "title": title,
+                                     "at_s": round(self.elapsed(), 1)})
+        print(f"\n[{self.n}/{self.steps}] {title}  (+{self.elapsed():.0f}s)", file=self.out,
+              flush=True)
 
     def say(self, line: str) -> None:
-        print(f"      {line}", flush=True)
+        print(f"      {line}", file=self.out, flush=True)
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
 
 def run(args: argparse.Namespace) -> int:
+    as_json = getattr(args, "json", False)
+    progress = Progress(4 if args.no_compare else 5, out=sys.stderr if as_json else sys.stdout)
+    if not as_json:
+        return _run(args, progress)
+    # Only the report on stdout: whatever else writes to it meanwhile (this process, or the
+    # tools and servers it starts) goes to stderr.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        code = _run(args, progress)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    progress.report["ok"] = code == 0
+    progress.report["elapsed_s"] = round(progress.elapsed(), 1)
+    print_json(progress.report)
+    return code
+
+
+def _failed(progress: Progress, message: str, code: int = 1) -> int:
+    progress.report["error"] = message
+    return fail(message, code=code)
+
+
+def _run(args: argparse.Namespace, progress: Progress) -> int:
     if os.geteuid() != 0:
-        return fail("demo: run as root (network namespaces, cgroups and BPF need it)", code=2)
+        return _failed(progress, "demo: run as root (network namespaces, cgroups and BPF "
+                       "need it)", code=2)
     prefix = args.prefix or "ad" + secrets.token_hex(2)
     if len(prefix) > 7 or not prefix.isalnum():
-        return fail("demo: --prefix must be 1-7 letters or digits", code=2)
+        return _failed(progress, "demo: --prefix must be 1-7 letters or digits", code=2)
     cpus: tuple[int, ...] = ()
     if args.cpus:
         from accel.bench.runner import parse_cpus
@@ -126,8 +167,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             cpus = parse_cpus(args.cpus)
         except ValueError as e:
-            return fail(f"demo: {e}", code=2)
-    progress = Progress(4 if args.no_compare else 5)
+            return _failed(progress, f"demo: {e}", code=2)
     from accel.bench.runner import check_interrupted, sigterm_as_interrupt
 
     try:
@@ -149,11 +189,12 @@ def run(args: argparse.Namespace) -> int:
                 if code:
                     return code
     except KeyboardInterrupt:
+        progress.report["error"] = "interrupted"
         print("\naccel demo: interrupted; everything it made was removed", file=sys.stderr)
         return 130
     except DemoError as e:
-        return fail(f"demo: {e}")
-    print(f"\ndone in {progress.elapsed():.0f}s; everything the demo made is removed.")
+        return _failed(progress, f"demo: {e}")
+    progress.print(f"\ndone in {progress.elapsed():.0f}s; everything the demo made is removed.")
     return 0
 
 
@@ -190,10 +231,12 @@ def setup(progress: Progress, install: bool) -> None:
     from accel.datapath import cgroup
 
     try:
-        progress.say(f"kernel {os.uname().release}; cgroup2 at {cgroup.cgroup2_mount()}; "
-                     "bpffs at /sys/fs/bpf")
+        mount = cgroup.cgroup2_mount()
     except cgroup.CgroupError as e:
         raise DemoError(str(e)) from None
+    progress.say(f"kernel {os.uname().release}; cgroup2 at {mount}; bpffs at /sys/fs/bpf")
+    progress.report["machine"] = {"kernel": os.uname().release, "cgroup2": str(mount),
+                                  "bpffs": "/sys/fs/bpf", "installed": missing}
     from accel.bench.runner import cleanup_stale
 
     stale = cleanup_stale()
@@ -276,6 +319,14 @@ class Mesh:
         self.stack.callback(runner.kill_cgroup, group)  # runs before lab.down: apps first
         pods = self.lab.pods
         say(f"pods: {', '.join(f'{p.name} {p.ip}' for p in pods)} (bridge in {self.lab.node})")
+        report = self.progress.report
+        report["pods"] = {p.name: str(p.ip) for p in pods}
+        report["services"] = [
+            {"name": name, "vip": vip, "port": APP_PORT,
+             "fastpath": "redirect" if name in REDIRECTED else "route",
+             "endpoints": [{"pod": pods[i].name, "address": str(pods[i].ip), "weight": w}
+                           for i, w in eps]}
+            for name, vip, eps in SERVICES]
         for name, vip, eps in SERVICES:
             for i, _ in eps:
                 pods[i].popen([sys.executable, "-c", SERVER, name, pods[i].name, str(APP_PORT)],
@@ -329,6 +380,10 @@ class Mesh:
         say(f"agent: programs attached to {group} in {time.monotonic() - t0:.1f}s, "
             f"{len(SERVICES)} services applied"
             + (" from the controller" if have_controller else ""))
+        report["agent"] = {"source": "xds" if have_controller else "file",
+                           "controller": xds if have_controller else None,
+                           "services_applied": len(SERVICES),
+                           "ready_s": round(time.monotonic() - t0, 1)}
         from accel.datapath import counters
 
         self.counters_before = counters.read(self.pin_dir)
@@ -352,9 +407,15 @@ class Mesh:
             spread = ", ".join(f"{pod} ({pods[pod].ip}, weight {weights.get(pod, '?')}): {n}"
                                for pod, n in sorted(seen.items()))
             self.progress.say(f"{name:<12} {spread}")
+        n = CONNECTIONS * len(SERVICES)
+        self.progress.report["traffic"] = {
+            "connections_per_service": CONNECTIONS, "payload_bytes": PAYLOAD,
+            "connections": n, "correct": n - bad,
+            "services": {name: {"pods": result[name]["pods"], "bad": result[name]["bad"]}
+                         for name, _, _ in SERVICES}}
         if bad:
             raise DemoError(f"{bad} connections got a wrong answer")
-        self.progress.say(f"all {CONNECTIONS * len(SERVICES)} answers complete and correct; "
+        self.progress.say(f"all {n} answers complete and correct; "
                           "getpeername() reported the VIP on every one")
 
     def show_counters(self) -> None:
@@ -376,8 +437,13 @@ class Mesh:
             f"and {d['msg_redirects']} messages ({d['redirected_bytes']} bytes) handed socket "
             f"to socket past TCP/IP, {d['msg_peer_unknown']} left on TCP; "
             f"{d.get('pod_redirects', 0)} packets passed pod to pod past the bridge")
-        if d["connect_balanced"] < n or d["msg_redirects"] == 0 or d["pod_redirects"] == 0 \
-                or d["socks_routed"] == 0:
+        checks = {"every_connect_balanced": d["connect_balanced"] >= n,
+                  "redirect_service_redirected": d["msg_redirects"] > 0,
+                  "pods_routed_past_the_bridge": d.get("pod_redirects", 0) > 0,
+                  "route_services_on_tcp": d["socks_routed"] > 0}
+        self.progress.report["counters"] = d
+        self.progress.report["checks"] = checks
+        if not all(checks.values()):
             raise DemoError("the counters do not show the traffic accelerated: see above")
 
 
@@ -423,11 +489,14 @@ def compare(prefix: str, out_dir: str, cpus: tuple[int, ...], progress: Progress
     except (WorkloadError, RuntimeError, OSError) as e:
         raise DemoError(f"comparison failed: {e}") from None
     results["targets"] = report.check_targets(results["cases"])
-    print()
-    print(report.table(results))
+    progress.print()
+    progress.print(report.table(results))
     json_path, png_path = out / "bench.json", out / "bench.png"
     report.write_json(results, json_path)
     report.plot(results, png_path)
-    print(f"\nplot: {png_path}\nraw figures and environment: {json_path}")
-    print("a longer, steadier run: accel bench --json bench.json --plot bench.png")
+    progress.report["comparison"] = {"json": str(json_path), "plot": str(png_path),
+                                     "cases": len(results["cases"]),
+                                     "targets": results["targets"]}
+    progress.print(f"\nplot: {png_path}\nraw figures and environment: {json_path}")
+    progress.print("a longer, steadier run: accel bench --json bench.json --plot bench.png")
     return 0
