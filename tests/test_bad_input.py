@@ -348,9 +348,12 @@ def uninstall_env():
 
 
 def uninstall(pin_dir: str, sock: str) -> subprocess.CompletedProcess:
+    # The agent's run dir (state, locks) beside the pins: no root needed, nothing shared.
+    run_dir = os.path.join(os.path.dirname(pin_dir), "run")
     return subprocess.run([sys.executable, "-m", "accel.cli", "uninstall", "--pin-dir", pin_dir,
                            "--api-socket", sock], capture_output=True, text=True, timeout=60,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
+                                         "ACCEL_RUN_DIR": run_dir})
 
 
 def test_uninstall_removes_the_socket_a_killed_agent_left(uninstall_env) -> None:
