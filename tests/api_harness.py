@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,14 +119,12 @@ class AgentProc:
         self._log = log
         if not wait_socket:
             return
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: {self.read_log()}")
-            if "agent running" in self.read_log():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"agent did not come up: {self.read_log()}")
+        from accel.api import client
+
+        try:
+            client.wait_ready(self.socket, 60, alive=lambda: self.proc.poll() is None)
+        except client.AgentUnavailable as e:
+            raise AssertionError(f"agent not ready ({e}): {self.read_log()}") from None
 
     def read_log(self) -> str:
         self._log.seek(0)

@@ -282,8 +282,8 @@ def datapath(pin_dir, test_cgroup):
 def side_agent(uid):
     """An Agent on a datapath of its own cgroup (the test process stays outside it): for
     tests that drive configuration and read the maps back, with no traffic of their own."""
-    from accel.agent import Agent
     from accel.datapath.datapath import Datapath, lock_file
+    from accel.runtime import Runtime
 
     group = cg.cgroup2_mount() / f"accel-side-{uid}"
     pin = f"/sys/fs/bpf/accel-side-{uid}"
@@ -291,7 +291,7 @@ def side_agent(uid):
     dp = None
     try:
         dp = Datapath(pin_dir=pin, cgroup_path=str(group)).start()
-        yield Agent(dp, source="xds")
+        yield Runtime(datapath=dp)
     finally:
         if dp is not None:
             dp.close()

@@ -80,3 +80,37 @@ def test_xds_state_ack_and_nack(env, tmp_path):
         assert human.returncode == 0 and "capacity" in human.stdout
     finally:
         srv.stop()
+
+
+def test_ready_only_once_the_first_table_is_applied(env, tmp_path):
+    """One readiness signal: status "ready", gRPC health and `accel status --wait` agree,
+    and say not ready while the agent's xDS controller has sent nothing yet."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    agent = env.agent(None, "--xds", f"127.0.0.1:{port}", "--node-id", f"hr-{env.uid}",
+                      wait_socket=False)
+    st = wait_for(lambda: (r := accel("status", "--json", "--api-socket", env.socket))
+                  .returncode == 0 and json.loads(r.stdout))
+    assert st["ready"] is False and "waiting for the first table" in st["not_ready"]
+    assert st["services"] == 0 and st["seconds_to_ready"] is None
+    r = accel("status", "--wait", "0.5", "--api-socket", env.socket)
+    assert r.returncode == 1 and "not ready after 0.5s" in r.stderr, r.stderr
+    with grpc.insecure_channel(f"unix:{env.socket}") as ch:
+        check = health_pb2_grpc.HealthStub(ch).Check
+        assert check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        cfg = write(tmp_path, "mesh.yaml", "services:\n" + service("a", 1) + service("b", 2))
+        srv = ControllerServer(FileSource(cfg, poll_interval=0.05), f"127.0.0.1:{port}").start()
+        try:
+            r = accel("status", "--wait", "60", "--json", "--api-socket", env.socket)
+            assert r.returncode == 0, r.stderr + agent.read_log()
+            st = json.loads(r.stdout)
+            # Ready means the table is in the maps, not merely received.
+            assert st["ready"] and st["services"] == 2 and st["maps"]["services"]["used"] == 2
+            assert st["not_ready"] == "" and st["seconds_to_ready"] > 0
+            assert check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        finally:
+            srv.stop()

@@ -967,7 +967,7 @@ def test_wire_nack_keeps_the_maps(side_agent, capsys) -> None:
     layer = "xds wire (NACKs)"
     agent = side_agent
     dp = agent.datapath
-    h = WireHarness(agent.apply_table)
+    h = WireHarness(agent.apply)
     good = resources(WIRE_TABLE, WIRE_SHAPES)
     wire = {t: [pack(m) for _, m in sorted(good.of(t).items())] for t in tr.PUSH_ORDER}
     try:

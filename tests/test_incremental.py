@@ -94,14 +94,14 @@ def expected_maps(table: ServiceTable) -> dict:
 
 
 def test_derived_tables_land_in_the_kernel_like_full_ones(datapath) -> None:
-    from accel.agent import Agent
     from accel.datapath.services import weighted_slots
+    from accel.runtime import Runtime
 
-    agent = Agent(datapath)
+    agent = Runtime(datapath=datapath)
     events = agent.watch()
     rng = random.Random(11)
     table = ServiceTable(tuple(service(i, rng, port=1000 + i) for i in range(30)))
-    agent.apply_table(table)
+    agent.apply(table)
     assert events.get_nowait().kind == "applied"
     assert datapath.dump() == expected_maps(table)
     for step in range(60):
@@ -110,7 +110,7 @@ def test_derived_tables_land_in_the_kernel_like_full_ones(datapath) -> None:
         assert need["slots"] == sum(len(weighted_slots(s.endpoints)) for s in new.services)
         assert need["mesh_nets"] == len({mapped(a) for a in new.endpoint_addresses()}) + \
             len(new.mesh_cidrs)
-        agent.apply_table(new)
+        agent.apply(new)
         count = sum(len(s.endpoints) for s in new.services)
         assert events.get_nowait().message.endswith(f" {count} endpoints")
         got = datapath.dump()

@@ -9,9 +9,9 @@ import socket
 
 import pytest
 
-from accel.agent import Agent, CapacityError
 from accel.datapath.datapath import Capacities, Datapath
 from accel.model import Endpoint, Service, ServiceTable
+from accel.runtime import CapacityError, Runtime
 from tests.traffic import EchoServer, connect, recv_all
 
 pytestmark = [pytest.mark.kernel, pytest.mark.reliability]
@@ -22,7 +22,7 @@ def small(pin_dir, test_cgroup):
     dp = Datapath(pin_dir=pin_dir, cgroup_path=str(test_cgroup),
                   capacities=Capacities(sockets=64, services=4, slots=16)).start()
     try:
-        yield Agent(dp)
+        yield Runtime(datapath=dp)
     finally:
         dp.close()
 
@@ -34,7 +34,7 @@ def svc(i: int, *pods) -> Service:
 
 def test_full_sockhash_falls_back_to_tcp(lab, small):
     client, server = lab.pods
-    small.apply_table(ServiceTable((svc(1, server),)))
+    small.apply(ServiceTable((svc(1, server),)))
     with EchoServer(server, 8080):
         socks = [connect(client, "10.96.1.1", 80) for _ in range(100)]  # 200 sockets > 64
         payloads = [os.urandom(5000) for _ in socks]
@@ -57,13 +57,13 @@ def test_full_sockhash_falls_back_to_tcp(lab, small):
 
 def test_too_many_services_rejected_whole_and_old_state_serves(lab, small):
     client, server = lab.pods
-    small.apply_table(ServiceTable(tuple(svc(i, server) for i in range(1, 5))))
+    small.apply(ServiceTable(tuple(svc(i, server) for i in range(1, 5))))
     with pytest.raises(CapacityError, match="5 services exceed the capacity of 4"):
-        small.apply_table(ServiceTable(tuple(svc(i, server) for i in range(1, 6))))
+        small.apply(ServiceTable(tuple(svc(i, server) for i in range(1, 6))))
     with pytest.raises(CapacityError, match="slots exceed"):
         many = ServiceTable((Service("big", "10.96.2.1", 80, endpoints=tuple(
             Endpoint(f"10.200.1.{i}", 8080) for i in range(1, 20))),))
-        small.apply_table(many)
+        small.apply(many)
     assert small.rejected_count == 2 and "capacity" in small.last_error
     assert sorted(small.datapath.dump()["services"]) == sorted(
         f"10.96.1.{i}:80/TCP" for i in range(1, 5))

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from accel.agent import Agent
 from accel.model import Endpoint, Service, ServiceTable
+from accel.runtime import Runtime
 from tests.test_reliability_restart import Pump
 from tests.traffic import connect, named_servers
 
@@ -23,13 +23,13 @@ VIP = "10.96.3.1"
 def test_endpoint_churn_100_per_second(lab_factory, datapath):
     lab = lab_factory(5)
     client, stable, *flapping = lab.pods
-    agent = Agent(datapath)
+    agent = Runtime(datapath=datapath)
 
     def table(members) -> ServiceTable:
         return ServiceTable((Service("churn", VIP, 80, endpoints=tuple(
             Endpoint(p.ip, 8080) for p in [stable, *members])),))
 
-    agent.apply_table(table(flapping))
+    agent.apply(table(flapping))
     servers = named_servers(lab.pods[1:])
     # Long-lived connections to every endpoint, made before the churn starts.
     drains = [Pump(connect(client, VIP, 80, timeout=30), i, prefixed=True) for i in range(6)]
@@ -42,7 +42,7 @@ def test_endpoint_churn_100_per_second(lab_factory, datapath):
         while not stop.is_set():
             i += 1
             members = [p for j, p in enumerate(flapping) if (i >> j) & 1]
-            agent.apply_table(table(members))
+            agent.apply(table(members))
             changes[0] += 1
             next_at += 0.01
             time.sleep(max(0.0, next_at - time.monotonic()))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from accel import config
-from accel.agent import Agent
 from accel.datapath.datapath import Datapath
+from accel.runtime import Runtime
 from accel.sources.file import FileSource
 from accel.xds.client import XdsClient
 from accel.xds.server import ControllerServer
@@ -74,8 +74,8 @@ def test_controller_push_steers_new_connections_within_a_second(backends, datapa
     port = next(PORTS)
     controller = ControllerServer(FileSource(mesh, poll_interval=0.05),
                                   listen=f"127.0.0.1:{port}").start()
-    agent = Agent(datapath, source="xds")
-    xds = XdsClient(f"127.0.0.1:{port}", "test-node", agent.apply_table,
+    agent = Runtime(datapath=datapath)
+    xds = XdsClient(f"127.0.0.1:{port}", "test-node", agent.apply,
                     backoff_initial=0.1, backoff_max=0.5).start()
     try:
         wait_until(lambda: who(client) == a.name, 10)
@@ -102,8 +102,8 @@ def test_controller_push_steers_new_connections_within_a_second(backends, datapa
 
 def test_nack_keeps_the_last_good_datapath_serving(backends, datapath):
     client, a, _ = backends
-    agent = Agent(datapath, source="xds")
-    h = Harness(on_update=agent.apply_table)
+    agent = Runtime(datapath=datapath)
+    h = Harness(on_update=agent.apply)
     try:
         good = [pack(tcp_listener("web.vip", VIP, 80, "web"))]
         h.ads.send(CLUSTER, "1", [pack(eds_cluster("web"))])
@@ -136,8 +136,8 @@ def test_controller_down_datapath_keeps_working_then_resyncs(backends, datapath,
     write(mesh, mesh_yaml(a))
     port = next(PORTS)
     controller = ControllerServer(FileSource(mesh), listen=f"127.0.0.1:{port}").start()
-    agent = Agent(datapath, source="xds")
-    xds = XdsClient(f"127.0.0.1:{port}", "test-node", agent.apply_table,
+    agent = Runtime(datapath=datapath)
+    xds = XdsClient(f"127.0.0.1:{port}", "test-node", agent.apply,
                     backoff_initial=0.1, backoff_max=0.5).start()
     try:
         wait_until(lambda: who(client) == a.name, 10)

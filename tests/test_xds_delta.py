@@ -612,7 +612,7 @@ def test_wire_nack_keeps_the_maps(side_agent, capsys) -> None:
     layer = "xds delta wire (NACKs)"
     agent = side_agent
     dp = agent.datapath
-    h = DeltaHarness(hook=agent.apply_table)
+    h = DeltaHarness(hook=agent.apply)
     good = fz.resources(fz.WIRE_TABLE, fz.WIRE_SHAPES)
 
     def versioned(t: str, v: str, res=None) -> dict:

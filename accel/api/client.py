@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -135,3 +136,25 @@ def watch_events(socket_path: str | None = None,
                 raise
         finally:
             call.cancel()
+
+
+def wait_ready(socket_path: str | None, timeout: float,
+               alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """The agent's status once it says "ready" (programs attached, first table applied).
+    Raises AgentUnavailable when `timeout` passes first, or at once when `alive()` (the
+    agent's process, if the caller started it) says it is gone."""
+    deadline = time.monotonic() + timeout
+    why = "no answer"
+    while True:
+        if alive is not None and not alive():
+            raise AgentUnavailable(f"the agent exited before it was ready ({why})")
+        try:
+            st = get_status(socket_path)
+            if st.get("ready"):
+                return st
+            why = st.get("not_ready") or "not ready"
+        except AgentUnavailable as e:  # not up yet: the socket comes with the API
+            why = str(e)
+        if time.monotonic() >= deadline:
+            raise AgentUnavailable(f"not ready after {timeout:g}s: {why}")
+        time.sleep(0.05)

@@ -136,6 +136,9 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
         rejected=int(st.get("rejected") or 0), last_error=st.get("last_error") or "",
         pin_dir=st.get("pin_dir") or "", cgroup=st.get("cgroup") or "",
         redirect_unavailable=st.get("redirect_unavailable") or "",
+        ready=bool(st.get("ready")), not_ready=st.get("not_ready") or "",
+        compiled=bool(st.get("compiled")),
+        seconds_to_ready=float(st.get("seconds_to_ready") or 0.0),
     )
     xds = st.get("xds")
     if isinstance(xds, dict):
@@ -195,6 +198,10 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         "pod_routing": struct_to_data(msg.pod_routing.details) if msg.pod_routing.enabled
         else None,
         "redirect_unavailable": msg.redirect_unavailable or None,
+        "ready": msg.ready,
+        "not_ready": msg.not_ready,
+        "compiled": msg.compiled,
+        "seconds_to_ready": round(msg.seconds_to_ready, 3) if msg.ready else None,
     }
 
 

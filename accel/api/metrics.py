@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -27,6 +27,9 @@ from prometheus_client.registry import Collector
 
 from accel.api.convert import flatten
 from accel.model import ValidationError
+
+if TYPE_CHECKING:
+    from accel.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def metric_name(*parts: str) -> str:
 
 
 class AgentCollector(Collector):
-    def __init__(self, agent):
+    def __init__(self, agent: Runtime):
         self.agent = agent
 
     def collect(self) -> Iterator[Any]:
@@ -124,7 +127,7 @@ class AgentCollector(Collector):
             yield from per_vip.values()
 
     def _xds(self) -> Iterator[Any]:
-        state = self.agent.xds_state() if callable(self.agent.xds_state) else None
+        state = self.agent.xds.state() if self.agent.xds is not None else None
         if not isinstance(state, dict):
             return
         yield GaugeMetricFamily("meshaccel_xds_connected", "1 while the ADS stream is up",
@@ -171,7 +174,7 @@ class MetricsServer:
         self.thread.join(2)
 
 
-def serve(agent, addr: str) -> MetricsServer:
+def serve(agent: Runtime, addr: str) -> MetricsServer:
     host, port = parse_addr(addr)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))

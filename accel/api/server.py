@@ -19,6 +19,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +30,9 @@ from accel.api import convert
 from accel.api.gen import agent_pb2 as pb
 from accel.api.gen import agent_pb2_grpc as pb_grpc
 from accel.model import ValidationError
+
+if TYPE_CHECKING:
+    from accel.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ class ApiError(RuntimeError):
 
 
 class AgentService(pb_grpc.AgentServicer):
-    def __init__(self, agent, stopping: threading.Event, tcp_may_write: bool):
+    def __init__(self, agent: Runtime, stopping: threading.Event, tcp_may_write: bool):
         self.agent = agent
         self.stopping = stopping
         self.tcp_may_write = tcp_may_write
@@ -129,7 +133,7 @@ class AgentService(pb_grpc.AgentServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _details(e))
             return pb.ApplyConfigResponse(version=version, applied=False, **counts)
         try:
-            self.agent.apply_table(table, version=version)
+            self.agent.apply(table, version=version)
         except ValidationError as e:  # CapacityError included: the maps cannot hold it
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if type(e).__name__ == "CapacityError"
                     else grpc.StatusCode.INVALID_ARGUMENT)
@@ -268,6 +272,13 @@ class ApiServer:
     unix_ino: int | None
     tcp_port: int | None  # the bound port (useful with port 0)
 
+    def set_serving(self, serving: bool) -> None:
+        """gRPC health follows the runtime's readiness: SERVING only once it is ready."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
     def stop(self, grace: float = 2.0) -> None:
         self.stopping.set()
         self.health.enter_graceful_shutdown()
@@ -281,7 +292,7 @@ class ApiServer:
 
 
 def serve(
-    agent,
+    agent: Runtime,
     unix_path: str | None,
     tcp_addr: str | None = None,
     tls_cert: str | None = None,
@@ -321,8 +332,10 @@ def serve(
         AgentService(agent, stopping, tcp_may_write=bool(tls_client_ca) or insecure), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    ready = agent.ready.is_set()
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ready
+                            else health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 

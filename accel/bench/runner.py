@@ -388,7 +388,7 @@ class Bench:
         logf = self.run_dir / "agent.log"
         argv = [sys.executable, "-m", "accel.cli", "agent", "--config", str(path),
                 "--pin-dir", str(self.config.pin_dir), "--cgroup", str(self.cgroups["accel"]),
-                "--api-socket", ""]
+                "--api-socket", str(self.run_dir / "agent.sock")]
         # The accelerated modes' pods are the mesh pods whose packets may skip the bridge.
         assert self.lab is not None
         argv += ["--pod-netns", self.lab.node]
@@ -401,7 +401,7 @@ class Bench:
             self.agent = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
         self._record_state()
-        wait_agent(self.agent, logf)
+        wait_agent(self.agent, logf, str(self.run_dir / "agent.sock"))
         self.counters_before = self.counters()
 
     def counters(self) -> dict[str, int]:
@@ -556,16 +556,16 @@ class Bench:
         self.state_file.unlink(missing_ok=True)
 
 
-def wait_agent(proc: subprocess.Popen, logf: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_agent(proc: subprocess.Popen, logf: Path, api_socket: str,
+               timeout: float = 180.0) -> dict:
+    """The agent's status once it is ready (its one readiness signal, over its API)."""
+    from accel.api import client
+
+    try:
+        return client.wait_ready(api_socket, timeout, alive=lambda: proc.poll() is None)
+    except client.AgentUnavailable as e:
         text = logf.read_text() if logf.exists() else ""
-        if "agent running" in text:
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"the agent exited with {proc.returncode}:\n{text[-2000:]}")
-        time.sleep(0.1)
-    raise RuntimeError(f"the agent did not start in {timeout:.0f}s")
+        raise RuntimeError(f"the agent is not ready ({e}):\n{text[-2000:]}") from None
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:

@@ -6,7 +6,7 @@
    kernel maps are read back and must hold every service, slot and endpoint address.
 2. change: an Agent + Datapath + XdsClient in this process, on the same controller: one
    endpoint of one service changes, N times. Latency is from the DiscoveryResponse reaching
-   the client (XdsClient.last_received) until apply_table returned, i.e. the maps are written;
+   the client (XdsClient.last_received) until Runtime.apply returned, i.e. the maps are written;
    p50/p99 against the 10 ms target. The maps are read back and checked at the end.
 
 --delta: the agent and the in-process client speak incremental (Delta) xDS instead of
@@ -259,8 +259,8 @@ def _percentiles(ms: list[float], prefix: str = "") -> dict[str, float]:
 def change_phase(ctl: Controller, table: ServiceTable, cgroup: Path, pin_dir: str, node: str,
                  changes: int, seed: int, say: Callable[[str], None],
                  delta: bool = False) -> dict[str, Any]:
-    from accel.agent import Agent
     from accel.datapath.datapath import Datapath
+    from accel.runtime import Runtime
     from accel.xds.client import XdsClient
 
     # One INFO line per applied table would flood the terminal (and the agent's is tested
@@ -268,14 +268,14 @@ def change_phase(ctl: Controller, table: ServiceTable, cgroup: Path, pin_dir: st
     logging.getLogger("accel.agent").setLevel(logging.WARNING)
     dp = Datapath(pin_dir=pin_dir, cgroup_path=str(cgroup),
                   capacities=capacities_for(table)).start()
-    agent = Agent(dp, source="xds")
+    agent = Runtime(datapath=dp)
     records: list[tuple[float, float, float]] = []
     applied = threading.Condition()
     box: dict[str, XdsClient] = {}
 
     def on_update(t: ServiceTable) -> None:
         start = time.perf_counter()
-        agent.apply_table(t)
+        agent.apply(t)
         done = time.perf_counter()
         with applied:
             records.append((box["client"].last_received, start, done))

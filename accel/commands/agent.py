@@ -7,7 +7,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 from dataclasses import fields, replace
 
@@ -102,185 +101,43 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         return fail(f"invalid input: {e}", code=2)
 
-    from accel.agent import Agent
-    from accel.datapath.datapath import AlreadyRunning, Datapath
+    from accel.datapath.datapath import AlreadyRunning
     from accel.kernel.loader import LoadError
+    from accel.runtime import ApiSettings, ApplyError, Runtime, Settings, XdsSettings
 
-    dp = Datapath(pin_dir=args.pin_dir, cgroup_path=args.cgroup, capacities=caps)
-    try:
-        dp.start()
-    except AlreadyRunning as e:
-        return fail(str(e))
-    except (LoadError, OSError, RuntimeError) as e:
-        return fail(f"cannot load the datapath: {e}\n"
-                    "nothing was changed; `accel doctor` tells what this kernel lacks")
-    agent = Agent(dp, source=f"file:{args.config}" if args.config else f"xds:{args.xds}")
-    stoppers: list = []
+    settings = Settings(
+        pin_dir=args.pin_dir, cgroup=args.cgroup, capacities=caps, keep=args.keep,
+        config=args.config,
+        xds=XdsSettings(args.xds, node_id=args.node_id or "", delta=args.xds_delta,
+                        ca=args.xds_ca, cert=args.xds_cert, key=args.xds_key)
+        if args.xds else None,
+        edge_iface=args.edge_iface, maglev_size=args.maglev_size,
+        pod_ifaces=tuple(args.pod_iface), pod_netns=args.pod_netns,
+        api=ApiSettings(unix_path=args.api_socket or None, tcp_addr=args.api_listen,
+                        tls_cert=args.api_tls_cert, tls_key=args.api_tls_key,
+                        tls_client_ca=args.api_tls_client_ca, insecure=args.api_insecure),
+        metrics=args.metrics,
+    )
+    runtime = Runtime(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    code = 0
-    chores: list = []
     try:
-        if args.edge_iface:
-            from accel.datapath.edge import EdgeDatapath
-
-            edge = EdgeDatapath(args.edge_iface, pin_dir=dp.pin_dir, maglev_size=args.maglev_size)
-            mode = edge.attach()
-            log.info("edge balancer on %s (XDP %s mode)", args.edge_iface, mode)
-            dp.record(edge_iface=args.edge_iface)
-            if not args.keep:
-                stoppers.append(edge.close)
-            agent.edge = edge
-            chores.append((edge.refresh, True))
-            chores.append((_every(10, edge.compact), True))
-        if args.pod_iface:
-            agent.pods = _start_pod_routing(args, dp, caps, stoppers, chores)
-        if chores:
-            stoppers.append(_housekeeping(agent, chores, stop))
-        stoppers.extend(_start_source(args, agent, table))
-        stoppers.extend(_start_api(args, agent))
-        log.info("agent running (pin dir %s, cgroup %s); SIGTERM or Ctrl-C to stop",
-                 dp.pin_dir, dp.cgroup)
-        stop.wait()
+        # The table was read and checked above; the runtime applies that very one.
+        runtime.start(table)
+    except AlreadyRunning as e:
+        return fail(str(e))
     except ValidationError as e:
-        code = fail(f"invalid input: {e}", code=2)
+        return fail(f"invalid input: {e}", code=2)
+    except ApplyError as e:
+        return fail(f"the table was not applied: {e}")
+    except (LoadError, OSError, RuntimeError) as e:  # bpf(2), attach and cgroup errors
+        return fail(f"cannot load the datapath: {e}\n"
+                    "nothing was changed; `accel doctor` tells what this kernel lacks")
     except Exception as e:
         log.exception("agent failed")
-        code = fail(f"agent failed: {e}")
-    finally:
-        for s in reversed(stoppers):
-            try:
-                s()
-            except Exception as e:
-                log.warning("stopping: %s", e)
-        dp.close(keep=args.keep)
-        log.info("agent stopped%s", " (datapath kept)" if args.keep else ", datapath removed")
-    return code
-
-
-def _start_pod_routing(args: argparse.Namespace, dp, caps, stoppers: list, chores: list):
-    """Pod routing, or, when it cannot run here, an Unavailable that says why: the rest of
-    the datapath serves on and pod traffic keeps the bridge (fail open)."""
-    from accel.datapath.podroute import PodRouter, Unavailable
-
-    patterns = tuple(args.pod_iface)
-    try:
-        pods = PodRouter(dp.pin_dir, patterns, netns=args.pod_netns, capacity=caps.pods,
-                         flows=caps.pod_flows)
-    except Exception as e:
-        log.error("pod routing unavailable, pod traffic stays on the bridge: %s", e)
-        return Unavailable(patterns, args.pod_netns, str(e))
-    dp.record(pod_netns=args.pod_netns or "", pod_prog_id=pods.prog_id)
-    if not args.keep:
-        stoppers.append(pods.close)
-    pods.refresh()
-    log.info("pod routing on %d ports (%s)", len(pods.ports), ", ".join(patterns))
-    # Outside the agent's lock: it touches only its own map and filters, and reading many
-    # pods' namespaces must not hold up an xDS update.
-    chores.append((pods.refresh, False))
-    return pods
-
-
-def _every(n: int, fn):
-    ticks = {"n": 0}
-
-    def tick() -> None:
-        ticks["n"] += 1
-        if ticks["n"] % n == 0:
-            fn()
-
-    return tick
-
-
-def _housekeeping(agent, chores: list, stop: threading.Event):
-    """Once a second, each chore (fn, under the agent's lock?): the edge's neighbours resolve
-    and MACs move after a table is applied, churn leaves ring slots to compact, and pods
-    come and go."""
-
-    def loop() -> None:
-        while not stop.wait(1.0):
-            for chore, locked in chores:
-                try:
-                    if locked:
-                        with agent.lock:
-                            chore()
-                    else:
-                        chore()
-                except Exception as e:  # never let housekeeping take the agent down
-                    log.warning("housekeeping: %s", e)
-
-    t = threading.Thread(target=loop, name="housekeeping", daemon=True)
-    t.start()
-    return lambda: t.join(timeout=5)
-
-
-def _start_source(args: argparse.Namespace, agent, table) -> list:
-    if table is not None:
-        from accel.sources.file import FileSource
-
-        agent.apply_table(table, version="file-1")
-        source = FileSource(args.config)
-        counter = {"n": 1}
-
-        def on_change(t) -> None:
-            counter["n"] += 1
-            try:
-                agent.apply_table(t, version=f"file-{counter['n']}")
-            except Exception as e:
-                log.error("new %s not applied, keeping the last good one: %s", args.config, e)
-
-        source.watch(on_change)
-        return [source.close]
-
-    import socket
-
-    import grpc
-
-    from accel.xds.client import XdsClient
-
-    creds = None
-    if args.xds_ca:
-        def read(p: str | None) -> bytes | None:
-            return open(p, "rb").read() if p else None
-
-        creds = grpc.ssl_channel_credentials(read(args.xds_ca), read(args.xds_key),
-                                              read(args.xds_cert))
-    node_id = args.node_id or f"meshaccel-{socket.gethostname()}"
-    client = XdsClient(args.xds, node_id, on_update=agent.apply_table, credentials=creds,
-                       delta=args.xds_delta)
-    agent.xds_state = client.state
-    # ACK/NACK as the protocol saw them (a NACK of a malformed resource never reaches
-    # apply_table, so the agent would not know of it otherwise).
-    client.events.append(lambda kind, info: agent.emit(
-        "xds", f"{kind}: " + ", ".join(f"{k}={v}" for k, v in sorted(info.items())),
-        str(info.get("version", ""))))
-    client.start()
-    return [client.stop]
-
-
-def _start_api(args: argparse.Namespace, agent) -> list:
-    stoppers = []
-    try:
-        from accel.api import server as api_server
-    except ImportError:
-        api_server = None
-    if api_server is not None and (args.api_socket or args.api_listen):
-        handle = api_server.serve(
-            agent,
-            unix_path=args.api_socket or None,
-            tcp_addr=args.api_listen,
-            tls_cert=args.api_tls_cert,
-            tls_key=args.api_tls_key,
-            tls_client_ca=args.api_tls_client_ca,
-            insecure=args.api_insecure,
-        )
-        stoppers.append(handle.stop)
-    if args.metrics:
-        try:
-            from accel.api import metrics
-        except ImportError:
-            print("accel agent: --metrics is not available in this build", file=sys.stderr)
-        else:
-            stoppers.append(metrics.serve(agent, args.metrics).stop)
-    return stoppers
+        return fail(f"agent failed: {e}")
+    log.info("SIGTERM or Ctrl-C to stop")
+    stop.wait()
+    runtime.stop()
+    return 0

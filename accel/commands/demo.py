@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -373,10 +372,12 @@ class Mesh:
         self.stack.callback(runner.stop_process, agent, 30)
         t0 = time.monotonic()
         try:
-            runner.wait_agent(agent, agent_log)
-            wait_applied(agent, agent_log, len(SERVICES))
+            st = runner.wait_agent(agent, agent_log, self.api_socket)
         except RuntimeError as e:
             raise DemoError(str(e)) from None
+        if st["services"] != len(SERVICES):
+            raise DemoError(f"the agent is ready with {st['services']} services, not "
+                            f"{len(SERVICES)}: {st.get('last_error') or '?'}")
         say(f"agent: programs attached to {group} in {time.monotonic() - t0:.1f}s, "
             f"{len(SERVICES)} services applied"
             + (" from the controller" if have_controller else ""))
@@ -445,20 +446,6 @@ class Mesh:
         self.progress.report["checks"] = checks
         if not all(checks.values()):
             raise DemoError("the counters do not show the traffic accelerated: see above")
-
-
-def wait_applied(agent: subprocess.Popen, log: Path, services: int, timeout: float = 60) -> None:
-    pattern = re.compile(rf"applied version .*: {services} services")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text()
-        if pattern.search(text):
-            return
-        if agent.poll() is not None:
-            raise RuntimeError(f"the agent exited with {agent.returncode}:\n{text[-2000:]}")
-        time.sleep(0.1)
-    raise RuntimeError(f"the agent got no service table in {timeout:.0f}s:\n"
-                       f"{log.read_text()[-2000:]}")
 
 
 def _has_module(name: str) -> bool:

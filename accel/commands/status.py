@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "pod routing)")
     add_json_arg(p)
     add_api_arg(p)
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="wait up to SECONDS for the agent to be ready (programs attached, "
+                   "first table applied): exit 0 once it is, 1 if it is not by then")
     p.set_defaults(func=run)
 
 
@@ -68,13 +71,25 @@ def _pods(pods: dict | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from accel.api import client
 
-    st, code = call(client.get_status, args.api_socket)
-    if st is None:
-        return code
+    if args.wait is not None:
+        if args.wait < 0:
+            return fail("--wait takes a number of seconds >= 0", code=2)
+        try:
+            st = client.wait_ready(args.api_socket, args.wait)
+        except client.AgentUnavailable as e:
+            return fail(str(e))
+    else:
+        st, code = call(client.get_status, args.api_socket)
+        if st is None:
+            return code
     if args.json:
         print_json(st)
         return 0
     rows = [
+        ["ready", "yes" + (f" ({st['seconds_to_ready']:.2f}s after start, "
+                           f"{'compiled' if st['compiled'] else 'pinned programs reused'})"
+                           if st.get("seconds_to_ready") is not None else "")
+         if st.get("ready") else f"NO: {st.get('not_ready') or '?'}"],
         ["version", st["version"]],
         ["source", st["source"]],
         ["config version", st["config_version"] or "(none)"],

@@ -85,7 +85,7 @@ class BatchMap:
     def __init__(self, table: Any, batch: bool = True):
         self.fd = table.map_fd
         self.key_size = ctypes.sizeof(table.Key)
-        self.value_size = ctypes.sizeof(table.Leaf)
+        self.value_size = table.value_bytes  # per-CPU maps: one value for every CPU
         self._update_batch = batch and _probe(bpf.MAP_UPDATE_BATCH, self.fd)
         self._delete_batch = batch and _probe(bpf.MAP_DELETE_BATCH, self.fd)
 

@@ -288,9 +288,6 @@ class Datapath:
         }
         self.table = table
         self.last_report = report
-        if self._state_extra.get("services") != len(table.services):
-            # Readiness signal for whoever waits on the state file; kept off the hot path.
-            self.record(services=len(table.services))
         return report
 
     def _write_sock_config(self, table: ServiceTable) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from accel.datapath.batch import BatchMap, Layout, addr16, strerror
 from accel.datapath.maps import MapFullError, WriteReport, get_addr16, set_addr16
+from accel.kernel.maps import Map
 from accel.model import Endpoint, IPAddress, Service, ServiceTable
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,9 @@ class _Plan:
 
 @dataclass
 class ServiceWriter:
-    services: object  # bcc table accel_services
-    slots: object  # bcc table accel_slots
-    stats: object  # bcc table accel_svc_stats (per-CPU)
+    services: Map  # accel_services
+    slots: Map  # accel_slots
+    stats: Map  # accel_svc_stats (per-CPU)
     capacity: int
     current: dict[SvcKey, Written] = field(default_factory=dict)
     batch: bool = True  # False: one bcc call per entry, as before batches (and for comparison)

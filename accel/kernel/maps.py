@@ -61,6 +61,12 @@ class Map:
     def map_fd(self) -> int:
         return self.fd
 
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of one entry's value as bpf(2) reads and writes it: per-CPU maps hold one
+        value per possible CPU, each rounded up to 8 bytes."""
+        return self._stride * self._ncpu
+
     def _layouts(self) -> tuple[type, type]:
         info = self.info
         if not info.btf_id or not info.btf_key_type_id:
