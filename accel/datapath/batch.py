@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from accel.kernel import bpf
+from accel.kernel import addr, bpf
 
 # Entries per call: bounds one syscall's time and nothing else (the kernel reschedules
 # between entries anyway).
@@ -29,10 +29,7 @@ CHUNK = 65536
 _INT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}
 
 
-def addr16(addr: Any) -> bytes:
-    """An address as struct addr16 holds it: 16 bytes, network order, IPv4 v4-mapped."""
-    n = int(addr)
-    return (n | 0xFFFF00000000).to_bytes(16, "big") if addr.version == 4 else n.to_bytes(16, "big")
+addr16 = addr.pack  # struct addr16's bytes, for Layout fields of that type
 
 
 class Layout:

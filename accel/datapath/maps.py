@@ -13,24 +13,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from accel.datapath.batch import BatchMap, Layout, strerror
+from accel.kernel import addr as addr16
 from accel.model import IPAddress, IPNetwork, Service, ServiceTable, TableDelta, mapped
 
 log = logging.getLogger(__name__)
 
 
-_V4_MAPPED = bytes(10) + b"\xff\xff"
-
-
-def set_addr16(target: ctypes.Structure, addr: IPAddress) -> None:
-    """Write an address into a struct addr16 (v4-mapped, network byte order)."""
-    raw = _V4_MAPPED + addr.packed if addr.version == 4 else addr.packed
-    ctypes.memmove(ctypes.addressof(target), raw, 16)
-
-
-def get_addr16(source: ctypes.Structure) -> IPAddress:
-    raw = ctypes.string_at(ctypes.addressof(source), 16)
-    addr = ipaddress.IPv6Address(raw)
-    return addr.ipv4_mapped or addr
+# The one address encoding (accel/kernel/addr.py), under the names the writers use.
+set_addr16 = addr16.put
+get_addr16 = addr16.get
 
 
 def mapped_prefix(net: IPNetwork) -> tuple[ipaddress.IPv6Address, int]:

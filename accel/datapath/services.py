@@ -413,6 +413,6 @@ class ServiceWriter:
 
 
 def _is_full(e: Exception) -> bool:
-    text = str(e)
-    return any(s in text for s in ("No space", "E2BIG", "Argument list too long",
-                                    "Cannot allocate", str(errno.ENOSPC)))
+    """The kernel's "no room" answers to a map update: E2BIG (a full hash or array), ENOSPC
+    (a full LPM trie), ENOMEM (no memory for an unpreallocated entry)."""
+    return isinstance(e, OSError) and e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)

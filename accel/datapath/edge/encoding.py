@@ -3,10 +3,9 @@ hashes, mirrored so that Python places VIPs and predicts ring slots as XDP will.
 
 from __future__ import annotations
 
-import ctypes
-import ipaddress
 import socket
 
+from accel.kernel import addr as addr16
 from accel.model import IPAddress, mapped
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
@@ -18,13 +17,8 @@ def ep_name(addr: IPAddress, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
-def put_addr(dst: ctypes.Structure, addr: IPAddress) -> None:
-    ctypes.memmove(ctypes.addressof(dst), mapped(addr).packed, 16)
-
-
-def get_addr(src: ctypes.Structure) -> IPAddress:
-    a = ipaddress.IPv6Address(bytes(ctypes.string_at(ctypes.addressof(src), 16)))
-    return a.ipv4_mapped or a
+put_addr = addr16.put  # the one address encoding (accel/kernel/addr.py)
+get_addr = addr16.get
 
 
 def _mix32(h: int) -> int:
