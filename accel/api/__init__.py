@@ -1,0 +1,1 @@
+"""The agent's gRPC API (server, client, message conversion) and its Prometheus metrics."""

@@ -1,4 +1,4 @@
-"""The agent's gRPC API server: a thin mirror of the Agent facade.
+"""The agent's gRPC API server: a thin mirror of the Runtime (accel/runtime.py).
 
 Served on a root-only unix socket and, only when asked, on TCP with TLS (mutual TLS with a
 client CA). Who may change the agent: unix-socket peers (root, by the socket's mode), TCP

@@ -337,6 +337,47 @@ def _expected_dump(table: ServiceTable) -> dict[str, Any]:
     }
 
 
+def start_phase(cgroup: Path, pin_dir: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """Time to ready of `accel agent --config` (one service): a cold start (compiles), then,
+    after SIGTERM --keep, a warm restart over the kept pins (reuses the programs); the
+    agent's idle RSS after each. Wall time from spawn to `ready` over its API, and the
+    agent's own seconds_to_ready (from its start(), without the interpreter's start-up)."""
+    from accel.api import client
+
+    run_dir = Path(tempfile.mkdtemp(prefix="accel-hp-start-"))
+    cfg = run_dir / "mesh.yaml"
+    cfg.write_text("services:\n  - {name: one, vip: 10.96.0.1, port: 80, endpoints: "
+                   "[{address: 10.200.0.1, port: 8080}]}\n")
+    sock = str(run_dir / "agent.sock")
+    out: dict[str, Any] = {}
+    try:
+        for phase, extra in (("cold", ["--keep"]), ("warm", [])):
+            t0 = time.monotonic()
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "accel.cli", "agent", "--config", str(cfg), "--pin-dir",
+                 pin_dir, "--cgroup", str(cgroup), "--api-socket", sock, *extra],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+            try:
+                st = client.wait_ready(sock, 180, alive=lambda a=agent: a.poll() is None)
+                wall = time.monotonic() - t0
+                time.sleep(1.0)  # settled: API threads up, first scrape-free second
+                out[phase] = {"spawn_to_ready_s": round(wall, 3),
+                              "agent_seconds_to_ready": st["seconds_to_ready"],
+                              "compiled": st["compiled"],
+                              "rss_mb_idle": _rss_mb(agent.pid).get("VmRSS")}
+                say(f"start: {phase} ready in {wall:.2f}s "
+                    f"({'compiled' if st['compiled'] else 'pins reused'}), "
+                    f"RSS {out[phase]['rss_mb_idle']} MB")
+            finally:
+                agent.send_signal(signal.SIGTERM)
+                agent.wait(60)
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
 def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: int = 1,
         say: Callable[[str], None] = lambda m: None, delta: bool = False) -> dict[str, Any]:
     from accel.datapath import cgroup as cg
@@ -349,6 +390,7 @@ def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: i
     group.mkdir()
     ctl = None
     try:
+        start = start_phase(group, f"/sys/fs/bpf/hp-{tag}-s", say)
         ctl = Controller(services, endpoints)
         push = push_phase(ctl, table, group, f"/sys/fs/bpf/hp-{tag}-a", f"hp-{tag}-a", say,
                           delta)
@@ -357,7 +399,7 @@ def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: i
     finally:
         if ctl is not None:
             ctl.close()
-        for name in ("a", "b"):
+        for name in ("a", "b", "s"):
             shutil.rmtree(f"/sys/fs/bpf/hp-{tag}-{name}", ignore_errors=True)
         group.rmdir()
     return {
@@ -367,6 +409,7 @@ def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: i
                 "xds": "delta" if delta else "sotw",
                 "placement": "unpinned: controller and agent processes as the scheduler puts "
                              "them"},
+        "start": start,
         "push": push,
         "change": change,
     }

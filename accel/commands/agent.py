@@ -1,5 +1,6 @@
-"""`accel agent`: load the datapath, feed it from mesh.yaml or xDS, serve the API, run until
-SIGTERM/SIGINT, then detach and unpin everything (or leave it for the next agent: --keep)."""
+"""`accel agent`: arguments -> runtime Settings, checked before anything is loaded; then the
+Runtime (accel/runtime.py) runs until SIGTERM/SIGINT and detaches and unpins everything (or
+leaves it for the next agent: --keep)."""
 
 from __future__ import annotations
 

@@ -206,8 +206,9 @@ def run_connect(args: argparse.Namespace) -> int:
 
 
 def register_xds(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("xds", help="xDS push of S services x E endpoints until the kernel maps "
-                        "are complete, agent RSS, and one-endpoint change latency (p50/p99)")
+    p = bsub.add_parser("xds", help="agent cold start and warm restart to ready, xDS push of S "
+                        "services x E endpoints until the kernel maps are complete, agent RSS, "
+                        "and one-endpoint change latency (p50/p99)")
     p.add_argument("--services", type=int, default=10_000, help="services (default 10000)")
     p.add_argument("--endpoints", type=int, default=10, help="endpoints each (default 10)")
     p.add_argument("--changes", type=int, default=300,
@@ -232,6 +233,8 @@ def run_xds(args: argparse.Namespace) -> int:
         return fail(f"bench xds: {e}")
     _write_json(args.json, result)
     print(", ".join(f"{k}={v}" for k, v in result["env"].items()))
+    for phase, r in result["start"].items():
+        print(f"start {phase}: " + ", ".join(f"{k}={v}" for k, v in r.items()))
     for part in ("push", "change"):
         print(f"{part}: " + ", ".join(f"{k}={v}" for k, v in result[part].items()))
     ok = result["push"]["maps_complete"] and result["change"]["maps_verified"]

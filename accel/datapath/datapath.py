@@ -1,4 +1,5 @@
-"""The datapath facade: load, attach, apply a ServiceTable, read counters, detach.
+"""The socket datapath: its programs loaded (accel/kernel/loader) and attached to a cgroup,
+a ServiceTable applied to its maps, its counters read, and all of it detached again.
 
 One instance per pin directory. Everything it creates is found again by name under the
 pin directory (maps, programs) plus one state file naming the cgroup it attached to, so
