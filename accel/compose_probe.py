@@ -4,6 +4,7 @@ compose/agent-caps.yml). Probed on every call; nothing is cached across runs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,18 @@ def cgroup2() -> str:
 
     try:
         return str(cgroup2_mount())
+    except CgroupError as e:
+        raise ProbeError(str(e)) from None
+
+
+def check_cgroup2(path: str) -> None:
+    """ProbeError unless `path` is a cgroup2 directory (the agent would refuse it)."""
+    from accel.datapath.cgroup import CgroupError, resolve
+
+    if not os.path.isabs(path):
+        raise ProbeError(f"{path} is not an absolute path")
+    try:
+        resolve(path)
     except CgroupError as e:
         raise ProbeError(str(e)) from None
 
@@ -44,7 +57,11 @@ def _run(image: str, *flags: str) -> subprocess.CompletedProcess:
 
 def _error(r: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "docker run --help" not in ln]
-    return lines[0].strip() if lines else f"exit status {r.returncode}"
+    if not lines:
+        return f"exit status {r.returncode}"
+    # runc's reason, without the layers of daemon and shim wording around it
+    why = lines[0].strip().rpartition("unable to start container process: ")[2]
+    return why.removesuffix(": unknown").removeprefix("docker: ")
 
 
 def privileged(image: str) -> Privileged:

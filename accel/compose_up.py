@@ -202,17 +202,41 @@ def agent_container(project: str) -> dict | None:
     return agents[0] if agents else None
 
 
-def logs(c: dict, n: int = 12) -> str:
+def logs(c: dict, n: int = 6) -> str:
     r = docker("logs", "--tail", str(n), c["Id"])
     return _tail(r.stdout + r.stderr, n)
 
 
+def host_path(c: dict, path: str) -> str | None:
+    """Where a path inside container `c` is on the host, if a bind mount covers it."""
+    for m in sorted(c.get("Mounts") or [], key=lambda m: -len(m.get("Destination", ""))):
+        dest = m.get("Destination", "").rstrip("/")
+        if m.get("Source") and (path == dest or path.startswith(dest + "/")):
+            return m["Source"].rstrip("/") + path[len(dest):]
+    return None
+
+
 def agent_status(c: dict, api_socket: str, wait: float | None = None) -> tuple[dict | None, str]:
-    """(status, "") from the agent's API, asked inside its container; (None, why) if not."""
+    """(status, "") from the agent's API, (None, why) if it does not answer or, with `wait`,
+    is not ready within `wait` seconds. Asked from here through the mounted socket (as
+    `accel status --wait`), else with `docker exec` in its container."""
+    from accel.api import client
+
+    sock = host_path(c, api_socket)
+    if sock is not None:
+        try:
+            if wait is not None:
+                return client.wait_ready(sock, wait), ""
+            return client.get_status(sock), ""
+        except (client.AgentUnavailable, client.ApiCallError) as e:
+            return None, str(e)
     args = ["exec", c["Id"], "accel", "status", "--json", "--api-socket", api_socket]
     if wait is not None:
         args += ["--wait", f"{wait:g}"]
-    r = docker(*args, timeout=(wait or 0) + 60)
+    try:
+        r = docker(*args, timeout=(wait or 0) + 15)
+    except ComposeError as e:  # an exec into a container that died meanwhile can hang
+        return None, str(e)
     if r.returncode == 0:
         try:
             return json.loads(r.stdout), ""
@@ -220,6 +244,11 @@ def agent_status(c: dict, api_socket: str, wait: float | None = None) -> tuple[d
             return None, f"unreadable status: {_tail(r.stdout, 2)}"
     why = _tail(r.stderr, 1) or f"exit status {r.returncode}"
     return None, why.removeprefix("accel: ")
+
+
+def _running(c: dict) -> bool:
+    st = c.get("State") or {}
+    return bool(st.get("Running")) and not st.get("Restarting")
 
 
 def _state(c: dict) -> str:
@@ -255,6 +284,11 @@ def up(files: list[str], project: str | None, wait: float, say: Say) -> Record:
     extra: list[Path] = []
 
     if os.environ.get("ACCEL_CGROUP2"):
+        try:
+            compose_probe.check_cgroup2(os.environ["ACCEL_CGROUP2"])
+        except compose_probe.ProbeError as e:
+            raise ComposeError(f"ACCEL_CGROUP2: {e} (unset it: `up` finds the mount)",
+                               code=2) from None
         say(f"cgroup2: ACCEL_CGROUP2={os.environ['ACCEL_CGROUP2']} (from the environment)")
     else:
         try:
@@ -324,8 +358,8 @@ def wait_agent(project: str, api_socket: str, timeout: float) -> dict:
         c = agent_container(project) or c
         if c is not None:
             st = c.get("State") or {}
-            if st.get("Running") and not st.get("Restarting"):
-                left = max(1.0, min(5.0, deadline - time.monotonic()))
+            if _running(c):
+                left = max(1.0, min(2.0, deadline - time.monotonic()))
                 status, why = agent_status(c, api_socket, wait=left)
                 if status is not None:
                     return status
@@ -358,7 +392,7 @@ def status(project: str) -> dict[str, Any]:
     else:
         agent["container"] = ac["Name"].lstrip("/")
         _, sock = agent_flags(container_argv(ac))
-        if (ac.get("State") or {}).get("Running"):
+        if _running(ac):
             st, why = agent_status(ac, sock)
             if st is not None:
                 agent.update(ready=bool(st.get("ready")), status=st)
