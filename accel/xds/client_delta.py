@@ -26,6 +26,7 @@ from google.rpc import code_pb2, status_pb2
 
 from accel.model import ValidationError
 from accel.xds import translate
+from accel.xds.kinds import Packed
 from accel.xds.translate import ENDPOINT, ROUTE, Resources
 
 if TYPE_CHECKING:
@@ -121,8 +122,9 @@ class DeltaADS:
             ts.names = names
             ts.sorted_names = tuple(sorted(names))
             # What is unsubscribed goes at once: state follows the subscription.
-            kept = {n: m for n, m in self._res.of(t).items() if n in names}
-            self._res = self._res.replace(t, kept)
+            held = self._res.of(t)
+            assert isinstance(held, Packed)
+            self._res = self._res.replace(t, held.only(names))
             self._prune_versions(self._res)
         if not ts.subscribed and not names:
             return  # a first request naming nothing would be a wildcard to some servers

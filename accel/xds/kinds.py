@@ -1,9 +1,9 @@
 """The xDS resource types meshaccel reads and serves: type URLs, names, and a container
-holding each type's resources by name."""
+holding each type's resources by name (the client's packed: wire bytes, parsed on use)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -49,21 +49,86 @@ def resource_name(msg: message.Message) -> str:
     return msg.cluster_name if isinstance(msg, endpoint_pb2.ClusterLoadAssignment) else msg.name
 
 
+class Packed(Mapping[str, message.Message]):
+    """One type's resources held as their wire bytes, a message parsed afresh on each
+    access. A parsed (upb) message takes about 18 times its wire size: the client's state
+    for 10,000 services was 146 MB as messages, 8 MB as bytes. Translation looks at a
+    resource's bytes first (the memo) and parses only what changed."""
+
+    __slots__ = ("cls", "raw")
+
+    def __init__(self, cls: type[message.Message], raw: dict[str, bytes] | None = None):
+        self.cls = cls
+        self.raw = raw if raw is not None else {}
+
+    @classmethod
+    def of(cls, msg_cls: type[message.Message], items: Mapping[str, message.Message]) -> Packed:
+        if isinstance(items, Packed):
+            return items
+        return cls(msg_cls, {n: m.SerializeToString() for n, m in items.items()})
+
+    def __getitem__(self, name: str) -> message.Message:
+        return self.cls.FromString(self.raw[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.raw
+
+    def only(self, names: Iterable[str] | Mapping[str, object]) -> Packed:
+        keep = names if isinstance(names, (set, frozenset, dict)) else set(names)
+        return Packed(self.cls, {n: b for n, b in self.raw.items() if n in keep})
+
+    def without(self, names: Iterable[str]) -> Packed:
+        gone = set(names)
+        return Packed(self.cls, {n: b for n, b in self.raw.items() if n not in gone})
+
+    def updated(self, items: Mapping[str, message.Message]) -> Packed:
+        raw = dict(self.raw)
+        raw.update((n, m.SerializeToString()) for n, m in items.items())
+        return Packed(self.cls, raw)
+
+
+def raw_of(items: Mapping[str, message.Message], name: str) -> bytes | None:
+    """A resource's wire bytes (no parse when held packed)."""
+    if isinstance(items, Packed):
+        return items.raw.get(name)
+    m = items.get(name)
+    return None if m is None else m.SerializeToString()
+
+
+def raw_items(items: Mapping[str, message.Message]) -> list[tuple[str, bytes]]:
+    """(name, wire bytes) by name order, parsing nothing when held packed."""
+    if isinstance(items, Packed):
+        return sorted(items.raw.items())
+    return [(n, m.SerializeToString()) for n, m in sorted(items.items())]
+
+
 @dataclass
 class Resources:
     """The four resource kinds by name, as a client holds them or a server serves them."""
 
-    listeners: dict[str, listener_pb2.Listener] = field(default_factory=dict)
-    routes: dict[str, route_pb2.RouteConfiguration] = field(default_factory=dict)
-    clusters: dict[str, cluster_pb2.Cluster] = field(default_factory=dict)
-    endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict)
+    listeners: Mapping[str, listener_pb2.Listener] = field(default_factory=dict)
+    routes: Mapping[str, route_pb2.RouteConfiguration] = field(default_factory=dict)
+    clusters: Mapping[str, cluster_pb2.Cluster] = field(default_factory=dict)
+    endpoints: Mapping[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict)
+
+    @classmethod
+    def packed(cls) -> Resources:
+        return cls(*(Packed(MESSAGE[t]) for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)))
 
     def of(self, type_url: str) -> dict[str, message.Message]:
         return {LISTENER: self.listeners, ROUTE: self.routes, CLUSTER: self.clusters,
                 ENDPOINT: self.endpoints}[type_url]  # type: ignore[return-value]
 
     def replace(self, type_url: str, items: Mapping[str, message.Message]) -> Resources:
+        """A copy with one type's resources replaced (packed when this one's are)."""
         parts = {LISTENER: self.listeners, ROUTE: self.routes, CLUSTER: self.clusters,
                  ENDPOINT: self.endpoints}
-        parts[type_url] = dict(items)  # type: ignore[assignment]
+        parts[type_url] = (Packed.of(MESSAGE[type_url], items)
+                           if isinstance(parts[type_url], Packed) else dict(items))
         return Resources(parts[LISTENER], parts[ROUTE], parts[CLUSTER], parts[ENDPOINT])

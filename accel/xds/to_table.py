@@ -5,11 +5,13 @@ the per-resource memo that lets a client re-translate only what changed."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import message
 
 from accel import config
@@ -26,7 +28,7 @@ from accel.model import (
 from accel.structs import struct_to_data
 from accel.xds.endpoints import endpoints_of
 from accel.xds.fronts import Front, cluster_eds_name, front, route_cluster
-from accel.xds.kinds import MESH_CLUSTER, META_KEY, Resources
+from accel.xds.kinds import MESH_CLUSTER, META_KEY, Resources, raw_items, raw_of
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,11 @@ class Memo:
     def commit(self) -> None:
         self._old, self._new = self._new, {}
 
-    def get(self, where: str, msg: message.Message, fn):
-        return self.keep((where, msg.SerializeToString()), fn)
+    def get(self, where: str, msg: message.Message | bytes, fn):
+        """fn()'s result for this resource (its wire bytes, or a message), kept by a 128-bit
+        digest of the bytes: the bytes themselves would double the client's state."""
+        raw = msg if isinstance(msg, bytes) else msg.SerializeToString()
+        return self.keep((where, hashlib.blake2b(raw, digest_size=16).digest()), fn)
 
     def keep(self, key: tuple, fn):
         value = self._new.get(key, self._MISS)
@@ -149,8 +154,9 @@ class Memo:
 def _to_table(res: Resources, strict: bool, cds_seen: bool,
               check_clusters: Iterable[str] | None, previous: ServiceTable | None,
               memo: Memo) -> Translation:
-    fronts = [memo.get("L", lst, lambda n=name, x=lst: front(n, x))
-              for name, lst in sorted(res.listeners.items())]
+    fronts = [memo.get("L", raw, lambda n=name, r=raw: front(n, listener_pb2.Listener
+                                                              .FromString(r)))
+              for name, raw in raw_items(res.listeners)]
     fronts = [f for f in fronts if f is not None]
     _check_fronts(fronts)
     must_resolve = set(check_clusters or ())
@@ -189,12 +195,13 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
             waiting.append(f)
             continue
         eds_name = cluster_eds_name(c)
+        cla: message.Message | bytes | None
         if eds_name is None:
             cla = c.load_assignment
             where = f"Cluster[{cluster}].load_assignment"
         else:
             eds.add(eds_name)
-            cla = res.endpoints.get(eds_name)
+            cla = raw_of(res.endpoints, eds_name)  # parsed below only if it changed
             where = f"ClusterLoadAssignment[{eds_name}]"
             if cla is None:
                 if strict:
@@ -204,7 +211,8 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 waiting.append(f)
                 eds_waiting.add(eds_name)
                 continue
-        endpoints = memo.get(where, cla, lambda c=cla, w=where: endpoints_of(c, w))
+        endpoints = memo.get(where, cla, lambda c=cla, w=where: endpoints_of(
+            endpoint_pb2.ClusterLoadAssignment.FromString(c) if isinstance(c, bytes) else c, w))
         try:
             # Keyed by the endpoints tuple's identity (the memo holds it): what did not
             # change comes back as the very same Service object.
