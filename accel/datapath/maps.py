@@ -65,10 +65,13 @@ def _prefix(net: IPNetwork) -> Prefix:
     return int(addr), plen
 
 
-def service_addresses(svc: Service) -> frozenset[int]:
-    """A service's endpoint addresses as accel_mesh_nets keys them; computed once per Service."""
+def service_addresses(svc: Service) -> tuple[int, ...]:
+    """A service's endpoint addresses as accel_mesh_nets keys them, each once; computed once
+    per Service (a tuple: a frozenset of ten ints costs three times the memory, and this
+    is kept for every service)."""
     return svc.derived("mesh_addresses",
-                       lambda s: frozenset([addr_int(ep.address) for ep in s.endpoints]))
+                       lambda s: tuple(dict.fromkeys([addr_int(ep.address)
+                                                      for ep in s.endpoints])))
 
 
 def mesh_prefixes(table: ServiceTable) -> set[tuple[ipaddress.IPv6Address, int]]:
