@@ -169,10 +169,20 @@ def test_http_connection_manager_inline_and_rds() -> None:
     res.routes = {}
     assert tr.to_table(res, strict=False).pending == {"b": "RouteConfiguration 'r'"}
     assert "route_config_name 'r' names no RouteConfiguration" in error_of(res)
-    # Two virtual hosts cannot be one VIP.
-    rc.virtual_hosts.add(name="other", domains=["x"])
+    # A virtual host naming the VIP wins over "*"; one splitting requests by path between
+    # clusters is L7: the VIP is left to the kernel path, said why, never NACKed.
+    vh = rc.virtual_hosts.add(name="by-ip", domains=["10.96.0.2:80", "web.local"])
+    vh.routes.add(match=route_components_pb2.RouteMatch(prefix="/api"),
+                  route=route_components_pb2.RouteAction(cluster="c2"))
+    vh.routes.add(match=route_components_pb2.RouteMatch(prefix="/"),
+                  route=route_components_pb2.RouteAction(cluster="c"))
     res.routes = {"r": rc}
-    assert error_of(res).startswith("RouteConfiguration[r].virtual_hosts: 2 virtual hosts")
+    t = tr.to_table(res)
+    assert [str(s.vip) for s in t.table.services] == ["10.96.0.1"]
+    assert "by L7 attributes" in t.skipped["b"], t.skipped
+    del vh.routes[0]
+    t = tr.to_table(res)
+    assert sorted(s.name for s in t.table.services) == ["a", "b"] and not t.skipped
 
 
 def test_static_and_strict_dns_clusters_with_ip_endpoints() -> None:
@@ -185,9 +195,10 @@ def test_static_and_strict_dns_clusters_with_ip_endpoints() -> None:
     st_c.type = cluster_pb2.Cluster.STRICT_DNS
     st_c.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address \
         = "backend.example"
-    assert "Cluster[c].load_assignment.endpoints[0].lb_endpoints[0].endpoint.address." \
-        "socket_address.address: 'backend.example' is not an IPv4 or IPv6 address" \
-        in error_of(res)
+    # Host names are valid for a DNS cluster: nothing to balance to, left and said why.
+    t = tr.to_table(res)
+    assert not t.table.services and "DNS" in t.skipped["l"]
+    assert "'backend.example' is not an IPv4 or IPv6 address" in t.skipped["l"]
 
 
 def test_eds_service_name_and_resource_wrapper() -> None:
@@ -251,9 +262,12 @@ def test_bad_listener_address_and_ports() -> None:
         .port_value = 0
     assert error_of(res) == ("ClusterLoadAssignment[c].endpoints[0].lb_endpoints[0].endpoint."
                              "address.socket_address.port_value: port 0 is out of range 1-65535")
+    # A wildcard listener is valid (Istio's 0.0.0.0_PORT): without a route config naming
+    # IPs it has no VIP, and it is reported, not NACKed.
     res = simple()
     res.listeners["l"].address.socket_address.address = "0.0.0.0"
-    assert "0.0.0.0 cannot be a service VIP" in error_of(res)
+    t = tr.to_table(res)
+    assert not t.table.services and "wildcard" in t.skipped["l"]
 
 
 def test_unknown_cluster_duplicate_vip_and_filters() -> None:
@@ -270,14 +284,15 @@ def test_unknown_cluster_duplicate_vip_and_filters() -> None:
     assert error_of(res) == ("Listener[m].address: duplicate VIP 10.96.0.1:80/TCP, "
                              "already used by Listener[l]")
 
+    # A filter before the proxy (rbac, istio.stats, ...) is ignored at L4 and named.
     res = simple()
     flt = res.listeners["l"].filter_chains[0].filters
     flt.insert(0, listener_components_pb2.Filter(
         name="rbac", typed_config=any_pb2.Any(
             type_url="type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC")))
-    assert error_of(res).startswith(
-        "Listener[l].filter_chains[0].filters[0].typed_config: unknown filter type "
-        "'type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC' ('rbac')")
+    t = tr.to_table(res)
+    assert [s.name for s in t.table.services] == ["c"]
+    assert t.ignored == {"c": ("network filter rbac",)}
 
 
 def test_malformed_and_duplicate_resources() -> None:

@@ -117,7 +117,9 @@ def table_msg_to_json(msg: pb.ServiceTable) -> dict[str, Any]:
 
 # ---- status ---------------------------------------------------------------------------------
 
-_XDS_SCALARS = {"connected", "target", "node_id", "reconnects", "services", "pending"}
+# Keys of the xDS client's state that are not a resource type's.
+XDS_SCALARS = {"connected", "target", "node_id", "reconnects", "services", "pending",
+                "skipped", "ignored", "protocol"}
 
 
 def _struct(d: Any) -> struct_pb2.Struct:
@@ -149,8 +151,12 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
         msg.xds.reconnects = int(xds.get("reconnects") or 0)
         for k, v in (xds.get("pending") or {}).items():
             msg.xds.pending[str(k)] = str(v)
+        for k, v in (xds.get("skipped") or {}).items():
+            msg.xds.skipped[str(k)] = str(v)
+        for k, v in (xds.get("ignored") or {}).items():
+            msg.xds.ignored[str(k)] = str(v)
         for type_url, ts in xds.items():
-            if type_url in _XDS_SCALARS or not isinstance(ts, dict):
+            if type_url in XDS_SCALARS or not isinstance(ts, dict):
                 continue
             t = msg.xds.types[type_url]
             t.last_ack_version = str(ts.get("last_ack_version") or "")
@@ -179,6 +185,8 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
             "connected": msg.xds.connected, "target": msg.xds.target,
             "node_id": msg.xds.node_id, "reconnects": msg.xds.reconnects,
             "pending": dict(msg.xds.pending),
+            "skipped": dict(msg.xds.skipped),
+            "ignored": dict(msg.xds.ignored),
             "types": {
                 url: {"last_ack_version": t.last_ack_version, "last_nonce": t.last_nonce,
                       "last_nack_error": t.last_nack_error or None,

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from accel.api.convert import flatten
+from accel.api.convert import XDS_SCALARS, flatten
 from accel.model import ValidationError
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_XDS_SCALARS = {"connected", "target", "node_id", "reconnects", "services", "pending"}
 
 
 def metric_name(*parts: str) -> str:
@@ -145,7 +144,7 @@ class AgentCollector(Collector):
         ack = InfoMetricFamily("meshaccel_xds_ack", "the version last ACKed per type",
                                labels=["type_url"])
         for url, ts in state.items():
-            if url in _XDS_SCALARS or not isinstance(ts, dict):
+            if url in XDS_SCALARS or not isinstance(ts, dict):
                 continue
             nack.add_metric([url], 1 if ts.get("last_nack_error") else 0)
             resources.add_metric([url], ts.get("resource_count") or 0)

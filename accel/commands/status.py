@@ -114,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
         ]
         if xds["pending"]:
             rows.append(["xds pending", "; ".join(f"{k}: {v}" for k, v in xds["pending"].items())])
+        if xds.get("skipped"):
+            rows.append(["xds left to kernel", f"{len(xds['skipped'])} listeners or virtual "
+                         "hosts with no L4 service the kernel path can take (--json: why)"])
     print_table(rows, ["", ""])
     if xds is not None and xds["types"]:
         print()

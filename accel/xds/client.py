@@ -143,6 +143,9 @@ class XdsClient(DeltaADS):
                 "reconnects": self._reconnects,
                 "services": len(self._table.services) if self._table else None,
                 "pending": dict(self._pending),
+                "skipped": dict(self._tr.skipped) if self._tr else {},
+                "ignored": {n: "; ".join(f) for n, f in self._tr.ignored.items()}
+                if self._tr else {},
             }
             for t, ts in self._types.items():
                 out[t] = {

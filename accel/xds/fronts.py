@@ -1,15 +1,24 @@
-"""What a Listener (with its RouteConfiguration) and a Cluster say about a service: the
-VIP:port, protocol and name, the cluster traffic goes to, and where its endpoints come from.
-Anything the kernel path could not honour (extra filters, matchers, VHDS, ...) is an error."""
+"""What a Listener (with its RouteConfiguration) and a Cluster say about a service, at L4:
+the VIP:port, protocol and name, the cluster traffic goes to, where its endpoints come from,
+and which of the resource's features the kernel path ignores.
+
+A valid resource is never an error for what the kernel cannot do. Filters before the
+proxy (istio.stats, metadata exchange, rbac, wasm, ...), listener filters, TLS contexts are
+ignored and named (`Front.ignored`); a listener whose plain-TCP traffic does not end in one
+cluster (L7 routing, an unknown proxy, a matcher tree) is a `Skipped` with the reason, left
+to the kernel path. Only malformed input (a bad address or port, a missing required field)
+raises ValidationError, which NACKs.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2
-from envoy.config.listener.v3 import listener_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -22,6 +31,18 @@ from accel.xds.decode import socket_address, typed
 from accel.xds.kinds import HCM, META_KEY, TCP_PROXY, UDP_PROXY
 
 _TCP, _UDP = address_pb2.SocketAddress.TCP, address_pb2.SocketAddress.UDP
+
+
+class Skip(Exception):  # noqa: N818 -- not an error: a valid resource the kernel path leaves
+    """Valid, but no L4 service the kernel path can take: left to the kernel, reported."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A listener (or one of its virtual hosts) left on the kernel path, and why."""
+
+    listener: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -37,9 +58,15 @@ class Front:
     service: str | None  # from metadata
     edge: bool
     fastpath: str = DEFAULT_FASTPATH  # from metadata
+    ignored: tuple[str, ...] = ()  # features the kernel path does not apply (reported)
+    # A wildcard listener (0.0.0.0_PORT): its services are the virtual hosts whose domains
+    # name an IP; `vip` is the unspecified address until the route config expands it.
+    wildcard: bool = False
 
 
-def front(name: str, lst: listener_pb2.Listener) -> Front | None:
+def front(name: str, lst: listener_pb2.Listener) -> Front | Skipped | None:
+    """The listener's service, a Skipped saying why it has none the kernel path can take,
+    or None for listeners that are not about a VIP at all (gRPC proxyless, internal)."""
     where = f"Listener[{name}]"
     if lst.HasField("api_listener") or lst.address.WhichOneof("address") is None:
         return None  # gRPC proxyless and internal listeners: no VIP for the datapath
@@ -47,14 +74,33 @@ def front(name: str, lst: listener_pb2.Listener) -> Front | None:
         # A pipe or an internal listener has no VIP:port the datapath could match.
         return None
     sa = lst.address.socket_address
-    vip, port = socket_address(sa, f"{where}.address.socket_address", vip=True)
+    try:
+        wildcard = ipaddress.ip_address(sa.address).is_unspecified
+    except ValueError:
+        wildcard = False  # socket_address says what is wrong with it
+    vip, port = socket_address(sa, f"{where}.address.socket_address", vip=not wildcard)
     if sa.protocol not in (_TCP, _UDP):
         raise ValidationError(f"{where}.address.socket_address.protocol",
                               f"unsupported protocol {sa.protocol}")
     protocol = "UDP" if sa.protocol == _UDP else "TCP"
     service, edge, fastpath = _meta(lst, where)
-    cluster, route = _listener_target(lst, where, protocol)
-    return Front(name, vip, port, protocol, cluster, route, service, edge, fastpath)
+    try:
+        if wildcard and (lst.use_original_dst.value or _has_original_dst(lst)):
+            raise Skip("an original_dst (transparent) listener: its destinations are not "
+                       "services")
+        (cluster, route), ignored = _listener_target(lst, where, protocol, vip, port)
+        if wildcard and route is None:
+            raise Skip(f"a wildcard address ({vip}) without a route configuration: no VIP")
+    except Skip as e:
+        return Skipped(name, str(e))
+    return Front(name, vip, port, protocol, cluster, route, service, edge, fastpath, ignored,
+                 wildcard)
+
+
+def _has_original_dst(lst: listener_pb2.Listener) -> bool:
+    return any(lf.name == "envoy.filters.listener.original_dst"
+               or lf.typed_config.type_url.endswith(".OriginalDst")
+               for lf in lst.listener_filters)
 
 
 def _meta(lst: listener_pb2.Listener, where: str) -> tuple[str | None, bool, str]:
@@ -83,60 +129,109 @@ def _meta(lst: listener_pb2.Listener, where: str) -> tuple[str | None, bool, str
     return service, edge, fastpath
 
 
-def _listener_target(lst: listener_pb2.Listener, where: str,
-                     protocol: str) -> tuple[str | None, str | None]:
-    """(cluster, rds name) from the listener's one filter chain or its UDP proxy."""
+def _listener_target(lst: listener_pb2.Listener, where: str, protocol: str, vip: IPAddress,
+                     port: int) -> tuple[tuple[str | None, str | None], tuple[str, ...]]:
+    """((cluster, rds name), ignored features) of the filter chain a plain TCP connection
+    (or the UDP proxy) would take. Raises Skip when that is not one cluster."""
+    ignored = [f"listener filter {lf.name or lf.typed_config.type_url}"
+               for lf in lst.listener_filters
+               if not (lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY)]
     if protocol == "UDP":
         for i, lf in enumerate(lst.listener_filters):
             if lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY:
                 up = typed(lf.typed_config, udp_proxy_pb2.UdpProxyConfig,
                             f"{where}.listener_filters[{i}].typed_config")
                 if not up.cluster:
-                    raise ValidationError(f"{where}.listener_filters[{i}].typed_config.cluster",
-                                          "a udp_proxy must name one cluster (matcher "
-                                          "routing is not supported)")
-                return up.cluster, None
-    chains = list(lst.filter_chains)
-    if lst.HasField("default_filter_chain"):
-        chains.append(lst.default_filter_chain)
+                    raise Skip("a udp_proxy routing by matcher, not to one cluster")
+                return (up.cluster, None), tuple(ignored)
     if lst.HasField("filter_chain_matcher"):
-        raise ValidationError(f"{where}.filter_chain_matcher", "not supported: meshaccel "
-                              "maps one VIP:port to one cluster")
-    if not chains:
-        raise ValidationError(f"{where}.filter_chains", "no filter chain: expected one "
-                              "ending in envoy.filters.network.tcp_proxy or an "
-                              "HttpConnectionManager")
-    if len(chains) > 1:
-        raise ValidationError(f"{where}.filter_chains", f"{len(chains)} filter chains; "
-                              "meshaccel maps one VIP:port to exactly one filter chain")
-    fpath = f"{where}.filter_chains[0].filters" if lst.filter_chains else \
-        f"{where}.default_filter_chain.filters"
-    filters = chains[0].filters
+        raise Skip("filter_chain_matcher: its match tree is not evaluated for L4")
+    chain, cwhere = _plain_chain(lst, where, prefer_http=vip.is_unspecified)
+    if chain.HasField("transport_socket"):
+        ignored.append(f"transport_socket {chain.transport_socket.name or 'TLS'}")
+    fpath = f"{cwhere}.filters"
+    filters = chain.filters
     if not filters:
-        raise ValidationError(fpath, "empty filter chain")
-    # The kernel path skips every filter, so only a chain that is nothing but a proxy
-    # to one cluster can be accelerated without silently dropping policy.
+        raise Skip("the filter chain a plain connection takes has no filters")
     for i, flt in enumerate(filters):
         fw = f"{fpath}[{i}]"
-        if flt.HasField("config_discovery"):
-            raise ValidationError(f"{fw}.config_discovery", "filter config discovery (ECDS) "
-                                  "is not supported")
-        if not flt.HasField("typed_config"):
+        if not flt.HasField("typed_config") and not flt.HasField("config_discovery"):
             raise ValidationError(f"{fw}.typed_config", f"filter {flt.name!r} has no "
                                   "typed_config")
+        if i < len(filters) - 1:
+            # Stats, metadata exchange, rbac, wasm, ...: the kernel path applies none.
+            ignored.append(f"network filter {flt.name or flt.typed_config.type_url}")
+            continue
+        if flt.HasField("config_discovery"):
+            raise Skip(f"its last filter {flt.name!r} comes from filter config discovery "
+                       "(ECDS)")
         t = flt.typed_config.type_url
-        last = i == len(filters) - 1
-        if t not in (TCP_PROXY, HCM):
-            raise ValidationError(f"{fw}.typed_config", f"unknown filter type {t!r} "
-                                  f"({flt.name!r}); expected {TCP_PROXY} or {HCM}")
-        if not last:
-            raise ValidationError(fw, f"{flt.name!r} must be the last filter of the chain")
         if t == TCP_PROXY:
             tp = typed(flt.typed_config, tcp_proxy_pb2.TcpProxy, f"{fw}.typed_config")
-            return _tcp_proxy_cluster(tp, f"{fw}.typed_config"), None
-        hcm = typed(flt.typed_config, hcm_pb2.HttpConnectionManager, f"{fw}.typed_config")
-        return _hcm_target(hcm, f"{fw}.typed_config")
+            return (_tcp_proxy_cluster(tp, f"{fw}.typed_config"), None), tuple(ignored)
+        if t == HCM:
+            hcm = typed(flt.typed_config, hcm_pb2.HttpConnectionManager, f"{fw}.typed_config")
+            names = [h.name for h in hcm.http_filters if h.name != "envoy.filters.http.router"]
+            if names:
+                ignored.append("http filters " + ", ".join(names))
+            return _hcm_target(hcm, f"{fw}.typed_config", vip, port), tuple(ignored)
+        raise Skip(f"its filter chain ends in {flt.name or t!r}, not a tcp_proxy or an "
+                   "HTTP connection manager")
     raise AssertionError("unreachable")
+
+
+def _not_every_plain_connection(m: listener_components_pb2.FilterChainMatch) -> bool:
+    """A match that plain TCP to the VIP may fail: by TLS, ALPN, SNI, or addresses."""
+    return bool(m.server_names or m.application_protocols
+                or m.transport_protocol not in ("", "raw_buffer") or m.prefix_ranges
+                or m.source_prefix_ranges or m.direct_source_prefix_ranges or m.source_ports
+                or m.source_type != listener_components_pb2.FilterChainMatch.ANY)
+
+
+def _plain_chain(lst: listener_pb2.Listener, where: str, prefer_http: bool = False
+                 ) -> tuple[listener_components_pb2.FilterChain, str]:
+    """The chain a plain TCP connection (no TLS, no ALPN, no SNI) matches: the one for
+    transport_protocol raw_buffer without application protocols, else the one with no
+    match at all, else default_filter_chain. Raises Skip when there is none.
+
+    `prefer_http` (a wildcard listener, Istio's 0.0.0.0_PORT): its services are those of
+    the HTTP chain's routes, which an HTTP client's plain connection reaches (ALPN
+    http/1.1 or h2c, as http_inspector sniffs it), so that chain comes first."""
+    chains = list(lst.filter_chains)
+    seen: dict[bytes, int] = {}
+    for i, c in enumerate(chains):
+        key = c.filter_chain_match.SerializeToString(deterministic=True)
+        if key in seen:  # Envoy refuses such a listener too
+            raise ValidationError(f"{where}.filter_chains[{i}].filter_chain_match",
+                                  f"the same match as filter_chains[{seen[key]}]")
+        seen[key] = i
+    if prefer_http:
+        for i, c in enumerate(chains):
+            m = c.filter_chain_match
+            if c.filters and c.filters[-1].typed_config.type_url == HCM and \
+                    set(m.application_protocols) <= {"http/1.1", "h2c", "http/1.0"} and \
+                    not m.server_names and m.transport_protocol in ("", "raw_buffer"):
+                return c, f"{where}.filter_chains[{i}]"
+    best: tuple[int, int] | None = None  # (rank, index): lower rank wins
+    for i, c in enumerate(chains):
+        m = c.filter_chain_match
+        if _not_every_plain_connection(m):
+            continue  # TLS/ALPN/SNI or by-address chains: not every plain connection
+        port = lst.address.socket_address.port_value
+        if m.HasField("destination_port") and m.destination_port.value != port:
+            continue
+        rank = 0 if m.transport_protocol == "raw_buffer" else 1
+        if best is None or rank < best[0]:
+            best = (rank, i)
+    if best is not None:
+        return chains[best[1]], f"{where}.filter_chains[{best[1]}]"
+    if lst.HasField("default_filter_chain"):
+        return lst.default_filter_chain, f"{where}.default_filter_chain"
+    if not chains:
+        raise ValidationError(f"{where}.filter_chains", "no filter chain and no "
+                              "default_filter_chain")
+    raise Skip("no filter chain a plain TCP connection matches (TLS, SNI or source "
+               "matches only)")
 
 
 def _tcp_proxy_cluster(tp: tcp_proxy_pb2.TcpProxy, where: str) -> str:
@@ -144,70 +239,118 @@ def _tcp_proxy_cluster(tp: tcp_proxy_pb2.TcpProxy, where: str) -> str:
         clusters = tp.weighted_clusters.clusters
         if len(clusters) == 1 and clusters[0].name:
             return clusters[0].name
-        raise ValidationError(f"{where}.weighted_clusters", f"{len(clusters)} weighted "
-                              "clusters; meshaccel maps a VIP to exactly one cluster")
+        if not clusters:
+            raise ValidationError(f"{where}.weighted_clusters.clusters", "empty")
+        raise Skip(f"tcp_proxy splits across {len(clusters)} weighted clusters; meshaccel "
+                   "maps a VIP to one cluster")
     if not tp.cluster:
         raise ValidationError(f"{where}.cluster", "tcp_proxy names no cluster")
     return tp.cluster
 
 
-def _hcm_target(hcm: hcm_pb2.HttpConnectionManager, where: str) -> tuple[str | None, str | None]:
+def _hcm_target(hcm: hcm_pb2.HttpConnectionManager, where: str, vip: IPAddress,
+                port: int) -> tuple[str | None, str | None]:
     kind = hcm.WhichOneof("route_specifier")
     if kind == "rds":
         if not hcm.rds.route_config_name:
             raise ValidationError(f"{where}.rds.route_config_name", "missing")
         return None, hcm.rds.route_config_name
     if kind == "route_config":
-        return route_cluster(hcm.route_config, f"{where}.route_config"), None
-    raise ValidationError(f"{where}.route_specifier", f"{kind or 'no route'} is not "
-                          "supported; use an inline route_config or rds")
+        if vip.is_unspecified:
+            raise Skip("a wildcard listener with an inline route config (not followed)")
+        return route_cluster(hcm.route_config, f"{where}.route_config", vip, port), None
+    if kind is None:
+        raise ValidationError(f"{where}.route_specifier", "missing: give rds or route_config")
+    raise Skip(f"its routes come from {kind}, which meshaccel does not follow")
 
 
-def route_cluster(rc: route_pb2.RouteConfiguration, where: str | None = None) -> str:
-    """The one cluster that a catch-all single-virtual-host route config sends everything to."""
+def route_cluster(rc: route_pb2.RouteConfiguration, where: str | None = None,
+                  vip: IPAddress | None = None, port: int = 0) -> str:
+    """The one cluster the route config sends every request for this VIP to: the virtual
+    host whose domains name the VIP (bare or with the port), else the catch-all "*" one.
+    Raises Skip when requests are split by L7 attributes (the kernel sees no request)."""
     where = where or f"RouteConfiguration[{rc.name}]"
     if rc.HasField("vhds"):
-        raise ValidationError(f"{where}.vhds", "VHDS is not supported")
-    if len(rc.virtual_hosts) != 1:
-        raise ValidationError(f"{where}.virtual_hosts", f"{len(rc.virtual_hosts)} virtual "
-                              "hosts; meshaccel needs exactly one with domains [\"*\"]")
-    vh = rc.virtual_hosts[0]
-    vw = f"{where}.virtual_hosts[0]"
-    if "*" not in vh.domains:
-        raise ValidationError(f"{vw}.domains", f"{list(vh.domains)} does not include \"*\": "
-                              "the kernel path cannot match on HTTP host names")
+        raise Skip("its virtual hosts come from VHDS, which meshaccel does not follow")
+    i = _vhost_for(rc, vip, port)
+    if i is None:
+        raise Skip("no virtual host matches " + (f"{_host(vip, port)} or " if vip else "")
+                   + "\"*\"")
+    return vhost_cluster(rc.virtual_hosts[i], f"{where}.virtual_hosts[{i}]")
+
+
+def _host(vip: IPAddress | None, port: int) -> str:
+    return f"[{vip}]:{port}" if vip is not None and vip.version == 6 else f"{vip}:{port}"
+
+
+def _vhost_for(rc: route_pb2.RouteConfiguration, vip: IPAddress | None, port: int) -> int | None:
+    wild = None
+    for i, vh in enumerate(rc.virtual_hosts):
+        if vip is not None and any(domain_vip(d, port) == vip for d in vh.domains):
+            return i
+        if "*" in vh.domains and wild is None:
+            wild = i
+    return wild
+
+
+def domain_vip(domain: str, port: int) -> IPAddress | None:
+    """The IP a virtual host domain names for a listener on `port` ("10.0.0.1",
+    "10.0.0.1:9080", "[fd00::1]:9080"); None for host names and other ports."""
+    host, has_port, p = domain, False, ""
+    if domain.startswith("["):
+        host, _, rest = domain[1:].partition("]")
+        has_port, p = rest.startswith(":"), rest[1:]
+    elif domain.count(":") == 1:
+        host, _, p = domain.partition(":")
+        has_port = True
+    if has_port and p != str(port):
+        return None
+    try:
+        a = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return None if a.is_unspecified or a.is_multicast or a.is_loopback else a
+
+
+def vhost_cluster(vh: route_components_pb2.VirtualHost, vw: str) -> str:
+    """The one cluster every request of this virtual host goes to; Skip otherwise."""
     if not vh.routes:
-        raise ValidationError(f"{vw}.routes", "no routes")
+        raise Skip(f"virtual host {vh.name!r} has no routes")
     cluster = None
-    catch_all = False
     for i, r in enumerate(vh.routes):
-        rw = f"{vw}.routes[{i}]"
-        if r.WhichOneof("action") != "route":
-            raise ValidationError(rw, f"action {r.WhichOneof('action')!r} is not supported; "
-                                  "expected route to a cluster")
-        c = _route_action_cluster(r.route, f"{rw}.route")
+        action = r.WhichOneof("action")
+        if action != "route":
+            raise Skip(f"virtual host {vh.name!r} route {i} is a {action}, not a route to a "
+                       "cluster")
+        c = _route_action_cluster(r.route, f"{vw}.routes[{i}].route")
+        if r.route.request_mirror_policies:
+            raise Skip(f"virtual host {vh.name!r} mirrors requests to another cluster")
         if cluster is not None and c != cluster:
-            raise ValidationError(f"{rw}.route", f"routes to {c!r} while an earlier route "
-                                  f"goes to {cluster!r}; all traffic must go to one cluster")
+            raise Skip(f"virtual host {vh.name!r} sends requests to {cluster!r} and {c!r} "
+                       "by L7 attributes")
         cluster = c
         m = r.match
-        if m.WhichOneof("path_specifier") == "prefix" and m.prefix in ("", "/") and \
-                not m.headers and not m.query_parameters:
-            catch_all = True
-    if not catch_all:
-        raise ValidationError(f"{vw}.routes", "no catch-all route (match prefix \"\" or "
-                              "\"/\"): the kernel path cannot match on requests")
-    assert cluster is not None
-    return cluster
+        if m.WhichOneof("path_specifier") in ("prefix", "path_separated_prefix") and \
+                m.prefix in ("", "/") and not m.headers and not m.query_parameters:
+            return cluster  # the catch-all: later routes are never reached
+    raise Skip(f"virtual host {vh.name!r} has no catch-all route (prefix \"/\"): "
+               "requests it does not match are not sent to a cluster")
 
 
 def _route_action_cluster(ra: route_components_pb2.RouteAction, where: str) -> str:
     kind = ra.WhichOneof("cluster_specifier")
-    if kind == "cluster" and ra.cluster:
+    if kind == "cluster":
+        if not ra.cluster:
+            raise ValidationError(f"{where}.cluster", "empty cluster name")
         return ra.cluster
-    if kind == "weighted_clusters" and len(ra.weighted_clusters.clusters) == 1:
-        return ra.weighted_clusters.clusters[0].name
-    raise ValidationError(f"{where}.{kind or 'cluster'}", "expected exactly one cluster")
+    if kind == "weighted_clusters":
+        clusters = ra.weighted_clusters.clusters
+        if not clusters:
+            raise ValidationError(f"{where}.weighted_clusters.clusters", "empty")
+        if len(clusters) == 1:
+            return clusters[0].name
+        raise Skip(f"requests split across {len(clusters)} weighted clusters")
+    raise Skip(f"the cluster comes from {kind or 'nothing'} (header or plugin), not a name")
 
 
 _STATIC_TYPES = (cluster_pb2.Cluster.STATIC, cluster_pb2.Cluster.STRICT_DNS,
@@ -215,19 +358,18 @@ _STATIC_TYPES = (cluster_pb2.Cluster.STATIC, cluster_pb2.Cluster.STRICT_DNS,
 
 
 def cluster_eds_name(c: cluster_pb2.Cluster) -> str | None:
-    """The ClusterLoadAssignment name an EDS cluster needs, None for inline endpoints."""
-    where = f"Cluster[{c.name}]"
+    """The ClusterLoadAssignment name an EDS cluster needs, None for inline endpoints.
+    Raises Skip for clusters whose endpoints are not a list of IPs (ORIGINAL_DST, custom
+    types such as aggregate clusters)."""
     if c.WhichOneof("cluster_discovery_type") == "cluster_type":
-        raise ValidationError(f"{where}.cluster_type", f"custom cluster type "
-                              f"{c.cluster_type.name!r} is not supported")
+        raise Skip(f"custom cluster type {c.cluster_type.name!r}")
     if c.type == cluster_pb2.Cluster.EDS:
         return c.eds_cluster_config.service_name or c.name
     if c.type in _STATIC_TYPES:
         return None
     # An open enum: a newer control plane may send a value this build has no name for.
     kind = cluster_pb2.Cluster.DiscoveryType.DESCRIPTOR.values_by_number.get(c.type)
-    raise ValidationError(f"{where}.type", f"{kind.name if kind else c.type} is not supported; "
-                          "use EDS or STATIC/STRICT_DNS with IP addresses")
+    raise Skip(f"cluster type {kind.name if kind else c.type}: no list of endpoints")
 
 
 def cluster_eds_names(clusters: Mapping[str, cluster_pb2.Cluster]) -> set[str]:
@@ -236,7 +378,7 @@ def cluster_eds_names(clusters: Mapping[str, cluster_pb2.Cluster]) -> set[str]:
     for c in clusters.values():
         try:
             n = cluster_eds_name(c)
-        except ValidationError:
+        except Skip:
             continue
         if n:
             out.add(n)
@@ -246,7 +388,10 @@ def cluster_eds_names(clusters: Mapping[str, cluster_pb2.Cluster]) -> set[str]:
 def listener_rds_names(listeners: Mapping[str, listener_pb2.Listener]) -> set[str]:
     out = set()
     for name, lst in listeners.items():
-        f = front(name, lst)
-        if f and f.route:
+        try:
+            f = front(name, lst)
+        except ValidationError:
+            continue  # NACKed by the translation: subscribe to nothing for it
+        if isinstance(f, Front) and f.route:
             out.add(f.route)
     return out

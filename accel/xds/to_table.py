@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from google.protobuf import message
 
 from accel import config
@@ -27,7 +28,16 @@ from accel.model import (
 )
 from accel.structs import struct_to_data
 from accel.xds.endpoints import endpoints_of
-from accel.xds.fronts import Front, cluster_eds_name, front, route_cluster
+from accel.xds.fronts import (
+    Front,
+    Skip,
+    Skipped,
+    cluster_eds_name,
+    domain_vip,
+    front,
+    route_cluster,
+    vhost_cluster,
+)
 from accel.xds.kinds import MESH_CLUSTER, META_KEY, Resources, raw_items, raw_of
 
 
@@ -50,6 +60,10 @@ class Translation:
     by_eds: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     eds_waiting: frozenset[str] = frozenset()
     listeners: Mapping[str, str] = field(default_factory=dict)
+    # What the kernel path leaves: listener (or listener/virtual host) -> why; and per
+    # service the resource features it does not apply (filters, TLS, ...).
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    ignored: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def to_table(
@@ -154,11 +168,17 @@ class Memo:
 def _to_table(res: Resources, strict: bool, cds_seen: bool,
               check_clusters: Iterable[str] | None, previous: ServiceTable | None,
               memo: Memo) -> Translation:
-    fronts = [memo.get("L", raw, lambda n=name, r=raw: front(n, listener_pb2.Listener
+    skipped: dict[str, str] = {}  # listener (or listener/virtual host) -> why not taken
+    fronts: list[Front] = []
+    for name, raw in raw_items(res.listeners):
+        got = memo.get("L", raw, lambda n=name, r=raw: front(n, listener_pb2.Listener
                                                               .FromString(r)))
-              for name, raw in raw_items(res.listeners)]
-    fronts = [f for f in fronts if f is not None]
-    _check_fronts(fronts)
+        if isinstance(got, Skipped):
+            skipped[got.listener] = got.reason
+        elif got is not None:
+            fronts.append(got)
+    _check_fronts([f for f in fronts if not f.wildcard])
+    taken = {(f.vip, f.port, f.protocol): f.listener for f in fronts if not f.wildcard}
     must_resolve = set(check_clusters or ())
     rds_names = frozenset(f.route for f in fronts if f.route)
     targets: list[tuple[Front, str]] = []  # listeners whose cluster name is known
@@ -175,15 +195,23 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 raise ValidationError(f"Listener[{f.listener}]", f"route_config_name "
                                       f"{f.route!r} names no RouteConfiguration")
             pending[f.listener] = f"RouteConfiguration {f.route!r}"
-            waiting.append(f)
+            if not f.wildcard:
+                waiting.append(f)
             continue
-        targets.append((f, route_cluster(rc)))
+        if f.wildcard:
+            targets += _virtual_host_targets(f, rc, taken, skipped)
+            continue
+        try:
+            targets.append((f, route_cluster(rc, vip=f.vip, port=f.port)))
+        except Skip as e:
+            skipped[f.listener] = f"RouteConfiguration {f.route!r}: {e}"
 
     eds: set[str] = set()
     eds_waiting: set[str] = set()
     by_eds: dict[str, list[str]] = {}
     services: list[Service] = []
     origin: dict[str, tuple[str, str]] = {}  # service -> (its endpoints' resource, listener)
+    ignored: dict[str, tuple[str, ...]] = {}
     for (f, cluster), name in zip(targets, _service_names(targets), strict=True):
         c = res.clusters.get(cluster)
         if c is None:
@@ -194,7 +222,11 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
             pending[f.listener] = f"Cluster {cluster!r}"
             waiting.append(f)
             continue
-        eds_name = cluster_eds_name(c)
+        try:
+            eds_name = cluster_eds_name(c)
+        except Skip as e:
+            skipped[f.listener] = f"cluster {cluster!r}: {e}"
+            continue
         cla: message.Message | bytes | None
         if eds_name is None:
             cla = c.load_assignment
@@ -211,8 +243,16 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 waiting.append(f)
                 eds_waiting.add(eds_name)
                 continue
-        endpoints = memo.get(where, cla, lambda c=cla, w=where: endpoints_of(
-            endpoint_pb2.ClusterLoadAssignment.FromString(c) if isinstance(c, bytes) else c, w))
+        try:
+            endpoints = memo.get(where, cla, lambda c=cla, w=where: endpoints_of(
+                endpoint_pb2.ClusterLoadAssignment.FromString(c) if isinstance(c, bytes)
+                else c, w))
+        except ValidationError as e:
+            if c.type not in (cluster_pb2.Cluster.STRICT_DNS, cluster_pb2.Cluster.LOGICAL_DNS):
+                raise
+            # Host names are what DNS clusters hold: valid, but nothing to balance to here.
+            skipped[f.listener] = f"cluster {cluster!r} resolves names by DNS ({e.reason})"
+            continue
         try:
             # Keyed by the endpoints tuple's identity (the memo holds it): what did not
             # change comes back as the very same Service object.
@@ -225,6 +265,8 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
         if eds_name is not None:
             by_eds.setdefault(eds_name, []).append(name)
         origin[name] = (where, f.listener)
+        if f.ignored:
+            ignored[name] = f.ignored
 
     held = _hold(services, waiting, previous)
     for svc, i, other in endpoint_loops(services + list(held)):
@@ -242,7 +284,37 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                          fastpath=fastpath)
     return Translation(table, pending, frozenset(eds), rds_names,
                        {k: tuple(v) for k, v in by_eds.items()}, frozenset(eds_waiting),
-                       {n: lst for n, (_, lst) in origin.items()})
+                       {n: lst for n, (_, lst) in origin.items()}, skipped, ignored)
+
+
+def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,
+                          taken: dict[tuple, str], skipped: dict[str, str]
+                          ) -> list[tuple[Front, str]]:
+    """A wildcard listener's services (Istio's 0.0.0.0_PORT): one per IP a virtual host's
+    domains name, to the cluster every request of that host goes to. A VIP:port a listener
+    of its own serves is that listener's."""
+    out = []
+    for i, vh in enumerate(rc.virtual_hosts):
+        vips = list(dict.fromkeys(v for d in vh.domains
+                                  if (v := domain_vip(d, f.port)) is not None))
+        if not vips:
+            continue  # host names only (a headless service): nothing to match in the kernel
+        where = f"{f.listener}/{vh.name or i}"
+        try:
+            cluster = vhost_cluster(vh, f"RouteConfiguration[{rc.name}].virtual_hosts[{i}]")
+        except Skip as e:
+            skipped[where] = str(e)
+            continue
+        for vip in vips:
+            key = (vip, f.port, f.protocol)
+            if key in taken:
+                skipped[f"{where}@{vip}"] = f"{vip}:{f.port} is served by Listener[{taken[key]}]"
+                continue
+            taken[key] = where
+            out.append((dataclasses.replace(f, listener=where if len(vips) == 1
+                                            else f"{where}@{vip}", vip=vip, wildcard=False),
+                        cluster))
+    return out
 
 
 def mesh_settings(c: cluster_pb2.Cluster) -> tuple[tuple[IPNetwork, ...], Guard, str]:

@@ -78,7 +78,7 @@ class XdsTypeStatus(_message.Message):
     def __init__(self, last_ack_version: _Optional[str] = ..., last_nonce: _Optional[str] = ..., last_nack_error: _Optional[str] = ..., last_update_time: _Optional[float] = ..., resource_count: _Optional[int] = ...) -> None: ...
 
 class XdsStatus(_message.Message):
-    __slots__ = ("enabled", "connected", "target", "node_id", "reconnects", "types", "pending")
+    __slots__ = ("enabled", "connected", "target", "node_id", "reconnects", "types", "pending", "skipped", "ignored")
     class TypesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,20 @@ class XdsStatus(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SkippedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class IgnoredEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +114,8 @@ class XdsStatus(_message.Message):
     RECONNECTS_FIELD_NUMBER: _ClassVar[int]
     TYPES_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     connected: bool
     target: str
@@ -107,7 +123,9 @@ class XdsStatus(_message.Message):
     reconnects: int
     types: _containers.MessageMap[str, XdsTypeStatus]
     pending: _containers.ScalarMap[str, str]
-    def __init__(self, enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., target: _Optional[str] = ..., node_id: _Optional[str] = ..., reconnects: _Optional[int] = ..., types: _Optional[_Mapping[str, XdsTypeStatus]] = ..., pending: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    skipped: _containers.ScalarMap[str, str]
+    ignored: _containers.ScalarMap[str, str]
+    def __init__(self, enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., target: _Optional[str] = ..., node_id: _Optional[str] = ..., reconnects: _Optional[int] = ..., types: _Optional[_Mapping[str, XdsTypeStatus]] = ..., pending: _Optional[_Mapping[str, str]] = ..., skipped: _Optional[_Mapping[str, str]] = ..., ignored: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class EdgeStatus(_message.Message):
     __slots__ = ("enabled", "details")

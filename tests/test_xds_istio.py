@@ -1,0 +1,106 @@
+"""istiod's sidecar-shaped xDS (tests/istio_resources.py): never NACKed for what the kernel
+cannot do; every ClusterIP service mapped with exactly its endpoints; what is left to the
+kernel path (original_dst, Passthrough, L7 splits) and what is ignored (istio.stats, mTLS,
+HTTP filters) is said. Then the same resources over a real ADS stream carry traffic
+between lab pods, with getpeername() = the VIP."""
+
+from __future__ import annotations
+
+import pytest
+
+from accel.xds import translate as tr
+from tests.istio_resources import host, outbound, sidecar_config
+
+TCP = {"mysql": ("10.96.5.5", 3306, ["10.200.5.1", "10.200.5.2"])}
+SNIFFED = {"ratings": ("10.96.5.6", 8080, ["10.200.5.3"])}
+HTTP = {"reviews": ("10.96.5.7", 9080, ["10.200.5.4", "10.200.5.5", "10.200.5.6"]),
+        "details": ("10.96.5.8", 9080, ["10.200.5.7"]),
+        "productpage": ("10.96.5.9", 9081, ["10.200.5.8"])}
+
+
+def services(t: tr.Translation) -> dict[tuple[str, int], list[str]]:
+    return {(str(s.vip), s.port): sorted(str(e.address) for e in s.endpoints)
+            for s in t.table.services}
+
+
+def test_sidecar_config_maps_every_clusterip_service() -> None:
+    t = tr.to_table(sidecar_config(TCP, SNIFFED, HTTP))
+    want = {(vip, port): sorted(eps) for vip, port, eps in
+            [*TCP.values(), *SNIFFED.values(), *HTTP.values()]}
+    assert services(t) == want
+    by_vip = {str(s.vip): s for s in t.table.services}
+    # Named by their cluster (Istio's outbound|port||host), as Envoy knows them.
+    assert by_vip["10.96.5.5"].name == outbound("mysql", 3306)
+    assert "virtualOutbound" in t.skipped and "original_dst" in t.skipped["virtualOutbound"]
+    ignored = t.ignored[outbound("mysql", 3306)]
+    assert "network filter istio.stats" in ignored
+    assert "network filter istio.metadata_exchange" in ignored
+    assert any(i.startswith("listener filter envoy.filters.listener.tls_inspector")
+               for i in ignored)
+    assert any("envoy.filters.http.fault" in i for i in t.ignored[outbound("reviews", 9080)])
+
+
+def test_l7_split_is_left_to_the_kernel_path_with_the_reason() -> None:
+    res = sidecar_config(TCP, SNIFFED, HTTP,
+                         split={"reviews": outbound("reviews-v2", 9080)})
+    t = tr.to_table(res)
+    assert ("10.96.5.7", 9080) not in services(t)
+    assert ("10.96.5.8", 9080) in services(t)  # the other host on the port still is
+    [(where, why)] = [(k, v) for k, v in t.skipped.items() if "reviews" in k]
+    assert where == f"0.0.0.0_9080/{host('reviews')}:9080" and "by L7 attributes" in why
+
+
+def test_a_vip_with_its_own_listener_is_that_listeners() -> None:
+    """A ClusterIP that is also named by a 0.0.0.0_PORT virtual host (a port both TCP and
+    HTTP in Istio's view) keeps its own listener's service; the other is reported."""
+    http = dict(HTTP)
+    http["mysql"] = tcp_mysql = ("10.96.5.5", 9080, ["10.200.5.1"])
+    t = tr.to_table(sidecar_config({"mysql": tcp_mysql}, {}, http))
+    assert services(t)[("10.96.5.5", 9080)] == ["10.200.5.1"]
+    assert t.listeners[outbound("mysql", 9080)] == "10.96.5.5_9080"
+    assert any("is served by Listener[10.96.5.5_9080]" in v for v in t.skipped.values())
+    assert len(t.table.services) == len(HTTP) + 1
+
+
+@pytest.mark.kernel
+def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
+    """The resources over ADS (SotW, the order istiod pushes) into a Runtime: ACKed, and a
+    connect to the 0.0.0.0_9080 virtual host's ClusterIP reaches its endpoint, with
+    getpeername() the VIP."""
+    from accel.runtime import Runtime
+    from tests.test_xds_client import Harness
+    from tests.traffic import EchoServer, connect
+    from tests.xds_resources import pack
+
+    lab = lab_factory(3)
+    client, a, b = lab.pods
+    http = {"reviews": ("10.96.5.7", 8080, [str(a.ip), str(b.ip)])}
+    tcp = {"mysql": ("10.96.5.5", 8080, [str(b.ip)])}
+    res = sidecar_config(tcp, {}, http)
+    runtime = Runtime(datapath=datapath)
+    h = Harness(on_update=runtime.apply)
+    try:
+        def push(t: str, wait_names: int | None = None) -> None:
+            if wait_names is not None:  # EDS and RDS: once the client has subscribed
+                h.ads.wait(lambda r: r.type_url == t and len(r.resource_names) == wait_names)
+            items = [pack(m) for _, m in sorted(res.of(t).items())]
+            reply = h.ads.reply_to(h.ads.send(t, "1", items))
+            assert not reply.error_detail.message, (t, reply.error_detail.message)
+
+        h.ads.wait(lambda r: r.type_url == tr.CLUSTER)
+        push(tr.CLUSTER)
+        push(tr.ENDPOINT, wait_names=2)
+        push(tr.LISTENER)
+        push(tr.ROUTE, wait_names=1)  # "8080", the 0.0.0.0_8080 listener's
+        table = h.wait_table(lambda t: len(t.services) == 2)
+        assert {str(s.vip) for s in table.services} == {"10.96.5.7", "10.96.5.5"}
+        assert runtime.table is table
+        with EchoServer(a, 8080), EchoServer(b, 8080):
+            for vip in ("10.96.5.7", "10.96.5.5"):
+                with connect(client, vip, 8080, timeout=5) as s:
+                    assert s.getpeername() == (vip, 8080)
+                    s.sendall(b"istio")
+                    assert s.recv(5) == b"istio"
+        assert datapath.counters()["connect_balanced"] >= 2
+    finally:
+        h.close()
