@@ -66,6 +66,8 @@ class Event:
 class XdsSettings:
     target: str  # HOST:PORT
     node_id: str = ""  # default meshaccel-<hostname>
+    node_cluster: str = "meshaccel"
+    node_meta: tuple[tuple[str, object], ...] = ()  # node.metadata, as the controller wants
     delta: bool = False
     ca: str | None = None  # PEM paths: TLS (and mTLS with cert + key)
     cert: str | None = None
@@ -355,7 +357,8 @@ class Runtime:
             creds = grpc.ssl_channel_credentials(read(xs.ca), read(xs.key), read(xs.cert))
         node_id = xs.node_id or f"meshaccel-{socket.gethostname()}"
         client = XdsClient(xs.target, node_id, on_update=self.apply, credentials=creds,
-                           delta=xs.delta)
+                           delta=xs.delta, cluster=xs.node_cluster,
+                           metadata=dict(xs.node_meta))
         # ACK/NACK as the protocol saw them (a NACK of a malformed resource never reaches
         # apply, so the runtime would not know of it otherwise).
         client.events.append(lambda kind, info: self.emit(

@@ -386,3 +386,16 @@ def test_uninstall_never_removes_a_live_socket_or_another_file(uninstall_env) ->
     r = uninstall(pin_dir, sock)
     assert r.returncode == 0 and Path(sock).read_text() == "not a socket"
     assert "left (not a socket)" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--xds", "127.0.0.1:1", "--node-meta", "NOVALUE"], "expected KEY=VALUE"),
+    (["--xds", "127.0.0.1:1", "--node-meta", "=x"], "expected KEY=VALUE"),
+    (["--xds", "127.0.0.1:1", "--node-meta", "LABELS={bad"], "LABELS: not JSON"),
+    (["--config", "examples/mesh.yaml", "--node-meta", "A=b"], "go with --xds"),
+])
+def test_agent_refuses_bad_node_identity(args, needle) -> None:
+    r = subprocess.run([sys.executable, "-m", "accel.cli", "agent", *args, "--api-socket", "",
+                        "--pin-dir", "/nonexistent/accel-never"], capture_output=True,
+                       text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr

@@ -89,7 +89,7 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 
 class Harness:
-    def __init__(self, on_update: Callable[[ServiceTable], None] | None = None):
+    def __init__(self, on_update: Callable[[ServiceTable], None] | None = None, **client):
         self.port = next(PORTS)
         self.tables: list[ServiceTable] = []
         self.events: list[tuple[str, dict]] = []
@@ -97,7 +97,7 @@ class Harness:
         self.hook = on_update
         self.start_server()
         self.client = XdsClient(f"127.0.0.1:{self.port}", "hx-node", self._on_update,
-                                backoff_initial=0.1, backoff_max=0.5)
+                                backoff_initial=0.1, backoff_max=0.5, **client)
         self.client.events.append(lambda k, i: self.events.append((k, i)))
         self.client.start()
 
@@ -324,3 +324,18 @@ def test_rds_follows_listeners_and_bad_route_is_nacked(h: Harness) -> None:
     h.ads.wait(lambda r: r.type_url == ROUTE and list(r.resource_names) == [])
     assert names(h.wait_table(lambda t: len(t.services) == 1)) == ["a"]
     assert h.client.state()[ROUTE]["resource_count"] == 0
+
+
+def test_node_identity_as_the_controller_expects() -> None:
+    """Node id, cluster and metadata (istiod keys its answer on NAMESPACE, CLUSTER_ID, ...)
+    go in the first request of the stream."""
+    h = Harness(cluster="Kubernetes", metadata={"NAMESPACE": "default", "CLUSTER_ID":
+                                                "Kubernetes", "LABELS": {"app": "ratings"}})
+    try:
+        first = h.ads.wait(lambda r: r.HasField("node"))
+        assert first.node.id == "hx-node" and first.node.cluster == "Kubernetes"
+        meta = first.node.metadata
+        assert meta["NAMESPACE"] == "default" and meta["CLUSTER_ID"] == "Kubernetes"
+        assert meta["LABELS"]["app"] == "ratings"
+    finally:
+        h.close()

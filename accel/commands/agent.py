@@ -5,6 +5,7 @@ leaves it for the next agent: --keep)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--config", metavar="MESH_YAML", help="service table from a mesh.yaml file")
     src.add_argument("--xds", metavar="HOST:PORT", help="service table from an xDS (ADS) server")
     p.add_argument("--node-id", default=None, help="xDS node id (default: meshaccel-<hostname>)")
+    p.add_argument("--node-cluster", default="meshaccel", help="xDS node cluster")
+    p.add_argument("--node-meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="xDS node metadata (repeatable; istiod wants e.g. NAMESPACE, "
+                   "ISTIO_VERSION, CLUSTER_ID, INSTANCE_IPS); a VALUE that is a JSON object "
+                   "or list is sent as one")
     p.add_argument("--xds-ca", metavar="PEM", help="CA bundle: use TLS to the xDS server")
     p.add_argument("--xds-cert", metavar="PEM", help="client certificate for mutual TLS")
     p.add_argument("--xds-key", metavar="PEM", help="client key for mutual TLS")
@@ -77,6 +83,22 @@ def parse_capacities(items: list[str]):
     return caps
 
 
+def parse_node_meta(items: list[str]) -> tuple[tuple[str, object], ...]:
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValidationError("--node-meta", f"{item!r}: expected KEY=VALUE")
+        parsed: object = value
+        if value[:1] in "{[":
+            try:
+                parsed = json.loads(value)
+            except ValueError as e:
+                raise ValidationError("--node-meta", f"{key}: not JSON: {e}") from None
+        out[key] = parsed
+    return tuple(out.items())
+
+
 def run(args: argparse.Namespace) -> int:
     from accel import config
 
@@ -86,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         caps = parse_capacities(args.capacity)
         if table is not None:
             config.check_fits(table, caps)
+        node_meta = parse_node_meta(args.node_meta)
+        if (args.node_meta or args.node_cluster != "meshaccel") and not args.xds:
+            raise ValidationError("--node-meta", "--node-meta and --node-cluster go with --xds")
         if args.xds_delta and not args.xds:
             raise ValidationError("--xds-delta", "goes with --xds HOST:PORT")
         if args.pod_netns and not args.pod_iface:
@@ -110,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         pin_dir=args.pin_dir, cgroup=args.cgroup, capacities=caps, keep=args.keep,
         config=args.config,
         xds=XdsSettings(args.xds, node_id=args.node_id or "", delta=args.xds_delta,
+                        node_cluster=args.node_cluster, node_meta=node_meta,
                         ca=args.xds_ca, cert=args.xds_cert, key=args.xds_key)
         if args.xds else None,
         edge_iface=args.edge_iface, maglev_size=args.maglev_size,

@@ -17,7 +17,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -77,6 +77,7 @@ class XdsClient(DeltaADS):
         on_update: OnUpdate,
         *,
         cluster: str = "meshaccel",
+        metadata: Mapping[str, object] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 15.0,
@@ -85,6 +86,8 @@ class XdsClient(DeltaADS):
         self.target = target
         self.delta = delta
         self.node = base_pb2.Node(id=node_id, cluster=cluster, user_agent_name="meshaccel")
+        if metadata:  # what a controller keys its answer on (istiod: NAMESPACE, ...)
+            self.node.metadata.update(dict(metadata))
         self.on_update = on_update
         self.credentials = credentials
         self.backoff_initial = backoff_initial
