@@ -104,3 +104,36 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
         assert datapath.counters()["connect_balanced"] >= 2
     finally:
         h.close()
+
+
+def test_transparent_listener_chains_by_vip_and_port() -> None:
+    """An original_dst listener (Consul's transparent outbound listener on 127.0.0.1:15001):
+    a chain for VIP/32 + destination_port is that VIP:port's service; a chain for every
+    port of a VIP is reported; passthrough chains (0.0.0.0/0) are destinations, not
+    services; the listener's own loopback address is not a VIP (no NACK)."""
+    from envoy.config.listener.v3 import listener_pb2
+
+    from tests.istio_resources import _istio_tcp_filters
+    from tests.xds_resources import cla, eds_cluster, lbe, locality, sock
+
+    lst = listener_pb2.Listener(name="outbound_listener:127.0.0.1:15001",
+                                address=sock("127.0.0.1", 15001))
+    lst.listener_filters.add(name="envoy.filters.listener.original_dst")
+    one = lst.filter_chains.add(filters=_istio_tcp_filters("db.default.dc1.internal.consul"))
+    one.filter_chain_match.prefix_ranges.add(address_prefix="10.96.6.1").prefix_len.value = 32
+    one.filter_chain_match.destination_port.value = 5432
+    anyport = lst.filter_chains.add(filters=_istio_tcp_filters("api.default.dc1.internal"))
+    anyport.filter_chain_match.prefix_ranges.add(address_prefix="10.96.6.2").prefix_len.value \
+        = 32
+    passthrough = lst.filter_chains.add(filters=_istio_tcp_filters("original-destination"))
+    passthrough.filter_chain_match.prefix_ranges.add(
+        address_prefix="0.0.0.0").prefix_len.value = 0
+    res = tr.Resources({lst.name: lst}, {},
+                       {"db.default.dc1.internal.consul":
+                        eds_cluster("db.default.dc1.internal.consul")},
+                       {"db.default.dc1.internal.consul":
+                        cla("db.default.dc1.internal.consul",
+                            locality(lbe("10.200.6.1", 5432), lbe("10.200.6.2", 5432)))})
+    t = tr.to_table(res)
+    assert services(t) == {("10.96.6.1", 5432): ["10.200.6.1", "10.200.6.2"]}
+    assert any("matches every port of 10.96.6.2" in v for v in t.skipped.values())

@@ -64,37 +64,88 @@ class Front:
     wildcard: bool = False
 
 
-def front(name: str, lst: listener_pb2.Listener) -> Front | Skipped | None:
-    """The listener's service, a Skipped saying why it has none the kernel path can take,
-    or None for listeners that are not about a VIP at all (gRPC proxyless, internal)."""
+def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
+    """The listener's services, and a Skipped for each part that has none the kernel path
+    can take; [] for listeners that are not about a VIP at all (gRPC proxyless,
+    internal)."""
     where = f"Listener[{name}]"
     if lst.HasField("api_listener") or lst.address.WhichOneof("address") is None:
-        return None  # gRPC proxyless and internal listeners: no VIP for the datapath
+        return []  # gRPC proxyless and internal listeners: no VIP for the datapath
     if lst.address.WhichOneof("address") != "socket_address":
         # A pipe or an internal listener has no VIP:port the datapath could match.
-        return None
+        return []
     sa = lst.address.socket_address
+    service, edge, fastpath = _meta(lst, where)
+    if sa.protocol not in (_TCP, _UDP):
+        raise ValidationError(f"{where}.address.socket_address.protocol",
+                              f"unsupported protocol {sa.protocol}")
+    protocol = "UDP" if sa.protocol == _UDP else "TCP"
+    if lst.use_original_dst.value or _has_original_dst(lst):
+        # Transparent (Consul's outbound listener, Istio's virtualOutbound): the address is
+        # where traffic is redirected to, the services are its chains' destinations.
+        socket_address(sa, f"{where}.address.socket_address")
+        return _transparent(name, lst, where, protocol, edge, fastpath)
     try:
         wildcard = ipaddress.ip_address(sa.address).is_unspecified
     except ValueError:
         wildcard = False  # socket_address says what is wrong with it
     vip, port = socket_address(sa, f"{where}.address.socket_address", vip=not wildcard)
-    if sa.protocol not in (_TCP, _UDP):
-        raise ValidationError(f"{where}.address.socket_address.protocol",
-                              f"unsupported protocol {sa.protocol}")
-    protocol = "UDP" if sa.protocol == _UDP else "TCP"
-    service, edge, fastpath = _meta(lst, where)
     try:
-        if wildcard and (lst.use_original_dst.value or _has_original_dst(lst)):
-            raise Skip("an original_dst (transparent) listener: its destinations are not "
-                       "services")
         (cluster, route), ignored = _listener_target(lst, where, protocol, vip, port)
         if wildcard and route is None:
             raise Skip(f"a wildcard address ({vip}) without a route configuration: no VIP")
     except Skip as e:
-        return Skipped(name, str(e))
-    return Front(name, vip, port, protocol, cluster, route, service, edge, fastpath, ignored,
-                 wildcard)
+        return [Skipped(name, str(e))]
+    return [Front(name, vip, port, protocol, cluster, route, service, edge, fastpath, ignored,
+                  wildcard)]
+
+
+def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: str, edge: bool,
+                 fastpath: str) -> list[Front | Skipped]:
+    """Each chain matching host prefixes (/32, /128) and a destination port, for plain
+    connections, is a service per prefix: VIP:port -> the chain's cluster. A chain for any
+    port of a VIP, or for a wider range (passthrough), is not a service."""
+    out: list[Front | Skipped] = []
+    for i, chain in enumerate(lst.filter_chains):
+        m = chain.filter_chain_match
+        cw = f"{where}.filter_chains[{i}]"
+        label = f"{name}/{chain.name or i}"
+        hosts = []
+        for j, pr in enumerate(m.prefix_ranges):
+            try:
+                full = 128 if ":" in pr.address_prefix else 32  # no prefix_len: one host
+                plen = pr.prefix_len.value if pr.HasField("prefix_len") else full
+                net = ipaddress.ip_network(f"{pr.address_prefix}/{plen}", strict=False)
+            except ValueError:
+                raise ValidationError(f"{cw}.filter_chain_match.prefix_ranges[{j}]",
+                                      f"{pr.address_prefix!r} is not a CIDR") from None
+            if net.num_addresses == 1:
+                hosts.append(net.network_address)
+        if not hosts:
+            continue  # passthrough and catch-all chains: destinations, not services
+        if m.server_names or m.application_protocols or \
+                m.transport_protocol not in ("", "raw_buffer"):
+            continue  # the TLS or HTTP twin of a plain chain
+        if not m.HasField("destination_port"):
+            out.append(Skipped(label, f"matches every port of {', '.join(map(str, hosts))}: "
+                               "meshaccel maps a VIP:port"))
+            continue
+        port = m.destination_port.value
+        try:
+            (cluster, route), ignored = _chain_target(chain, cw, hosts[0], port, [])
+        except Skip as e:
+            out.append(Skipped(label, str(e)))
+            continue
+        for host in hosts:
+            if host.is_loopback or host.is_multicast or host.is_unspecified:
+                out.append(Skipped(label, f"{host} is not a service address"))
+                continue
+            out.append(Front(label if len(hosts) == 1 else f"{label}@{host}", host, port,
+                             protocol, cluster, route, None, edge, fastpath, ignored))
+    if not out:
+        out.append(Skipped(name, "an original_dst (transparent) listener without "
+                           "chains for a VIP:port: its destinations are not services"))
+    return out
 
 
 def _has_original_dst(lst: listener_pb2.Listener) -> bool:
@@ -147,6 +198,14 @@ def _listener_target(lst: listener_pb2.Listener, where: str, protocol: str, vip:
     if lst.HasField("filter_chain_matcher"):
         raise Skip("filter_chain_matcher: its match tree is not evaluated for L4")
     chain, cwhere = _plain_chain(lst, where, prefer_http=vip.is_unspecified)
+    return _chain_target(chain, cwhere, vip, port, ignored)
+
+
+def _chain_target(chain: listener_components_pb2.FilterChain, cwhere: str,
+                  vip: IPAddress, port: int, ignored: list[str]
+                  ) -> tuple[tuple[str | None, str | None], tuple[str, ...]]:
+    """Where one filter chain's last filter sends a connection; filters before it and
+    the chain's TLS are ignored (named in the result)."""
     if chain.HasField("transport_socket"):
         ignored.append(f"transport_socket {chain.transport_socket.name or 'TLS'}")
     fpath = f"{cwhere}.filters"
@@ -389,9 +448,8 @@ def listener_rds_names(listeners: Mapping[str, listener_pb2.Listener]) -> set[st
     out = set()
     for name, lst in listeners.items():
         try:
-            f = front(name, lst)
+            got = front(name, lst)
         except ValidationError:
             continue  # NACKed by the translation: subscribe to nothing for it
-        if isinstance(f, Front) and f.route:
-            out.add(f.route)
+        out.update(f.route for f in got if isinstance(f, Front) and f.route)
     return out

@@ -173,10 +173,11 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
     for name, raw in raw_items(res.listeners):
         got = memo.get("L", raw, lambda n=name, r=raw: front(n, listener_pb2.Listener
                                                               .FromString(r)))
-        if isinstance(got, Skipped):
-            skipped[got.listener] = got.reason
-        elif got is not None:
-            fronts.append(got)
+        for f in got:
+            if isinstance(f, Skipped):
+                skipped[f.listener] = f.reason
+            else:
+                fronts.append(f)
     _check_fronts([f for f in fronts if not f.wildcard])
     taken = {(f.vip, f.port, f.protocol): f.listener for f in fronts if not f.wildcard}
     must_resolve = set(check_clusters or ())
