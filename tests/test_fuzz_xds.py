@@ -225,7 +225,7 @@ def used_cluster(c: Case) -> str:
     for n, lst in c.res.listeners.items():
         if lst.HasField("api_listener") or not lst.address.HasField("socket_address"):
             continue
-        f = tr._front(n, lst)
+        [f] = tr._front(n, lst)
         used.add(f.cluster if f.cluster else tr._route_cluster(c.res.routes[f.route]))
     return c.pick(used, "cluster")
 
@@ -633,7 +633,7 @@ def endpoint_loop(c: Case) -> None:
     fronts = {}
     for n, lst in c.res.listeners.items():
         if lst.address.HasField("socket_address"):
-            f = tr._front(n, lst)
+            [f] = tr._front(n, lst)
             cluster = f.cluster or tr._route_cluster(c.res.routes[f.route])
             fronts[cluster] = f
     own = c.pick(fronts, "service")
