@@ -6,6 +6,8 @@ between lab pods, with getpeername() = the VIP."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from accel.xds import translate as tr
@@ -74,9 +76,10 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
 
     lab = lab_factory(3)
     client, a, b = lab.pods
-    http = {"reviews": ("10.96.5.7", 8080, [str(a.ip), str(b.ip)])}
+    http = {"reviews": ("10.96.5.7", 8080, [str(a.ip), str(b.ip)]),
+            "details": ("10.96.5.8", 8080, [str(a.ip)])}
     tcp = {"mysql": ("10.96.5.5", 8080, [str(b.ip)])}
-    res = sidecar_config(tcp, {}, http)
+    res = sidecar_config(tcp, {}, http, split={"details": outbound("details-v2", 8080)})
     runtime = Runtime(datapath=datapath)
     h = Harness(on_update=runtime.apply)
     try:
@@ -89,10 +92,11 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
 
         h.ads.wait(lambda r: r.type_url == tr.CLUSTER)
         push(tr.CLUSTER)
-        push(tr.ENDPOINT, wait_names=2)
+        push(tr.ENDPOINT, wait_names=len(res.endpoints))
         push(tr.LISTENER)
         push(tr.ROUTE, wait_names=1)  # "8080", the 0.0.0.0_8080 listener's
-        table = h.wait_table(lambda t: len(t.services) == 2)
+        # details splits by path: left to the kernel path, not a NACK.
+        table = h.wait_table(lambda t: len(t.services) == 2)  # details is left: L7
         assert {str(s.vip) for s in table.services} == {"10.96.5.7", "10.96.5.5"}
         assert runtime.table is table
         with EchoServer(a, 8080), EchoServer(b, 8080):
@@ -102,6 +106,23 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
                     s.sendall(b"istio")
                     assert s.recv(5) == b"istio"
         assert datapath.counters()["connect_balanced"] >= 2
+
+        # What was taken and what was left, as `accel services --json` shows it.
+        from accel.api import client as api_client
+        from accel.api import server as api_server
+
+        runtime.xds = h.client
+        sock = f"/run/accel/test-istio-{os.getpid()}.sock"
+        api = api_server.serve(runtime, unix_path=sock)
+        try:
+            listed = {s["name"]: s for s in api_client.list_services(sock)["services"]}
+        finally:
+            api.stop()
+        mysql = listed[outbound("mysql", 8080)]
+        assert mysql["accelerated"] and "network filter istio.stats" in mysql["reasons"]
+        [details] = [s for s in listed.values() if s["vip"] == "10.96.5.8"]
+        assert not details["accelerated"] and details["port"] == 8080
+        assert "by L7 attributes" in details["reasons"][0]
     finally:
         h.close()
 

@@ -100,7 +100,16 @@ def get_status(socket_path: str | None = None) -> dict[str, Any]:
 def list_services(socket_path: str | None = None) -> dict[str, Any]:
     with connect(socket_path) as stub:
         r = stub.ListServices(pb.ListServicesRequest(), timeout=CALL_TIMEOUT_S)
-        return {"config_version": r.config_version, **convert.table_msg_to_json(r.table)}
+        out = {"config_version": r.config_version, **convert.table_msg_to_json(r.table)}
+        # One list: what is accelerated, with the features it ignores, then what is not.
+        for s in out["services"]:
+            s["accelerated"] = True
+            s["reasons"] = list(r.ignored[s["name"]].reasons) if s["name"] in r.ignored \
+                else []
+        out["services"] += [{"name": x.where, "vip": x.vip, "port": x.port,
+                             "protocol": x.protocol, "accelerated": False,
+                             "reasons": [x.reason], "endpoints": []} for x in r.left]
+        return out
 
 
 def get_stats(socket_path: str | None = None) -> dict[str, Any]:

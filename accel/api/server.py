@@ -67,8 +67,14 @@ class AgentService(pb_grpc.AgentServicer):
 
     def ListServices(self, request, context):
         table, version = self.agent.table, self.agent.version
-        return pb.ListServicesResponse(config_version=version,
-                                       table=convert.table_to_proto(table))
+        msg = pb.ListServicesResponse(config_version=version, table=convert.table_to_proto(table))
+        if self.agent.xds is not None:
+            left, ignored = self.agent.xds.report()
+            for where, (vip, port, protocol, reason) in sorted(left.items()):
+                msg.left.add(where=where, vip=vip, port=port, protocol=protocol, reason=reason)
+            for name, features in ignored.items():
+                msg.ignored[name].reasons.extend(features)
+        return msg
 
     def GetStats(self, request, context):
         try:

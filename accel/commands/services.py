@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     rows = []
+    left = [s for s in out["services"] if not s["accelerated"]]
     for s in out["services"]:
+        if not s["accelerated"]:
+            continue
         eps = [f"{_hostport(e['address'], e['port'])} w={e['weight']}"
                + ("" if e["healthy"] else " (unhealthy)") for e in s["endpoints"]]
         rows.append([s["name"], f"{_hostport(s['vip'], s['port'])}/{s['protocol']}",
@@ -38,4 +41,9 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows, ["service", "vip", "fastpath", "edge", "endpoints"])
     print(f"\nconfig version {printable(out['config_version'] or '(none)')}, {len(rows)} "
           "services")
+    if left:
+        print()
+        print_table([[s["name"], f"{_hostport(s['vip'], s['port'])}/{s['protocol']}",
+                      "; ".join(s["reasons"])] for s in left],
+                    ["left to the kernel path", "vip", "why"])
     return 0

@@ -136,6 +136,16 @@ class XdsClient(DeltaADS):
         """The last table on_update accepted (stays in force while disconnected)."""
         return self._table
 
+    def report(self) -> tuple[dict[str, tuple[str, int, str, str]], dict[str, tuple[str, ...]]]:
+        """(left: where -> (vip, port, protocol, why), ignored: service -> features) of the
+        translation in force: what `accel services` shows beside the table."""
+        with self._lock:
+            tr = self._tr
+        if tr is None:
+            return {}, {}
+        left = {w: (str(v), p, proto, tr.skipped[w]) for w, (v, p, proto) in tr.left.items()}
+        return left, dict(tr.ignored)
+
     def state(self) -> dict:
         with self._lock:
             out: dict = {

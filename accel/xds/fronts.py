@@ -39,10 +39,14 @@ class Skip(Exception):  # noqa: N818 -- not an error: a valid resource the kerne
 
 @dataclass(frozen=True)
 class Skipped:
-    """A listener (or one of its virtual hosts) left on the kernel path, and why."""
+    """A listener (or one of its virtual hosts) left on the kernel path, and why; its
+    VIP:port when it names one."""
 
     listener: str
     reason: str
+    vip: IPAddress | None = None
+    port: int = 0
+    protocol: str = "TCP"
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
         if wildcard and route is None:
             raise Skip(f"a wildcard address ({vip}) without a route configuration: no VIP")
     except Skip as e:
-        return [Skipped(name, str(e))]
+        return [Skipped(name, str(e), None if wildcard else vip, port, protocol)]
     return [Front(name, vip, port, protocol, cluster, route, service, edge, fastpath, ignored,
                   wildcard)]
 
@@ -134,7 +138,7 @@ def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: st
         try:
             (cluster, route), ignored = _chain_target(chain, cw, hosts[0], port, [])
         except Skip as e:
-            out.append(Skipped(label, str(e)))
+            out.extend(Skipped(label, str(e), h, port, protocol) for h in hosts)
             continue
         for host in hosts:
             if host.is_loopback or host.is_multicast or host.is_unspecified:

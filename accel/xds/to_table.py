@@ -64,6 +64,8 @@ class Translation:
     # service the resource features it does not apply (filters, TLS, ...).
     skipped: Mapping[str, str] = field(default_factory=dict)
     ignored: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # The VIP:port/protocol of skipped entries that name one (for `accel services`).
+    left: Mapping[str, tuple[IPAddress, int, str]] = field(default_factory=dict)
 
 
 def to_table(
@@ -169,6 +171,7 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
               check_clusters: Iterable[str] | None, previous: ServiceTable | None,
               memo: Memo) -> Translation:
     skipped: dict[str, str] = {}  # listener (or listener/virtual host) -> why not taken
+    left: dict[str, tuple[IPAddress, int, str]] = {}
     fronts: list[Front] = []
     for name, raw in raw_items(res.listeners):
         got = memo.get("L", raw, lambda n=name, r=raw: front(n, listener_pb2.Listener
@@ -176,6 +179,8 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
         for f in got:
             if isinstance(f, Skipped):
                 skipped[f.listener] = f.reason
+                if f.vip is not None:
+                    left[f.listener] = (f.vip, f.port, f.protocol)
             else:
                 fronts.append(f)
     _check_fronts([f for f in fronts if not f.wildcard])
@@ -200,12 +205,13 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 waiting.append(f)
             continue
         if f.wildcard:
-            targets += _virtual_host_targets(f, rc, taken, skipped)
+            targets += _virtual_host_targets(f, rc, taken, skipped, left)
             continue
         try:
             targets.append((f, route_cluster(rc, vip=f.vip, port=f.port)))
         except Skip as e:
             skipped[f.listener] = f"RouteConfiguration {f.route!r}: {e}"
+            left[f.listener] = (f.vip, f.port, f.protocol)
 
     eds: set[str] = set()
     eds_waiting: set[str] = set()
@@ -227,6 +233,7 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
             eds_name = cluster_eds_name(c)
         except Skip as e:
             skipped[f.listener] = f"cluster {cluster!r}: {e}"
+            left[f.listener] = (f.vip, f.port, f.protocol)
             continue
         cla: message.Message | bytes | None
         if eds_name is None:
@@ -253,6 +260,7 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 raise
             # Host names are what DNS clusters hold: valid, but nothing to balance to here.
             skipped[f.listener] = f"cluster {cluster!r} resolves names by DNS ({e.reason})"
+            left[f.listener] = (f.vip, f.port, f.protocol)
             continue
         try:
             # Keyed by the endpoints tuple's identity (the memo holds it): what did not
@@ -285,11 +293,12 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                          fastpath=fastpath)
     return Translation(table, pending, frozenset(eds), rds_names,
                        {k: tuple(v) for k, v in by_eds.items()}, frozenset(eds_waiting),
-                       {n: lst for n, (_, lst) in origin.items()}, skipped, ignored)
+                       {n: lst for n, (_, lst) in origin.items()}, skipped, ignored, left)
 
 
 def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,
-                          taken: dict[tuple, str], skipped: dict[str, str]
+                          taken: dict[tuple, str], skipped: dict[str, str],
+                          left: dict[str, tuple[IPAddress, int, str]]
                           ) -> list[tuple[Front, str]]:
     """A wildcard listener's services (Istio's 0.0.0.0_PORT): one per IP a virtual host's
     domains name, to the cluster every request of that host goes to. A VIP:port a listener
@@ -305,6 +314,8 @@ def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,
             cluster = vhost_cluster(vh, f"RouteConfiguration[{rc.name}].virtual_hosts[{i}]")
         except Skip as e:
             skipped[where] = str(e)
+            if len(vips) == 1:
+                left[where] = (vips[0], f.port, f.protocol)
             continue
         for vip in vips:
             key = (vip, f.port, f.protocol)

@@ -205,12 +205,43 @@ class ListServicesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListServicesResponse(_message.Message):
-    __slots__ = ("config_version", "table")
+    __slots__ = ("config_version", "table", "left", "ignored")
+    class IgnoredEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Reasons
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Reasons, _Mapping]] = ...) -> None: ...
     CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_FIELD_NUMBER: _ClassVar[int]
     config_version: str
     table: ServiceTable
-    def __init__(self, config_version: _Optional[str] = ..., table: _Optional[_Union[ServiceTable, _Mapping]] = ...) -> None: ...
+    left: _containers.RepeatedCompositeFieldContainer[LeftService]
+    ignored: _containers.MessageMap[str, Reasons]
+    def __init__(self, config_version: _Optional[str] = ..., table: _Optional[_Union[ServiceTable, _Mapping]] = ..., left: _Optional[_Iterable[_Union[LeftService, _Mapping]]] = ..., ignored: _Optional[_Mapping[str, Reasons]] = ...) -> None: ...
+
+class LeftService(_message.Message):
+    __slots__ = ("where", "vip", "port", "protocol", "reason")
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    where: str
+    vip: str
+    port: int
+    protocol: str
+    reason: str
+    def __init__(self, where: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Reasons(_message.Message):
+    __slots__ = ("reasons",)
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
