@@ -150,8 +150,12 @@ class AgentProc:
 
 
 def write(tmp: Path, name: str, text: str) -> Path:
+    """Atomically (a rename): a watcher polling the file never reads it half written,
+    which an empty table would be (seen under load: a controller pushed 0 services)."""
     p = tmp / name
-    p.write_text(text)
+    part = tmp / f".{name}.part"
+    part.write_text(text)
+    part.replace(p)
     return p
 
 

@@ -32,6 +32,7 @@ from accel.datapath import cgroup as cg
 KERNEL_FIXTURES = frozenset({
     "test_cgroup", "pin_dir", "lab_factory", "lab", "datapath", "side_agent", "env",
     "docker_api", "compose_images", "privileged_ok", "docker_compose_project_name",
+    "installed_package",  # root: setpriv tests run an unprivileged user with it
 })
 
 
@@ -315,3 +316,18 @@ def env():
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def installed_package():
+    """(source copy, venv) of the wheel installed as a user would (tests/package.py), built
+    once per run; removed after."""
+    import tempfile
+
+    from tests.package import build_installed
+
+    top = Path(tempfile.mkdtemp(prefix="accel-pkg-", dir="/var/tmp"))
+    try:
+        yield build_installed(top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -7,66 +7,21 @@ files with that venv (nothing of the checkout, nothing of root)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
+from tests.package import NOBODY, clean_env
 from tests.test_agent_lifecycle import assert_no_trace, write_config
 from tests.traffic import EchoServer, roundtrip
 
 pytestmark = pytest.mark.kernel
 
-REPO = Path(__file__).resolve().parents[1]
-NOBODY = 65534
 
 
-def tracked_files() -> list[str]:
-    r = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("not a git checkout: the wheel is built from tracked files")
-    return [f for f in r.stdout.decode().split("\0") if f and (REPO / f).is_file()]
-
-
-def clean_env() -> dict[str, str]:
-    """The caller's environment without anything pointing at this checkout."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "ACCEL_BPF_DIR", "VIRTUAL_ENV")}
-    env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    return env
-
-
-@pytest.fixture(scope="module")
-def installed():
-    """(source copy, venv) under a world-readable directory outside the checkout."""
-    top = Path(tempfile.mkdtemp(prefix="accel-pkg-", dir="/var/tmp"))
-    try:
-        src = top / "src"
-        for f in tracked_files():
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, src / f)
-        venv = top / "venv"
-        run = {"check": True, "capture_output": True, "text": True, "env": clean_env()}
-        subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],
-                       **run)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
-        subprocess.run([*pip, "install", "setuptools>=68", "wheel"], **run, timeout=600)
-        subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
-                        str(top / "dist"), str(src)], **run, timeout=600)
-        (wheel,) = (top / "dist").glob("meshaccel-*.whl")
-        subprocess.run([*pip, "install", f"{wheel}[dev]"], **run, timeout=900)
-        subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True)
-        top.chmod(0o755)
-        yield src, venv
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
-
-
-def test_wheel_runs_outside_the_checkout(installed, lab, pin_dir, test_cgroup, tmp_path):
-    _, venv = installed
+def test_wheel_runs_outside_the_checkout(installed_package, lab, pin_dir, test_cgroup, tmp_path):
+    _, venv = installed_package
     accel = str(venv / "bin" / "accel")
     env = clean_env()
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
@@ -100,9 +55,9 @@ def test_wheel_runs_outside_the_checkout(installed, lab, pin_dir, test_cgroup, t
     assert_no_trace(pin_dir, test_cgroup)
 
 
-def test_pure_tier_passes_as_an_unprivileged_user(installed):
+def test_pure_tier_passes_as_an_unprivileged_user(installed_package):
     """`pytest -m "not kernel"` as nobody, in the copy, with the wheel venv's Python."""
-    src, venv = installed
+    src, venv = installed_package
     home = src.parent / "home"
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)

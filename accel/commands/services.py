@@ -29,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     rows = []
-    left = [s for s in out["services"] if not s["accelerated"]]
+    left = [s for s in out["services"] if not s.get("accelerated", True)]
     for s in out["services"]:
-        if not s["accelerated"]:
+        if not s.get("accelerated", True):
             continue
         eps = [f"{_hostport(e['address'], e['port'])} w={e['weight']}"
                + ("" if e["healthy"] else " (unhealthy)") for e in s["endpoints"]]
