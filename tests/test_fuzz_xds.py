@@ -451,9 +451,12 @@ def proxy_without_one_cluster(c: Case) -> None:
         tp = tcp_proxy_pb2.TcpProxy(stat_prefix="x")
         n = c.draw(st.sampled_from([0, 2, 3]), label="clusters")
         if n:
+            # Weights kept: clusters the state has, each its share (one named twice sums).
+            own = tcp_proxy_pb2.TcpProxy.FromString(flt.typed_config.value).cluster
             for i in range(n):
-                tp.weighted_clusters.clusters.add(name=f"c{i}", weight=1)
-            c.skip = rf"^{re.escape(name)}: tcp_proxy splits across {n} weighted"
+                tp.weighted_clusters.clusters.add(name=own if i % 2 == 0 else used_cluster(c),
+                                                  weight=i + 1)
+            c.accept = True
         else:
             c.expect = r"\.typed_config\.cluster: tcp_proxy names no cluster"
         flt.typed_config.CopyFrom(pack(tp))
@@ -710,11 +713,13 @@ def route_unsupported(c: Case) -> None:
     elif how == "vhds":
         r.vhds.config_source.CopyFrom(ADS)
         c.skip = where + "its virtual hosts come from VHDS"
-    elif how == "three weighted":
+    elif how == "three weighted":  # weights kept over clusters the state has
+        own = vh.routes[0].route.cluster
         for i in range(3):
             vh.routes[0].route.weighted_clusters.clusters.add(
-                name=f"w{i}", weight=wrappers_pb2.UInt32Value(value=1))
-        c.skip = where + "requests split across 3 weighted clusters"
+                name=own if i != 1 else used_cluster(c),
+                weight=wrappers_pb2.UInt32Value(value=i + 1))
+        c.accept = True
     else:
         vh.routes[0].route.cluster = ""
         c.expect = rf"^RouteConfiguration\[{re.escape(name)}\]\.virtual_hosts\[0\]" \
@@ -833,6 +838,7 @@ def judge(case: Case, layer: str) -> None:
         COUNTS[layer, "rejected"] += 1
         msg = str(e)
         assert not case.accept, f"valid input rejected: {msg}"
+        assert not case.skip, f"valid input (to be left to the kernel path) rejected: {msg}"
         assert NAMED.match(msg), f"no resource named: {msg}"
         if case.expect:
             assert re.search(case.expect, msg), f"expected /{case.expect}/, got: {msg}"

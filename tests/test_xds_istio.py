@@ -158,3 +158,41 @@ def test_transparent_listener_chains_by_vip_and_port() -> None:
     t = tr.to_table(res)
     assert services(t) == {("10.96.6.1", 5432): ["10.200.6.1", "10.200.6.2"]}
     assert any("matches every port of 10.96.6.2" in v for v in t.skipped.values())
+
+
+def test_weighted_clusters_keep_their_weights() -> None:
+    """Istio's canary (a route's weighted_clusters, 90/10) and Kuma's split (tcp_proxy
+    weighted_clusters on an outbound:IP:PORT listener): one service whose endpoints carry
+    each cluster's share, split inside by endpoint weight."""
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+    from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, tcp_listener
+
+    res = sidecar_config({}, {}, {"reviews": ("10.96.5.7", 9080, ["10.200.5.4"])})
+    v1, v2 = outbound("reviews", 9080), "outbound|9080|v2|" + host("reviews")
+    res.clusters[v2] = eds_cluster(v2, service_name=v2)
+    res.endpoints[v2] = cla(v2, locality(lbe("10.200.5.5", 9080), lbe("10.200.5.6", 9080, 3)))
+    vh = next(v for v in res.routes["9080"].virtual_hosts if v.name.startswith("reviews"))
+    action = vh.routes[0].route
+    action.ClearField("cluster")
+    for name, w in ((v1, 90), (v2, 10)):
+        action.weighted_clusters.clusters.add(name=name).weight.value = w
+    t = tr.to_table(res)
+    [svc] = [s for s in t.table.services if str(s.vip) == "10.96.5.7"]
+    # v1's one endpoint 90; v2's 10 split 1:3 -> 2.5 and 7.5: 90 : 2.5 : 7.5 = 36 : 1 : 3.
+    assert {str(e.address): e.weight for e in svc.endpoints} == {
+        "10.200.5.4": 36, "10.200.5.5": 1, "10.200.5.6": 3}
+    assert svc.name in t.multi
+
+    # Kuma: tcp_proxy weighted_clusters, 1:1.
+    lst = tcp_listener("outbound:10.96.5.9:80", "10.96.5.9", 80, v1)
+    tp = tcp_proxy_pb2.TcpProxy(stat_prefix="kuma")
+    tp.weighted_clusters.clusters.add(name=v1, weight=1)
+    tp.weighted_clusters.clusters.add(name=v2, weight=1)
+    lst.filter_chains[0].filters[0].typed_config.CopyFrom(pack(tp))
+    res.listeners[lst.name] = lst
+    t = tr.to_table(res)
+    [kuma] = [s for s in t.table.services if str(s.vip) == "10.96.5.9"]
+    assert kuma.name == "outbound:10.96.5.9:80"
+    assert {str(e.address): e.weight for e in kuma.endpoints} == {
+        "10.200.5.4": 4, "10.200.5.5": 1, "10.200.5.6": 3}

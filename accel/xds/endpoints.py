@@ -85,3 +85,31 @@ def endpoints_of(cla: endpoint_pb2.ClusterLoadAssignment, where: str) -> tuple[E
             continue
         out[key], paths[key] = ep, r[6]
     return tuple(out.values())
+
+
+def merge_weighted(parts: list[tuple[tuple[Endpoint, ...], int]]) -> tuple[Endpoint, ...]:
+    """One service from several clusters, each with a weight (tcp_proxy's or a route's
+    weighted_clusters: Kuma's splits, Istio's canaries): a cluster gets its weight's share
+    of the traffic, split inside by endpoint weight, as Envoy does. An endpoint in two
+    clusters gets both shares; a cluster without a healthy endpoint gets nothing (its
+    endpoints stay listed, unhealthy)."""
+    shares: dict[tuple[IPAddress, int], Fraction] = {}
+    listed: dict[tuple[IPAddress, int], Endpoint] = {}
+    for eps, weight in parts:
+        total = sum(e.weight for e in eps if e.healthy)
+        for e in eps:
+            key = (e.address, e.port)
+            listed.setdefault(key, e)
+            if e.healthy and total and weight:
+                shares[key] = shares.get(key, Fraction(0)) + Fraction(weight * e.weight, total)
+    if not shares:
+        return tuple(Endpoint(e.address, e.port, e.weight, False) for e in listed.values())
+    lcm = math.lcm(*(f.denominator for f in shares.values()))
+    ints = {k: int(f * lcm) for k, f in shares.items()}
+    g = math.gcd(*ints.values())
+    ints = {k: v // g for k, v in ints.items()}
+    top = max(ints.values())
+    if top > MAX_WEIGHT:  # keep the ratios as well as 16 bits allow
+        ints = {k: max(1, round(v * MAX_WEIGHT / top)) for k, v in ints.items()}
+    return tuple(Endpoint(a, p, ints[(a, p)], True) if (a, p) in ints
+                 else Endpoint(a, p, e.weight, False) for (a, p), e in listed.items())

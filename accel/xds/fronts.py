@@ -33,6 +33,12 @@ from accel.xds.kinds import HCM, META_KEY, TCP_PROXY, UDP_PROXY
 _TCP, _UDP = address_pb2.SocketAddress.TCP, address_pb2.SocketAddress.UDP
 
 
+# Where a listener sends traffic: one cluster, or several sharing it by weight
+# (weighted_clusters: Kuma's splits, Istio's canaries), as (cluster, weight) pairs.
+Split = tuple[tuple[str, int], ...]
+Target = str | Split
+
+
 class Skip(Exception):  # noqa: N818 -- not an error: a valid resource the kernel path leaves
     """Valid, but no L4 service the kernel path can take: left to the kernel, reported."""
 
@@ -57,7 +63,7 @@ class Front:
     vip: IPAddress
     port: int
     protocol: str
-    cluster: str | None  # None: behind an RDS route config not yet known
+    cluster: Target | None  # None: behind an RDS route config not yet known
     route: str | None  # RDS name when the cluster comes from a RouteConfiguration
     service: str | None  # from metadata
     edge: bool
@@ -185,7 +191,7 @@ def _meta(lst: listener_pb2.Listener, where: str) -> tuple[str | None, bool, str
 
 
 def _listener_target(lst: listener_pb2.Listener, where: str, protocol: str, vip: IPAddress,
-                     port: int) -> tuple[tuple[str | None, str | None], tuple[str, ...]]:
+                     port: int) -> tuple[tuple[Target | None, str | None], tuple[str, ...]]:
     """((cluster, rds name), ignored features) of the filter chain a plain TCP connection
     (or the UDP proxy) would take. Raises Skip when that is not one cluster."""
     ignored = [f"listener filter {lf.name or lf.typed_config.type_url}"
@@ -207,7 +213,7 @@ def _listener_target(lst: listener_pb2.Listener, where: str, protocol: str, vip:
 
 def _chain_target(chain: listener_components_pb2.FilterChain, cwhere: str,
                   vip: IPAddress, port: int, ignored: list[str]
-                  ) -> tuple[tuple[str | None, str | None], tuple[str, ...]]:
+                  ) -> tuple[tuple[Target | None, str | None], tuple[str, ...]]:
     """Where one filter chain's last filter sends a connection; filters before it and
     the chain's TLS are ignored (named in the result)."""
     if chain.HasField("transport_socket"):
@@ -297,18 +303,35 @@ def _plain_chain(lst: listener_pb2.Listener, where: str, prefer_http: bool = Fal
                "matches only)")
 
 
-def _tcp_proxy_cluster(tp: tcp_proxy_pb2.TcpProxy, where: str) -> str:
+def _tcp_proxy_cluster(tp: tcp_proxy_pb2.TcpProxy, where: str) -> Target:
     if tp.WhichOneof("cluster_specifier") == "weighted_clusters":
-        clusters = tp.weighted_clusters.clusters
-        if len(clusters) == 1 and clusters[0].name:
-            return clusters[0].name
-        if not clusters:
-            raise ValidationError(f"{where}.weighted_clusters.clusters", "empty")
-        raise Skip(f"tcp_proxy splits across {len(clusters)} weighted clusters; meshaccel "
-                   "maps a VIP to one cluster")
+        return weighted(tp.weighted_clusters.clusters, f"{where}.weighted_clusters")
     if not tp.cluster:
         raise ValidationError(f"{where}.cluster", "tcp_proxy names no cluster")
     return tp.cluster
+
+
+def weighted(clusters, where: str) -> Target:
+    """weighted_clusters (a tcp_proxy's or a route's) as one cluster, or a Split that keeps
+    the weights; a cluster named twice gets both weights, weight 0 gets no traffic."""
+    if not clusters:
+        raise ValidationError(f"{where}.clusters", "empty")
+    out: dict[str, int] = {}
+    for i, wc in enumerate(clusters):
+        if not wc.name:
+            if getattr(wc, "cluster_header", ""):
+                raise Skip("a weighted cluster is named by a request header")
+            raise ValidationError(f"{where}.clusters[{i}].name", "empty cluster name")
+        # A route's weight is a UInt32Value (unset: 0, as Envoy reads it), tcp_proxy's a
+        # plain uint32.
+        w = wc.weight.value if hasattr(wc.weight, "value") else wc.weight
+        out[wc.name] = out.get(wc.name, 0) + w
+    if len(out) == 1:
+        return next(iter(out))  # one cluster: all the traffic, whatever its weight says
+    live = tuple((n, w) for n, w in out.items() if w > 0)
+    if not live:
+        raise Skip("every weighted cluster has weight 0")
+    return live[0][0] if len(live) == 1 else live
 
 
 def _hcm_target(hcm: hcm_pb2.HttpConnectionManager, where: str, vip: IPAddress,
@@ -328,8 +351,8 @@ def _hcm_target(hcm: hcm_pb2.HttpConnectionManager, where: str, vip: IPAddress,
 
 
 def route_cluster(rc: route_pb2.RouteConfiguration, where: str | None = None,
-                  vip: IPAddress | None = None, port: int = 0) -> str:
-    """The one cluster the route config sends every request for this VIP to: the virtual
+                  vip: IPAddress | None = None, port: int = 0) -> Target:
+    """The cluster(s) the route config sends every request for this VIP to: the virtual
     host whose domains name the VIP (bare or with the port), else the catch-all "*" one.
     Raises Skip when requests are split by L7 attributes (the kernel sees no request)."""
     where = where or f"RouteConfiguration[{rc.name}]"
@@ -375,8 +398,9 @@ def domain_vip(domain: str, port: int) -> IPAddress | None:
     return None if a.is_unspecified or a.is_multicast or a.is_loopback else a
 
 
-def vhost_cluster(vh: route_components_pb2.VirtualHost, vw: str) -> str:
-    """The one cluster every request of this virtual host goes to; Skip otherwise."""
+def vhost_cluster(vh: route_components_pb2.VirtualHost, vw: str) -> Target:
+    """The cluster (or weighted clusters) every request of this virtual host goes to;
+    Skip when requests are told apart by L7 attributes."""
     if not vh.routes:
         raise Skip(f"virtual host {vh.name!r} has no routes")
     cluster = None
@@ -400,19 +424,14 @@ def vhost_cluster(vh: route_components_pb2.VirtualHost, vw: str) -> str:
                "requests it does not match are not sent to a cluster")
 
 
-def _route_action_cluster(ra: route_components_pb2.RouteAction, where: str) -> str:
+def _route_action_cluster(ra: route_components_pb2.RouteAction, where: str) -> Target:
     kind = ra.WhichOneof("cluster_specifier")
     if kind == "cluster":
         if not ra.cluster:
             raise ValidationError(f"{where}.cluster", "empty cluster name")
         return ra.cluster
     if kind == "weighted_clusters":
-        clusters = ra.weighted_clusters.clusters
-        if not clusters:
-            raise ValidationError(f"{where}.weighted_clusters.clusters", "empty")
-        if len(clusters) == 1:
-            return clusters[0].name
-        raise Skip(f"requests split across {len(clusters)} weighted clusters")
+        return weighted(ra.weighted_clusters.clusters, f"{where}.weighted_clusters")
     raise Skip(f"the cluster comes from {kind or 'nothing'} (header or plugin), not a name")
 
 

@@ -18,6 +18,7 @@ from google.protobuf import message
 from accel import config
 from accel.model import (
     DEFAULT_FASTPATH,
+    Endpoint,
     Guard,
     IPAddress,
     IPNetwork,
@@ -27,11 +28,12 @@ from accel.model import (
     endpoint_loops,
 )
 from accel.structs import struct_to_data
-from accel.xds.endpoints import endpoints_of
+from accel.xds.endpoints import endpoints_of, merge_weighted
 from accel.xds.fronts import (
     Front,
     Skip,
     Skipped,
+    Target,
     cluster_eds_name,
     domain_vip,
     front,
@@ -66,6 +68,9 @@ class Translation:
     ignored: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # The VIP:port/protocol of skipped entries that name one (for `accel services`).
     left: Mapping[str, tuple[IPAddress, int, str]] = field(default_factory=dict)
+    # Services made from several weighted clusters: update_endpoints leaves them to a full
+    # translation (one ClusterLoadAssignment is only a part of their endpoints).
+    multi: frozenset[str] = frozenset()
 
 
 def to_table(
@@ -104,6 +109,8 @@ def update_endpoints(prev: Translation,
     awaited by a pending listener (that changes which services exist: to_table's job)."""
     if prev.eds_waiting & changed.keys():
         return None
+    if prev.multi and any(set(prev.by_eds.get(n, ())) & prev.multi for n in changed):
+        return None  # a part of a weighted service's endpoints: translate it whole
     upsert = []
     for eds_name, cla in changed.items():
         users = prev.by_eds.get(eds_name, ())
@@ -187,7 +194,7 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
     taken = {(f.vip, f.port, f.protocol): f.listener for f in fronts if not f.wildcard}
     must_resolve = set(check_clusters or ())
     rds_names = frozenset(f.route for f in fronts if f.route)
-    targets: list[tuple[Front, str]] = []  # listeners whose cluster name is known
+    targets: list[tuple[Front, Target]] = []  # listeners whose cluster name is known
     pending: dict[str, str] = {}
     waiting: list[Front] = []
     for f in fronts:
@@ -219,49 +226,40 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
     services: list[Service] = []
     origin: dict[str, tuple[str, str]] = {}  # service -> (its endpoints' resource, listener)
     ignored: dict[str, tuple[str, ...]] = {}
-    for (f, cluster), name in zip(targets, _service_names(targets), strict=True):
-        c = res.clusters.get(cluster)
-        if c is None:
-            where = f"Listener[{f.listener}]" + (f" via RouteConfiguration[{f.route}]"
-                                                 if f.route else "")
-            if strict or (cds_seen and f.listener in must_resolve):
-                raise ValidationError(where, f"references unknown cluster {cluster!r}")
-            pending[f.listener] = f"Cluster {cluster!r}"
-            waiting.append(f)
-            continue
-        try:
-            eds_name = cluster_eds_name(c)
-        except Skip as e:
-            skipped[f.listener] = f"cluster {cluster!r}: {e}"
-            left[f.listener] = (f.vip, f.port, f.protocol)
-            continue
-        cla: message.Message | bytes | None
-        if eds_name is None:
-            cla = c.load_assignment
-            where = f"Cluster[{cluster}].load_assignment"
-        else:
-            eds.add(eds_name)
-            cla = raw_of(res.endpoints, eds_name)  # parsed below only if it changed
-            where = f"ClusterLoadAssignment[{eds_name}]"
-            if cla is None:
-                if strict:
-                    raise ValidationError(f"Cluster[{cluster}]", f"no ClusterLoadAssignment "
-                                          f"{eds_name!r}")
-                pending[f.listener] = f"ClusterLoadAssignment {eds_name!r}"
-                waiting.append(f)
-                eds_waiting.add(eds_name)
+    multi: set[str] = set()  # services made from several weighted clusters
+    for (f, target), name in zip(targets, _service_names(targets), strict=True):
+        parts = [(target, 1)] if isinstance(target, str) else list(target)
+        got: list[tuple[tuple[Endpoint, ...], int, str | None, str]] = []
+        for cluster, weight in parts:
+            r = _cluster_endpoints(res, memo, f, cluster, strict, cds_seen, must_resolve)
+            if isinstance(r, tuple):
+                got.append((r[0], weight, r[1], r[2]))
+                if r[1] is not None:
+                    eds.add(r[1])
                 continue
-        try:
-            endpoints = memo.get(where, cla, lambda c=cla, w=where: endpoints_of(
-                endpoint_pb2.ClusterLoadAssignment.FromString(c) if isinstance(c, bytes)
-                else c, w))
-        except ValidationError as e:
-            if c.type not in (cluster_pb2.Cluster.STRICT_DNS, cluster_pb2.Cluster.LOGICAL_DNS):
-                raise
-            # Host names are what DNS clusters hold: valid, but nothing to balance to here.
-            skipped[f.listener] = f"cluster {cluster!r} resolves names by DNS ({e.reason})"
-            left[f.listener] = (f.vip, f.port, f.protocol)
+            kind, why, eds_name = r.kind, r.reason, r.eds_name
+            if eds_name:
+                eds.add(eds_name)
+            if kind == "pending":
+                pending[f.listener] = why
+                waiting.append(f)
+                if eds_name:
+                    eds_waiting.add(eds_name)
+            else:
+                skipped[f.listener] = why
+                left[f.listener] = (f.vip, f.port, f.protocol)
+            break
+        if len(got) != len(parts):
             continue
+        if len(got) == 1:
+            endpoints, where = got[0][0], got[0][3]
+        else:
+            # Weights kept: each cluster's share of the traffic, split by endpoint weight.
+            multi.add(name)
+            where = " + ".join(g[3] for g in got)
+            endpoints = memo.keep(("split", tuple(id(g[0]) for g in got),
+                                   tuple(g[1] for g in got)),
+                                  lambda g=got: merge_weighted([(e, w) for e, w, _, _ in g]))
         try:
             # Keyed by the endpoints tuple's identity (the memo holds it): what did not
             # change comes back as the very same Service object.
@@ -271,8 +269,9 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                                                          f.fastpath)))
         except ValidationError as e:
             raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
-        if eds_name is not None:
-            by_eds.setdefault(eds_name, []).append(name)
+        for _, _, used, _ in got:
+            if used is not None:
+                by_eds.setdefault(used, []).append(name)
         origin[name] = (where, f.listener)
         if f.ignored:
             ignored[name] = f.ignored
@@ -293,13 +292,63 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                          fastpath=fastpath)
     return Translation(table, pending, frozenset(eds), rds_names,
                        {k: tuple(v) for k, v in by_eds.items()}, frozenset(eds_waiting),
-                       {n: lst for n, (_, lst) in origin.items()}, skipped, ignored, left)
+                       {n: lst for n, (_, lst) in origin.items()}, skipped, ignored, left,
+                       frozenset(multi))
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """A cluster a service cannot use yet ("pending": not arrived) or at all ("skip")."""
+
+    kind: str
+    reason: str
+    eds_name: str | None = None
+
+
+def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, strict: bool,
+                       cds_seen: bool, must_resolve: set[str]
+                       ) -> tuple[tuple[Endpoint, ...], str | None, str] | Unresolved:
+    """(endpoints, their ClusterLoadAssignment's name or None, where they come from) of one
+    cluster a service sends traffic to; raises ValidationError for malformed input."""
+    c = res.clusters.get(cluster)
+    if c is None:
+        where = f"Listener[{f.listener}]" + (f" via RouteConfiguration[{f.route}]"
+                                             if f.route else "")
+        if strict or (cds_seen and f.listener in must_resolve):
+            raise ValidationError(where, f"references unknown cluster {cluster!r}")
+        return Unresolved("pending", f"Cluster {cluster!r}")
+    try:
+        eds_name = cluster_eds_name(c)
+    except Skip as e:
+        return Unresolved("skip", f"cluster {cluster!r}: {e}")
+    cla: message.Message | bytes | None
+    if eds_name is None:
+        cla = c.load_assignment
+        where = f"Cluster[{cluster}].load_assignment"
+    else:
+        cla = raw_of(res.endpoints, eds_name)  # parsed below only if it changed
+        where = f"ClusterLoadAssignment[{eds_name}]"
+        if cla is None:
+            if strict:
+                raise ValidationError(f"Cluster[{cluster}]", f"no ClusterLoadAssignment "
+                                      f"{eds_name!r}")
+            return Unresolved("pending", f"ClusterLoadAssignment {eds_name!r}", eds_name)
+    try:
+        endpoints = memo.get(where, cla, lambda c=cla, w=where: endpoints_of(
+            endpoint_pb2.ClusterLoadAssignment.FromString(c) if isinstance(c, bytes)
+            else c, w))
+    except ValidationError as e:
+        if c.type not in (cluster_pb2.Cluster.STRICT_DNS, cluster_pb2.Cluster.LOGICAL_DNS):
+            raise
+        # Host names are what DNS clusters hold: valid, but nothing to balance to here.
+        return Unresolved("skip", f"cluster {cluster!r} resolves names by DNS ({e.reason})")
+    return endpoints, eds_name, where
 
 
 def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,
                           taken: dict[tuple, str], skipped: dict[str, str],
                           left: dict[str, tuple[IPAddress, int, str]]
-                          ) -> list[tuple[Front, str]]:
+                          ) -> list[tuple[Front, Target]]:
     """A wildcard listener's services (Istio's 0.0.0.0_PORT): one per IP a virtual host's
     domains name, to the cluster every request of that host goes to. A VIP:port a listener
     of its own serves is that listener's."""
@@ -362,16 +411,17 @@ def _hold(services: list[Service], waiting: list[Front],
     return tuple(held)
 
 
-def _service_names(pairs: list[tuple[Front, str]]) -> list[str]:
+def _service_names(pairs: list[tuple[Front, Target]]) -> list[str]:
     """metadata service > cluster name > (cluster shared by several listeners) listener name."""
-    by_cluster: dict[str, int] = {}
+    by_cluster: dict[Target, int] = {}
     for f, cluster in pairs:
         if not f.service:
             by_cluster[cluster] = by_cluster.get(cluster, 0) + 1
     names: list[str] = []
     seen: dict[str, str] = {}
     for f, cluster in pairs:
-        name = f.service or (cluster if by_cluster[cluster] == 1 else f.listener)
+        name = f.service or (cluster if isinstance(cluster, str) and by_cluster[cluster] == 1
+                             else f.listener)
         if name in seen:
             raise ValidationError(
                 f"Listener[{f.listener}]",
