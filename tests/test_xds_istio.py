@@ -196,3 +196,42 @@ def test_weighted_clusters_keep_their_weights() -> None:
     assert kuma.name == "outbound:10.96.5.9:80"
     assert {str(e.address): e.weight for e in kuma.endpoints} == {
         "10.200.5.4": 4, "10.200.5.5": 1, "10.200.5.6": 3}
+
+
+def test_go_control_plane_sample_is_taken_without_a_nack() -> None:
+    """go-control-plane's sample: listener_0 on 0.0.0.0:10000, RDS through an API config
+    source, a LOGICAL_DNS cluster with a host name. Nothing the kernel can balance (no IP
+    anywhere), so no service, each part said why, and no NACK."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.listener.v3 import listener_components_pb2 as lc
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_components_pb2 as rcp
+    from envoy.config.route.v3 import route_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+
+    from tests.xds_resources import cla, lbe, locality, pack, sock
+
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix="http")
+    hcm.rds.route_config_name = "local_route"
+    api = hcm.rds.config_source.api_config_source
+    api.api_type = api.GRPC
+    api.grpc_services.add().envoy_grpc.cluster_name = "xds_cluster"
+    hcm.http_filters.add(name="http-router")
+    lst = listener_pb2.Listener(name="listener_0", address=sock("0.0.0.0", 10000),
+                                filter_chains=[lc.FilterChain(filters=[lc.Filter(
+                                    name="http-connection-manager", typed_config=pack(hcm))])])
+    rc = route_pb2.RouteConfiguration(name="local_route", virtual_hosts=[rcp.VirtualHost(
+        name="local_service", domains=["*"], routes=[rcp.Route(
+            match=rcp.RouteMatch(prefix="/"),
+            route=rcp.RouteAction(cluster="example_proxy_cluster",
+                                  host_rewrite_literal="www.envoyproxy.io"))])])
+    c = cluster_pb2.Cluster(name="example_proxy_cluster", type=cluster_pb2.Cluster.LOGICAL_DNS,
+                            load_assignment=cla("example_proxy_cluster",
+                                                locality(lbe("10.0.0.1", 443))))
+    c.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address = \
+        "www.envoyproxy.io"
+    t = tr.to_table(tr.Resources({lst.name: lst}, {rc.name: rc}, {c.name: c}, {}))
+    assert not t.table.services and t.rds_names == {"local_route"}
+    assert "name no IP" in t.skipped["listener_0"]

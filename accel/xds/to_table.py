@@ -212,7 +212,11 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 waiting.append(f)
             continue
         if f.wildcard:
-            targets += _virtual_host_targets(f, rc, taken, skipped, left)
+            found = _virtual_host_targets(f, rc, taken, skipped, left)
+            if not found and not any(k.startswith(f"{f.listener}/") for k in skipped):
+                skipped[f.listener] = (f"a wildcard listener whose virtual hosts in "
+                                       f"RouteConfiguration {f.route!r} name no IP: no VIP")
+            targets += found
             continue
         try:
             targets.append((f, route_cluster(rc, vip=f.vip, port=f.port)))
