@@ -376,9 +376,10 @@ def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,
                 skipped[f"{where}@{vip}"] = f"{vip}:{f.port} is served by Listener[{taken[key]}]"
                 continue
             taken[key] = where
+            # The listener's metadata service name would name them all alike: per host.
             out.append((dataclasses.replace(f, listener=where if len(vips) == 1
-                                            else f"{where}@{vip}", vip=vip, wildcard=False),
-                        cluster))
+                                            else f"{where}@{vip}", vip=vip, wildcard=False,
+                                            service=None), cluster))
     return out
 
 
