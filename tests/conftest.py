@@ -331,3 +331,17 @@ def installed_package():
         yield build_installed(top)
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_agent_sockets(request):
+    """An agent a test SIGKILLs leaves its API socket file (as a real one would: `accel
+    uninstall` removes those); the tests' own (/run/accel/test-*.sock) go after each test."""
+    if request.node.get_closest_marker("kernel") is None or not _is_root():
+        yield
+        return
+    run = Path("/run/accel")
+    before = set(run.glob("test-*.sock"))
+    yield
+    for sock in set(run.glob("test-*.sock")) - before:
+        sock.unlink(missing_ok=True)
