@@ -8,15 +8,11 @@ Outgoing dicts (client side) keep the shapes of Agent.status() and Agent.stats()
 
 from __future__ import annotations
 
-import json
 from typing import Any
-
-from google.protobuf import struct_pb2
 
 from accel import config
 from accel.api.gen import agent_pb2 as pb
 from accel.model import DEFAULT_FASTPATH, Guard, ServiceTable, ValidationError
-from accel.structs import struct_to_data
 
 # ---- tables ---------------------------------------------------------------------------------
 
@@ -122,13 +118,6 @@ XDS_SCALARS = {"connected", "target", "node_id", "reconnects", "services", "pend
                 "skipped", "ignored", "protocol"}
 
 
-def _struct(d: Any) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    # Through JSON: whatever the edge reports (addresses, tuples, numbers) becomes plain data.
-    s.update(json.loads(json.dumps(d if isinstance(d, dict) else {"value": d}, default=str)))
-    return s
-
-
 def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
     msg = pb.GetStatusResponse(
         version=st.get("version", ""), source=st.get("source", ""),
@@ -166,12 +155,32 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
             t.resource_count = int(ts.get("resource_count") or 0)
     edge = st.get("edge")
     if edge is not None:
-        msg.edge.enabled = True
-        msg.edge.details.CopyFrom(_struct(edge))
+        e = msg.edge
+        e.enabled = True
+        e.iface, e.mode = edge.get("iface") or "", edge.get("mode") or ""
+        e.maglev_size = int(edge.get("maglev_size") or 0)
+        guard = edge.get("guard") or {}
+        e.guard.deny.extend(str(n) for n in guard.get("deny") or ())
+        e.guard.syn_rate, e.guard.syn_burst = (int(guard.get("syn_rate") or 0),
+                                               int(guard.get("syn_burst") or 0))
+        for v in edge.get("vips") or ():
+            ev = e.vips.add(service=v["service"], vip=v["vip"], port=v["port"],
+                            protocol=v["protocol"], dirty_slots=int(v.get("dirty_slots") or 0))
+            for b in v.get("backends") or ():
+                ev.backends.add(address=b["address"], port=b["port"], via=b["via"])
     pods = st.get("pod_routing")
     if pods is not None:
-        msg.pod_routing.enabled = True
-        msg.pod_routing.details.CopyFrom(_struct(pods))
+        p = msg.pod_routing
+        p.enabled = True
+        p.netns, p.error = pods.get("netns") or "", pods.get("error") or ""
+        p.patterns.extend(pods.get("patterns") or ())
+        for port in pods.get("ports") or ():
+            p.ports.add(iface=port["iface"], addresses=port["addresses"],
+                        bridge=port.get("bridge") or 0)
+        p.addresses = int(pods.get("addresses") or 0)
+        p.conflicts.extend(pods.get("conflicts") or ())
+        for k, v in (pods.get("failures") or {}).items():
+            p.failures[str(k)] = str(v)
     for name, u in (st.get("maps") or {}).items():
         msg.maps[name].used = int(u.get("used", 0))
         msg.maps[name].capacity = int(u.get("capacity", 0))
@@ -201,10 +210,8 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         "applied": msg.applied, "rejected": msg.rejected, "last_error": msg.last_error,
         "pin_dir": msg.pin_dir, "cgroup": msg.cgroup, "xds": xds,
         "maps": {n: {"used": u.used, "capacity": u.capacity} for n, u in sorted(msg.maps.items())},
-        "edge": struct_to_data(msg.edge.details) if msg.edge.enabled
-        else None,
-        "pod_routing": struct_to_data(msg.pod_routing.details) if msg.pod_routing.enabled
-        else None,
+        "edge": _edge_json(msg.edge) if msg.edge.enabled else None,
+        "pod_routing": _pods_json(msg.pod_routing) if msg.pod_routing.enabled else None,
         "redirect_unavailable": msg.redirect_unavailable or None,
         "ready": msg.ready,
         "not_ready": msg.not_ready,
@@ -270,3 +277,25 @@ def stats_to_json(msg: pb.GetStatsResponse) -> dict[str, Any]:
 
 def event_to_json(msg: pb.Event) -> dict[str, Any]:
     return {"kind": msg.kind, "message": msg.message, "version": msg.version, "time": msg.time}
+
+
+def _edge_json(e: pb.EdgeStatus) -> dict[str, Any]:
+    return {"iface": e.iface or None, "mode": e.mode or None, "maglev_size": e.maglev_size,
+            "guard": {"deny": list(e.guard.deny), "syn_rate": e.guard.syn_rate,
+                      "syn_burst": e.guard.syn_burst},
+            "vips": [{"service": v.service, "vip": v.vip, "port": v.port,
+                      "protocol": v.protocol, "dirty_slots": v.dirty_slots,
+                      "backends": [{"address": b.address, "port": b.port, "via": b.via}
+                                   for b in v.backends]} for v in e.vips]}
+
+
+def _pods_json(p: pb.PodRoutingStatus) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "netns": p.netns, "patterns": list(p.patterns),
+        "ports": [{"iface": x.iface, "addresses": list(x.addresses), "bridge": x.bridge or None}
+                  for x in p.ports],
+        "addresses": p.addresses, "conflicts": list(p.conflicts),
+        "failures": dict(p.failures)}
+    if p.error:
+        out["error"] = p.error
+    return out

@@ -1,4 +1,3 @@
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -128,20 +127,83 @@ class XdsStatus(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., target: _Optional[str] = ..., node_id: _Optional[str] = ..., reconnects: _Optional[int] = ..., types: _Optional[_Mapping[str, XdsTypeStatus]] = ..., pending: _Optional[_Mapping[str, str]] = ..., skipped: _Optional[_Mapping[str, str]] = ..., ignored: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class EdgeStatus(_message.Message):
-    __slots__ = ("enabled", "details")
+    __slots__ = ("enabled", "iface", "mode", "maglev_size", "guard", "vips")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
-    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    IFACE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAGLEV_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
-    details: _struct_pb2.Struct
-    def __init__(self, enabled: _Optional[bool] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    iface: str
+    mode: str
+    maglev_size: int
+    guard: Guard
+    vips: _containers.RepeatedCompositeFieldContainer[EdgeVipStatus]
+    def __init__(self, enabled: _Optional[bool] = ..., iface: _Optional[str] = ..., mode: _Optional[str] = ..., maglev_size: _Optional[int] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ..., vips: _Optional[_Iterable[_Union[EdgeVipStatus, _Mapping]]] = ...) -> None: ...
+
+class EdgeVipStatus(_message.Message):
+    __slots__ = ("service", "vip", "port", "protocol", "dirty_slots", "backends")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    vip: str
+    port: int
+    protocol: str
+    dirty_slots: int
+    backends: _containers.RepeatedCompositeFieldContainer[EdgeBackendStatus]
+    def __init__(self, service: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., dirty_slots: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[EdgeBackendStatus, _Mapping]]] = ...) -> None: ...
+
+class EdgeBackendStatus(_message.Message):
+    __slots__ = ("address", "port", "via")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    via: str
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., via: _Optional[str] = ...) -> None: ...
 
 class PodRoutingStatus(_message.Message):
-    __slots__ = ("enabled", "details")
+    __slots__ = ("enabled", "netns", "patterns", "ports", "addresses", "conflicts", "failures", "error")
+    class FailuresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ENABLED_FIELD_NUMBER: _ClassVar[int]
-    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    NETNS_FIELD_NUMBER: _ClassVar[int]
+    PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    CONFLICTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
-    details: _struct_pb2.Struct
-    def __init__(self, enabled: _Optional[bool] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    netns: str
+    patterns: _containers.RepeatedScalarFieldContainer[str]
+    ports: _containers.RepeatedCompositeFieldContainer[PodPortStatus]
+    addresses: int
+    conflicts: _containers.RepeatedScalarFieldContainer[str]
+    failures: _containers.ScalarMap[str, str]
+    error: str
+    def __init__(self, enabled: _Optional[bool] = ..., netns: _Optional[str] = ..., patterns: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[PodPortStatus, _Mapping]]] = ..., addresses: _Optional[int] = ..., conflicts: _Optional[_Iterable[str]] = ..., failures: _Optional[_Mapping[str, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class PodPortStatus(_message.Message):
+    __slots__ = ("iface", "addresses", "bridge")
+    IFACE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    iface: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    bridge: int
+    def __init__(self, iface: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., bridge: _Optional[int] = ...) -> None: ...
 
 class MapUsage(_message.Message):
     __slots__ = ("used", "capacity")
