@@ -228,6 +228,23 @@ def load(path: str | Path) -> ServiceTable:
     return load_text(text)
 
 
+class CapacityError(ValidationError):
+    """The table does not fit the maps: rejected whole, never truncated."""
+
+
+_CAPACITY_NOUNS = {"services": "services", "slots": "endpoint slots",
+                   "mesh_nets": "mesh addresses"}
+
+
+def check_capacity(kind: str, n: int, capacities: Any) -> None:
+    """Raise CapacityError when `n` entries of map `kind` (services, slots, mesh_nets)
+    exceed its capacity: one message for the file check and the agent's own."""
+    cap = getattr(capacities, kind)
+    if n > cap:
+        raise CapacityError("services", f"{n} {_CAPACITY_NOUNS[kind]} exceed the capacity of "
+                            f"{cap} (--capacity {kind}=N)")
+
+
 def check_fits(table: ServiceTable, capacities: Any) -> None:
     """Raise ValidationError if `table` cannot fit maps of these capacities (services,
     endpoint slots, mesh addresses), counted as the agent's capacity check counts them.
@@ -236,18 +253,10 @@ def check_fits(table: ServiceTable, capacities: Any) -> None:
     from accel.datapath.maps import service_addresses
     from accel.datapath.services import service_slots
 
-    if len(table.services) > capacities.services:
-        raise ValidationError("services", f"{len(table.services)} services exceed the "
-                              f"capacity of {capacities.services} (--capacity services=N)")
-    slots = sum(len(service_slots(s)) for s in table.services)
-    if slots > capacities.slots:
-        raise ValidationError("services", f"{slots} endpoint slots exceed the capacity of "
-                              f"{capacities.slots} (--capacity slots=N)")
-    prefixes = len({a for s in table.services for a in service_addresses(s)}) + \
-        len(table.mesh_cidrs)
-    if prefixes > capacities.mesh_nets:
-        raise ValidationError("services", f"{prefixes} mesh addresses exceed the capacity of "
-                              f"{capacities.mesh_nets} (--capacity mesh_nets=N)")
+    check_capacity("services", len(table.services), capacities)
+    check_capacity("slots", sum(len(service_slots(s)) for s in table.services), capacities)
+    check_capacity("mesh_nets", len({a for s in table.services for a in service_addresses(s)})
+                   + len(table.mesh_cidrs), capacities)
 
 
 def table_to_dict(table: ServiceTable) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from accel import __version__
+from accel.config import CapacityError, check_capacity
 from accel.datapath.datapath import Capacities, Datapath
 from accel.kernel.kbtf import fastpath_offsets
 from accel.kernel.loader import DEFAULT_PIN_DIR
@@ -40,10 +41,6 @@ _endpoints = operator.attrgetter("endpoints")
 
 def _count(services: Iterable[Service]) -> int:
     return sum(map(len, map(_endpoints, services)))
-
-
-class CapacityError(ValidationError):
-    """The table does not fit the maps: rejected whole, never truncated."""
 
 
 class ApplyError(RuntimeError):
@@ -128,17 +125,12 @@ class SocketPart:
 
     def check(self, table: ServiceTable) -> None:
         caps = self.datapath.capacities
-        if len(table.services) > caps.services:
-            raise CapacityError("services", f"{len(table.services)} services exceed the "
-                                f"capacity of {caps.services} (--capacity services=N)")
-        # Counted by the map writers from what changes: a one-service update stays cheap.
+        check_capacity("services", len(table.services), caps)
+        # Counted by the map writers from what changes: a one-service update stays cheap
+        # (config.check_fits counts a whole file the same way, from scratch).
         need = self.datapath.usage_after(table)
-        if need["slots"] > caps.slots:
-            raise CapacityError("services", f"{need['slots']} endpoint slots exceed the "
-                                f"capacity of {caps.slots} (--capacity slots=N)")
-        if need["mesh_nets"] > caps.mesh_nets:
-            raise CapacityError("services", f"{need['mesh_nets']} mesh addresses exceed the "
-                                f"capacity of {caps.mesh_nets} (--capacity mesh_nets=N)")
+        check_capacity("slots", need["slots"], caps)
+        check_capacity("mesh_nets", need["mesh_nets"], caps)
 
     def apply(self, table: ServiceTable) -> None:
         report = self.datapath.apply(table)
