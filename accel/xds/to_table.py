@@ -177,17 +177,14 @@ class Memo:
 def _to_table(res: Resources, strict: bool, cds_seen: bool,
               check_clusters: Iterable[str] | None, previous: ServiceTable | None,
               memo: Memo) -> Translation:
-    skipped: dict[str, str] = {}  # listener (or listener/virtual host) -> why not taken
-    left: dict[str, tuple[IPAddress, int, str]] = {}
+    gone: dict[str, Skipped] = {}  # listener (or listener/virtual host) not taken, and why
     fronts: list[Front] = []
     for name, raw in raw_items(res.listeners):
         got = memo.get("L", raw, lambda n=name, r=raw: front(n, listener_pb2.Listener
                                                               .FromString(r)))
         for f in got:
             if isinstance(f, Skipped):
-                skipped[f.listener] = f.reason
-                if f.vip is not None:
-                    left[f.listener] = (f.vip, f.port, f.protocol)
+                gone[f.listener] = f
             else:
                 fronts.append(f)
     _check_fronts([f for f in fronts if not f.wildcard])
@@ -212,17 +209,18 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 waiting.append(f)
             continue
         if f.wildcard:
-            found = _virtual_host_targets(f, rc, taken, skipped, left)
-            if not found and not any(k.startswith(f"{f.listener}/") for k in skipped):
-                skipped[f.listener] = (f"a wildcard listener whose virtual hosts in "
-                                       f"RouteConfiguration {f.route!r} name no IP: no VIP")
+            found = _virtual_host_targets(f, rc, taken, gone)
+            if not found and not any(k.startswith(f"{f.listener}/") for k in gone):
+                gone[f.listener] = Skipped(f.listener, f"a wildcard listener whose virtual "
+                                           f"hosts in RouteConfiguration {f.route!r} name no "
+                                           "IP: no VIP")
             targets += found
             continue
         try:
             targets.append((f, route_cluster(rc, vip=f.vip, port=f.port)))
         except Skip as e:
-            skipped[f.listener] = f"RouteConfiguration {f.route!r}: {e}"
-            left[f.listener] = (f.vip, f.port, f.protocol)
+            gone[f.listener] = Skipped(f.listener, f"RouteConfiguration {f.route!r}: {e}",
+                                       f.vip, f.port, f.protocol)
 
     eds: set[str] = set()
     eds_waiting: set[str] = set()
@@ -250,8 +248,7 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 if eds_name:
                     eds_waiting.add(eds_name)
             else:
-                skipped[f.listener] = why
-                left[f.listener] = (f.vip, f.port, f.protocol)
+                gone[f.listener] = Skipped(f.listener, why, f.vip, f.port, f.protocol)
             break
         if len(got) != len(parts):
             continue
@@ -296,7 +293,10 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                          fastpath=fastpath)
     return Translation(table, pending, frozenset(eds), rds_names,
                        {k: tuple(v) for k, v in by_eds.items()}, frozenset(eds_waiting),
-                       {n: lst for n, (_, lst) in origin.items()}, skipped, ignored, left,
+                       {n: lst for n, (_, lst) in origin.items()},
+                       {k: g.reason for k, g in gone.items()}, ignored,
+                       {k: (g.vip, g.port, g.protocol) for k, g in gone.items()
+                        if g.vip is not None},
                        frozenset(multi))
 
 
@@ -350,8 +350,7 @@ def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, stric
 
 
 def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,
-                          taken: dict[tuple, str], skipped: dict[str, str],
-                          left: dict[str, tuple[IPAddress, int, str]]
+                          taken: dict[tuple, str], gone: dict[str, Skipped]
                           ) -> list[tuple[Front, Target]]:
     """A wildcard listener's services (Istio's 0.0.0.0_PORT): one per IP a virtual host's
     domains name, to the cluster every request of that host goes to. A VIP:port a listener
@@ -366,14 +365,14 @@ def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,
         try:
             cluster = vhost_cluster(vh, f"RouteConfiguration[{rc.name}].virtual_hosts[{i}]")
         except Skip as e:
-            skipped[where] = str(e)
-            if len(vips) == 1:
-                left[where] = (vips[0], f.port, f.protocol)
+            gone[where] = Skipped(where, str(e), vips[0] if len(vips) == 1 else None, f.port,
+                                  f.protocol)
             continue
         for vip in vips:
             key = (vip, f.port, f.protocol)
             if key in taken:
-                skipped[f"{where}@{vip}"] = f"{vip}:{f.port} is served by Listener[{taken[key]}]"
+                gone[f"{where}@{vip}"] = Skipped(f"{where}@{vip}", f"{vip}:{f.port} is served by "
+                                                 f"Listener[{taken[key]}]")
                 continue
             taken[key] = where
             # The listener's metadata service name would name them all alike: per host.
