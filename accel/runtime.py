@@ -209,6 +209,10 @@ class Runtime:
                 self._start_pods()
             if self._chores:
                 self._start_housekeeping()
+            if self.settings.xds is not None and table is None:
+                # Said before the API answers: a status read then must not say "starting".
+                self.not_ready = ("waiting for the first table from xDS "
+                                  f"{self.settings.xds.target}")
             if self.settings.api is not None:
                 self._start_api()
             if self.settings.metrics:
@@ -226,7 +230,6 @@ class Runtime:
             if self.settings.config:
                 self._watch_file()
             if self.settings.xds is not None:
-                self.not_ready = f"waiting for the first table from xDS {self.settings.xds.target}"
                 self._start_xds(self.settings.xds)
         except BaseException:
             self.stop()  # what it attached goes (unless --keep: a kept datapath serves on)
