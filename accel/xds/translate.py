@@ -21,7 +21,6 @@ from accel.xds.decode import ip as _ip
 from accel.xds.decode import parse as _parse
 from accel.xds.decode import socket_address as _socket_address
 from accel.xds.decode import typed as _typed
-from accel.xds.decode import unpack, unpack_delta
 from accel.xds.endpoints import USED_HEALTH, endpoints_of
 from accel.xds.fronts import Front as _Front
 from accel.xds.fronts import cluster_eds_name as _cluster_eds_name
@@ -47,6 +46,7 @@ from accel.xds.kinds import (
     Resources,
     resource_name,
 )
+from accel.xds.processors import unpack, unpack_delta
 from accel.xds.to_resources import (
     api_listener,
     cluster,
