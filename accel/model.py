@@ -129,12 +129,15 @@ def check_fastpath(value: object, path: str) -> str:
     return value  # type: ignore[return-value]
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def check_vip(addr: IPAddress, path: str) -> IPAddress:
     """A VIP is an address clients dial, matched at connect() in every pod: never an address
     that means "any", "everyone" or "this host"."""
     if addr.is_unspecified:
         why = "the unspecified address (any address), which no client dials"
-    elif addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+    elif addr.version == 4 and addr == _BROADCAST:
         why = "the broadcast address"
     elif addr.is_multicast:
         why = "a multicast address"

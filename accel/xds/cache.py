@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from google.protobuf import message
 
-from accel.model import ServiceTable
+from accel.model import ServiceTable, ValidationError
 from accel.xds import translate
+from accel.xds.fronts import Front
 from accel.xds.kinds import (
     CLUSTER,
     ENDPOINT,
@@ -100,13 +101,13 @@ class EnvoyCache:
                 {n: m for n, m in items.items() if wanted is None or n in wanted})
         cand = self._res.replace(t, merged)
         eds_names = self._names(CLUSTER, cand.clusters, translate.cluster_eds_names)
-        rds_names = self._names(LISTENER, cand.listeners, translate.listener_rds_names)
+        rds_names = self._names(LISTENER, cand.listeners, self._rds_names)
         assert isinstance(cand.routes, Packed) and isinstance(cand.endpoints, Packed)
         cand = Resources(cand.listeners, cand.routes.only(rds_names), cand.clusters,
                          cand.endpoints.only(eds_names))
         seen = self._seen | {t}
         tr = translate.to_table(cand, strict=False, cds_seen=CLUSTER in seen,
-                                check_clusters=_changed_listeners(t, self._res, cand, items),
+                                check_clusters=self._changed_listeners(t, cand, items),
                                 previous=self.table, memo=self._memo)
         table = None
         if self.table is not None or _synced(seen, eds_names, rds_names):
@@ -157,7 +158,7 @@ class EnvoyCache:
                 tr = prev
         assert isinstance(old, Packed)
         merged = old.updated(fresh)
-        rds_names = self._names(LISTENER, self._res.listeners, translate.listener_rds_names)
+        rds_names = self._names(LISTENER, self._res.listeners, self._rds_names)
         return self._taken(ENDPOINT, self._res.replace(ENDPOINT, merged), tr.table, tr,
                            len(merged), eds_names, rds_names)
 
@@ -169,6 +170,34 @@ class EnvoyCache:
                           {ENDPOINT: eds, ROUTE: rds},
                           {"services": len(table.services) if table else None,
                            "pending": sorted(tr.pending)})
+
+    def _rds_names(self, listeners: Mapping[str, message.Message]) -> set[str]:
+        """Through the translation's memo: a full walk parses every listener (a second at
+        10,000); the translation that follows finds each one's fronts there."""
+        self._memo.begin()
+        return {f.route for _, routes in self._listener_routes(listeners) for f in routes}
+
+    def _listener_routes(self, listeners: Mapping[str, message.Message]
+                         ) -> Iterator[tuple[str, list[Front]]]:
+        for name, raw in raw_items(listeners):
+            try:
+                got = translate.listener_fronts(self._memo, name, raw)
+            except ValidationError:
+                continue  # NACKed by the translation: subscribe to nothing for it
+            yield name, [f for f in got if isinstance(f, Front) and f.route]
+
+    def _changed_listeners(self, t: str, new: Resources,
+                           items: Mapping[str, message.Message]) -> set[str]:
+        """Listeners whose cluster reference is new in this response: only those are NACKed
+        for naming an unknown cluster."""
+        if t == LISTENER:
+            return {n for n, raw in raw_items(new.listeners)
+                    if raw_of(self._res.listeners, n) != raw}
+        if t == ROUTE:
+            routes = set(items)
+            return {n for n, fronts in self._listener_routes(new.listeners)
+                    if any(f.route in routes for f in fronts)}
+        return set()
 
     def _names(self, t: str, resources: Mapping[str, message.Message],
                fn: Callable[[Mapping[str, message.Message]], set[str]]) -> frozenset[str]:
@@ -186,14 +215,3 @@ def _synced(seen: set[str], eds: frozenset[str], rds: frozenset[str]) -> bool:
             and (not rds or ROUTE in seen))
 
 
-def _changed_listeners(t: str, old: Resources, new: Resources,
-                       items: Mapping[str, message.Message]) -> set[str]:
-    """Listeners whose cluster reference is new in this response: only those are NACKed
-    for naming an unknown cluster."""
-    if t == LISTENER:
-        return {n for n, raw in raw_items(new.listeners) if raw_of(old.listeners, n) != raw}
-    if t == ROUTE:
-        routes = set(items)
-        return {n for n, lst in new.listeners.items()
-                if translate.listener_rds_names({n: lst}) & routes}
-    return set()

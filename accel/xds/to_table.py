@@ -151,12 +151,17 @@ class Memo:
     def __init__(self) -> None:
         self._old: dict = {}
         self._new: dict = {}
+        self._open = False
 
     def begin(self) -> None:
-        self._new = {}
+        """Start a round, unless one is open: a client may look up listeners' fronts
+        (listener_fronts) before the translation that reuses them."""
+        if not self._open:
+            self._new = {}
+            self._open = True
 
     def commit(self) -> None:
-        self._old, self._new = self._new, {}
+        self._old, self._new, self._open = self._new, {}, False
 
     def get(self, where: str, msg: message.Message | bytes, fn):
         """fn()'s result for this resource (its wire bytes, or a message), kept by a 128-bit
@@ -174,15 +179,18 @@ class Memo:
         return value
 
 
+def listener_fronts(memo: Memo, name: str, raw: bytes) -> list[Front | Skipped]:
+    """fronts.front() of a listener's wire bytes, through the memo (in a round)."""
+    return memo.get("L", raw, lambda: front(name, listener_pb2.Listener.FromString(raw)))
+
+
 def _to_table(res: Resources, strict: bool, cds_seen: bool,
               check_clusters: Iterable[str] | None, previous: ServiceTable | None,
               memo: Memo) -> Translation:
     gone: dict[str, Skipped] = {}  # listener (or listener/virtual host) not taken, and why
     fronts: list[Front] = []
     for name, raw in raw_items(res.listeners):
-        got = memo.get("L", raw, lambda n=name, r=raw: front(n, listener_pb2.Listener
-                                                              .FromString(r)))
-        for f in got:
+        for f in listener_fronts(memo, name, raw):
             if isinstance(f, Skipped):
                 gone[f.listener] = f
             else:
