@@ -116,6 +116,7 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
         api = api_server.serve(runtime, unix_path=sock)
         try:
             listed = {s["name"]: s for s in api_client.list_services(sock)["services"]}
+            st = api_client.get_status(sock)
         finally:
             api.stop()
         mysql = listed[outbound("mysql", 8080)]
@@ -123,6 +124,8 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
         [details] = [s for s in listed.values() if s["vip"] == "10.96.5.8"]
         assert not details["accelerated"] and details["port"] == 8080
         assert "by L7 attributes" in details["reasons"][0]
+        left = [s for s in listed.values() if not s["accelerated"]]
+        assert (st["services"], st["services_left"]) == (2, len(left)) and left
     finally:
         h.close()
 
