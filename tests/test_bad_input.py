@@ -25,7 +25,7 @@ from accel.api import convert
 from accel.api.gen import agent_pb2 as pb
 from accel.model import Endpoint, Service, ValidationError
 from accel.xds import translate as tr
-from tests.xds_resources import cla, eds_cluster, lbe, locality, tcp_listener
+from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, tcp_listener
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = "services:\n- name: a\n  vip: 10.96.0.1\n  port: 80\n  endpoints:\n" \

@@ -38,9 +38,9 @@ from hypothesis import strategies as st
 from accel.model import Endpoint, Guard, Service, ServiceTable, ValidationError
 from accel.xds import translate as tr
 from accel.xds.client import XdsClient
+from accel.xds.shapes.builders import lbe, locality, pack, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.test_xds_client import Harness, ScriptedAds  # noqa: F401 -- ScriptedAds via Harness
-from tests.xds_resources import lbe, locality, pack, tcp_listener
 
 pytestmark = pytest.mark.reliability
 

@@ -22,8 +22,8 @@ from google.protobuf import any_pb2
 
 from accel.model import ServiceTable, ValidationError
 from accel.xds.client import XdsClient
+from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
 
 PORTS = itertools.count(18130)
 

@@ -1,4 +1,4 @@
-"""istiod's sidecar-shaped xDS (tests/istio_resources.py): never NACKed for what the kernel
+"""istiod's sidecar-shaped xDS (accel/xds/shapes/istio.py): never NACKed for what the kernel
 cannot do; every ClusterIP service mapped with exactly its endpoints; what is left to the
 kernel path (original_dst, Passthrough, L7 splits) and what is ignored (istio.stats, mTLS,
 HTTP filters) is said. Then the same resources over a real ADS stream carry traffic
@@ -11,7 +11,7 @@ import os
 import pytest
 
 from accel.xds import translate as tr
-from tests.istio_resources import host, outbound, sidecar_config
+from accel.xds.shapes.istio import host, outbound, sidecar_config
 
 TCP = {"mysql": ("10.96.5.5", 3306, ["10.200.5.1", "10.200.5.2"])}
 SNIFFED = {"ratings": ("10.96.5.6", 8080, ["10.200.5.3"])}
@@ -70,9 +70,9 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
     connect to the 0.0.0.0_9080 virtual host's ClusterIP reaches its endpoint, with
     getpeername() the VIP."""
     from accel.runtime import Runtime
+    from accel.xds.shapes.builders import pack
     from tests.test_xds_client import Harness
     from tests.traffic import EchoServer, connect
-    from tests.xds_resources import pack
 
     lab = lab_factory(3)
     client, a, b = lab.pods
@@ -137,8 +137,8 @@ def test_transparent_listener_chains_by_vip_and_port() -> None:
     services; the listener's own loopback address is not a VIP (no NACK)."""
     from envoy.config.listener.v3 import listener_pb2
 
-    from tests.istio_resources import _istio_tcp_filters
-    from tests.xds_resources import cla, eds_cluster, lbe, locality, sock
+    from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, sock
+    from accel.xds.shapes.istio import _istio_tcp_filters
 
     lst = listener_pb2.Listener(name="outbound_listener:127.0.0.1:15001",
                                 address=sock("127.0.0.1", 15001))
@@ -169,7 +169,7 @@ def test_weighted_clusters_keep_their_weights() -> None:
     each cluster's share, split inside by endpoint weight."""
     from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-    from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, tcp_listener
+    from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, tcp_listener
 
     res = sidecar_config({}, {}, {"reviews": ("10.96.5.7", 9080, ["10.200.5.4"])})
     v1, v2 = outbound("reviews", 9080), "outbound|9080|v2|" + host("reviews")
@@ -214,7 +214,7 @@ def test_go_control_plane_sample_is_taken_without_a_nack() -> None:
         http_connection_manager_pb2 as hcm_pb2,
     )
 
-    from tests.xds_resources import cla, lbe, locality, pack, sock
+    from accel.xds.shapes.builders import cla, lbe, locality, pack, sock
 
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="http")
     hcm.rds.route_config_name = "local_route"

@@ -69,6 +69,18 @@ class Snapshot:
         digests = {t: {n: d for n, (_, d) in items.items()} for t, items in parts.items()}
         return cls(version, table, resources, digests, cache)
 
+    @classmethod
+    def of_resources(cls, version: str, res: translate.Resources) -> Snapshot:
+        """Resources as they are, in another control plane's shape (`accel bench xds
+        --shape istio`): served like a table's, with no table behind them."""
+        resources: dict[str, dict[str, any_pb2.Any]] = {}
+        digests: dict[str, dict[str, str]] = {}
+        for t in translate.PUSH_ORDER:
+            for name, msg in res.of(t).items():
+                resources.setdefault(t, {})[name], digests.setdefault(t, {})[name] = \
+                    _packed(msg)
+        return cls(version, ServiceTable(()), resources, digests)
+
 
 def _packed(msg) -> tuple[any_pb2.Any, str]:
     a = any_pb2.Any()
@@ -405,6 +417,13 @@ class ControllerServer:
             self._version += 1
             self.ads.publish(snap)
         log.info("xDS version %s: %d services", snap.version, len(table.services))
+
+    def publish_resources(self, res: translate.Resources) -> None:
+        """Publish resources in another control plane's shape as the next version."""
+        with self._lock:
+            assert self.ads is not None
+            self._version += 1
+            self.ads.publish(Snapshot.of_resources(self.version, res))
 
     def stop(self, grace: float = 2.0) -> None:
         if self._server is None:
