@@ -130,8 +130,9 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
 def test_transparent_listener_chains_by_vip_and_port() -> None:
     """An original_dst listener (Consul's transparent outbound listener on 127.0.0.1:15001):
     a chain for VIP/32 + destination_port is that VIP:port's service; a chain for every
-    port of a VIP is reported; passthrough chains (0.0.0.0/0) are destinations, not
-    services; the listener's own loopback address is not a VIP (no NACK)."""
+    port of a VIP is the VIP's any-port service (port 0); passthrough chains (0.0.0.0/0)
+    are destinations, not services; the listener's own loopback address is not a VIP (no
+    NACK)."""
     from envoy.config.listener.v3 import listener_pb2
 
     from tests.istio_resources import _istio_tcp_filters
@@ -149,15 +150,14 @@ def test_transparent_listener_chains_by_vip_and_port() -> None:
     passthrough = lst.filter_chains.add(filters=_istio_tcp_filters("original-destination"))
     passthrough.filter_chain_match.prefix_ranges.add(
         address_prefix="0.0.0.0").prefix_len.value = 0
-    res = tr.Resources({lst.name: lst}, {},
-                       {"db.default.dc1.internal.consul":
-                        eds_cluster("db.default.dc1.internal.consul")},
-                       {"db.default.dc1.internal.consul":
-                        cla("db.default.dc1.internal.consul",
-                            locality(lbe("10.200.6.1", 5432), lbe("10.200.6.2", 5432)))})
+    db, api = "db.default.dc1.internal.consul", "api.default.dc1.internal"
+    res = tr.Resources({lst.name: lst}, {}, {db: eds_cluster(db), api: eds_cluster(api)},
+                       {db: cla(db, locality(lbe("10.200.6.1", 5432), lbe("10.200.6.2", 5432))),
+                        api: cla(api, locality(lbe("10.200.6.3", 20000)))})
     t = tr.to_table(res)
-    assert services(t) == {("10.96.6.1", 5432): ["10.200.6.1", "10.200.6.2"]}
-    assert any("matches every port of 10.96.6.2" in v for v in t.skipped.values())
+    assert services(t) == {("10.96.6.1", 5432): ["10.200.6.1", "10.200.6.2"],
+                           ("10.96.6.2", 0): ["10.200.6.3"]}
+    assert not t.left  # the passthrough chain names no VIP
 
 
 def test_weighted_clusters_keep_their_weights() -> None:

@@ -17,6 +17,7 @@ from google.protobuf import message
 
 from accel import config
 from accel.model import (
+    ANY_PORT,
     DEFAULT_FASTPATH,
     Endpoint,
     Guard,
@@ -127,7 +128,8 @@ def update_endpoints(prev: Translation,
             except ValidationError as e:
                 raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
             for i, ep in enumerate(endpoints):  # endpoint_loops, for this service alone
-                other = prev.table.service_at(ep.address, ep.port, svc.protocol)
+                other = prev.table.service_at(ep.address, ep.port, svc.protocol) or \
+                    prev.table.service_at(ep.address, ANY_PORT, svc.protocol)
                 if other is not None and other.name != name:
                     via = f" (Listener[{prev.listeners[other.name]}])" \
                         if other.name in prev.listeners else ""
@@ -248,7 +250,10 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 if eds_name:
                     eds_waiting.add(eds_name)
             else:
-                gone[f.listener] = Skipped(f.listener, why, f.vip, f.port, f.protocol)
+                # A transparent chain to the original destination (Consul's passthrough~
+                # chains for pod IPs) names destinations, not a VIP left to the kernel.
+                vip = None if f.transparent and r.passthrough else f.vip
+                gone[f.listener] = Skipped(f.listener, why, vip, f.port, f.protocol)
             break
         if len(got) != len(parts):
             continue
@@ -307,6 +312,7 @@ class Unresolved:
     kind: str
     reason: str
     eds_name: str | None = None
+    passthrough: bool = False  # an ORIGINAL_DST cluster: traffic goes where it was sent
 
 
 def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, strict: bool,
@@ -324,7 +330,8 @@ def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, stric
     try:
         eds_name = cluster_eds_name(c)
     except Skip as e:
-        return Unresolved("skip", f"cluster {cluster!r}: {e}")
+        return Unresolved("skip", f"cluster {cluster!r}: {e}",
+                          passthrough=c.type == cluster_pb2.Cluster.ORIGINAL_DST)
     cla: message.Message | bytes | None
     if eds_name is None:
         cla = c.load_assignment
