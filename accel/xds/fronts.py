@@ -487,6 +487,18 @@ def cluster_eds_name(c: cluster_pb2.Cluster) -> str | None:
     raise Skip(f"cluster type {kind.name if kind else c.type}: no list of endpoints")
 
 
+def cluster_ignored(c: cluster_pb2.Cluster) -> tuple[str, ...]:
+    """A cluster's TLS, named for the report: the proxies' mTLS to the endpoints, which the
+    kernel path does not do (a connection goes to the endpoint in plain TCP)."""
+    out = []
+    if c.HasField("transport_socket"):
+        out.append(f"cluster {c.name}: transport_socket {c.transport_socket.name or 'TLS'}")
+    if c.transport_socket_matches:
+        out.append(f"cluster {c.name}: transport_socket_matches "
+                   + ", ".join(m.name or str(i) for i, m in enumerate(c.transport_socket_matches)))
+    return tuple(out)
+
+
 def cluster_eds_names(clusters: Mapping[str, cluster_pb2.Cluster]) -> set[str]:
     """What to ask EDS for; clusters this mapping cannot use are skipped, not errors."""
     out = set()

@@ -36,6 +36,7 @@ from accel.xds.fronts import (
     Skipped,
     Target,
     cluster_eds_name,
+    cluster_ignored,
     domain_vip,
     front,
     route_cluster,
@@ -234,10 +235,12 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
     for (f, target), name in zip(targets, _service_names(targets), strict=True):
         parts = [(target, 1)] if isinstance(target, str) else list(target)
         got: list[tuple[tuple[Endpoint, ...], int, str | None, str]] = []
+        tls: list[str] = []  # the clusters' features the kernel path does not apply
         for cluster, weight in parts:
             r = _cluster_endpoints(res, memo, f, cluster, strict, cds_seen, must_resolve)
             if isinstance(r, tuple):
                 got.append((r[0], weight, r[1], r[2]))
+                tls += r[3]
                 if r[1] is not None:
                     eds.add(r[1])
                 continue
@@ -279,8 +282,8 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
             if used is not None:
                 by_eds.setdefault(used, []).append(name)
         origin[name] = (where, f.listener)
-        if f.ignored:
-            ignored[name] = f.ignored
+        if f.ignored or tls:
+            ignored[name] = f.ignored + tuple(tls)
 
     held = _hold(services, waiting, previous)
     for svc, i, other in endpoint_loops(services + list(held)):
@@ -317,9 +320,11 @@ class Unresolved:
 
 def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, strict: bool,
                        cds_seen: bool, must_resolve: set[str]
-                       ) -> tuple[tuple[Endpoint, ...], str | None, str] | Unresolved:
-    """(endpoints, their ClusterLoadAssignment's name or None, where they come from) of one
-    cluster a service sends traffic to; raises ValidationError for malformed input."""
+                       ) -> tuple[tuple[Endpoint, ...], str | None, str, tuple[str, ...]] \
+        | Unresolved:
+    """(endpoints, their ClusterLoadAssignment's name or None, where they come from, the
+    cluster's features the kernel path does not apply) of one cluster a service sends
+    traffic to; raises ValidationError for malformed input."""
     c = res.clusters.get(cluster)
     if c is None:
         where = f"Listener[{f.listener}]" + (f" via RouteConfiguration[{f.route}]"
@@ -353,7 +358,7 @@ def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, stric
             raise
         # Host names are what DNS clusters hold: valid, but nothing to balance to here.
         return Unresolved("skip", f"cluster {cluster!r} resolves names by DNS ({e.reason})")
-    return endpoints, eds_name, where
+    return endpoints, eds_name, where, cluster_ignored(c)
 
 
 def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,
