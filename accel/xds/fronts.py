@@ -167,9 +167,11 @@ def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: st
             raise ValidationError(f"{cw}.filter_chain_match.destination_port",
                                   f"port {port} is out of range 1-65535")
         try:
-            (cluster, route), ignored = _chain_target(chain, cw, hosts[0], port, [])
+            (cluster, route), ignored = _chain_target(chain, cw, hosts[0], port,
+                                                      _listener_filters(lst))
         except Skip as e:
-            out.extend(Skipped(label, str(e), h, port, protocol) for h in hosts)
+            out.extend(Skipped(label if len(hosts) == 1 else f"{label}@{h}", str(e), h, port,
+                               protocol) for h in hosts)
             continue
         chain_edge = edge
         if edge and port == ANY_PORT:
@@ -223,9 +225,7 @@ def _listener_target(lst: listener_pb2.Listener, where: str, protocol: str, vip:
                      port: int) -> tuple[tuple[Target | None, str | None], tuple[str, ...]]:
     """((cluster, rds name), ignored features) of the filter chain a plain TCP connection
     (or the UDP proxy) would take. Raises Skip when that is not one cluster."""
-    ignored = [f"listener filter {lf.name or lf.typed_config.type_url}"
-               for lf in lst.listener_filters
-               if not (lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY)]
+    ignored = _listener_filters(lst)
     if protocol == "UDP":
         for i, lf in enumerate(lst.listener_filters):
             if lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY:
@@ -242,6 +242,13 @@ def _listener_target(lst: listener_pb2.Listener, where: str, protocol: str, vip:
         raise Skip("filter_chain_matcher: its match tree is not evaluated for L4")
     chain, cwhere = _plain_chain(lst, where, prefer_http=vip.is_unspecified)
     return _chain_target(chain, cwhere, vip, port, ignored)
+
+
+def _listener_filters(lst: listener_pb2.Listener) -> list[str]:
+    """The listener filters the kernel path does not apply (all but udp_proxy), named."""
+    return [f"listener filter {lf.name or lf.typed_config.type_url}"
+            for lf in lst.listener_filters
+            if not (lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY)]
 
 
 def _chain_target(chain: listener_components_pb2.FilterChain, cwhere: str,
