@@ -159,21 +159,23 @@ def kuma_cla(name: str, eps: list[tuple[str, int, int]], version: str = "v1"):
     return cla(name, locality(*out, zone="zone-1"))
 
 
+def _passthrough(direction: str, port: int) -> listener_pb2.Listener:
+    """`outbound:passthrough:ipv4` (15001) or `inbound:passthrough:ipv4` (15006): the
+    redirected traffic, to the ORIGINAL_DST cluster of the same name."""
+    name = f"{direction}:passthrough:ipv4"
+    lst = listener_pb2.Listener(name=name, address=sock("0.0.0.0", port),
+                                traffic_direction=base_pb2.TrafficDirection.Value(
+                                    direction.upper()))
+    lst.use_original_dst.value = True
+    lst.filter_chains.add(filters=[lc.Filter(name=TCP_PROXY, typed_config=pack(
+        tcp_proxy_pb2.TcpProxy(stat_prefix=name.replace(":", "_"), cluster=name)))])
+    return lst
+
+
 def passthrough_and_inbound(pod_ip: str, port: int) -> tuple[list[listener_pb2.Listener],
                                                                list[cluster_pb2.Cluster]]:
     """What every Kuma sidecar has besides its outbounds: none of it is a service."""
-    out = listener_pb2.Listener(name="outbound:passthrough:ipv4", address=sock("0.0.0.0", 15001),
-                                traffic_direction=base_pb2.OUTBOUND)
-    out.use_original_dst.value = True
-    out.filter_chains.add(filters=[lc.Filter(name=TCP_PROXY, typed_config=pack(
-        tcp_proxy_pb2.TcpProxy(stat_prefix="outbound_passthrough_ipv4",
-                               cluster="outbound:passthrough:ipv4")))])
-    inp = listener_pb2.Listener(name="inbound:passthrough:ipv4", address=sock("0.0.0.0", 15006),
-                                traffic_direction=base_pb2.INBOUND)
-    inp.use_original_dst.value = True
-    inp.filter_chains.add(filters=[lc.Filter(name=TCP_PROXY, typed_config=pack(
-        tcp_proxy_pb2.TcpProxy(stat_prefix="inbound_passthrough_ipv4",
-                               cluster="inbound:passthrough:ipv4")))])
+    out, inp = _passthrough("outbound", 15001), _passthrough("inbound", 15006)
     inbound = listener_pb2.Listener(name=f"inbound:{pod_ip}:{port}", address=sock(pod_ip, port),
                                     traffic_direction=base_pb2.INBOUND)
     chain = inbound.filter_chains.add(filters=[

@@ -94,7 +94,6 @@ def test_kuma_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
     from accel.runtime import Runtime
     from tests.test_xds_client import Harness
     from tests.traffic import EchoServer, connect
-    from tests.xds_resources import pack
 
     lab = lab_factory(3)
     client, a, b = lab.pods
@@ -106,17 +105,8 @@ def test_kuma_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
     runtime = Runtime(datapath=datapath)
     h = Harness(on_update=runtime.apply)
     try:
-        def push(t: str, wait_names: int | None = None) -> None:
-            if wait_names is not None:  # EDS: once the client has subscribed
-                h.ads.wait(lambda r: r.type_url == t and len(r.resource_names) == wait_names)
-            items = [pack(m) for _, m in sorted(res.of(t).items())]
-            reply = h.ads.reply_to(h.ads.send(t, "1", items))
-            assert not reply.error_detail.message, (t, reply.error_detail.message)
-
-        h.ads.wait(lambda r: r.type_url == tr.CLUSTER)
-        push(tr.CLUSTER)
-        push(tr.ENDPOINT, wait_names=len(res.endpoints))
-        push(tr.LISTENER)
+        assert not res.routes  # Kuma's route configurations are inline
+        h.push_all(res)
         table = h.wait_table(lambda t: len(t.services) == 2)
         assert {str(s.vip) for s in table.services} == {"10.96.7.2", "10.96.7.3"}
         assert runtime.table is table
