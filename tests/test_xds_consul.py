@@ -164,3 +164,18 @@ def test_consul_shaped_delta_xds_carries_traffic_on_every_port(lab_factory, data
         assert datapath.counters()["connect_balanced"] >= 5
     finally:
         h.close()
+
+
+def test_transparent_chains_by_source_or_ipv6() -> None:
+    """A chain only some sources match is left (the kernel balances every client alike);
+    an IPv6 /128 without a destination port is that VIP on every port."""
+    res = sidecar_config({"db": (["240.0.0.1"], [("10.244.2.1", PUBLIC_PORT)]),
+                          "v6": (["fd00:96::8"], [("fd00:244::1", PUBLIC_PORT)])})
+    out = res.listeners[OUTBOUND]
+    out.filter_chains[0].filter_chain_match.source_prefix_ranges.add(
+        address_prefix="10.244.0.0").prefix_len.value = 16
+    t = tr.to_table(res)
+    assert services(t) == {("fd00:96::8", ANY_PORT): {("fd00:244::1", PUBLIC_PORT): 1}}
+    [why] = [v for k, v in t.skipped.items() if t.left.get(k, (None,))[0]
+             == ipaddress.ip_address("240.0.0.1")]
+    assert "some sources only" in why

@@ -163,6 +163,12 @@ def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: st
                 m.transport_protocol not in ("", "raw_buffer"):
             continue  # the TLS or HTTP twin of a plain chain
         port = m.destination_port.value if m.HasField("destination_port") else ANY_PORT
+        if _by_source(m):
+            out.extend(Skipped(f"{label}@{h}" if len(hosts) > 1 else label,
+                               "the chain matches some sources only, and the kernel "
+                               "balances every client alike", h, port, protocol)
+                       for h in hosts)
+            continue
         if m.HasField("destination_port") and not 1 <= port <= 65535:
             raise ValidationError(f"{cw}.filter_chain_match.destination_port",
                                   f"port {port} is out of range 1-65535")
@@ -289,12 +295,17 @@ def _chain_target(chain: listener_components_pb2.FilterChain, cwhere: str,
     raise AssertionError("unreachable")
 
 
+def _by_source(m: listener_components_pb2.FilterChainMatch) -> bool:
+    """A match some clients fail by where they connect from."""
+    return bool(m.source_prefix_ranges or m.direct_source_prefix_ranges or m.source_ports
+                or m.source_type != listener_components_pb2.FilterChainMatch.ANY)
+
+
 def _not_every_plain_connection(m: listener_components_pb2.FilterChainMatch) -> bool:
     """A match that plain TCP to the VIP may fail: by TLS, ALPN, SNI, or addresses."""
     return bool(m.server_names or m.application_protocols
                 or m.transport_protocol not in ("", "raw_buffer") or m.prefix_ranges
-                or m.source_prefix_ranges or m.direct_source_prefix_ranges or m.source_ports
-                or m.source_type != listener_components_pb2.FilterChainMatch.ANY)
+                or _by_source(m))
 
 
 def _plain_chain(lst: listener_pb2.Listener, where: str, prefer_http: bool = False
