@@ -145,7 +145,6 @@ def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: st
     for i, chain in enumerate(lst.filter_chains):
         m = chain.filter_chain_match
         cw = f"{where}.filter_chains[{i}]"
-        label = f"{name}/{chain.name or i}"
         hosts = []
         for j, pr in enumerate(m.prefix_ranges):
             try:
@@ -163,36 +162,44 @@ def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: st
                 m.transport_protocol not in ("", "raw_buffer"):
             continue  # the TLS or HTTP twin of a plain chain
         port = m.destination_port.value if m.HasField("destination_port") else ANY_PORT
-        if _by_source(m):
-            out.extend(Skipped(f"{label}@{h}" if len(hosts) > 1 else label,
-                               "the chain matches some sources only, and the kernel "
-                               "balances every client alike", h, port, protocol)
-                       for h in hosts)
-            continue
         if m.HasField("destination_port") and not 1 <= port <= 65535:
             raise ValidationError(f"{cw}.filter_chain_match.destination_port",
                                   f"port {port} is out of range 1-65535")
+        several = len(hosts) > 1
+        if _by_source(m):
+            out.extend(Skipped(_label(name, chain.name or i, h, several), "the chain "
+                               "matches some sources only, and the kernel balances every "
+                               "client alike", h, port, protocol) for h in hosts)
+            continue
         try:
             (cluster, route), ignored = _chain_target(chain, cw, hosts[0], port,
                                                       _listener_filters(lst))
         except Skip as e:
-            out.extend(Skipped(label if len(hosts) == 1 else f"{label}@{h}", str(e), h, port,
+            out.extend(Skipped(_label(name, chain.name or i, h, several), str(e), h, port,
                                protocol) for h in hosts)
             continue
+        tag = chain.name or (cluster if isinstance(cluster, str) or cluster is None
+                             else cluster[0][0]) or route or i
         chain_edge = edge
         if edge and port == ANY_PORT:
             chain_edge, ignored = False, (*ignored, "edge (the XDP edge balances a VIP:port)")
         for host in hosts:
             if host.is_loopback or host.is_multicast or host.is_unspecified:
-                out.append(Skipped(label, f"{host} is not a service address"))
+                out.append(Skipped(_label(name, tag, host, several),
+                                   f"{host} is not a service address"))
                 continue
-            out.append(Front(label if len(hosts) == 1 else f"{label}@{host}", host, port,
-                             protocol, cluster, route, None, chain_edge, fastpath, ignored,
-                             transparent=True))
+            out.append(Front(_label(name, tag, host, several), host, port, protocol, cluster,
+                             route, None, chain_edge, fastpath, ignored, transparent=True))
     if not out:
         out.append(Skipped(name, "an original_dst (transparent) listener without "
                            "chains for a VIP:port: its destinations are not services"))
     return out
+
+
+def _label(listener: str, tag: object, host: IPAddress, several: bool) -> str:
+    """A transparent chain's name in reports: its own name, else its cluster's (stable as
+    chains come and go), else its index; per host when it matches several."""
+    return f"{listener}/{tag}" + (f"@{host}" if several else "")
 
 
 def _has_original_dst(lst: listener_pb2.Listener) -> bool:
