@@ -22,7 +22,10 @@ from accel.model import (
     ValidationError,
     check_fastpath,
     check_name,
+    check_port,
+    check_vip,
     endpoint_loops,
+    parse_address,
     parse_network,
 )
 
@@ -129,12 +132,18 @@ def parse_service(raw: Any, index: int, fastpath: str = DEFAULT_FASTPATH) -> Ser
     if not isinstance(edge, bool):
         raise ValidationError(f"{where}.edge", f"expected true or false, got {edge!r}")
     fastpath = check_fastpath(d.get("fastpath", fastpath), f"{where}.fastpath")
+    # Checked here, in the order Service checks them (name, fastpath, vip, port): a file (or
+    # the API) names its port; port 0 (ANY_PORT, every port of the VIP) is what only a
+    # controller's transparent chain means (xDS).
+    vip = str(_required(d, "vip", where))
+    _within(where, lambda v: check_vip(parse_address(v, "vip"), "vip"), vip)
+    _within(where, check_port, _required(d, "port", where), "port")
     return _within(
         where,
         Service,
         name=d["name"],
-        vip=str(_required(d, "vip", where)),
-        port=_required(d, "port", where),
+        vip=vip,
+        port=d["port"],
         protocol=protocol,
         endpoints=endpoints,
         edge=edge,

@@ -24,6 +24,10 @@ PROTOCOLS = ("TCP", "UDP")
 FASTPATHS = ("route", "redirect")
 DEFAULT_FASTPATH = "route"
 MAX_WEIGHT = 65535
+# A service's port 0: the VIP on every port (a transparent proxy's chain matching a VIP/32
+# without a destination port: Consul's upstreams). Each connection goes to an endpoint at
+# the endpoint's own port; a service on the same VIP and a concrete port is looked up first.
+ANY_PORT = 0
 T = TypeVar("T")
 
 
@@ -193,7 +197,10 @@ class Service:
         check_name(self.name, "name")
         check_fastpath(self.fastpath, "fastpath")
         object.__setattr__(self, "vip", check_vip(parse_address(self.vip, "vip"), "vip"))
-        check_port(self.port, "port")
+        check_port(self.port, "port", allow_zero=True)  # ANY_PORT: every port of the VIP
+        if self.edge and self.port == ANY_PORT:
+            raise ValidationError("edge", "the XDP edge balances a VIP:port; a service on "
+                                  "every port of its VIP cannot be an edge service")
         if self.protocol not in PROTOCOLS:
             raise ValidationError("protocol", f"{self.protocol!r} is not one of {PROTOCOLS}")
         object.__setattr__(self, "endpoints", tuple(self.endpoints))
@@ -202,7 +209,7 @@ class Service:
             if (ep.address, ep.port) in seen:
                 raise ValidationError(f"endpoints[{i}]", f"duplicate endpoint {ep}")
             seen.add((ep.address, ep.port))
-            if ep.address == self.vip and ep.port == self.port:
+            if ep.address == self.vip and self.port in (ep.port, ANY_PORT):
                 raise ValidationError(f"endpoints[{i}]", "an endpoint may not be its own VIP:port")
 
     @property
@@ -464,20 +471,27 @@ class ServiceTable:
         return ServiceTable(services=services, mesh_cidrs=cidrs, guard=guard, fastpath=fastpath)
 
 
+def port_text(port: int) -> str:
+    """A service port as people read it: ANY_PORT is "*"."""
+    return "*" if port == ANY_PORT else str(port)
+
+
 def _key_clash(svc: Service, other: str) -> str:
-    return f"{svc.vip}:{svc.port}/{svc.protocol} is already used by service {other!r}"
+    return f"{svc.vip}:{port_text(svc.port)}/{svc.protocol} is already used by service {other!r}"
 
 
 def endpoint_loops(services: Sequence[Service]) -> Iterator[tuple[Service, int, Service]]:
     """(service, endpoint index, other service) for each endpoint that is another service's
     VIP:port: a connection is balanced once, at connect(), so it would be sent on to a VIP
     that no backend answers on (and two services naming each other would be a loop).
-    A service's own VIP:port is refused by Service itself."""
+    A service's own VIP:port is refused by Service itself. A service on every port of a VIP
+    (ANY_PORT) catches an endpoint on that VIP at any port."""
     by_key = {s.key: s for s in services}
     vips = {s.vip for s in services}
     for svc in services:
         for i, ep in enumerate(svc.endpoints):
             if ep.address in vips:
-                other = by_key.get((ep.address, ep.port, svc.protocol))
+                other = by_key.get((ep.address, ep.port, svc.protocol)) or \
+                    by_key.get((ep.address, ANY_PORT, svc.protocol))
                 if other is not None and other is not svc:
                     yield svc, i, other

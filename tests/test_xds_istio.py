@@ -70,7 +70,6 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
     connect to the 0.0.0.0_9080 virtual host's ClusterIP reaches its endpoint, with
     getpeername() the VIP."""
     from accel.runtime import Runtime
-    from accel.xds.shapes.builders import pack
     from tests.test_xds_client import Harness
     from tests.traffic import EchoServer, connect
 
@@ -83,18 +82,8 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
     runtime = Runtime(datapath=datapath)
     h = Harness(on_update=runtime.apply)
     try:
-        def push(t: str, wait_names: int | None = None) -> None:
-            if wait_names is not None:  # EDS and RDS: once the client has subscribed
-                h.ads.wait(lambda r: r.type_url == t and len(r.resource_names) == wait_names)
-            items = [pack(m) for _, m in sorted(res.of(t).items())]
-            reply = h.ads.reply_to(h.ads.send(t, "1", items))
-            assert not reply.error_detail.message, (t, reply.error_detail.message)
-
-        h.ads.wait(lambda r: r.type_url == tr.CLUSTER)
-        push(tr.CLUSTER)
-        push(tr.ENDPOINT, wait_names=len(res.endpoints))
-        push(tr.LISTENER)
-        push(tr.ROUTE, wait_names=1)  # "8080", the 0.0.0.0_8080 listener's
+        assert list(res.routes) == ["8080"]  # the 0.0.0.0_8080 listener's
+        h.push_all(res)
         # details splits by path: left to the kernel path, not a NACK.
         table = h.wait_table(lambda t: len(t.services) == 2)  # details is left: L7
         assert {str(s.vip) for s in table.services} == {"10.96.5.7", "10.96.5.5"}
@@ -133,8 +122,9 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
 def test_transparent_listener_chains_by_vip_and_port() -> None:
     """An original_dst listener (Consul's transparent outbound listener on 127.0.0.1:15001):
     a chain for VIP/32 + destination_port is that VIP:port's service; a chain for every
-    port of a VIP is reported; passthrough chains (0.0.0.0/0) are destinations, not
-    services; the listener's own loopback address is not a VIP (no NACK)."""
+    port of a VIP is the VIP's any-port service (port 0); passthrough chains (0.0.0.0/0)
+    are destinations, not services; the listener's own loopback address is not a VIP (no
+    NACK)."""
     from envoy.config.listener.v3 import listener_pb2
 
     from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, sock
@@ -152,15 +142,14 @@ def test_transparent_listener_chains_by_vip_and_port() -> None:
     passthrough = lst.filter_chains.add(filters=_istio_tcp_filters("original-destination"))
     passthrough.filter_chain_match.prefix_ranges.add(
         address_prefix="0.0.0.0").prefix_len.value = 0
-    res = tr.Resources({lst.name: lst}, {},
-                       {"db.default.dc1.internal.consul":
-                        eds_cluster("db.default.dc1.internal.consul")},
-                       {"db.default.dc1.internal.consul":
-                        cla("db.default.dc1.internal.consul",
-                            locality(lbe("10.200.6.1", 5432), lbe("10.200.6.2", 5432)))})
+    db, api = "db.default.dc1.internal.consul", "api.default.dc1.internal"
+    res = tr.Resources({lst.name: lst}, {}, {db: eds_cluster(db), api: eds_cluster(api)},
+                       {db: cla(db, locality(lbe("10.200.6.1", 5432), lbe("10.200.6.2", 5432))),
+                        api: cla(api, locality(lbe("10.200.6.3", 20000)))})
     t = tr.to_table(res)
-    assert services(t) == {("10.96.6.1", 5432): ["10.200.6.1", "10.200.6.2"]}
-    assert any("matches every port of 10.96.6.2" in v for v in t.skipped.values())
+    assert services(t) == {("10.96.6.1", 5432): ["10.200.6.1", "10.200.6.2"],
+                           ("10.96.6.2", 0): ["10.200.6.3"]}
+    assert not t.left  # the passthrough chain names no VIP
 
 
 def test_weighted_clusters_keep_their_weights() -> None:
