@@ -145,8 +145,8 @@ def to_table(state: WorkloadState, node_name: str) -> TableBuild:
                 name = _entry(svc, vip, p.service_port, len(vips))
                 key = (vip, p.service_port, "TCP")
                 if key in taken:
-                    leave(name, f"{_hostport(vip, p.service_port)} is already service "
-                          f"{taken[key]!r}'s", vip, p.service_port)
+                    leave(name, f"{_hostport(vip, p.service_port)} is already taken by "
+                          f"service {taken[key]!r}", vip, p.service_port)
                     continue
                 eps, why_not = _endpoints(svc, vip, p.service_port, p.target_port,
                                           members.get(svc.key, []), here)
