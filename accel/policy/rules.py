@@ -13,9 +13,12 @@ namespace "" and no principal: `namespaces` never match it, `not_namespaces` alw
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass
 
-from accel.model import IPAddress, IPNetwork
+# As accel.model names them (model imports this module: policies are part of a table).
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_SERVICE_ACCOUNT = "default"
@@ -87,6 +90,24 @@ Rule = tuple[Match, ...]  # matches, OR-ed (the wire's Rules / ztunnel's clause)
 Group = tuple[Rule, ...]  # rules, AND-ed (the wire's Group / ztunnel's rule)
 
 
+ROOT_NAMESPACE = "istio-system"  # Istio's default root namespace: its policies are global
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which workloads a WORKLOAD_SELECTOR policy of mesh.yaml selects: every label given
+    (Istio's matchLabels) and, when names are given, one of them. Like Istio, only in the
+    policy's own namespace unless that is the root namespace."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    endpoints: tuple[str, ...] = ()  # endpoint names
+
+    def selects(self, name: str, labels: tuple[tuple[str, str], ...]) -> bool:
+        if self.endpoints and name not in self.endpoints:
+            return False
+        return set(self.labels) <= set(labels)
+
+
 @dataclass(frozen=True)
 class Policy:
     name: str
@@ -95,6 +116,9 @@ class Policy:
     action: Action = Action.ALLOW
     groups: tuple[Group, ...] = ()  # OR-ed
     dry_run: bool = False
+    # mesh.yaml's: whom it selects. None where workloads name their policies themselves
+    # (the workload API's authorization_policies).
+    selector: Selector | None = None
 
     @property
     def key(self) -> str:
