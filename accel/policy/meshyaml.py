@@ -121,11 +121,23 @@ def _accounts(value: Any, path: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _entry(raw: Any, path: str, keys: set[str], wrapper: str) -> tuple[dict[str, Any], str]:
+    """A from/to entry's fields and path, flat or in Istio's shape (`- source: {...}`)."""
+    d = _snake(_mapping(raw, path, keys | {wrapper} | set(CAMEL)))
+    if wrapper in d:
+        path = f"{path}.{wrapper}"
+        d = _snake(_mapping(d[wrapper], path, keys | set(CAMEL)))
+    return d, path
+
+
+def _some(m: Match, path: str, what: str) -> Match:
+    if m.empty():
+        raise ValidationError(path, f"{what} matches nothing; name a field or remove it")
+    return m
+
+
 def _source(raw: Any, path: str) -> Match:
-    d = _snake(_mapping(raw, path, SOURCE_KEYS | {"source"} | set(CAMEL)))
-    if "source" in d:  # Istio's shape: - source: {...}
-        path = f"{path}.source"
-        d = _snake(_mapping(d["source"], path, SOURCE_KEYS | set(CAMEL)))
+    d, path = _entry(raw, path, SOURCE_KEYS, "source")
     m = Match(namespaces=_strings(d.get("namespaces"), f"{path}.namespaces"),
               not_namespaces=_strings(d.get("not_namespaces"), f"{path}.not_namespaces"),
               principals=_strings(d.get("principals"), f"{path}.principals"),
@@ -135,23 +147,14 @@ def _source(raw: Any, path: str) -> Match:
                                              f"{path}.not_service_accounts"),
               source_ips=_cidrs(d.get("ip_blocks"), f"{path}.ip_blocks"),
               not_source_ips=_cidrs(d.get("not_ip_blocks"), f"{path}.not_ip_blocks"))
-    if m.empty():
-        raise ValidationError(path, "a source naming nothing matches nothing; name a field "
-                              "or remove it")
-    return m
+    return _some(m, path, "a source naming nothing")
 
 
 def _operation(raw: Any, path: str) -> Match:
-    d = _snake(_mapping(raw, path, OPERATION_KEYS | {"operation"} | set(CAMEL)))
-    if "operation" in d:
-        path = f"{path}.operation"
-        d = _snake(_mapping(d["operation"], path, OPERATION_KEYS | set(CAMEL)))
-    m = Match(destination_ports=_ports(d.get("ports"), f"{path}.ports"),
-              not_destination_ports=_ports(d.get("not_ports"), f"{path}.not_ports"))
-    if m.empty():
-        raise ValidationError(path, "an operation naming no port matches nothing; name "
-                              "ports or remove it")
-    return m
+    d, path = _entry(raw, path, OPERATION_KEYS, "operation")
+    return _some(Match(destination_ports=_ports(d.get("ports"), f"{path}.ports"),
+                       not_destination_ports=_ports(d.get("not_ports"), f"{path}.not_ports")),
+                 path, "an operation naming no port")
 
 
 def _condition(raw: Any, path: str) -> Match:
