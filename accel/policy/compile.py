@@ -223,50 +223,120 @@ class _Decisions:
 
 
 Classes = list[tuple[Decision, int]]  # decisions with the bitset of sources they are for
+Kind = tuple[bool, bool]  # (ALLOW?, dry run?)
+KINDS: tuple[Kind, ...] = ((False, False), (False, True), (True, False), (True, True))
+Firsts = dict[Kind, list[tuple[int, int]]]  # per kind: (policy index, sources it is first for)
 
 
-def _evaluate_context(pols: list[_Policy], dst_sig: frozenset[IPNetwork], every: int,
-                      decision: _Decisions) -> tuple[Decision, dict[int, Classes]]:
-    """A destination's default and, per port (0: any other), its sources grouped by
-    decision (every source in exactly one group), in ztunnel's order: a DENY that matches
-    denies; else, when ALLOW policies apply, one must match; dry-run policies are
-    evaluated alike and only counted. All by set algebra on the sources' bitsets."""
-    has_allow = any(p.allow and not p.dry_run for p in pols)
-    dry_allows = [p.index for p in pols if p.allow and p.dry_run]
-    if has_allow:
-        base = decision(Verdict.DENY)
-    elif dry_allows:  # enforced, "no ALLOW matched" would deny
-        base = decision(Verdict.DRY_RUN_DENY, dry_allows[0])
-    else:
-        base = decision(Verdict.ALLOW)
-    ports = sorted({q for p in pols for q in p.ports})
-    out: dict[int, Classes] = {}
-    for port in [ANY_PORT, *ports]:
-        # Per kind (allow?, dry run?): the sources each policy is the first to match.
-        firsts: dict[tuple[bool, bool], list[tuple[int, int]]] = {
-            (a, d): [] for a in (True, False) for d in (True, False)}
-        seen = dict.fromkeys(firsts, 0)
-        for p in pols:  # in index order: the first match decides
-            v = p.value(dst_sig, port)
-            if v:
-                k = (p.allow, p.dry_run)
-                new = v & ~seen[k]
-                if new:
-                    seen[k] |= new
-                    firsts[k].append((p.index, new))
+def _firsts(pols: Sequence[_Policy], dst_sig: frozenset[IPNetwork], port: int) -> Firsts:
+    """Per kind, the sources each policy (in index order) is the first to match."""
+    out: Firsts = {k: [] for k in KINDS}
+    seen = dict.fromkeys(KINDS, 0)
+    for p in pols:
+        v = p.value(dst_sig, port)
+        if v:
+            k = (p.allow, p.dry_run)
+            new = v & ~seen[k]
+            if new:
+                seen[k] |= new
+                out[k].append((p.index, new))
+    return out
+
+
+def _merge(a: Firsts, b: Firsts) -> Firsts:
+    """The firsts of two policy lists' union: per source, the lower index owns it."""
+    out: Firsts = {}
+    for k in KINDS:
+        if not b[k]:
+            out[k] = a[k]
+            continue
+        merged, seen = [], 0
+        for index, bits in sorted(a[k] + b[k]):
+            new = bits & ~seen
+            if new:
+                seen |= new
+                merged.append((index, new))
+        out[k] = merged
+    return out
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """The policies every workload of a namespace has (global ones and the namespace's)."""
+
+    pols: list[_Policy]
+    indices: tuple[int, ...]
+    nets: frozenset[IPNetwork]
+    ports: frozenset[int]
+
+    @classmethod
+    def of(cls, pols: list[_Policy]) -> _Shared:
+        return cls(pols, tuple(p.index for p in pols),
+                   frozenset(n for p in pols for n in p.dst_nets),
+                   frozenset(q for p in pols for q in p.ports))
+
+
+class _Context:
+    """The policies of destinations alike (same policies, same named prefixes holding
+    their addresses): shared ones (global and namespace) evaluated once per namespace, the
+    few a destination names itself added to them."""
+
+    def __init__(self, shared: _Shared, own: list[_Policy],
+                 dst_sig: frozenset[IPNetwork], cache: dict, every: int,
+                 decision: _Decisions):
+        self.shared, self.own, self.sig = shared, own, dst_sig
+        self.cache, self.every, self.decision = cache, every, decision
+        pols = shared.pols + own
+        self.has_allow = any(p.allow and not p.dry_run for p in pols)
+        self.dry_allows = sorted(p.index for p in pols if p.allow and p.dry_run)
+        if self.has_allow:
+            self.base = decision(Verdict.DENY)
+        elif self.dry_allows:  # enforced, "no ALLOW matched" would deny
+            self.base = decision(Verdict.DRY_RUN_DENY, self.dry_allows[0])
+        else:
+            self.base = decision(Verdict.ALLOW)
+        self.shared_sig = dst_sig & shared.nets
+        self.ports = sorted(shared.ports | {q for p in own for q in p.ports})
+
+    def _shared_firsts(self, port: int) -> Firsts:
+        port = port if port in self.shared.ports else ANY_PORT
+        key = (self.shared.indices, self.shared_sig, port)
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = _firsts(self.shared.pols, self.shared_sig, port)
+        return hit
+
+    def classes(self) -> dict[int, Classes]:
+        """Per port (0: any other), the sources grouped by decision (each source in one
+        group), in ztunnel's order: a DENY that matches denies; else, when ALLOW policies
+        apply, one must match; dry-run policies are evaluated alike and only counted."""
+        out: dict[int, Classes] = {}
+        for port in [ANY_PORT, *self.ports]:
+            firsts = self._shared_firsts(port)
+            if self.own:
+                firsts = _merge(firsts, _firsts(self.own, self.sig, port))
+            out[port] = self._decide(firsts)
+        return out
+
+    def _decide(self, firsts: Firsts) -> Classes:
+        decision = self.decision
+        seen = {k: 0 for k in KINDS}
+        for k in KINDS:
+            for _, bits in firsts[k]:
+                seen[k] |= bits
         classes: Classes = []
-        rest = every
+        rest = self.every
         for index, bits in firsts[(False, False)]:
             classes.append((decision(Verdict.DENY, index), bits))
         rest &= ~seen[(False, False)]
-        if has_allow:
+        if self.has_allow:
             classes.append((decision(Verdict.DENY), rest & ~seen[(True, False)]))
             rest &= seen[(True, False)]
         for index, bits in firsts[(False, True)]:
             classes.append((decision(Verdict.DRY_RUN_DENY, index), bits & rest))
         rest &= ~seen[(False, True)]
-        if not has_allow and dry_allows:
-            classes.append((decision(Verdict.DRY_RUN_DENY, dry_allows[0]),
+        if not self.has_allow and self.dry_allows:
+            classes.append((decision(Verdict.DRY_RUN_DENY, self.dry_allows[0]),
                             rest & ~seen[(True, True)]))
             rest &= seen[(True, True)]
         for index, bits in firsts[(True, False)]:
@@ -277,8 +347,7 @@ def _evaluate_context(pols: list[_Policy], dst_sig: frozenset[IPNetwork], every:
         for d, bits in classes:
             if bits:
                 merged[d] = merged.get(d, 0) | bits
-        out[port] = list(merged.items())
-    return base, out
+        return list(merged.items())
 
 
 def compile_policies(peers: Sequence[Peer], policies: Iterable[Policy]) -> Compiled:
@@ -292,26 +361,32 @@ def compile_policies(peers: Sequence[Peer], policies: Iterable[Policy]) -> Compi
     index = {k: i + 1 for i, k in enumerate(keys)}
     ignored: dict[str, str] = {}
     peers = sorted(peers, key=lambda p: p.uid)
-    applying: dict[str, list[Policy]] = {}
+    applying: dict[str, tuple[str, list[Policy]]] = {}  # uid -> (namespace, own policies)
     everywhere = [p for p in ordered if p.scope == Scope.GLOBAL]
     by_ns: dict[str, list[Policy]] = defaultdict(list)
     for p in ordered:
         if p.scope == Scope.NAMESPACE:
             by_ns[p.namespace].append(p)
     by_key = dict(zip(keys, ordered, strict=True))
+    shared_of: dict[str, list[Policy]] = {}
     for peer in peers:
         for j, ref in enumerate(peer.policies):
             if ref not in index:
                 ignored[f"Workload[{peer.uid}].authorization_policies[{j}]"] = \
                     f"no policy {ref!r} (yet): not applied"
         if peer.local:
-            # applies(), by index: global ones, its namespace's, those it names
-            chosen = {p.key: p for p in (*everywhere, *by_ns.get(peer.namespace, ()),
-                                         *(by_key[k] for k in peer.policies if k in by_key))}
-            got = [chosen[k] for k in sorted(chosen)]
-            if got:
-                applying[peer.uid] = got
-    used = {p.key: p for got in applying.values() for p in got}
+            # applies(), by index: global ones and its namespace's (shared by the
+            # namespace), then those it names that these are not
+            shared = shared_of.get(peer.namespace)
+            if shared is None:
+                shared = shared_of[peer.namespace] = sorted(
+                    (*everywhere, *by_ns.get(peer.namespace, ())), key=lambda p: p.key)
+            have = {p.key for p in shared} if peer.policies else set()
+            own = sorted({by_key[k].key: by_key[k] for k in peer.policies
+                          if k in by_key and k not in have}.values(), key=lambda p: p.key)
+            if shared or own:
+                applying[peer.uid] = (peer.namespace, own)
+    used = {p.key: p for ns, own in applying.values() for p in (*shared_of[ns], *own)}
     src_nets = {n for p in used.values() for m in p.matches()
                 for n in m.source_ips + m.not_source_ips}
     dst_nets = {n for p in used.values() for m in p.matches()
@@ -354,18 +429,23 @@ def compile_policies(peers: Sequence[Peer], policies: Iterable[Policy]) -> Compi
     matcher = _Matcher(sources)
     compiled = {k: _Policy(index[k], p, matcher) for k, p in used.items()}
     decision = _Decisions()
-    contexts: dict[tuple[tuple[int, ...], frozenset[IPNetwork]],
-                   tuple[Decision, dict[int, Classes]]] = {}
+    contexts: dict[tuple, tuple[Decision, dict[int, Classes]]] = {}
+    shared_cache: dict = {}
     policed: dict[int, Decision] = {}
     rules: dict[tuple[int, int, int], Decision] = {}
-    for uid, got in applying.items():
-        pols = [compiled[p.key] for p in got]
-        named = frozenset(n for p in pols for n in p.dst_nets)
+    shared_sets = {ns: _Shared.of([compiled[p.key] for p in pols])
+                   for ns, pols in shared_of.items()}
+    for uid, (ns, own_p) in applying.items():
+        shared = shared_sets[ns]
+        own = [compiled[p.key] for p in own_p]
+        named = shared.nets | {n for p in own for n in p.dst_nets}
         for ident, dst_sig in dst_groups.get(uid, ()):
-            key = (tuple(p.index for p in pols), dst_sig & named)
+            sig = dst_sig & named
+            key = (shared.indices, tuple(p.index for p in own), sig)
             ctx = contexts.get(key)
             if ctx is None:
-                ctx = contexts[key] = _evaluate_context(pols, key[1], matcher.all, decision)
+                c = _Context(shared, own, sig, shared_cache, matcher.all, decision)
+                ctx = contexts[key] = (c.base, c.classes())
             base, by_port = ctx
             policed[ident] = base
             other = by_port[ANY_PORT]
