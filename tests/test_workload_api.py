@@ -325,3 +325,49 @@ def test_fuzzed_stream_is_decoded_or_refused_by_name():
         to_verdicts(s, r.NODE)
     print(f"[fuzz] workload API: {accepted} accepted, {refused} refused")
     assert accepted > 100 and refused > 100
+
+
+def test_rebuild_keeps_unchanged_services_as_the_same_objects():
+    """One endpoint's health changes: only that service is new (the map writers skip the
+    rest by identity)."""
+    first = build().table
+    addrs = r.fixture_addresses()
+    addrs[1].workload.status = wl.UNHEALTHY  # web-2
+    again = to_table(held(addrs, []), r.NODE, previous=first).table
+    d = again.delta(first)
+    assert {s.name for s in d.added} == {f"{WEB}@10.96.0.10:80"}
+    assert again.get(f"{PG}:5432") is first.get(f"{PG}:5432")
+    assert again.canonical() == to_table(held(addrs, []), r.NODE).table.canonical()
+
+
+def test_view_applies_responses_and_keeps_the_last_good_state_on_a_nack():
+    from accel.xds.workload.view import WorkloadView
+
+    view = WorkloadView(r.NODE)
+    view.apply(AUTHORIZATION, {resource_name(p): p.SerializeToString()
+                               for p in r.fixture_authorizations()})
+    good = view.apply(ADDRESS, {resource_name(a): a.SerializeToString()
+                                for a in r.fixture_addresses()})
+    assert good.table.table.get(f"{PG}:5432") is not None and good.policy.verdicts.policed
+    bad = r.service("db", "pg", ["10.96.0.20"], [(5432, 0)])
+    bad.service.addresses[0].address = b"\x01\x02\x03"
+    with pytest.raises(ValidationError) as e:
+        view.apply(ADDRESS, {PG: bad.SerializeToString(),
+                             r.uid("db", "pg-2"): r.fixture_addresses()[6].SerializeToString()},
+                   remove=[WEB])
+    assert str(e.value).startswith(f"Address[{PG}].service.addresses[0].address: 3 bytes")
+    assert view.last is good and WEB in view.state.services  # nothing changed
+    after = view.apply(ADDRESS, {}, remove=[WEB])
+    assert after.table.table.get(f"{WEB}@10.96.0.10:80") is None
+    assert after.table.table.get(f"{PG}:5432") is good.table.table.get(f"{PG}:5432")
+    with pytest.raises(ValidationError):
+        view.apply("type.googleapis.com/envoy.config.listener.v3.Listener", {})
+
+
+def test_ztunnel_node():
+    from accel.xds.workload.kinds import ztunnel_node
+
+    n = ztunnel_node("n1", "10.0.0.1", "ztunnel-abc")
+    assert n.id == "ztunnel~10.0.0.1~ztunnel-abc.istio-system~istio-system.svc.cluster.local"
+    assert n.metadata["NODE_NAME"] == "n1" and n.metadata["INSTANCE_IPS"] == "10.0.0.1"
+    assert ztunnel_node("n1", "10.0.0.1", node_id="x").id == "x"

@@ -8,4 +8,5 @@
 - to_table.py: held state -> ServiceTable (+ what was left and why)
 - to_verdicts.py: held state -> Verdicts for this node's workloads
 - from_table.py: ServiceTable + policies -> resources, as istiod serves them
+- view.py: WorkloadView, one call per response: decode, hold, rebuild (all or nothing)
 """

@@ -3,6 +3,7 @@ URLs (the messages live in meshaccel's own proto package, see proto/accel/istio/
 
 from __future__ import annotations
 
+from envoy.config.core.v3 import base_pb2
 from google.protobuf import any_pb2, message
 
 from accel.xds.gen.istio import security_pb2, workload_pb2
@@ -39,3 +40,17 @@ def pack(msg: message.Message) -> any_pb2.Any:
     """An Any under Istio's type URL (Any.Pack would name meshaccel's package)."""
     type_url = ADDRESS if isinstance(msg, workload_pb2.Address) else AUTHORIZATION
     return any_pb2.Any(type_url=type_url, value=msg.SerializeToString())
+
+
+def ztunnel_node(node_name: str, ip: str, pod: str = "meshaccel", namespace: str = "istio-system",
+                 cluster_id: str = "Kubernetes", node_id: str | None = None) -> base_pb2.Node:
+    """The Node a workload API client presents, as ztunnel does: id
+    `ztunnel~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local` (istiod serves only a node of
+    type ztunnel the workload API) and metadata NAME, NAMESPACE, INSTANCE_IPS, NODE_NAME,
+    CLUSTER_ID."""
+    node = base_pb2.Node(
+        id=node_id or f"ztunnel~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local",
+        cluster=cluster_id)
+    node.metadata.update({"NAME": pod, "NAMESPACE": namespace, "INSTANCE_IPS": ip,
+                          "NODE_NAME": node_name, "CLUSTER_ID": cluster_id})
+    return node

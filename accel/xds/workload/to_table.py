@@ -102,7 +102,11 @@ def mesh_addresses(state: WorkloadState, node_name: str) -> tuple[IPNetwork, ...
     return tuple(ipaddress.ip_network(a) for a in sorted(addrs, key=lambda a: (a.version, a)))
 
 
-def to_table(state: WorkloadState, node_name: str) -> TableBuild:
+def to_table(state: WorkloadState, node_name: str,
+             previous: ServiceTable | None = None) -> TableBuild:
+    """The table for node `node_name`. With the `previous` table, services that did not
+    change are its very objects and the table is derived from it, so the map writers
+    touch only what changed (ServiceTable.delta)."""
     here = Here.of(state.workloads, node_name)
     members: dict[str, list[WorkloadInfo]] = {}
     for w in sorted(state.workloads.values(), key=lambda w: w.uid):
@@ -159,7 +163,15 @@ def to_table(state: WorkloadState, node_name: str) -> TableBuild:
                 services.append(s)
                 if notes or why_not:
                     ignored[name] = tuple(notes + why_not)
-    table = ServiceTable(tuple(services), mesh_cidrs=mesh_addresses(state, node_name))
+    mesh = mesh_addresses(state, node_name)
+    if previous is None:
+        table = ServiceTable(tuple(services), mesh_cidrs=mesh)
+    else:
+        names = {s.name for s in services}
+        changed = [s for s in services if previous.get(s.name) != s]
+        gone = [s.name for s in previous.services if s.name not in names]
+        table = previous.derive(changed, gone,
+                                mesh_cidrs=None if mesh == previous.mesh_cidrs else mesh)
     return TableBuild(table, skipped, left, ignored)
 
 
