@@ -96,9 +96,6 @@ BAD_ADDRESSES = [
     (lambda: r.service("default", "reviews", ["10.96.0.5"], [(80, 1), (80, 2)]),
      "Address[default/reviews.default.svc.cluster.local].service.ports[1].service_port: "
      "port 80 is listed twice"),
-    (lambda: _svc(load_balancing=wl.LoadBalancing(mode=9)),
-     "Address[default/reviews.default.svc.cluster.local].service.load_balancing.mode: "
-     "unknown mode 9"),
     (lambda: wl.Address(workload=wl.Workload(uid="K//Pod/ns/p", addresses=[b"\x0a\x00"])),
      "Address[K//Pod/ns/p].workload.addresses[0]: 2 bytes is not an IPv4 or IPv6 address"),
     (lambda: r.workload("ns", "p", ["10.0.0.1"], "n1", services={"nohost": [(80, 80)]}),
@@ -271,6 +268,19 @@ def test_allow_all_health_policy_and_passthrough():
     assert got == ["10.0.2.3", "10.0.2.4"]
     b = to_table(held(_pg(LB.PASSTHROUGH, []), []), "n1")
     assert "PASSTHROUGH" in b.skipped[f"{PG}:5432"]
+
+
+def test_enum_values_of_a_newer_istiod_are_valid_input():
+    """An unknown load-balancing mode or scope leaves the service on the kernel path; an
+    unknown workload status is not HEALTHY."""
+    for lb in (LB(mode=9), LB(mode=LB.FAILOVER, routing_preference=[LB.ZONE, 42])):
+        b = to_table(held(_pg(LB.STRICT, []) + [r.service("db", "pg", ["10.96.0.20"],
+                                                          [(5432, 5432)], load_balancing=lb)],
+                          []), "n1")
+        assert "unknown to meshaccel" in b.skipped[f"{PG}:5432"]
+    w = r.workload("db", "a", ["10.0.2.1"], "n1")
+    w.workload.status = 7
+    assert AddressProcessor().decode(None, w.SerializeToString()).healthy is False
 
 
 def test_vip_port_clash_is_reported_not_nacked():

@@ -27,7 +27,6 @@ from accel.policy.rules import (
 from accel.xds.gen.istio import security_pb2, workload_pb2
 from accel.xds.workload.kinds import ADDRESS, AUTHORIZATION, resource_name
 from accel.xds.workload.resources import (
-    SCOPES,
     Locality,
     PortMap,
     ServiceInfo,
@@ -152,8 +151,6 @@ def workload_info(w: workload_pb2.Workload, where: str) -> WorkloadInfo:
         if not ns or not host:
             raise ValidationError(at, "the key must be namespace/hostname")
         services.append((key, _ports(w.services[key].ports, f"{at}.ports")))
-    if w.status not in (workload_pb2.HEALTHY, workload_pb2.UNHEALTHY):
-        raise ValidationError(f"{where}.status", f"unknown status {w.status}")
     capacity = w.capacity.value if w.HasField("capacity") else 1
     return WorkloadInfo(
         uid=w.uid, name=w.name, namespace=w.namespace, addresses=addresses,
@@ -172,17 +169,9 @@ def service_info(s: workload_pb2.Service, where: str) -> ServiceInfo:
             raise ValidationError(f"{where}.{f}", "missing required field")
     vips = tuple((a.network, ip_bytes(a.address, f"{where}.addresses[{i}].address"))
                  for i, a in enumerate(s.addresses))
+    # Enum values a newer istiod may add are valid input: the table leaves such a service
+    # to the kernel path (an unknown mode or scope), or takes the safe reading (health).
     lb = s.load_balancing
-    modes = workload_pb2.LoadBalancing.Mode.values()
-    if lb.mode not in modes:
-        raise ValidationError(f"{where}.load_balancing.mode", f"unknown mode {lb.mode}")
-    for i, sc in enumerate(lb.routing_preference):
-        if sc not in SCOPES:
-            raise ValidationError(f"{where}.load_balancing.routing_preference[{i}]",
-                                  f"unknown scope {sc}")
-    if lb.health_policy not in workload_pb2.LoadBalancing.HealthPolicy.values():
-        raise ValidationError(f"{where}.load_balancing.health_policy",
-                              f"unknown health policy {lb.health_policy}")
     return ServiceInfo(
         name=s.name, namespace=s.namespace, hostname=s.hostname, vips=vips,
         ports=_ports(s.ports, f"{where}.ports"), waypoint=s.HasField("waypoint"),

@@ -52,6 +52,7 @@ class WorkloadInfo:
 
 # LoadBalancing as sent (istio.workload.LoadBalancing's numbers).
 MODE_UNSPECIFIED, MODE_STRICT, MODE_FAILOVER, MODE_PASSTHROUGH = 0, 1, 2, 3
+MODES = (MODE_UNSPECIFIED, MODE_STRICT, MODE_FAILOVER, MODE_PASSTHROUGH)
 SCOPES = {1: "REGION", 2: "ZONE", 3: "SUBZONE", 4: "NODE", 5: "CLUSTER", 6: "NETWORK"}
 
 
@@ -65,7 +66,7 @@ class ServiceInfo:
     waypoint: bool = False
     mode: int = MODE_UNSPECIFIED
     routing_preference: tuple[int, ...] = ()  # SCOPES keys, most important first
-    allow_unhealthy: bool = False  # health_policy ALLOW_ALL
+    allow_unhealthy: bool = False  # health_policy ALLOW_ALL (any other: only healthy)
 
     @property
     def key(self) -> str:

@@ -37,6 +37,7 @@ from accel.xds.workload.resources import (
     MODE_FAILOVER,
     MODE_PASSTHROUGH,
     MODE_STRICT,
+    MODES,
     SCOPES,
     Locality,
     ServiceInfo,
@@ -176,6 +177,11 @@ def to_table(state: WorkloadState, node_name: str,
 
 
 def _left_whole(svc: ServiceInfo, here: Here) -> str | None:
+    if svc.mode not in MODES:
+        return f"load_balancing mode {svc.mode} is unknown to meshaccel"
+    unknown = [s for s in svc.routing_preference if s not in SCOPES]
+    if unknown:
+        return f"routing_preference scope {unknown[0]} is unknown to meshaccel"
     if svc.waypoint:
         return "its traffic goes through a waypoint (L7 policy and routing belong to it)"
     if svc.mode == MODE_PASSTHROUGH:
