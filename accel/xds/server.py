@@ -452,6 +452,10 @@ class ControllerServer:
                   previous: Snapshot | None) -> Snapshot:
         if self.api is WORKLOAD_API:
             return Snapshot.workload(version, table, self.node_name)
+        if table.policies:
+            log.warning("%d policies not served: Envoy's resources carry no authorization "
+                        "for L4 identities; serve them with --xds-api workload",
+                        len(table.policies))
         return Snapshot.of(version, table, previous)
 
     def stop(self, grace: float = 2.0) -> None:
