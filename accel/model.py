@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from accel.policy.rules import DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT, Policy
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -167,11 +169,22 @@ class Endpoint:
     port: int
     weight: int = 1
     healthy: bool = True
+    # The workload behind the address, as policies name it (Istio's terms): its identity
+    # (namespace, service account), and a name and labels selectors pick it by.
+    namespace: str = DEFAULT_NAMESPACE
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    name: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", parse_address(self.address, "address"))
         check_port(self.port, "port")
         check_int(self.weight, "weight", 1, MAX_WEIGHT)
+        check_name(self.namespace, "namespace")
+        check_name(self.service_account, "service_account")
+        if self.name:
+            check_name(self.name, "name")
+        object.__setattr__(self, "labels", tuple(sorted(self.labels)))
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
@@ -275,6 +288,8 @@ class ServiceTable:
     guard: Guard = field(default_factory=Guard)
     # The fast path of mesh connections dialed straight to a mesh address (not a VIP).
     fastpath: str = DEFAULT_FASTPATH
+    # L4 authorization (Istio AuthorizationPolicy terms) over the endpoints' identities.
+    policies: tuple[Policy, ...] = ()
 
     # Out of equality and repr: the indexes validation builds anyway, kept so that derive()
     # validates only what changes (name -> position; (vip, port, protocol) -> name), and for
@@ -288,7 +303,13 @@ class ServiceTable:
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", tuple(self.services))
         object.__setattr__(self, "mesh_cidrs", tuple(self.mesh_cidrs))
+        object.__setattr__(self, "policies", tuple(self.policies))
         check_fastpath(self.fastpath, "fastpath")
+        policy_keys: set[str] = set()
+        for p in self.policies:
+            if p.key in policy_keys:
+                raise ValidationError(f"policies[{p.name}]", f"policy {p.key} is defined twice")
+            policy_keys.add(p.key)
         names: dict[str, int] = {}
         keys: dict[tuple[IPAddress, int, str], str] = {}
         for i, svc in enumerate(self.services):
@@ -412,6 +433,7 @@ class ServiceTable:
         object.__setattr__(table, "mesh_cidrs", mesh_cidrs)
         object.__setattr__(table, "guard", guard)
         object.__setattr__(table, "fastpath", self.fastpath)
+        object.__setattr__(table, "policies", self.policies)
         object.__setattr__(table, "_index", index)
         object.__setattr__(table, "_keys", keys)
         object.__setattr__(table, "_base", (weakref.ref(self), delta))
@@ -450,13 +472,14 @@ class ServiceTable:
         return {s.name: s.canonical() for s in d.added} == \
             {s.name: s.canonical() for s in d.removed}
 
-    def _settings(self) -> tuple[tuple[IPNetwork, ...], Guard, str]:
+    def _settings(self) -> tuple[tuple[IPNetwork, ...], Guard, str, tuple[Policy, ...]]:
         def order(n: IPNetwork) -> tuple[int, str]:
             return (n.version, str(n))
 
         g = self.guard
         return (tuple(sorted(self.mesh_cidrs, key=order)),
-                Guard(tuple(sorted(g.deny, key=order)), g.syn_rate, g.syn_burst), self.fastpath)
+                Guard(tuple(sorted(g.deny, key=order)), g.syn_rate, g.syn_burst), self.fastpath,
+                tuple(sorted(self.policies, key=lambda p: p.key)))
 
     def endpoint_addresses(self) -> set[IPAddress]:
         return {ep.address for s in self.services for ep in s.endpoints}
@@ -467,8 +490,9 @@ class ServiceTable:
     def canonical(self) -> ServiceTable:
         """Order-independent form: two tables that mean the same compare equal."""
         services = tuple(sorted((s.canonical() for s in self.services), key=lambda s: s.name))
-        cidrs, guard, fastpath = self._settings()
-        return ServiceTable(services=services, mesh_cidrs=cidrs, guard=guard, fastpath=fastpath)
+        cidrs, guard, fastpath, policies = self._settings()
+        return ServiceTable(services=services, mesh_cidrs=cidrs, guard=guard, fastpath=fastpath,
+                            policies=policies)
 
 
 def port_text(port: int) -> str:
