@@ -18,7 +18,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from accel.datapath import cgroup as cg
-from accel.datapath.policy import PodSide, PolicyMaps
+from accel.datapath.policy import PodSide, PolicyCounters, PolicyMaps
 from accel.kernel import testrun
 from accel.model import Endpoint, Service, ServiceTable
 from accel.policy.verdicts import Decision, Verdict, Verdicts
@@ -56,7 +56,10 @@ def table(server, fastpath="route") -> ServiceTable:
     ))
 
 
-def verdicts(pods, rules, default=Decision(DENY), policies=("ns/allow-a", "ns/dry-b")):
+DENY_ALL = Decision(DENY)
+
+
+def verdicts(pods, rules, default=DENY_ALL, policies=("ns/allow-a", "ns/dry-b")):
     """Clients pods[0] (A), pods[1] (B), server pods[2] (S), each with both addresses."""
     idents = {}
     for ident, pod in zip((A, B, S), pods, strict=False):
@@ -91,7 +94,7 @@ def test_local_clients_allowed_and_denied_through_vip_and_pod_ip(lab_factory, da
                              family=fam) == payload
             err, took = refused(b, host, 80 if host in (VIP, VIP6) else 8080, fam)
             assert err == errno.EPERM and took < 0.1, (host, err, took)
-    assert counts(policy, "ns/allow-a") == counts(policy, "ns/allow-a").__class__(allowed=4)
+    assert counts(policy, "ns/allow-a") == PolicyCounters(allowed=4)
     assert counts(policy).denied == 4 and counts(policy).allowed == 0
     c = datapath.counters()
     assert c["connect_balanced"] == 4 and c["policy_connect_deferred"] == 0
@@ -249,7 +252,23 @@ def test_outside_client_gets_a_reset_allowed_one_passes(outside, datapath, polic
             assert res == "ok ping", (host, res)
     assert counts(policy).denied == 2
     assert counts(policy, "ns/allow-x-9000").allowed == 2
-    assert datapath.counters()["policy_rst_failures"] == 0
+    c = datapath.counters()
+    assert c["policy_rst_failures"] == 0 and c["policy_connect_deferred"] == 0
+
+
+HOLDER = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 8080))
+s.sendall(b"a"); s.recv(1); print("up", flush=True)
+t = time.monotonic()
+s.settimeout(5)
+try:
+    while s.recv(10):
+        pass
+    print("eof", time.monotonic() - t)
+except OSError as e:
+    print("err", e.errno, time.monotonic() - t)
+"""
 
 
 def test_outside_client_held_connection_cut_on_update(outside, datapath, policy):
@@ -261,14 +280,10 @@ def test_outside_client_held_connection_cut_on_update(outside, datapath, policy)
     deny = Verdicts(policies=("ns/x",), addr_ident={s.ip: S}, cidr_ident={net: 7},
                     policed={S: Decision(ALLOW)}, rules={(7, S, 0): Decision(DENY, 1)})
     policy.apply(allow, {netns(s): S}, [side(s)])
-    script = (r"import socket,sys,time;s=socket.create_connection(('%s',8080));"
-              r"s.sendall(b'a');s.recv(1);print('up',flush=True);t=time.monotonic();"
-              r"s.settimeout(5)" "\n"
-              r"try:" "\n while s.recv(10): pass\n print('eof',time.monotonic()-t)\n"
-              r"except OSError as e: print('err',e.errno,time.monotonic()-t)") % s.ip
     root = cg.cgroup2_mount() / "cgroup.procs"
     with EchoServer(s, 8080):
-        proc = subprocess.Popen(["ip", "netns", "exec", ext, sys.executable, "-c", script],
+        proc = subprocess.Popen(["ip", "netns", "exec", ext, sys.executable, "-c", HOLDER,
+                                 str(s.ip)],
                                 stdout=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: root.write_text(str(os.getpid())))
         try:
@@ -385,3 +400,43 @@ def test_reset_built_from_the_syn(datapath, policy):
         sport, dport, seq, ack, off, flags = struct.unpack("!HHIIBB", tcp[:14])
         assert (sport, dport, seq, ack, off >> 4, flags) == (8080, 40001, 0, 1001, 5, 0x14)
 
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_pod_routed_syn_is_decided_too(lab_factory, datapath, policy, family):
+    """Pod routing hands pod-to-pod packets over with bpf_redirect_peer, skipping the host
+    side's egress: the pod side's ingress still sees the SYN, and its reset goes back the
+    same way. The client runs outside the agent's cgroup: only the packet is decided."""
+    from accel.datapath.podroute import PodRouter
+    from accel.datapath.policy import pod_namespaces
+
+    lab = lab_factory(3)
+    a, b, s = lab.pods
+    datapath.apply(ServiceTable((), mesh_cidrs=(ipaddress.ip_network(lab.subnet),
+                                                ipaddress.ip_network(lab.subnet6))))
+    router = PodRouter(datapath.pin_dir, tuple(p.host_ifname for p in lab.pods),
+                       netns=lab.node)
+    try:
+        router.refresh()
+        v = verdicts((a, b, s), {(A, S, 8080): Decision(ALLOW, 1)})
+        idents, sides = pod_namespaces(v, [(p.peer_netns, p.peer_ifindex, p.addresses)
+                                           for p in router.ports.values()])
+        assert idents == {netns(a): A, netns(b): B, netns(s): S}
+        assert sides == [side(s)]
+        policy.apply(v, idents, sides)
+        host = str(s.ip) if family == socket.AF_INET else str(s.ip6)
+        before = datapath.counters()["pod_redirects"]
+        with EchoServer(s, 8080, host="::", family=socket.AF_INET6):
+            res, took = from_outside(b.name, host, 8080)
+            assert res == f"err {errno.ECONNREFUSED}" and took < 0.1, (res, took)
+            res, _ = from_outside(a.name, host, 8080)
+            assert res == "ok ping", res
+        # SYN and reset, and the allowed connection's packets: all handed pod to pod.
+        assert datapath.counters()["pod_redirects"] - before >= 2 + 6
+    finally:
+        router.close()
+    assert counts(policy).denied == 1
+    # A's connection was decided at its SYN only (outside the cgroup), but A's namespace is
+    # known (its address is marked local): an allowed SYN from it is not counted again.
+    assert counts(policy, "ns/allow-a").allowed == 0
+    assert datapath.counters()["policy_connect_deferred"] == 0

@@ -23,8 +23,8 @@ from functools import cache
 from pathlib import Path
 
 from accel.kernel import bpf
-from accel.kernel.netns import in_netns
 from accel.kernel.btf import BTF, FUNC, STRUCT, UNION
+from accel.kernel.netns import in_netns
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 PROG_LOAD, LINK_CREATE, ITER_CREATE = 5, 28, 33
