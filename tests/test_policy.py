@@ -335,24 +335,45 @@ def _random_verdicts(rng: random.Random) -> Verdicts:
                     cidr_ident=cidrs, policed=policed, rules=rules)
 
 
-def test_kernel_decisions_equal_the_reference(datapath, policy):
-    rng = random.Random(14)
-    v = _random_verdicts(rng)
-    policy.apply(v, {})
+def _mutate(rng: random.Random, v: Verdicts, rename: bool) -> Verdicts:
+    """The next table a compiler might give: rules changed, added and removed, a default
+    flipped, an address moved to another workload; with rename, the policy list shifts
+    (every counter index moves: the writer's full path)."""
+    rules = dict(v.rules)
+    for k in rng.sample(list(rules), 60):
+        del rules[k]
+    for k in rng.sample(list(rules), 60):
+        rules[k] = Decision(rng.choice([ALLOW, DENY]), rng.randrange(0, len(v.policies) + 1))
+    policed = dict(v.policed)
+    d = rng.choice(list(policed))
+    policed[d] = Decision(DENY if policed[d].verdict != DENY else ALLOW)
+    for _ in range(60):
+        rules[(rng.randrange(0, 41), rng.choice(list(policed)), rng.choice([0, 80]))] = \
+            Decision(rng.choice([ALLOW, DENY, DRY]), rng.randrange(1, len(v.policies) + 1))
+    addrs = dict(v.addr_ident)
+    moved = rng.choice(list(addrs))
+    addrs[moved] = rng.randrange(1, 41)
+    policies = (*v.policies[1:], v.policies[0]) if rename else v.policies
+    return Verdicts(policies=policies, addr_ident=addrs, cidr_ident=v.cidr_ident,
+                    policed=policed, rules=rules)
+
+
+def _agree(policy: PolicyMaps, v: Verdicts, rng: random.Random, n: int) -> int:
+    """Decide n random SYNs in the kernel (BPF_PROG_TEST_RUN of the pod-side program) and
+    compare each with Verdicts.decide: the verdict and the policy counted."""
     candidates = [*v.addr_ident, ipaddress.ip_address("10.60.5.9"),
                   ipaddress.ip_address("10.60.9.9"), ipaddress.ip_address("192.0.2.1"),
                   ipaddress.ip_address("fd00:60::9"), ipaddress.ip_address("fd00:99::1")]
     names = dict(enumerate(v.policies, 1))
-    fd = policy.tc_prog.fd
     checked = 0
-    for _ in range(3000):
+    for _ in range(n):
         src, dst = rng.choice(candidates), rng.choice(candidates)
         if src.version != dst.version:
             continue
         port = rng.choice([80, 443, 8080, 22])
         want = v.decide(src, dst, port)
         before = policy.counters()
-        r = testrun.prog_test_run(fd, _syn(src, dst, 40000, port))
+        r = testrun.prog_test_run(policy.tc_prog.fd, _syn(src, dst, 40000, port))
         after = policy.counters()
         moved = {i: (a.allowed - before[i].allowed, a.denied - before[i].denied,
                      a.dry_run_denied - before[i].dry_run_denied)
@@ -365,7 +386,40 @@ def test_kernel_decisions_equal_the_reference(datapath, policy):
         assert moved == {index: col}, (src, dst, port, want, moved)
         assert (r.retval == 7) == (want.verdict == DENY), (src, dst, port, want, r.retval)
         checked += 1
+    return checked
+
+
+def test_kernel_decisions_equal_the_reference(datapath, policy):
+    """A seeded random table, then a chain of updates (incremental and full writes, the two
+    slots taking turns): after each, the kernel and Verdicts.decide agree on every one of
+    hundreds of (source, destination, port) triples, verdict and policy counted."""
+    rng = random.Random(14)
+    v = _random_verdicts(rng)
+    checked = 0
+    for step in range(5):
+        policy.apply(v, {})
+        checked += _agree(policy, v, rng, 2000 if step == 0 else 500)
+        v = _mutate(rng, v, rename=step == 2)
     assert checked > 1000
+    # The live table holds exactly the last one: nothing of the older left in its slot.
+    assert policy.status().maps["rules"].used == len(policy.verdicts.rules)
+
+
+def test_a_table_that_does_not_fit_changes_nothing(datapath, policy):
+    from accel.config import CapacityError
+
+    rng = random.Random(5)
+    v = _random_verdicts(rng)
+    policy.apply(v, {})
+    small = policy.tables["rules"].capacity
+    huge = Verdicts(policies=v.policies, addr_ident=v.addr_ident, policed=v.policed,
+                    rules={(s, 1, p): Decision(ALLOW) for s in range(small // 100 + 1)
+                           for p in range(1, 101)})
+    live = policy.live
+    with pytest.raises(CapacityError, match="policy_rules"):
+        policy.apply(huge, {})
+    assert policy.live == live
+    assert _agree(policy, v, rng, 300) > 100  # still the last good table
 
 
 def _csum(data: bytes) -> int:

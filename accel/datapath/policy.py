@@ -111,6 +111,13 @@ class _Table:
         held = self.held[slot]
         changed = [(k, v) for k, v in wanted.items() if held.get(k) != v]
         gone = [k for k in held if k not in wanted]
+        return self.put(slot, changed, gone)
+
+    def put(self, slot: int, changed: list[tuple[bytes, bytes]],
+            gone: Iterable[bytes]) -> tuple[int, int]:
+        """Write `changed` and delete `gone` in `slot`; (written, removed)."""
+        held = self.held[slot]
+        gone = [k for k in gone if k in held]
         if changed:
             keys = b"".join(k for k, _ in changed)
             done, err = self._batch.update(keys, b"".join(v for _, v in changed))
@@ -126,7 +133,7 @@ class _Table:
         return len(changed), len(gone)
 
 
-def _decision(v: Layout, d: Decision, counter: int) -> bytes:
+def _decision(v: Layout, d: Decision, counter: int) -> bytes:  # small tables only
     return v.pack(int(d.verdict), counter)
 
 
@@ -174,6 +181,8 @@ class PolicyMaps:
         self.guarded: dict[PodSide, None] = {}
         self.namespaces: dict[str, int] = {}  # netns path -> identity, as last applied
         self.verdicts: Verdicts | None = None
+        # Per slot: the rules it was written from, with the counter index of each policy.
+        self._rules_src: list[tuple[Mapping, tuple[int, ...]] | None] = [None] * SLOTS
 
     # ---- the table ----------------------------------------------------------------------------
 
@@ -224,7 +233,6 @@ class PolicyMaps:
         ak, av = t["addrs"].key, t["addrs"].value
         ck, cv = t["cidrs"].key, t["cidrs"].value
         dk, dv = t["dsts"].key, t["dsts"].value
-        rk, rv = t["rules"].key, t["rules"].value
         nk, nv = t["netns"].key, t["netns"].value
         out = {
             "addrs": {ak.pack(addr16.pack(a), slot): av.pack(i, ADDR_LOCAL if i in local else 0)
@@ -233,18 +241,45 @@ class PolicyMaps:
                       for n, i in v.cidr_ident.items()},
             "dsts": {dk.pack(d, slot): _decision(dv, dec, idx(dec))
                      for d, dec in v.policed.items()},
-            "rules": {rk.pack(s, d, p, slot): _decision(rv, dec, idx(dec))
-                      for (s, d, p), dec in v.rules.items()},
             "netns": {nk.pack(self.cookie(path), slot): nv.pack(i)
                       for path, i in netns_idents.items()},
         }
-        for name, wanted in out.items():
+        for name, wanted in [*out.items(), ("rules", v.rules)]:
             cap = t[name].capacity
             if len(wanted) > cap:
                 raise CapacityError("policies", f"{len(wanted)} entries for accel_policy_"
                                     f"{name} exceed the capacity of {cap} (--capacity "
                                     f"policy_{name}=N)")
         return out
+
+    def _write_rules(self, v: Verdicts, slot: int) -> tuple[int, int]:
+        """The rules, the one table that grows with policies x workloads: diffed against
+        the Verdicts this slot was last written from (C-speed key sets, Decision objects
+        compared only where they differ), packed only where they changed. A full diff when
+        that is unknown (the first apply, after a failure, a policy list that moved)."""
+        t = self.tables["rules"]
+        counters = tuple(self.counter_of[n] for n in v.policies)
+        packed: dict[tuple[int, int], bytes] = {}
+
+        def value(d: Decision) -> bytes:
+            c = counters[d.policy - 1] if d.policy else 0
+            b = packed.get((d.verdict, c))
+            if b is None:
+                b = packed[(d.verdict, c)] = t.value.pack(int(d.verdict), c)
+            return b
+
+        pack = t.key.pack
+        src, self._rules_src[slot] = self._rules_src[slot], None
+        if src is None or src[1] != counters:
+            done = t.write(slot, {pack(s, d, p, slot): value(dec)
+                                  for (s, d, p), dec in v.rules.items()})
+        else:
+            old, new = src[0], v.rules
+            changed = [(k, d) for k, d in new.items() if (o := old.get(k)) is not d and o != d]
+            done = t.put(slot, [(pack(*k, slot), value(d)) for k, d in changed],
+                         [pack(*k, slot) for k in old.keys() - new.keys()])
+        self._rules_src[slot] = (v.rules, counters)
+        return done
 
     def apply(self, verdicts: Verdicts, netns_idents: Mapping[str, int],
               sides: Iterable[PodSide] | None = None) -> Applied:
@@ -260,8 +295,9 @@ class PolicyMaps:
         live = self.live
         target = 1 - live
         wanted = self._wanted(verdicts, netns_idents, target)
-        written = {name: self.tables[name].write(target, wanted[name])
-                   for name in ("rules", "dsts", "cidrs", "addrs", "netns")}
+        written = {"rules": self._write_rules(verdicts, target)}
+        written.update({name: self.tables[name].write(target, wanted[name])
+                        for name in ("dsts", "cidrs", "addrs", "netns")})
         cfg = self._config()
         cfg.live = target
         self.config[ctypes.c_uint32(0)] = cfg
