@@ -494,3 +494,40 @@ def test_pod_routed_syn_is_decided_too(lab_factory, datapath, policy, family):
     # known (its address is marked local): an allowed SYN from it is not counted again.
     assert counts(policy, "ns/allow-a").allowed == 0
     assert datapath.counters()["policy_connect_deferred"] == 0
+
+
+def test_enforcer_follows_pods_and_uninstall_detaches(lab_factory, datapath):
+    """The runtime's handle: pod routing's pods give the namespaces and the guarded
+    interfaces; a pod gone is dropped on refresh(); what an agent left attached is found
+    again from its state and removed."""
+    from accel.datapath.podroute import PodRouter
+    from accel.datapath.policy import Enforcer, detach_from
+
+    lab = lab_factory(3)
+    a, b, s = lab.pods
+    router = PodRouter(datapath.pin_dir, tuple(p.host_ifname for p in lab.pods),
+                       netns=lab.node)
+    enforcer = Enforcer(datapath, router)
+    try:
+        router.refresh()
+        enforcer.apply(verdicts((a, b, s), {(A, S, 8080): Decision(ALLOW, 1)}))
+        st = enforcer.status()
+        assert st.guarded == [f"{side(s).netns}:{side(s).ifindex}"] and st.namespaces == 3
+
+        def filters() -> str:
+            return s.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+
+        assert "accel_policy_tc" in filters()
+        with EchoServer(s, 8080):
+            assert roundtrip(a, str(s.ip), 8080, b"in") == b"in"
+            assert refused(b, str(s.ip), 8080)[0] == errno.EPERM
+        subprocess.run(["ip", "-n", lab.node, "link", "del", b.host_ifname], check=True)
+        router.refresh()
+        enforcer.refresh()
+        assert enforcer.status().namespaces == 2
+        guarded = enforcer.status().guarded
+        enforcer.close(keep=True)  # as an agent stopped with --keep leaves it
+        assert "accel_policy_tc" in filters()
+        assert len(detach_from(guarded)) == 1 and "accel_policy_tc" not in filters()
+    finally:
+        router.close()

@@ -431,6 +431,10 @@ def uninstall(pin_dir: str) -> Uninstalled:
         from accel.datapath import podroute
 
         interfaces += podroute.detach_from(state.get("pod_netns") or None, state["pod_prog_id"])
+    if state.get("policy_sides"):
+        from accel.datapath import policy
+
+        interfaces += policy.detach_from(state["policy_sides"])
     had_pins = os.path.isdir(pin_dir)
     remove_pins(pin_dir)
     state_file(pin_dir).unlink(missing_ok=True)

@@ -177,7 +177,7 @@ class PolicyMaps:
         # restarted over kept maps) are not known by name: they are reallocated, and their
         # counts zeroed, as names come.
         self.counter_of: dict[str, int] = {}
-        self._cookies: dict[tuple[int, int], int] = {}  # netns file (dev, ino) -> cookie
+        self._cookies: dict[tuple[str, int, int], int] = {}  # (path, dev, ino) -> cookie
         self.guarded: dict[PodSide, None] = {}
         self.namespaces: dict[str, int] = {}  # netns path -> identity, as last applied
         self.verdicts: Verdicts | None = None
@@ -215,8 +215,10 @@ class PolicyMaps:
         return out
 
     def cookie(self, path: str) -> int:
+        """The namespace's cookie (SO_NETNS_COOKIE from a socket made inside it), cached
+        while the path names the same namespace file."""
         st = os.stat(path)
-        key = (st.st_dev, st.st_ino)
+        key = (path, st.st_dev, st.st_ino)
         if key not in self._cookies:
             self._cookies[key] = netns.cookie(path)
         return self._cookies[key]
@@ -244,6 +246,8 @@ class PolicyMaps:
             "netns": {nk.pack(self.cookie(path), slot): nv.pack(i)
                       for path, i in netns_idents.items()},
         }
+        # Namespaces gone: their files' inodes may name another namespace later.
+        self._cookies = {k: c for k, c in self._cookies.items() if k[0] in netns_idents}
         for name, wanted in [*out.items(), ("rules", v.rules)]:
             cap = t[name].capacity
             if len(wanted) > cap:
@@ -392,6 +396,64 @@ class PolicyMaps:
         self.iter_prog.close()
 
 
+class Enforcer:
+    """The runtime's handle: PolicyMaps fed with the local pods pod routing found (their
+    namespaces' identities, the policed ones' interfaces), the last Verdicts applied again
+    when pods come and go (refresh(), a housekeeping chore), and what it attached recorded
+    in the datapath's state for `accel uninstall`."""
+
+    def __init__(self, datapath, pods=None):
+        self.datapath = datapath
+        self.pods = pods  # a PodRouter (its .ports), or None: no pod is known
+        self.maps = PolicyMaps(datapath.pin_dir, datapath.capacities, datapath.defines(),
+                               datapath.batch_writes)
+        self.verdicts: Verdicts | None = None
+        self._seen: list[tuple[str, int, tuple[str, ...]]] | None = None
+
+    def _pods(self) -> list[tuple[str, int, tuple[str, ...]]]:
+        ports = getattr(self.pods, "ports", None) or {}
+        return sorted((p.peer_netns, p.peer_ifindex, tuple(p.addresses))
+                      for p in ports.values())
+
+    def apply(self, verdicts: Verdicts) -> Applied:
+        pods = self._pods()
+        idents, sides = pod_namespaces(verdicts, pods)
+        done = self.maps.apply(verdicts, idents, sides)
+        self.verdicts, self._seen = verdicts, pods
+        self.datapath.record(policy_prog_id=self.maps.tc_prog.id,
+                             policy_sides=self.maps.status().guarded)
+        return done
+
+    def refresh(self) -> None:
+        if self.verdicts is not None and self._pods() != self._seen:
+            self.apply(self.verdicts)
+
+    def status(self) -> PolicyStatus:
+        return self.maps.status()
+
+    def close(self, keep: bool = False) -> None:
+        if keep:  # the filters stay with the kept datapath's pinned program
+            self.maps.guarded.clear()
+        self.maps.close()
+
+
+def detach_from(sides: Iterable[str]) -> list[str]:
+    """Remove our filter from pod interfaces ("netns:ifindex", as status() lists them) an
+    agent left behind (it died, or was stopped with --keep)."""
+    done = []
+    for s in sides:
+        path, _, idx = s.rpartition(":")
+        if not os.path.exists(path):
+            continue
+        try:
+            with _ipr(path) as ipr:
+                if attach.tc_detach(ipr, int(idx), attach.TC_INGRESS, TC_PRIO, TC_HANDLE):
+                    done.append(f"tc ingress filter on ifindex {idx} in {path}")
+        except Exception as e:
+            log.debug("policy: detach %s: %s", s, e)
+    return done
+
+
 def _ipr(path: str):
     from pyroute2 import IPRoute
 
@@ -416,5 +478,5 @@ def pod_namespaces(verdicts: Verdicts, pods: Iterable[tuple[str, int, Iterable[s
     return idents, sides
 
 
-__all__ = ["Applied", "MapUsage", "PodSide", "PolicyCounters", "PolicyMaps", "PolicyStatus",
-           "policy_unit", "pod_namespaces"]
+__all__ = ["Applied", "Enforcer", "MapUsage", "PodSide", "PolicyCounters", "PolicyMaps",
+           "PolicyStatus", "detach_from", "policy_unit", "pod_namespaces"]
