@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from accel.api.server import ApiServer
     from accel.datapath.edge import EdgeDatapath
     from accel.datapath.podroute import PodRouter, Unavailable
+    from accel.datapath.policy import Applied, Enforcer
+    from accel.policy.verdicts import Verdicts
     from accel.xds.client import XdsClient
 
 log = logging.getLogger("accel.agent")
@@ -181,6 +183,7 @@ class Runtime:
         self.last_error = ""
         self.edge: EdgeDatapath | None = None
         self.pods: PodRouter | Unavailable | None = None
+        self.policy: Enforcer | None = None  # from the first apply_policy()
         self.xds: XdsClient | None = None
         self.api: ApiServer | None = None
         self.metrics: MetricsServer | None = None
@@ -298,6 +301,20 @@ class Runtime:
         # namespaces must not hold up an xDS update.
         self._chores.append((pods.refresh, False))
         self.pods = pods
+
+    def apply_policy(self, verdicts: Verdicts) -> Applied:
+        """Enforce L4 authorization (accel/datapath/policy.py); the policy programs load on
+        the first call. The local pods are pod routing's (--pod-iface): their namespaces
+        and interfaces are followed as they come and go."""
+        from accel.datapath.policy import Enforcer
+
+        with self.lock:
+            if self.policy is None:
+                enforcer = Enforcer(self.datapath, self.pods)
+                self._stoppers.append(("policy", lambda: enforcer.close(keep=self._keep)))
+                self._chores.append((enforcer.refresh, True))
+                self.policy = enforcer
+            return self.policy.apply(verdicts)
 
     def _start_housekeeping(self) -> None:
         """Once a second, each chore: the edge's neighbours resolve and MACs move after a
