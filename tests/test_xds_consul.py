@@ -1,4 +1,4 @@
-"""Consul's transparent proxy (tests/consul_resources.py): the one outbound listener's
+"""Consul's transparent proxy (accel/xds/shapes/consul.py): the one outbound listener's
 chains for an upstream's virtual IP and ClusterIP without a destination port are the VIP
 on every port (port 0, ANY_PORT), with exactly the upstream's sidecars; a chain with a
 destination port is that VIP:port and wins over the VIP's any-port service in the kernel;
@@ -17,7 +17,7 @@ import pytest
 
 from accel.model import ANY_PORT, Endpoint, Service, ServiceTable, ValidationError, endpoint_loops
 from accel.xds import translate as tr
-from tests.consul_resources import OUTBOUND, PUBLIC_PORT, sidecar_config, sni
+from accel.xds.shapes.consul import OUTBOUND, PUBLIC_PORT, sidecar_config, sni
 
 TCP = {"db": (["240.0.0.1", "10.96.8.1"], [("10.244.2.1", PUBLIC_PORT),
                                             ("10.244.2.2", PUBLIC_PORT)])}
