@@ -562,7 +562,9 @@ class Runtime:
                 "default": dataclasses.asdict(st.default),
                 "maps": {n: dataclasses.asdict(u) for n, u in st.maps.items()},
                 "guarded": list(st.guarded), "namespaces": st.namespaces,
-                "ignored": dict(self.policy_ignored)}
+                "ignored": {**self.policy_ignored,
+                            **(self.xds.state().get("policy_ignored") or {} if self.xds
+                               else {})}}
 
     def stats(self) -> dict[str, Any]:
         # Under the lock: the service writer's index changes while a table is applied.
