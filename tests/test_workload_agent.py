@@ -153,6 +153,18 @@ def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory
         # the destination's default (deny) decides, and counts.
         default = st["policy"]["default"]
         assert default["denied"] >= 3 and default["closed_by_update"] >= 1, st["policy"]
+        listed = json.loads(accel("policies", "--json", "--api-socket", env.socket).stdout)
+        assert listed["policies"]["back/allow-clients"] == counters
+        text = accel("policies", "--api-socket", env.socket).stdout
+        assert "back/allow-clients" in text and "closed by update" in text
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics") as r:
+            metrics = r.read().decode()
+        line = ('meshaccel_policy_decisions_total{decision="allowed",'
+                'policy="back/allow-clients"} ')
+        assert line in metrics
+        assert float(metrics.split(line)[1].split()[0]) == counters["allowed"]
         agent.stop()
         assert agent.proc.returncode == 0
     finally:
