@@ -15,6 +15,19 @@ written (the live slot, the last good table, stays).
 Counters are per policy name (allowed, denied, dry-run denied, closed by update), in a
 per-CPU array whose index the writer gives each name and keeps while the name exists; index
 0 counts decisions no policy made (a destination's default).
+
+Where each connection is decided:
+- a client in the agent's cgroup, at connect(), with its namespace's identity (the agent
+  learns each local pod namespace's cookie with SO_NETNS_COOKIE from a socket made inside
+  it: accel/kernel/netns.py); denied: EPERM at once. A bound socket of an unknown namespace
+  is decided by its address; an unbound one at its SYN (counted: policy_connect_deferred);
+- any client (another host, a namespace outside the cgroup), at its SYN on the policed
+  pod's own interface: denied, a reset back. Only SYNs are looked at: a later packet of a
+  connection never admitted finds no socket in the pod, whose TCP resets it anyway;
+- established connections, after each apply(): a socket walk per known namespace (about
+  2 ms each here: the walk covers the kernel's TCP hash, shared by all namespaces).
+A source's identity is its address (the controller's, never the packet's claim alone): as
+strong as the pod network's anti-spoofing, so keep pod routing's source check on.
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ class PolicyStatus:
     default: PolicyCounters  # decisions no policy made (a destination's default)
     maps: dict[str, MapUsage]
     guarded: list[str]  # pod interfaces answering denied SYNs ("netns:ifindex")
+    unguarded: dict[str, str]  # policed pod interfaces that could not be guarded -> why
     namespaces: int  # local pod namespaces with an identity (decided at connect())
 
 
@@ -179,6 +193,7 @@ class PolicyMaps:
         self.counter_of: dict[str, int] = {}
         self._cookies: dict[tuple[str, int, int], int] = {}  # (path, dev, ino) -> cookie
         self.guarded: dict[PodSide, None] = {}
+        self.unguarded: dict[str, str] = {}  # the last guard()'s failures
         self.namespaces: dict[str, int] = {}  # netns path -> identity, as last applied
         self.verdicts: Verdicts | None = None
         # Per slot: the rules it was written from, with the counter index of each policy.
@@ -358,6 +373,7 @@ class PolicyMaps:
                 failures[f"{side.netns}:{side.ifindex}"] = str(e)
                 log.warning("policy: %s:%d does not answer denied SYNs: %s", side.netns,
                             side.ifindex, e)
+        self.unguarded = failures
         return failures
 
     # ---- reporting and teardown -----------------------------------------------------------
@@ -382,6 +398,7 @@ class PolicyMaps:
             maps={name: MapUsage(len(t.held[live]), t.capacity)
                   for name, t in self.tables.items()},
             guarded=sorted(f"{s.netns}:{s.ifindex}" for s in self.guarded),
+            unguarded=dict(self.unguarded),
             namespaces=len(self.namespaces))
 
     def close(self) -> None:

@@ -280,22 +280,28 @@ static __always_inline int police(struct bpf_sock_addr *ctx, struct addr16 *dst,
 	return d.verdict == POLICY_DENY ? 0 : 1;
 }
 
-static __always_inline int police4(struct bpf_sock_addr *ctx)
+/* rc: what balancing answered (0: refused already). */
+static __always_inline int police4(struct bpf_sock_addr *ctx, int rc)
 {
 	struct addr16 dst, src;
 	struct bpf_sock *sk = ctx->sk;
-	__u32 src4 = sk ? sk->src_ip4 : 0;
+	__u32 src4;
 
+	if (!rc)
+		return 0;
+	src4 = sk ? sk->src_ip4 : 0;
 	addr_from4(&dst, CTX_READ(ctx->user_ip4));
 	addr_from4(&src, src4);
 	return police(ctx, &dst, bpf_ntohs((__u16)CTX_READ(ctx->user_port)), src4 ? &src : NULL);
 }
 
-static __always_inline int police6(struct bpf_sock_addr *ctx)
+static __always_inline int police6(struct bpf_sock_addr *ctx, int rc)
 {
 	struct addr16 dst, src = {};
 	struct bpf_sock *sk = ctx->sk;
 
+	if (!rc)
+		return 0;
 	dst.w[0] = CTX_READ(ctx->user_ip6[0]);
 	dst.w[1] = CTX_READ(ctx->user_ip6[1]);
 	dst.w[2] = CTX_READ(ctx->user_ip6[2]);
