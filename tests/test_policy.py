@@ -531,3 +531,25 @@ def test_enforcer_follows_pods_and_uninstall_detaches(lab_factory, datapath):
         assert len(detach_from(guarded)) == 1 and "accel_policy_tc" not in filters()
     finally:
         router.close()
+
+
+def test_ipv6_extension_headers_to_a_policed_pod_are_dropped(datapath, policy):
+    """A SYN could hide behind IPv6 extension headers the program does not walk: to a
+    policed destination such a packet is dropped and counted; elsewhere left alone."""
+    src, dst = ipaddress.ip_address("fd00:71::1"), ipaddress.ip_address("fd00:71::2")
+    free = ipaddress.ip_address("fd00:71::3")
+    policy.apply(Verdicts(addr_ident={dst: 1, free: 2}, policed={1: Decision(ALLOW)}), {})
+
+    def hop_by_hop(to) -> bytes:
+        tcp = _syn(src, to, 40002, 80)[54:]
+        hbh = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # next: TCP; PadN
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(hbh) + len(tcp), 0, 64, src.packed,
+                         to.packed)
+        return b"\x02" * 6 + b"\x04" * 6 + b"\x86\xdd" + ip + hbh + tcp
+
+    before = datapath.counters()["policy_unparsed"]
+    assert testrun.prog_test_run(policy.tc_prog.fd, hop_by_hop(dst)).retval == \
+        testrun.TC_ACT_SHOT
+    assert testrun.prog_test_run(policy.tc_prog.fd, hop_by_hop(free)).retval == \
+        testrun.TC_ACT_OK
+    assert datapath.counters()["policy_unparsed"] == before + 1
