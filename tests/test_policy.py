@@ -553,3 +553,23 @@ def test_ipv6_extension_headers_to_a_policed_pod_are_dropped(datapath, policy):
     assert testrun.prog_test_run(policy.tc_prog.fd, hop_by_hop(free)).retval == \
         testrun.TC_ACT_OK
     assert datapath.counters()["policy_unparsed"] == before + 1
+
+
+def test_client_of_unknown_namespace_never_passes_undecided(lab_factory, datapath, policy):
+    """A client whose namespace the agent has no identity for (in the cgroup, unbound): to
+    a pod that answers denied SYNs it is left to that check (by its address: a reset); to
+    one that does not, decided at connect() as an unknown source. Never let through."""
+    a, b, s = lab_factory(3).pods
+    v = verdicts((a, b, s), {(A, S, 8080): Decision(ALLOW, 1)})
+    with EchoServer(s, 8080):
+        policy.apply(v, {netns(s): S}, [])  # s not guarded
+        assert refused(b, str(s.ip), 8080) == (errno.EPERM, pytest.approx(0, abs=0.1))
+        assert datapath.counters()["policy_connect_deferred"] == 0
+        assert counts(policy).denied == 1
+        policy.apply(v, {netns(s): S}, [side(s)])
+        err, took = refused(b, str(s.ip), 8080)
+        assert err == errno.ECONNREFUSED and took < 0.1, (err, took)
+        assert datapath.counters()["policy_connect_deferred"] == 1
+        assert counts(policy).denied == 2  # counted once, at the SYN
+        assert roundtrip(a, str(s.ip), 8080, b"ok") == b"ok"  # a's address is allowed
+    assert counts(policy, "ns/allow-a").allowed == 1

@@ -20,7 +20,8 @@ Where each connection is decided:
 - a client in the agent's cgroup, at connect(), with its namespace's identity (the agent
   learns each local pod namespace's cookie with SO_NETNS_COOKIE from a socket made inside
   it: accel/kernel/netns.py); denied: EPERM at once. A bound socket of an unknown namespace
-  is decided by its address; an unbound one at its SYN (counted: policy_connect_deferred);
+  is decided by its address; an unbound one at its SYN when the destination pod is guarded
+  (counted: policy_connect_deferred), else as from an unknown source (fail closed);
 - any client (another host, a namespace outside the cgroup), at its SYN on the policed
   pod's own interface: denied, a reset back. Only SYNs are looked at: a later packet of a
   connection never admitted finds no socket in the pod, whose TCP resets it anyway;
@@ -54,6 +55,7 @@ ITER_PROGRAM = loader.Program("policy_iter.c", "accel_policy_iter", "iter_tcp")
 TC_PRIO = 0xAC1E  # our filter on the pod side's ingress (pod routing's is 0xAC1D)
 TC_HANDLE = 0xAC1E
 ADDR_LOCAL = 1  # POLICY_ADDR_LOCAL
+ADDR_GUARDED = 2  # POLICY_ADDR_GUARDED
 SLOTS = 2
 
 
@@ -247,12 +249,16 @@ class PolicyMaps:
             return counters[d.policy - 1] if d.policy else 0
 
         local = set(netns_idents.values())
+        guarded = {netns_idents[s.netns] for s in self.guarded if s.netns in netns_idents}
+
+        def flags(i: int) -> int:
+            return (ADDR_LOCAL if i in local else 0) | (ADDR_GUARDED if i in guarded else 0)
         ak, av = t["addrs"].key, t["addrs"].value
         ck, cv = t["cidrs"].key, t["cidrs"].value
         dk, dv = t["dsts"].key, t["dsts"].value
         nk, nv = t["netns"].key, t["netns"].value
         out = {
-            "addrs": {ak.pack(addr16.pack(a), slot): av.pack(i, ADDR_LOCAL if i in local else 0)
+            "addrs": {ak.pack(addr16.pack(a), slot): av.pack(i, flags(i))
                       for a, i in v.addr_ident.items()},
             "cidrs": {ck.pack(_cidr_prefix(n), slot, addr16.pack(n.network_address)): cv.pack(i)
                       for n, i in v.cidr_ident.items()},
