@@ -40,6 +40,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from accel.config import CapacityError
 from accel.datapath.batch import BatchMap, Layout, strerror
@@ -47,6 +48,10 @@ from accel.kernel import addr as addr16
 from accel.kernel import attach, loader, netns, sockiter
 from accel.kernel.maps import Map
 from accel.policy.verdicts import Decision, Verdicts
+
+if TYPE_CHECKING:
+    from accel.datapath.datapath import Capacities, Datapath
+    from accel.datapath.podroute import PodRouter, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +166,7 @@ class PolicyMaps:
     """The policy maps of one pin directory (the socket programs created them: connect.c
     includes lib/policy.h), the reset-answering tc program and the socket walk."""
 
-    def __init__(self, pin_dir: str, capacities, defines: Mapping[str, int | str],
+    def __init__(self, pin_dir: str, capacities: Capacities, defines: Mapping[str, int | str],
                  batch: bool = True):
         self.pin_dir = pin_dir
         self.capacities = capacities
@@ -433,7 +438,7 @@ class Enforcer:
     when pods come and go (refresh(), a housekeeping chore), and what it attached recorded
     in the datapath's state for `accel uninstall`."""
 
-    def __init__(self, datapath, pods=None):
+    def __init__(self, datapath: Datapath, pods: PodRouter | Unavailable | None = None):
         self.datapath = datapath
         self.pods = pods  # a PodRouter (its .ports), or None: no pod is known
         self.maps = PolicyMaps(datapath.pin_dir, datapath.capacities, datapath.defines(),
