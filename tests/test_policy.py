@@ -167,7 +167,7 @@ def test_update_cuts_denied_held_connection_allowed_keeps_redirect(lab_factory, 
     assert datapath.counters()["msg_redirects"] >= before + 40
     assert counts(policy, "ns/deny-b").closed_by_update == 1  # one connection, two ends
     assert counts(policy, "ns/allow-a").closed_by_update == 0
-    assert counts(policy, "ns/allow-a").allowed == 2  # A twice: held, and nothing else
+    assert counts(policy, "ns/allow-a").allowed == 2  # A and B, both let in before the update
     assert done.walked == 4 and done.enforced_s < done.cut_s < 1
 
 
@@ -531,3 +531,45 @@ def test_enforcer_follows_pods_and_uninstall_detaches(lab_factory, datapath):
         assert len(detach_from(guarded)) == 1 and "accel_policy_tc" not in filters()
     finally:
         router.close()
+
+
+def test_ipv6_extension_headers_to_a_policed_pod_are_dropped(datapath, policy):
+    """A SYN could hide behind IPv6 extension headers the program does not walk: to a
+    policed destination such a packet is dropped and counted; elsewhere left alone."""
+    src, dst = ipaddress.ip_address("fd00:71::1"), ipaddress.ip_address("fd00:71::2")
+    free = ipaddress.ip_address("fd00:71::3")
+    policy.apply(Verdicts(addr_ident={dst: 1, free: 2}, policed={1: Decision(ALLOW)}), {})
+
+    def hop_by_hop(to) -> bytes:
+        tcp = _syn(src, to, 40002, 80)[54:]
+        hbh = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # next: TCP; PadN
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(hbh) + len(tcp), 0, 64, src.packed,
+                         to.packed)
+        return b"\x02" * 6 + b"\x04" * 6 + b"\x86\xdd" + ip + hbh + tcp
+
+    before = datapath.counters()["policy_unparsed"]
+    assert testrun.prog_test_run(policy.tc_prog.fd, hop_by_hop(dst)).retval == \
+        testrun.TC_ACT_SHOT
+    assert testrun.prog_test_run(policy.tc_prog.fd, hop_by_hop(free)).retval == \
+        testrun.TC_ACT_OK
+    assert datapath.counters()["policy_unparsed"] == before + 1
+
+
+def test_client_of_unknown_namespace_never_passes_undecided(lab_factory, datapath, policy):
+    """A client whose namespace the agent has no identity for (in the cgroup, unbound): to
+    a pod that answers denied SYNs it is left to that check (by its address: a reset); to
+    one that does not, decided at connect() as an unknown source. Never let through."""
+    a, b, s = lab_factory(3).pods
+    v = verdicts((a, b, s), {(A, S, 8080): Decision(ALLOW, 1)})
+    with EchoServer(s, 8080):
+        policy.apply(v, {netns(s): S}, [])  # s not guarded
+        assert refused(b, str(s.ip), 8080) == (errno.EPERM, pytest.approx(0, abs=0.1))
+        assert datapath.counters()["policy_connect_deferred"] == 0
+        assert counts(policy).denied == 1
+        policy.apply(v, {netns(s): S}, [side(s)])
+        err, took = refused(b, str(s.ip), 8080)
+        assert err == errno.ECONNREFUSED and took < 0.1, (err, took)
+        assert datapath.counters()["policy_connect_deferred"] == 1
+        assert counts(policy).denied == 2  # counted once, at the SYN
+        assert roundtrip(a, str(s.ip), 8080, b"ok") == b"ok"  # a's address is allowed
+    assert counts(policy, "ns/allow-a").allowed == 1

@@ -3,6 +3,7 @@
 - connection rate (accel-crr, TCP_CRR style) through a VIP with no policy loaded and with
   1,000 policies (1,000 policed workloads, 100,000 rules; the server among them, the client
   allowed by a rule), alternating in one run, every process on one CPU; medians of repeats;
+  and the run time per call of connect4 and of the pod-side program (kernel statistics);
 - apply() -> enforced: a one-policy change on top of the 1,000, until the new table is
   live (the flip), and until established connections it denies are reset (the walk);
 - apply() -> a held connection cut: a client's connection that the update denies, from
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import shutil
 import statistics
 import time
@@ -26,6 +28,7 @@ from accel.bench.workloads import run_client, start_server, wait_listening
 from accel.datapath import cgroup as cg
 from accel.datapath.datapath import Datapath
 from accel.datapath.policy import PodSide, PolicyMaps
+from accel.kernel import attach, bpf
 from accel.lab import Lab
 from accel.model import Endpoint, Service, ServiceTable
 from accel.policy.verdicts import Decision, Verdict, Verdicts
@@ -84,11 +87,26 @@ def run(seconds: float = 2.0, repeats: int = 5, cpu: int = 1, updates: int = 50,
         pm.apply(loaded, spaces, sides)
         first_apply_s = time.monotonic() - t
         rates: dict[str, list[float]] = {"none": [], "policies": []}
-        for _ in range(repeats):
-            for case in ("none", "policies"):
-                pm.apply(Verdicts() if case == "none" else loaded, spaces, sides)
-                r = run_client("crr", client, VIP, 80, cpu, seconds)
-                rates[case].append(r["conn_per_s"])
+        # What the programs themselves cost, per run: the kernel's own run-time statistics
+        # (steadier than a rate on a shared machine).
+        progs = {"connect4": attach.Program(os.path.join(pin, "prog_accel_connect4")),
+                 "policy_tc": pm.tc_prog}
+        ns: dict[str, dict[str, list[float]]] = {p: {"none": [], "policies": []}
+                                                 for p in progs}
+        stats_fd = bpf.enable_stats()
+        try:
+            for _ in range(repeats):
+                for case in ("none", "policies"):
+                    pm.apply(Verdicts() if case == "none" else loaded, spaces, sides)
+                    before = {p: bpf.prog_run_stats(g.fd) for p, g in progs.items()}
+                    r = run_client("crr", client, VIP, 80, cpu, seconds)
+                    rates[case].append(r["conn_per_s"])
+                    for p, g in progs.items():
+                        t1, n1 = bpf.prog_run_stats(g.fd)
+                        t0, n0 = before[p]
+                        ns[p][case].append((t1 - t0) / max(1, n1 - n0))
+        finally:
+            os.close(stats_fd)
         pm.apply(loaded, spaces, sides)
         enforced, cut = [], []
         for i in range(updates):
@@ -125,6 +143,8 @@ def run(seconds: float = 2.0, repeats: int = 5, cpu: int = 1, updates: int = 50,
             "crr_conn_per_s": {"none": rates["none"], "policies": rates["policies"],
                                "median_none": none, "median_policies": pol,
                                "ratio": round(pol / none, 4) if none else None},
+            "ns_per_run": {p: {c: round(statistics.median(v), 1) for c, v in per.items()}
+                           for p, per in ns.items()},
             "first_apply_ms": round(first_apply_s * 1000, 1),
             "update_enforced_ms": _pcts(enforced),
             "update_walked_ms": _pcts(cut),

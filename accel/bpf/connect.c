@@ -283,18 +283,9 @@ static __always_inline int unbalance6(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-int accel_connect4(struct bpf_sock_addr *ctx)
-{
-	if (balance4(ctx, C_CONNECT_BALANCED, 1) == SYS_REJECT)
-		return SYS_REJECT;
-	return police4(ctx);
-}
-int accel_connect6(struct bpf_sock_addr *ctx)
-{
-	if (balance6(ctx, C_CONNECT_BALANCED, 1) == SYS_REJECT)
-		return SYS_REJECT;
-	return police6(ctx);
-}
+/* Balanced first, then authorized for the endpoint it got (lib/policy.h). */
+int accel_connect4(struct bpf_sock_addr *ctx) { return police4(ctx, balance4(ctx, C_CONNECT_BALANCED, 1)); }
+int accel_connect6(struct bpf_sock_addr *ctx) { return police6(ctx, balance6(ctx, C_CONNECT_BALANCED, 1)); }
 int accel_sendmsg4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_UDP_BALANCED, 0); }
 int accel_sendmsg6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_UDP_BALANCED, 0); }
 int accel_recvmsg4(struct bpf_sock_addr *ctx) { return unbalance4(ctx); }

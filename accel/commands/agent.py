@@ -73,7 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "name or a path; default: the agent's own)")
     p.add_argument("--capacity", action="append", default=[], metavar="NAME=N",
                    help="map capacity, e.g. services=20000 (names: "
-                   "sockets, mesh_nets, services, slots, revnat, pods, pod_flows)")
+                   "sockets, mesh_nets, services, slots, revnat, pods, pod_flows, "
+                   "policy_addrs, policy_cidrs, policy_dsts, policy_rules, policy_netns, "
+                   "policies)")
     p.set_defaults(func=run)
 
 

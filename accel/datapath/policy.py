@@ -15,6 +15,20 @@ written (the live slot, the last good table, stays).
 Counters are per policy name (allowed, denied, dry-run denied, closed by update), in a
 per-CPU array whose index the writer gives each name and keeps while the name exists; index
 0 counts decisions no policy made (a destination's default).
+
+Where each connection is decided:
+- a client in the agent's cgroup, at connect(), with its namespace's identity (the agent
+  learns each local pod namespace's cookie with SO_NETNS_COOKIE from a socket made inside
+  it: accel/kernel/netns.py); denied: EPERM at once. A bound socket of an unknown namespace
+  is decided by its address; an unbound one at its SYN when the destination pod is guarded
+  (counted: policy_connect_deferred), else as from an unknown source (fail closed);
+- any client (another host, a namespace outside the cgroup), at its SYN on the policed
+  pod's own interface: denied, a reset back. Only SYNs are looked at: a later packet of a
+  connection never admitted finds no socket in the pod, whose TCP resets it anyway;
+- established connections, after each apply(): a socket walk per known namespace (about
+  2 ms each here: the walk covers the kernel's TCP hash, shared by all namespaces).
+A source's identity is its address (the controller's, never the packet's claim alone): as
+strong as the pod network's anti-spoofing, so keep pod routing's source check on.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from accel.config import CapacityError
 from accel.datapath.batch import BatchMap, Layout, strerror
@@ -34,6 +49,10 @@ from accel.kernel import attach, loader, netns, sockiter
 from accel.kernel.maps import Map
 from accel.policy.verdicts import Decision, Verdicts
 
+if TYPE_CHECKING:
+    from accel.datapath.datapath import Capacities, Datapath
+    from accel.datapath.podroute import PodRouter, Unavailable
+
 log = logging.getLogger(__name__)
 
 TC_PROGRAM = loader.Program("policy_tc.c", "accel_policy_tc", "sched_cls")
@@ -41,6 +60,7 @@ ITER_PROGRAM = loader.Program("policy_iter.c", "accel_policy_iter", "iter_tcp")
 TC_PRIO = 0xAC1E  # our filter on the pod side's ingress (pod routing's is 0xAC1D)
 TC_HANDLE = 0xAC1E
 ADDR_LOCAL = 1  # POLICY_ADDR_LOCAL
+ADDR_GUARDED = 2  # POLICY_ADDR_GUARDED
 SLOTS = 2
 
 
@@ -68,6 +88,7 @@ class PolicyStatus:
     default: PolicyCounters  # decisions no policy made (a destination's default)
     maps: dict[str, MapUsage]
     guarded: list[str]  # pod interfaces answering denied SYNs ("netns:ifindex")
+    unguarded: dict[str, str]  # policed pod interfaces that could not be guarded -> why
     namespaces: int  # local pod namespaces with an identity (decided at connect())
 
 
@@ -145,7 +166,7 @@ class PolicyMaps:
     """The policy maps of one pin directory (the socket programs created them: connect.c
     includes lib/policy.h), the reset-answering tc program and the socket walk."""
 
-    def __init__(self, pin_dir: str, capacities, defines: Mapping[str, int | str],
+    def __init__(self, pin_dir: str, capacities: Capacities, defines: Mapping[str, int | str],
                  batch: bool = True):
         self.pin_dir = pin_dir
         self.capacities = capacities
@@ -179,6 +200,7 @@ class PolicyMaps:
         self.counter_of: dict[str, int] = {}
         self._cookies: dict[tuple[str, int, int], int] = {}  # (path, dev, ino) -> cookie
         self.guarded: dict[PodSide, None] = {}
+        self.unguarded: dict[str, str] = {}  # the last guard()'s failures
         self.namespaces: dict[str, int] = {}  # netns path -> identity, as last applied
         self.verdicts: Verdicts | None = None
         # Per slot: the rules it was written from, with the counter index of each policy.
@@ -232,12 +254,16 @@ class PolicyMaps:
             return counters[d.policy - 1] if d.policy else 0
 
         local = set(netns_idents.values())
+        guarded = {netns_idents[s.netns] for s in self.guarded if s.netns in netns_idents}
+
+        def flags(i: int) -> int:
+            return (ADDR_LOCAL if i in local else 0) | (ADDR_GUARDED if i in guarded else 0)
         ak, av = t["addrs"].key, t["addrs"].value
         ck, cv = t["cidrs"].key, t["cidrs"].value
         dk, dv = t["dsts"].key, t["dsts"].value
         nk, nv = t["netns"].key, t["netns"].value
         out = {
-            "addrs": {ak.pack(addr16.pack(a), slot): av.pack(i, ADDR_LOCAL if i in local else 0)
+            "addrs": {ak.pack(addr16.pack(a), slot): av.pack(i, flags(i))
                       for a, i in v.addr_ident.items()},
             "cidrs": {ck.pack(_cidr_prefix(n), slot, addr16.pack(n.network_address)): cv.pack(i)
                       for n, i in v.cidr_ident.items()},
@@ -279,9 +305,17 @@ class PolicyMaps:
                                   for (s, d, p), dec in v.rules.items()})
         else:
             old, new = src[0], v.rules
-            changed = [(k, d) for k, d in new.items() if (o := old.get(k)) is not d and o != d]
+            get = old.get
+            # Decision's own __eq__ costs a Python call per rule: its fields compared inline.
+            changed = [(k, d) for k, d in new.items()
+                       if (o := get(k)) is not d and (o is None or o.verdict is not d.verdict
+                                                       or o.policy != d.policy)]
+            # Keys gone, found only when some are: new = kept + added, so none went when
+            # len(old) == len(new) - added (saves a set difference over every rule).
+            added = sum(1 for k, _ in changed if k not in old)
+            gone = old.keys() - new.keys() if len(old) != len(new) - added else ()
             done = t.put(slot, [(pack(*k, slot), value(d)) for k, d in changed],
-                         [pack(*k, slot) for k in old.keys() - new.keys()])
+                         [pack(*k, slot) for k in gone])
         self._rules_src[slot] = (v.rules, counters)
         return done
 
@@ -358,6 +392,7 @@ class PolicyMaps:
                 failures[f"{side.netns}:{side.ifindex}"] = str(e)
                 log.warning("policy: %s:%d does not answer denied SYNs: %s", side.netns,
                             side.ifindex, e)
+        self.unguarded = failures
         return failures
 
     # ---- reporting and teardown -----------------------------------------------------------
@@ -382,6 +417,7 @@ class PolicyMaps:
             maps={name: MapUsage(len(t.held[live]), t.capacity)
                   for name, t in self.tables.items()},
             guarded=sorted(f"{s.netns}:{s.ifindex}" for s in self.guarded),
+            unguarded=dict(self.unguarded),
             namespaces=len(self.namespaces))
 
     def close(self) -> None:
@@ -402,7 +438,7 @@ class Enforcer:
     when pods come and go (refresh(), a housekeeping chore), and what it attached recorded
     in the datapath's state for `accel uninstall`."""
 
-    def __init__(self, datapath, pods=None):
+    def __init__(self, datapath: Datapath, pods: PodRouter | Unavailable | None = None):
         self.datapath = datapath
         self.pods = pods  # a PodRouter (its .ports), or None: no pod is known
         self.maps = PolicyMaps(datapath.pin_dir, datapath.capacities, datapath.defines(),

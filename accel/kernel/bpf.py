@@ -231,3 +231,30 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n += int(hi or lo) - int(lo) + 1
     return n
+
+
+# ---- run-time statistics ---------------------------------------------------------------------
+
+ENABLE_STATS = 32
+_PROG_INFO_SIZE = 232  # struct bpf_prog_info up to verified_insns and the attach BTF ids
+_RUN_TIME_NS_OFF, _RUN_CNT_OFF = 192, 200
+
+
+class StatsAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+def enable_stats() -> int:
+    """Count every program's runs and run time while the returned fd is open (BPF_ENABLE_STATS,
+    BPF_STATS_RUN_TIME: no global sysctl is changed; the caller closes the fd)."""
+    return bpf(ENABLE_STATS, StatsAttr(type=0), "enabling run-time statistics")
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program, counted while statistics are enabled."""
+    buf = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    bpf(OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_SIZE,
+                                     info=ctypes.addressof(buf)), "program info")
+    raw = buf.raw
+    return (int.from_bytes(raw[_RUN_TIME_NS_OFF:_RUN_TIME_NS_OFF + 8], "little"),
+            int.from_bytes(raw[_RUN_CNT_OFF:_RUN_CNT_OFF + 8], "little"))

@@ -68,6 +68,11 @@ struct policy_addr {
  * (and counted) there, and its sockets are walked after an update. Packet-level checks
  * do not count such a source's connections again. */
 #define POLICY_ADDR_LOCAL 1
+/* The address is a pod's whose own interface answers denied SYNs (policy_tc.c): a
+ * connect() to it from a namespace of unknown identity is left to that check, which knows
+ * the source address. To any other policed address such a connect() is decided as from an
+ * unknown source (identity 0): fail closed, never let through undecided. */
+#define POLICY_ADDR_GUARDED 2
 
 /* LPM key: the slot is the first 32 bits of the prefix (prefixlen = 32 + address bits). */
 struct policy_cidr_key {
@@ -252,8 +257,10 @@ static __always_inline void policy_count_closed(__u32 i)
 
 /* Authorization of a TCP connect() to dst:port (the endpoint, after balancing): a denied
  * one fails at once (EPERM) instead of sending a SYN. The source is the client's network
- * namespace (the socket has no address yet); a namespace the agent has no identity for,
- * unless the socket is bound, is decided at the SYN instead (policy_tc.c, by address). */
+ * namespace (the socket has no address yet); from a namespace the agent has no identity
+ * for, a bound socket is decided by its address, an unbound one at its SYN when the
+ * destination pod answers denied SYNs (policy_tc.c, by address), else as from an unknown
+ * source. */
 static __always_inline int police(struct bpf_sock_addr *ctx, struct addr16 *dst, __u16 port,
 				  struct addr16 *bound)
 {
@@ -271,31 +278,39 @@ static __always_inline int police(struct bpf_sock_addr *ctx, struct addr16 *dst,
 		q.src = *ident;
 	} else if (bound) {
 		policy_src_addr(&q, bound);
-	} else {
+	} else if (q.dst_flags & POLICY_ADDR_GUARDED) {
 		count_add(C_POLICY_CONNECT_DEFERRED, 1);
 		return 1;
+	} else {
+		q.src = 0;
 	}
 	d = policy_decide(&q);
 	policy_count(d);
 	return d.verdict == POLICY_DENY ? 0 : 1;
 }
 
-static __always_inline int police4(struct bpf_sock_addr *ctx)
+/* rc: what balancing answered (0: refused already). */
+static __always_inline int police4(struct bpf_sock_addr *ctx, int rc)
 {
 	struct addr16 dst, src;
 	struct bpf_sock *sk = ctx->sk;
-	__u32 src4 = sk ? sk->src_ip4 : 0;
+	__u32 src4;
 
+	if (!rc)
+		return 0;
+	src4 = sk ? sk->src_ip4 : 0;
 	addr_from4(&dst, CTX_READ(ctx->user_ip4));
 	addr_from4(&src, src4);
 	return police(ctx, &dst, bpf_ntohs((__u16)CTX_READ(ctx->user_port)), src4 ? &src : NULL);
 }
 
-static __always_inline int police6(struct bpf_sock_addr *ctx)
+static __always_inline int police6(struct bpf_sock_addr *ctx, int rc)
 {
 	struct addr16 dst, src = {};
 	struct bpf_sock *sk = ctx->sk;
 
+	if (!rc)
+		return 0;
 	dst.w[0] = CTX_READ(ctx->user_ip6[0]);
 	dst.w[1] = CTX_READ(ctx->user_ip6[1]);
 	dst.w[2] = CTX_READ(ctx->user_ip6[2]);
