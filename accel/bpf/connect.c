@@ -10,6 +10,7 @@
 #include "lib/counters.h"
 #include "lib/lb.h"
 #include "lib/policy.h"
+#include "lib/qos.h"
 #include "lib/sock.h"
 
 #define SYS_PROCEED 1
@@ -55,6 +56,15 @@ static __always_inline __u32 *policy_netns_get(struct policy_netns_key *k)
 	return accel_policy_netns.lookup(k);
 }
 
+/* lib/qos.h's accessors. */
+static __always_inline struct qos_limit *qos_limit_get(__u32 *i) { return accel_qos_limits.lookup(i); }
+static __always_inline struct qos_state *qos_state_get(__u32 *i) { return accel_qos_state.lookup(i); }
+static __always_inline struct qos_stats *qos_stats_get(__u32 *i) { return accel_qos_stats.lookup(i); }
+static __always_inline struct qos_sock *qos_sock_get(struct bpf_sock *sk, int create)
+{
+	return accel_qos_sock.sk_storage_get(sk, 0, create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+}
+
 static __always_inline void svc_count(__u32 index, int ok)
 {
 	struct svc_stats *s = accel_svc_stats.lookup(&index);
@@ -82,7 +92,8 @@ static __always_inline struct svc_val *find_service(struct svc_key *key)
 
 /* Pick an endpoint for key; NULL when the VIP is not a service. *reject is set
  * when it is a service without a usable endpoint. */
-static __always_inline struct backend *pick(struct svc_key *key, int *reject, __u32 *flags)
+static __always_inline struct backend *pick(struct bpf_sock_addr *ctx, struct svc_key *key,
+					     int *reject, __u32 *flags, int connected)
 {
 	struct svc_val *svc = find_service(key);
 	struct slot_key sk = {};
@@ -94,6 +105,10 @@ static __always_inline struct backend *pick(struct svc_key *key, int *reject, __
 		svc_count(svc->index, 0);
 		count(C_CONNECT_NO_BACKEND);
 		*reject = 1;
+		return NULL;
+	}
+	if (connected && qos_connect_refused(ctx, svc->index)) {
+		*reject = 1; /* over the service's connection rate (lib/qos.h): EPERM at once */
 		return NULL;
 	}
 	sk.slots_id = svc->slots_id;
@@ -176,7 +191,7 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter, in
 	addr_from4(&key.vip, CTX_READ(ctx->user_ip4));
 	key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
 	key.proto = CTX_READ(ctx->protocol);
-	be = pick(&key, &reject, &flags);
+	be = pick(ctx, &key, &reject, &flags, connected);
 	if (!be)
 		return reject ? SYS_REJECT : SYS_PROCEED;
 	if (!addr_is_v4(&be->addr)) {
@@ -206,7 +221,7 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter, in
 	key.vip.w[3] = CTX_READ(ctx->user_ip6[3]);
 	key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
 	key.proto = CTX_READ(ctx->protocol);
-	be = pick(&key, &reject, &flags);
+	be = pick(ctx, &key, &reject, &flags, connected);
 	if (!be)
 		return reject ? SYS_REJECT : SYS_PROCEED;
 	/* An IPv4 endpoint is dialed as ::ffff:a.b.c.d from an IPv6 socket. */

@@ -4,6 +4,7 @@
 #include "lib/common.h"
 #include "lib/counters.h"
 #include "lib/sock.h"
+#include "lib/qos.h"
 
 static __always_inline void count_add(u32 idx, u64 n)
 {
@@ -13,6 +14,15 @@ static __always_inline void count_add(u32 idx, u64 n)
 }
 
 #define count(idx) count_add((idx), 1)
+
+/* lib/qos.h's accessors. */
+static __always_inline struct qos_limit *qos_limit_get(__u32 *i) { return accel_qos_limits.lookup(i); }
+static __always_inline struct qos_state *qos_state_get(__u32 *i) { return accel_qos_state.lookup(i); }
+static __always_inline struct qos_stats *qos_stats_get(__u32 *i) { return accel_qos_stats.lookup(i); }
+static __always_inline struct qos_sock *qos_sock_get(struct bpf_sock *sk, int create)
+{
+	return accel_qos_sock.sk_storage_get(sk, 0, create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+}
 
 static __always_inline int is_mesh_addr(const struct addr16 *a)
 {
@@ -176,11 +186,18 @@ int accel_sockops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		if (qos_established(skops)) /* paced (lib/qos.h): TCP, never the redirect */
+			break;
 		track(skops);
 		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		qos_rtt(skops);
+		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE)
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			qos_closed(skops);
 			untrack(skops);
+		}
 		break;
 	}
 	return 1;
