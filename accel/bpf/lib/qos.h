@@ -11,12 +11,15 @@
  * never a timeout.
  *
  * Bandwidth: this kernel may lack fq (no EDT), so the service's rate is split among its
- * live client connections and each gets it as SO_MAX_PACING_RATE from sock_ops: TCP paces
- * internally (Linux >= 4.13, no qdisc needed), nothing queues behind it, other traffic is
- * untouched. A paced connection never enters the sockhash (a redirected send skips TCP and
- * its pacing). Each connection re-reads its share on every RTT sample, so a new or closed
- * connection of the service, or a changed limit, reaches all of them within an RTT of
- * traffic.
+ * active client connections and each gets its share as SO_MAX_PACING_RATE from sock_ops:
+ * TCP paces internally (Linux >= 4.13, no qdisc needed), nothing queues behind it, other
+ * traffic is untouched. A paced connection never enters the sockhash (a redirected send
+ * skips TCP and its pacing). "Active" = had an RTT sample (i.e. sent data that was acked)
+ * in the current or the previous window of QOS_WINDOW_NS: an idle connection (a control
+ * channel, a pooled connection) does not hold a share. Each connection re-reads its share
+ * on every RTT sample, so a connection starting or stopping, or a changed limit, reaches
+ * the others within a window. The split is even, not work-conserving: a connection that
+ * sends less than its share leaves the rest unused.
  *
  * bcc rewrites map calls only in a program's own file: each program that includes this
  * defines the accessors declared below (one line each, over the maps declared here).
@@ -28,6 +31,7 @@
 #include "lb.h"
 
 #define QOS_CAS_TRIES 4
+#define QOS_WINDOW_NS 200000000ULL /* 200 ms */
 #ifndef SO_MAX_PACING_RATE
 #define SO_MAX_PACING_RATE 47
 #endif
@@ -49,6 +53,9 @@ struct qos_limit {
 struct qos_state {
 	__u64 tat;  /* GCRA theoretical arrival time, ns (bpf_ktime_get_ns) */
 	__s64 live; /* paced connections of the service now open */
+	__u64 win_start; /* the current activity window began (ns) */
+	__u64 win_cur;   /* connections active in it so far */
+	__u64 win_prev;  /* connections active in the previous one */
 };
 
 struct qos_stats {
@@ -64,6 +71,7 @@ struct qos_sock {
 	__u32 state;  /* QOS_SOCK_* */
 	__u32 rate;   /* SO_MAX_PACING_RATE last set, bytes/s */
 	__u32 pad;
+	__u64 win;    /* the window (qos_state.win_start) this connection counted itself in */
 };
 
 #define QOS_SOCK_MARKED 1 /* dialed a limited service, not yet established */
@@ -125,25 +133,50 @@ admitted:
 	return 0;
 }
 
+/* Count this connection active in its service's current window (rolling it when due). */
+static __always_inline void qos_active(struct qos_sock *qs, struct qos_state *st)
+{
+	__u64 now = bpf_ktime_get_ns(), start = st->win_start;
+
+	if (now - start >= QOS_WINDOW_NS &&
+	    __sync_val_compare_and_swap(&st->win_start, start, now) == start) {
+		/* This CPU rolled it; a count racing the roll lands in either window. */
+		st->win_prev = now - start < 2 * QOS_WINDOW_NS ? st->win_cur : 0;
+		st->win_cur = 0;
+	}
+	start = st->win_start;
+	if (qs->win != start) {
+		qs->win = start;
+		__sync_fetch_and_add(&st->win_cur, 1);
+	}
+}
+
 /* This connection's share of its service's bandwidth, bytes/s (QOS_UNPACED: none). */
-static __always_inline __u32 qos_share(struct qos_sock *qs)
+static __always_inline __u32 qos_share(struct qos_sock *qs, int active)
 {
 	struct qos_limit *lim = qos_limit_get(&qs->index);
 	struct qos_state *st = qos_state_get(&qs->index);
-	__u64 live, rate;
+	__u64 n, rate;
 
 	if (!lim || !st || !lim->bandwidth)
 		return QOS_UNPACED;
-	live = st->live > 0 ? (__u64)st->live : 1;
-	rate = lim->bandwidth / live;
+	if (active)
+		qos_active(qs, st);
+	n = st->win_cur > st->win_prev ? st->win_cur : st->win_prev;
+	if (!active)
+		n++; /* a new connection: counted once it sends */
+	if (n < 1)
+		n = 1;
+	rate = lim->bandwidth / n;
 	if (rate < 1)
 		rate = 1;
 	return rate >= QOS_UNPACED ? QOS_UNPACED - 1 : (__u32)rate;
 }
 
-static __always_inline void qos_set_rate(struct bpf_sock_ops *skops, struct qos_sock *qs)
+static __always_inline void qos_set_rate(struct bpf_sock_ops *skops, struct qos_sock *qs,
+					 int active)
 {
-	__u32 rate = qos_share(qs);
+	__u32 rate = qos_share(qs, active);
 	struct qos_stats *stats;
 	int val = (int)rate;
 
@@ -177,9 +210,10 @@ static __always_inline int qos_established(struct bpf_sock_ops *skops)
 	__sync_fetch_and_add(&st->live, 1);
 	qs->state = QOS_SOCK_PACED;
 	qs->rate = 0;
+	qs->win = 0;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 				  BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
-	qos_set_rate(skops, qs);
+	qos_set_rate(skops, qs, 0);
 	stats = qos_stats_get(&qs->index);
 	if (stats)
 		stats->paced++;
@@ -195,7 +229,7 @@ static __always_inline void qos_rtt(struct bpf_sock_ops *skops)
 		return;
 	qs = qos_sock_get(skops->sk, 0);
 	if (qs && qs->state == QOS_SOCK_PACED)
-		qos_set_rate(skops, qs);
+		qos_set_rate(skops, qs, 1);
 }
 
 /* sock_ops, TCP_CLOSE: a paced connection leaves its service's share. */
