@@ -160,6 +160,9 @@ def test_bandwidth_paced_other_service_not_slowed_limit_changed_live(lab, datapa
         time.sleep(0.5)
         datapath.apply(ServiceTable((replace(bulk, limits=Limits(bandwidth=100 * MBIT)), free)))
         doc = result(limited)
+        # The unlimited stream alone varies 5-15 Gbit/s on this 2-vCPU VM with where the
+        # scheduler puts the four processes: compare with the slower of two solo runs.
+        alone = min(alone, received_bps(result(iperf(client, 81, 3))))
     before, after = interval_bps(doc, 0.5, 4.0), interval_bps(doc, 5.5, 9.0)
     print(f"free alone {alone / MBIT:.0f} Mbit/s, beside bulk {together / MBIT:.0f}; "
           f"bulk at 50 Mbit: {before / MBIT:.1f}, raised to 100 Mbit: {after / MBIT:.1f}")
@@ -170,4 +173,4 @@ def test_bandwidth_paced_other_service_not_slowed_limit_changed_live(lab, datapa
     # iperf3 dials twice per test (control + data): both paced, the idle one holds no share.
     assert q["paced"] == 2 and q["repaced"] >= 1
     c = datapath.counters()
-    assert c["sockhash_inserts"] == 2 * 4  # only free's connections (2 tests x 2), both ends
+    assert c["sockhash_inserts"] == 2 * 6  # only free's connections (3 tests x 2), both ends
