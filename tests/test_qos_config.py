@@ -112,3 +112,29 @@ def test_controller_serves_limits_and_agent_reads_them_back(limits: Limits) -> N
                                   endpoints=(Endpoint("10.200.0.11", 80),), limits=limits),))
     back = tr.to_table(tr.to_resources(table)).table
     assert back.services[0].limits == limits
+
+
+def inspect(name: str, ip: str, **labels: str) -> dict:
+    """The fields of `docker inspect` the source reads."""
+    return {"Id": name * 4, "Name": f"/{name}",
+            "Config": {"Labels": {"meshaccel.service": "bulk", "meshaccel.port": "80",
+                                  **{f"meshaccel.{k}": v for k, v in labels.items()}}},
+            "State": {"Running": True},
+            "NetworkSettings": {"Networks": {"mesh": {"IPAddress": ip, "IPPrefixLen": 24}}}}
+
+
+def test_docker_labels_give_the_limits() -> None:
+    from accel.sources.docker import member_from_inspect, table_from_members
+
+    members = [member_from_inspect(inspect(n, ip, bandwidth="50Mbit", connections="100/s",
+                                           burst="20"))
+               for n, ip in (("a", "172.18.0.2"), ("b", "172.18.0.3"))]
+    t = table_from_members(members)
+    assert t.services[0].limits == Limits(bandwidth=50_000_000, connections=100.0, burst=20)
+    for labels, error in (({"bandwidth": "50MB"}, "meshaccel.bandwidth: expected a rate"),
+                          ({"connections": "fast"}, "meshaccel.connections: expected"),
+                          ({"burst": "5"}, "meshaccel.burst: a burst needs a connection"),
+                          ({"connections": "5/s", "burst": "0"}, "meshaccel.burst: 0 is out")):
+        with pytest.raises(ValidationError) as e:
+            member_from_inspect(inspect("c", "172.18.0.4", **labels))
+        assert str(e.value).startswith(error), str(e.value)
