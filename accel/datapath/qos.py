@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from accel.kernel.maps import Map
-from accel.model import Limits, Service, ServiceTable
+from accel.model import Limits, ServiceTable
 
 NS_PER_S = 1_000_000_000
 BANDWIDTH_MECHANISM = "tcp-pacing"
@@ -72,9 +72,15 @@ class QosWriter:
         self.written = {i: v for i, v in wanted.items() if v[1] != KernelLimit()}
 
     def _write(self, index: int, kl: KernelLimit) -> None:
+        old = self.limits[ctypes.c_uint32(index)]
         v = self.limits.Leaf()
         v.conn_interval_ns, v.conn_tolerance_ns, v.bandwidth = (
             kl.conn_interval_ns, kl.conn_tolerance_ns, kl.bandwidth)
+        # A new connection limit refills the bucket (lib/qos.h); a bandwidth change alone
+        # leaves it as it is.
+        same = (old.conn_interval_ns, old.conn_tolerance_ns) == (kl.conn_interval_ns,
+                                                                 kl.conn_tolerance_ns)
+        v.gen = old.gen if same else old.gen + 1
         self.limits[ctypes.c_uint32(index)] = v
 
     def _reset(self, index: int) -> None:
@@ -95,15 +101,6 @@ class QosWriter:
         return out
 
 
-def describe(svc: Service) -> str:
-    """A service's limits as `accel services` shows them: '50Mbit 100/s+20' or '-'."""
-    d = svc.limits.to_dict()
-    parts = []
-    if "bandwidth" in d:
-        parts.append(str(d["bandwidth"]))
-    if "connections" in d:
-        parts.append(f"{d['connections']} burst {d['burst']}")
-    return ", ".join(parts) or "-"
 
 
 @cache

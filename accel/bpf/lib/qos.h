@@ -46,6 +46,7 @@ struct qos_limit {
 	__u64 conn_interval_ns;  /* 1e9 / connections per second; 0: no connection limit */
 	__u64 conn_tolerance_ns; /* burst * conn_interval_ns */
 	__u64 bandwidth;         /* bytes/s of the service's aggregate; 0: unlimited */
+	__u64 gen;               /* bumped when the connection limit changes: bucket refilled */
 };
 
 /* What the programs keep (accel_qos_state[service index]); the agent zeroes it when the
@@ -56,6 +57,7 @@ struct qos_state {
 	__u64 win_start; /* the current activity window began (ns) */
 	__u64 win_cur;   /* connections active in it so far */
 	__u64 win_prev;  /* connections active in the previous one */
+	__u64 gen;       /* qos_limit.gen the bucket (tat) is for */
 };
 
 struct qos_stats {
@@ -108,6 +110,13 @@ static __always_inline int qos_connect_refused(struct bpf_sock_addr *ctx, __u32 
 		if (!st)
 			return 0;
 		now = bpf_ktime_get_ns();
+		if (st->gen != lim->gen) {
+			/* A changed limit starts with a full bucket (an old tat could be minutes
+			 * ahead under a slower rate). Two CPUs may both reset: one extra burst at
+			 * most, once per change. */
+			st->tat = 0;
+			st->gen = lim->gen;
+		}
 		for (i = 0; i < QOS_CAS_TRIES; i++) {
 			tat = st->tat;
 			next = (tat > now ? tat : now) + lim->conn_interval_ns;
