@@ -64,12 +64,20 @@ class QosWriter:
             old = self.written.get(i)
             if old == (name, kl):
                 continue
+            if old is None and self._holds(i, kl):
+                continue  # a restarted agent's own limit: bucket and live count kept
             if old is None or old[0] != name:
                 self._reset(i)  # a new service at this index starts with a full bucket
             self._write(i, kl)
         for i in set(self.written) - set(wanted):
             self._write(i, KernelLimit())
         self.written = {i: v for i, v in wanted.items() if v[1] != KernelLimit()}
+
+    def _holds(self, index: int, kl: KernelLimit) -> bool:
+        v = self.limits[ctypes.c_uint32(index)]
+        return kl != KernelLimit() and (v.conn_interval_ns, v.conn_tolerance_ns,
+                                        v.bandwidth) == (kl.conn_interval_ns,
+                                                         kl.conn_tolerance_ns, kl.bandwidth)
 
     def _write(self, index: int, kl: KernelLimit) -> None:
         old = self.limits[ctypes.c_uint32(index)]
