@@ -239,3 +239,15 @@ def test_200_back_to_back_connects_at_100_per_s_burst_20(lab, datapath):
     assert 0.7 * expected <= passed <= 1.3 * expected, (passed, expected)
     assert passed + refused == 200 and slowest < 0.05
     assert datapath.qos_counters()["bulk"]["refused"] == refused
+
+
+@pytest.mark.parametrize("mbit", [50, 200, 1000])
+def test_rate_accuracy(lab, datapath, mbit):
+    """One iperf3 stream through a limited VIP carries the limit within +-10%."""
+    client, server = lab.pods
+    datapath.apply(ServiceTable((limited(server.ip, bandwidth=mbit * MBIT),)))
+    with iperf_servers(server, 8080):
+        doc = result(iperf(client, 80, 4, interval=0.5))
+    rate = interval_bps(doc, 1.0, 4.0)  # past slow start
+    print(f"limit {mbit} Mbit/s: {rate / MBIT:.1f} Mbit/s")
+    assert 0.9 * mbit * MBIT <= rate <= 1.1 * mbit * MBIT, rate
