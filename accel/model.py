@@ -250,7 +250,7 @@ def rate_text(rate: float) -> str:
         n = rate * per
         if abs(n - round(n)) < 1e-9 * max(1.0, n):
             return f"{round(n)}/{unit}"
-    return f"{rate:g}/s"
+    return f"{rate!r}/s"  # exact: reads back as the same float
 
 
 @dataclass(frozen=True)

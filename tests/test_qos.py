@@ -251,3 +251,19 @@ def test_rate_accuracy(lab, datapath, mbit):
     rate = interval_bps(doc, 1.0, 4.0)  # past slow start
     print(f"limit {mbit} Mbit/s: {rate / MBIT:.1f} Mbit/s")
     assert 0.9 * mbit * MBIT <= rate <= 1.1 * mbit * MBIT, rate
+
+
+def test_limit_removed_under_traffic(lab, datapath):
+    """Removing the limit unpaces the live connection within a second, unbroken."""
+    client, server = lab.pods
+    svc = limited(server.ip, bandwidth=50 * MBIT)
+    datapath.apply(ServiceTable((svc,)))
+    with iperf_servers(server, 8080):
+        stream = iperf(client, 80, 6, interval=0.5)
+        time.sleep(2.5)
+        datapath.apply(ServiceTable((replace(svc, limits=Limits()),)))
+        doc = result(stream)
+    before, after = interval_bps(doc, 0.5, 2.0), interval_bps(doc, 3.5, 6.0)
+    print(f"50 Mbit/s: {before / MBIT:.1f}; limit removed: {after / MBIT:.0f} Mbit/s")
+    assert 42.5 * MBIT <= before <= 57.5 * MBIT, before
+    assert after >= 10 * before, after
