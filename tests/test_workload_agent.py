@@ -22,8 +22,6 @@ from accel.xds.workload.kinds import ADDRESS, AUTHORIZATION
 from tests.api_harness import accel, free_port
 from tests.traffic import EchoServer, connect
 
-pytestmark = pytest.mark.kernel
-
 NODE = "node-a"
 VIP = "10.96.77.7"
 HOST = "db.back.svc.cluster.local"
@@ -85,6 +83,7 @@ def served_by(pod, host: str, port: int) -> str:
         return s.recv(64).decode().split("|")[0]
 
 
+@pytest.mark.kernel
 def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory):
     lab = lab_factory(4)
     c1, c2, s1, s2 = lab.pods
@@ -168,4 +167,55 @@ def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory
         agent.stop()
         assert agent.proc.returncode == 0
     finally:
+        srv.stop(0)
+
+
+def test_workload_stream_nacks_a_malformed_address_and_keeps_the_last_good_state():
+    """The agent's client on the workload API (stream -> processors -> cache), no kernel:
+    a Service whose address is 5 bytes is NACKed naming it and the field, the table and
+    verdicts in force stay, and the next good version is taken."""
+    from types import SimpleNamespace
+
+    from accel.xds.client import XdsClient
+
+    pods = [SimpleNamespace(name=f"p{i}", ip=ipaddress.ip_address(f"10.200.9.{10 + i}"),
+                            ip6=ipaddress.ip_address(f"fd00:9::{10 + i}")) for i in range(4)]
+    applied: list = []
+    events: list = []
+    port = free_port()
+    srv = ControllerServer(MemorySource(), f"127.0.0.1:{port}", api="workload").start()
+    client = XdsClient(f"127.0.0.1:{port}", "", lambda t, v: applied.append((t, v)),
+                       api="workload", node_name=NODE)
+    client.events.append(lambda kind, info: events.append((kind, info)))
+    try:
+        srv.publish_resources(resources(pods, allow_from("front")))
+        client.start()
+        deadline = time.monotonic() + 10
+        while not applied or len(applied[-1][0].services) != 1:
+            assert time.monotonic() < deadline, events
+            time.sleep(0.02)
+        good_table, good_verdicts = applied[-1]
+        assert {str(e.address) for e in good_table.services[0].endpoints} == \
+            {"10.200.9.12", "10.200.9.13"}
+        assert good_verdicts.policed  # the two back pods are policed here
+
+        bad = resources(pods, allow_from("front"))
+        bad[ADDRESS][f"back/{HOST}"].service.addresses[0].address = b"\x01\x02\x03\x04\x05"
+        n = len(applied)
+        srv.publish_resources(bad)
+        while not any(k == "rejected" for k, _ in events):
+            assert time.monotonic() < deadline + 5, events
+            time.sleep(0.02)
+        [(_, nack)] = [(k, i) for k, i in events if k == "rejected"]
+        assert f"Address[back/{HOST}].service.addresses[0]" in nack["error"], nack
+        assert len(applied) == n and client.table is good_table
+        assert client.state()["api"] == "workload"
+
+        srv.publish_resources(resources(pods, allow_from("front", "other")))
+        while len(applied) == n:
+            assert time.monotonic() < deadline + 10, events
+            time.sleep(0.02)
+        assert client.table is applied[-1][0]
+    finally:
+        client.stop()
         srv.stop(0)
