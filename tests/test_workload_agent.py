@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import socket
 import time
 
 import pytest
@@ -185,7 +186,7 @@ def test_workload_stream_nacks_a_malformed_address_and_keeps_the_last_good_state
     port = free_port()
     srv = ControllerServer(MemorySource(), f"127.0.0.1:{port}", api="workload").start()
     client = XdsClient(f"127.0.0.1:{port}", "", lambda t, v: applied.append((t, v)),
-                       api="workload", node_name=NODE)
+                       api="workload", node_name=NODE, metadata={"INSTANCE_IPS": "10.0.0.9"})
     client.events.append(lambda kind, info: events.append((kind, info)))
     try:
         srv.publish_resources(resources(pods, allow_from("front")))
@@ -210,6 +211,8 @@ def test_workload_stream_nacks_a_malformed_address_and_keeps_the_last_good_state
         assert f"Address[back/{HOST}].service.addresses[0]" in nack["error"], nack
         assert len(applied) == n and client.table is good_table
         assert client.state()["api"] == "workload"
+        assert client.node.id == ("ztunnel~10.0.0.9~meshaccel-" + socket.gethostname()
+                                  + ".istio-system~istio-system.svc.cluster.local")
 
         srv.publish_resources(resources(pods, allow_from("front", "other")))
         while len(applied) == n:

@@ -75,7 +75,8 @@ class XdsClient:
         self.cache: EnvoyCache | WorkloadCache
         if api == "workload":
             self.cache = WorkloadCache(on_update, node_name)  # type: ignore[arg-type]
-            ips = host_addresses()
+            given = str((metadata or {}).get("INSTANCE_IPS") or "")
+            ips = given.split(",") if given else host_addresses()
             who = ztunnel_node(node_name, ips[0] if ips else "0.0.0.0",
                                pod=f"meshaccel-{socket.gethostname()}", cluster_id=cluster,
                                node_id=node_id or None)
