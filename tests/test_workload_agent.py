@@ -214,11 +214,20 @@ def test_workload_stream_nacks_a_malformed_address_and_keeps_the_last_good_state
         assert client.node.id == ("ztunnel~10.0.0.9~meshaccel-" + socket.gethostname()
                                   + ".istio-system~istio-system.svc.cluster.local")
 
-        srv.publish_resources(resources(pods, allow_from("front", "other")))
+        # Names of the server's own choosing (not the content's): keyed by them, removals
+        # follow them, and the policy is still found by the name workloads give it.
+        renamed = resources(pods, allow_from("front", "other"))
+        renamed = {t: {f"{t[-7:]}-{i}": m for i, m in enumerate(items.values())}
+                   for t, items in renamed.items()}
+        srv.publish_resources(renamed)
         while len(applied) == n:
             assert time.monotonic() < deadline + 10, events
             time.sleep(0.02)
         assert client.table is applied[-1][0]
+        table, verdicts = applied[-1]
+        assert len(table.services) == 1 and verdicts.policed
+        assert verdicts.policies == ("back/allow-clients",)
+        assert client.state()["workloads"] == 4  # the old names' entries went
     finally:
         client.stop()
         srv.stop(0)
