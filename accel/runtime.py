@@ -27,7 +27,7 @@ from accel.config import CapacityError, check_capacity
 from accel.datapath.datapath import Capacities, Datapath
 from accel.kernel.kbtf import fastpath_offsets
 from accel.kernel.loader import DEFAULT_PIN_DIR
-from accel.model import Guard, Service, ServiceTable, ValidationError
+from accel.model import DEFAULT_FASTPATH, Guard, Service, ServiceTable, ValidationError
 from accel.policy.verdicts import Verdicts
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ class XdsSettings:
     api: str = "envoy"
     node_name: str = ""
     cluster_id: str = "Kubernetes"
+    fastpath: str = DEFAULT_FASTPATH  # the workload API's services' (it has no field)
     ca: str | None = None  # PEM paths: TLS (and mTLS with cert + key)
     cert: str | None = None
     key: str | None = None
@@ -401,6 +402,7 @@ class Runtime:
                                on_update=lambda table, verdicts: self.apply(
                                    table, verdicts=verdicts),
                                node_name=xs.node_name, cluster=xs.cluster_id,
+                               fastpath=xs.fastpath,
                                metadata=dict(xs.node_meta))
         else:
             node_id = xs.node_id or f"meshaccel-{socket.gethostname()}"

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "are its mesh pods, whose inbound connections it authorizes")
     p.add_argument("--cluster-id", default="Kubernetes", metavar="ID",
                    help="with --xds-api workload: the mesh cluster id (istiod's CLUSTER_ID)")
+    p.add_argument("--fastpath", choices=("route", "redirect"), default=None,
+                   help="with --xds-api workload: the fast path of its services (the API has "
+                   "no field for it; default route, see README 'The fast path')")
     p.add_argument("--xds-ca", metavar="PEM", help="CA bundle: use TLS to the xDS server")
     p.add_argument("--xds-cert", metavar="PEM", help="client certificate for mutual TLS")
     p.add_argument("--xds-key", metavar="PEM", help="client key for mutual TLS")
@@ -130,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.node_name:
                 raise ValidationError("--node-name", "--xds-api workload needs this host's "
                                       "node name (the `node` of its workloads)")
-        elif args.node_name or args.cluster_id != "Kubernetes":
-            raise ValidationError("--node-name", "--node-name and --cluster-id go with "
-                                  "--xds-api workload")
+        elif args.node_name or args.cluster_id != "Kubernetes" or args.fastpath:
+            raise ValidationError("--node-name", "--node-name, --cluster-id and --fastpath "
+                                  "go with --xds-api workload")
         if args.pod_netns and not args.pod_iface:
             raise ValidationError("--pod-netns", "goes with --pod-iface NAME")
         if args.pod_netns:
@@ -157,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         xds=XdsSettings(args.xds, node_id=args.node_id or "",
                         delta=args.xds_delta or args.xds_api == "workload",
                         api=args.xds_api, node_name=args.node_name or "",
-                        cluster_id=args.cluster_id,
+                        cluster_id=args.cluster_id, fastpath=args.fastpath or "route",
                         node_cluster=args.node_cluster, node_meta=node_meta,
                         ca=args.xds_ca, cert=args.xds_cert, key=args.xds_key)
         if args.xds else None,

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
-from accel.model import ServiceTable
+from accel.model import DEFAULT_FASTPATH, ServiceTable
 from accel.policy.compile import Compiled
 from accel.policy.rules import DEFAULT_TRUST_DOMAIN, Policy
 from accel.policy.verdicts import Verdicts
@@ -63,9 +63,10 @@ class WorkloadCache:
     processors: tuple[Processor, ...] = WORKLOAD
 
     def __init__(self, on_update: OnWorkloadUpdate, node_name: str,
-                 trust_domain: str = DEFAULT_TRUST_DOMAIN):
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN, fastpath: str = DEFAULT_FASTPATH):
         self.on_update = on_update
         self.node_name = node_name
+        self.fastpath = fastpath
         self.trust_domain = trust_domain
         self.lock = threading.Lock()
         self._decode = {ADDRESS: AddressProcessor(), AUTHORIZATION: AuthorizationProcessor()}
@@ -101,7 +102,7 @@ class WorkloadCache:
             len(state.workloads) + len(state.services)
         if ADDRESS not in seen:
             return WorkloadTaken(t, state, None, None, count, frozenset(removed), aliases)
-        build = to_table(state, self.node_name, self.table)
+        build = to_table(state, self.node_name, self.table, self.fastpath)
         policy = to_verdicts(state, self.node_name, self.trust_domain)
         self.on_update(build.table, policy.verdicts)
         info = {"services": len(build.table.services), "workloads": len(state.workloads),
