@@ -3,7 +3,9 @@
  * See lib/sock.h for why pairing needs the namespace and the handshake. */
 #include "lib/common.h"
 #include "lib/counters.h"
+#include "lib/flows.h"
 #include "lib/sock.h"
+
 
 static __always_inline void count_add(u32 idx, u64 n)
 {
@@ -13,6 +15,41 @@ static __always_inline void count_add(u32 idx, u64 n)
 }
 
 #define count(idx) count_add((idx), 1)
+
+/* Connection records: lib/flows.h says why each program defines these itself. */
+static __always_inline int flows_on(void)
+{
+	__u32 zero = 0;
+	struct flow_config *c = accel_flow_config.lookup(&zero);
+
+	return c && c->enabled;
+}
+
+static __always_inline struct flow_stats *flow_stats(void)
+{
+	__u32 zero = 0;
+
+	return accel_flow_stats.lookup(&zero);
+}
+
+static __always_inline struct flow_event *flow_reserve(void)
+{
+	struct flow_event *ev = accel_flows.ringbuf_reserve(sizeof(struct flow_event));
+	struct flow_stats *s = flow_stats();
+
+	if (!ev && s)
+		s->dropped++; /* the ring is full: never wait */
+	return ev;
+}
+
+static __always_inline void flow_submit(struct flow_event *ev)
+{
+	struct flow_stats *s = flow_stats();
+
+	accel_flows.ringbuf_submit(ev, BPF_RB_NO_WAKEUP); /* the reader polls */
+	if (s)
+		s->events++;
+}
 
 static __always_inline int is_mesh_addr(const struct addr16 *a)
 {
@@ -143,6 +180,8 @@ static __always_inline void track(struct bpf_sock_ops *skops)
 	publish_owner(&key.id, key.netns, (__u64)sk);
 	st->tracked = 1;
 	st->mode = MODE_UNDECIDED;
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		st->flow.flags |= FLOW_S_PASSIVE; /* publishes what it redirects (lib/flows.h) */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	count(C_SOCKHASH_INSERTS);
 }
@@ -171,16 +210,170 @@ static __always_inline void untrack(struct bpf_sock_ops *skops)
 	count(C_SOCKS_CLOSED);
 }
 
+/* ---- connection records (lib/flows.h) ---------------------------------------------- */
+
+/* connect() to a VIP (connect.c kept which in the socket's storage): start the record. */
+static __always_inline void flow_start(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+	struct svc_key key = {};
+	struct svc_val *svc;
+
+	if (!sk)
+		return;
+	st = accel_sock_state.sk_storage_get(sk, 0, 0);
+	if (!st || !st->vip.set || !flows_on())
+		return;
+	key.vip = st->vip.vip;
+	key.port = st->vip.vip_port;
+	key.proto = IPPROTO_TCP;
+	svc = accel_services.lookup(&key);
+	st->flow.svc = svc ? svc->index : FLOW_SVC_UNKNOWN;
+	st->flow.start = bpf_ktime_get_boot_ns();
+	st->flow.cookie = bpf_get_socket_cookie(skops);
+	st->flow.netns = bpf_get_netns_cookie(skops);
+	st->flow.flags |= FLOW_S_CLIENT;
+	/* STATE_CB for the close, RTT_CB (each ACK) for the reports of a long connection. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+				  BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+/* An event of the client end: open, report, close. TCP's counters hold what went over TCP;
+ * bytes_acked and bytes_received also count the SYN and the FIN each way, which are not
+ * the application's bytes. */
+static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_state *st,
+				      __u8 kind)
+{
+	struct flow_event *ev;
+	struct conn_id id = {};
+	struct sock_key me = {};
+	struct flow_fin *fin;
+	__u64 acked, received, theirs = 0;
+	__u32 state;
+
+	if (!flows_on())
+		return;
+	read_conn_id(skops, &id);
+	ev = flow_reserve();
+	if (!ev)
+		return;
+	flow_fill(ev, st, kind, bpf_ktime_get_boot_ns());
+	ev->client = id.local;
+	ev->client_port = id.lport;
+	ev->server_netns = st->peer_netns;
+	ev->srtt_us = skops->srtt_us >> 3; /* the kernel keeps it times 8 */
+	ev->retransmits = skops->total_retrans;
+	acked = skops->bytes_acked;
+	received = skops->bytes_received;
+	if (kind == FLOW_CLOSE && st->netns) {
+		/* What the server handed us socket to socket: final, it sent its FIN. */
+		me.id = st->id;
+		me.netns = st->netns;
+		fin = accel_flow_fin.lookup(&me);
+		if (fin) {
+			theirs = fin->redirected;
+			if (fin->netns)
+				ev->server_netns = fin->netns;
+			accel_flow_fin.delete(&me);
+		}
+	}
+	state = skops->state;
+	/* The FIN sequence numbers: ours once acked (FIN_WAIT2, TIME_WAIT, CLOSE after them);
+	 * theirs once received. Past the handshake each side's SYN is one more. */
+	acked = acked > 0 ? acked - 1 : 0;
+	received = received > 0 ? received - 1 : 0;
+	(void)state;
+	ev->bytes_sent = acked + st->redirected;
+	ev->bytes_received = received + theirs;
+	ev->bytes_redirected = st->redirected + theirs;
+	ev->path = ev->bytes_redirected ? FLOW_PATH_REDIRECTED : FLOW_PATH_TCP;
+	flow_submit(ev);
+}
+
+/* The server end of a redirected connection sends its FIN (or resets): from now on it hands
+ * the client nothing more; leave the count where the client's close finds it. */
+static __always_inline void flow_publish(struct sock_state *st)
+{
+	struct sock_key client = {};
+	struct flow_fin fin = {};
+
+	if ((st->flow.flags & (FLOW_S_PASSIVE | FLOW_S_PUBLISHED)) != FLOW_S_PASSIVE ||
+	    !st->redirected || !st->peer_netns)
+		return;
+	st->flow.flags |= FLOW_S_PUBLISHED;
+	conn_id_reverse(&client.id, &st->id);
+	client.netns = st->peer_netns;
+	fin.redirected = st->redirected;
+	fin.netns = st->netns;
+	accel_flow_fin.update(&client, &fin);
+}
+
+static __always_inline void flow_state(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+	__u32 to = skops->args[1];
+
+	if (!sk)
+		return;
+	st = accel_sock_state.sk_storage_get(sk, 0, 0);
+	if (!st || !st->flow.flags)
+		return;
+	if (to == BPF_TCP_FIN_WAIT1 || to == BPF_TCP_LAST_ACK || to == BPF_TCP_CLOSE)
+		flow_publish(st);
+	if (to == BPF_TCP_CLOSE && (st->flow.flags & FLOW_S_CLIENT)) {
+		flow_emit(skops, st, FLOW_CLOSE);
+		st->flow.flags &= ~FLOW_S_CLIENT; /* one close per connection */
+	}
+}
+
+static __always_inline void flow_established(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+
+	if (!sk)
+		return;
+	st = accel_sock_state.sk_storage_get(sk, 0, 0);
+	if (!st || !(st->flow.flags & FLOW_S_CLIENT))
+		return;
+	st->flow.reported = bpf_ktime_get_boot_ns();
+	flow_emit(skops, st, FLOW_OPEN);
+}
+
+static __always_inline void flow_rtt(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+
+	if (!sk)
+		return;
+	st = accel_sock_state.sk_storage_get(sk, 0, 0);
+	if (st && flow_report_due(st, bpf_ktime_get_boot_ns()))
+		flow_emit(skops, st, FLOW_REPORT);
+}
+
 int accel_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		flow_start(skops);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		track(skops);
+		flow_established(skops);
+		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		track(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
+		flow_state(skops);
 		if (skops->args[1] == BPF_TCP_CLOSE)
 			untrack(skops);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		flow_rtt(skops);
 		break;
 	}
 	return 1;

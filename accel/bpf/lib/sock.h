@@ -79,6 +79,16 @@ struct sock_vip {
 	__u32 set;
 };
 
+/* A client socket's connection record, while it is one (lib/flows.h fills it). */
+struct flow_sock {
+	__u64 start;    /* connect(), boot ns; 0: not recorded */
+	__u64 cookie;   /* the socket's cookie: the record's id */
+	__u64 netns;    /* the socket's netns cookie */
+	__u64 reported; /* last open or report event, boot ns */
+	__u32 svc;      /* the service's accel_svc_stats index */
+	__u32 flags;    /* FLOW_S_* (lib/flows.h) */
+};
+
 /* What meshaccel keeps with a socket, in socket-local storage freed by the kernel
  * with the socket. One element per socket: connect() to a VIP creates it and
  * sock_ops finds it (creating a socket's storage costs about a microsecond,
@@ -96,6 +106,7 @@ struct sock_state {
 	__u32 fastpath; /* enum sock_fastpath */
 	__u32 pad;
 	struct sock_vip vip;
+	struct flow_sock flow;
 };
 
 /* Settings the agent writes (one entry). */
