@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from accel.api.server import ApiServer
     from accel.datapath.edge import EdgeDatapath
     from accel.datapath.podroute import PodRouter, Unavailable
+    from accel.flows.part import FlowsPart
     from accel.xds.client import XdsClient
 
 log = logging.getLogger("accel.agent")
@@ -97,6 +98,8 @@ class Settings:
     pod_netns: str | None = None
     api: ApiSettings | None = None
     metrics: str | None = None  # HOST:PORT
+    flows: bool = True  # connection records (accel flows, per-service metrics)
+    flow_log: str | None = None  # also written here as rotated JSON lines
 
     @property
     def source(self) -> str:
@@ -184,6 +187,7 @@ class Runtime:
         self.xds: XdsClient | None = None
         self.api: ApiServer | None = None
         self.metrics: MetricsServer | None = None
+        self.flows: FlowsPart | None = None
         self.parts: list[Part] = [SocketPart(self.datapath)]
         self.lock = threading.RLock()  # sources, the API and housekeeping all change maps
         self._watchers: list[queue.Queue[Event]] = []
@@ -203,6 +207,8 @@ class Runtime:
             if self._own_datapath:
                 self.datapath.start()
                 self._stoppers.append(("datapath", self._close_datapath))
+            if self.settings.flows:
+                self._start_flows()
             if self.settings.edge_iface:
                 self._start_edge()
             if self.settings.pod_ifaces:
@@ -276,10 +282,20 @@ class Runtime:
         self._chores.append((edge.refresh, True))
         self._chores.append((_every(10, edge.compact), True))
 
+    def _start_flows(self) -> None:
+        from accel.flows.part import FlowsPart
+
+        flows = FlowsPart(self.datapath.pin_dir, self.settings.flow_log)
+        flows.apply(self.table)
+        self.flows = flows.start()
+        self.parts.append(flows)
+        self._stoppers.append(("flows", flows.stop))
+
     def _start_pods(self) -> None:
         """Pod routing, or, when it cannot run here, an Unavailable that says why: the rest
         of the datapath serves on and pod traffic keeps the bridge (fail open)."""
         from accel.datapath.podroute import PodRouter, Unavailable
+    from accel.flows.part import FlowsPart
 
         s, caps = self.settings, self.settings.capacities
         try:
@@ -485,6 +501,8 @@ class Runtime:
                                    "services": self.datapath.service_counters()}
             if self.edge is not None:
                 out["edge"] = self.edge.counters()
+            if self.flows is not None:
+                out["flows"] = self.flows.stats()
         return out
 
     # ---- events --------------------------------------------------------------------------

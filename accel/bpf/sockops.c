@@ -231,6 +231,7 @@ static __always_inline void flow_start(struct bpf_sock_ops *skops)
 	svc = accel_services.lookup(&key);
 	st->flow.svc = svc ? svc->index : FLOW_SVC_UNKNOWN;
 	st->flow.start = bpf_ktime_get_boot_ns();
+	st->flow.reported = st->flow.start; /* the handshake's RTT sample reports nothing */
 	st->flow.cookie = bpf_get_socket_cookie(skops);
 	st->flow.netns = bpf_get_netns_cookie(skops);
 	st->flow.flags |= FLOW_S_CLIENT;
@@ -239,9 +240,25 @@ static __always_inline void flow_start(struct bpf_sock_ops *skops)
 				  BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
-/* An event of the client end: open, report, close. TCP's counters hold what went over TCP;
- * bytes_acked and bytes_received also count the SYN and the FIN each way, which are not
- * the application's bytes. */
+/* Whether each FIN is in TCP's byte counters: bytes_acked counts our SYN and, once
+ * acknowledged, our FIN; bytes_received counts their FIN once received. `state` is the
+ * state the socket is in (at STATE_CB: the one it leaves). All our sequence space is
+ * acknowledged (snd_una == snd_nxt) only once the FIN we sent is. A socket closed in
+ * FIN_WAIT2 by the orphan timeout, its peer never having sent a FIN, counts one byte
+ * received too many: a peer that never closes. */
+static __always_inline void flow_fins(__u32 state, __u32 snd_una, __u32 snd_nxt, __u64 *ours,
+				      __u64 *theirs)
+{
+	*ours = state == BPF_TCP_FIN_WAIT2 ||
+		((state == BPF_TCP_FIN_WAIT1 || state == BPF_TCP_CLOSING ||
+		  state == BPF_TCP_LAST_ACK) && snd_una == snd_nxt);
+	*theirs = state == BPF_TCP_CLOSE_WAIT || state == BPF_TCP_LAST_ACK ||
+		  state == BPF_TCP_CLOSING || state == BPF_TCP_FIN_WAIT2 ||
+		  state == BPF_TCP_TIME_WAIT;
+}
+
+/* An event of the client end: open, report, close. TCP's counters hold what went over TCP,
+ * plus the SYN and FINs (flow_fins); what was redirected is counted apart (lib/flows.h). */
 static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_state *st,
 				      __u8 kind)
 {
@@ -249,7 +266,7 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 	struct conn_id id = {};
 	struct sock_key me = {};
 	struct flow_fin *fin;
-	__u64 acked, received, theirs = 0;
+	__u64 acked, received, theirs = 0, fin_ours, fin_theirs;
 	__u32 state;
 
 	if (!flows_on())
@@ -278,12 +295,10 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 			accel_flow_fin.delete(&me);
 		}
 	}
-	state = skops->state;
-	/* The FIN sequence numbers: ours once acked (FIN_WAIT2, TIME_WAIT, CLOSE after them);
-	 * theirs once received. Past the handshake each side's SYN is one more. */
-	acked = acked > 0 ? acked - 1 : 0;
-	received = received > 0 ? received - 1 : 0;
-	(void)state;
+	state = kind == FLOW_CLOSE ? (__u32)skops->args[0] : skops->state;
+	flow_fins(state, skops->snd_una, skops->snd_nxt, &fin_ours, &fin_theirs);
+	acked = acked > fin_ours ? acked - 1 - fin_ours : 0; /* and our SYN */
+	received = received >= fin_theirs ? received - fin_theirs : 0;
 	ev->bytes_sent = acked + st->redirected;
 	ev->bytes_received = received + theirs;
 	ev->bytes_redirected = st->redirected + theirs;

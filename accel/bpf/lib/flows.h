@@ -113,11 +113,13 @@ struct flow_stats {
 	__u64 dropped; /* not written: the ring was full */
 };
 
-/* BPF_MAP_TYPE_RINGBUF, pinned (bcc's BPF_RINGBUF_OUTPUT cannot be). */
-#define ACCEL_RINGBUF(_name, _size)                                        \
+/* BPF_MAP_TYPE_RINGBUF, pinned (bcc's BPF_RINGBUF_OUTPUT cannot be). A ring has no key or
+ * value; `leaf` names the record type all the same, so that the BTF of the programs holds
+ * its layout for user space (the map's btf_id; accel/flows/record.py). */
+#define ACCEL_RINGBUF(_name, _record, _size)                               \
 	struct _name##_table_t {                                           \
 		int key;                                                   \
-		u32 leaf;                                                  \
+		_record leaf;                                              \
 		int (*ringbuf_output)(void *, u64, u64);                   \
 		void *(*ringbuf_reserve)(u64);                             \
 		void (*ringbuf_discard)(void *, u64);                      \
@@ -128,7 +130,7 @@ struct flow_stats {
 	__attribute__((section("maps/ringbuf:" ACCEL_PIN(_name))))        \
 	struct _name##_table_t _name = { .max_entries = (_size) }
 
-ACCEL_RINGBUF(accel_flows, ACCEL_FLOW_RING);
+ACCEL_RINGBUF(accel_flows, struct flow_event, ACCEL_FLOW_RING);
 ACCEL_MAP("array", u32, struct flow_config, accel_flow_config, 1);
 ACCEL_MAP("percpu_array", u32, struct flow_stats, accel_flow_stats, 1);
 /* LRU: an entry whose client never closes cleanly (a reset) ages out. */
@@ -139,9 +141,7 @@ ACCEL_MAP("lru_hash", struct sock_key, struct flow_fin, accel_flow_fin, ACCEL_FL
  *   flows_on()       whether events are on (accel_flow_config)
  *   flow_reserve()   room for one event in the ring, or NULL (counted as dropped)
  *   flow_submit(ev)  the event to the reader (counted), who polls: no wake-up
- * Events are built in place in the ring: nothing shared with another context on the CPU.
- * User space reads struct flow_event's layout from the BTF of these maps (the program
- * that created them, sockops.c, uses it). */
+ * Events are built in place in the ring: nothing shared with another context on the CPU. */
 
 static __always_inline void flow_clear(struct flow_event *ev)
 {
