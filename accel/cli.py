@@ -15,6 +15,7 @@ COMMANDS = (
     "status",
     "services",
     "stats",
+    "flows",
     "lab",
     "bench",
     "compose",

@@ -295,7 +295,6 @@ class Runtime:
         """Pod routing, or, when it cannot run here, an Unavailable that says why: the rest
         of the datapath serves on and pod traffic keeps the bridge (fail open)."""
         from accel.datapath.podroute import PodRouter, Unavailable
-    from accel.flows.part import FlowsPart
 
         s, caps = self.settings, self.settings.capacities
         try:

@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import json
 import logging
+import mmap
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,7 @@ class Capacities:
     revnat: int = 262144
     pods: int = 16384  # local pod addresses (pod routing)
     pod_flows: int = 131072  # pod-to-pod TCP connections pod routing hands over (LRU)
+    flow_ring: int = 1 << 20  # bytes of the connection-record ring (144 B an event)
 
 
 def _key(pin_dir: str) -> str:
@@ -185,6 +187,7 @@ class Datapath:
             "ACCEL_SERVICES_MAX": self.capacities.services,
             "ACCEL_SLOTS_MAX": self.capacities.slots,
             "ACCEL_REVNAT_MAX": self.capacities.revnat,
+            "ACCEL_FLOW_RING": ring_size(self.capacities.flow_ring),
             # Kernel structure offsets the redirect's queue bound reads (none: no redirect).
             **fastpath_offsets().defines,
         }
@@ -366,6 +369,11 @@ class Datapath:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ring_size(n: int) -> int:
+    """A ring buffer's size as the kernel takes it: a power of two, at least a page."""
+    return max(mmap.PAGESIZE, 1 << max(0, n - 1).bit_length())
 
 
 def tcp_rmem_max() -> int:

@@ -130,14 +130,19 @@ class FlowStore:
     # ---- readers ---------------------------------------------------------------------------
 
     def recent(self, since: float = 0.0) -> list[FlowRecord]:
-        with self.lock:
-            return [r for r in self.history if r.time_end >= since]
+        return self.recent_and_watch(since, False)[0]
 
-    def watch(self) -> queue.Queue[FlowRecord]:
-        q: queue.Queue[FlowRecord] = queue.Queue(maxsize=WATCH_QUEUE)
+    def recent_and_watch(self, since: float = 0.0, follow: bool = True
+                         ) -> tuple[list[FlowRecord], queue.Queue[FlowRecord] | None]:
+        """The records kept that ended at `since` or later and, with follow, a queue of
+        every record after them (unwatch it when done)."""
         with self.lock:
-            self._watchers.append(q)
-        return q
+            kept = [r for r in self.history if r.time_end >= since]
+            q: queue.Queue[FlowRecord] | None = None
+            if follow:
+                q = queue.Queue(maxsize=WATCH_QUEUE)
+                self._watchers.append(q)
+        return kept, q
 
     def unwatch(self, q: queue.Queue[FlowRecord]) -> None:
         with self.lock:
