@@ -35,7 +35,15 @@ import yaml
 
 from accel import __version__
 from accel.bench import report
-from accel.bench.modes import MODES, Mode, ModeContext, Placement, make_modes
+from accel.bench.modes import (
+    ALL_MODES,
+    FLOW_MODES,
+    MODES,
+    Mode,
+    ModeContext,
+    Placement,
+    make_modes,
+)
 from accel.bench.workloads import (
     METRICS,
     TOOLS,
@@ -137,9 +145,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             raise ValueError("--prefix must be 1-9 letters or digits")
         kw["prefix"] = args.prefix
     quiet = getattr(args, "quiet", False)
+    flows_cost = getattr(args, "flows_cost", False)
+    if flows_cost and args.modes:
+        raise ValueError("--flows-cost sets the modes itself: drop --modes")
+    default_workloads = ("rr", "crr") if flows_cost else WORKLOADS
     return BenchConfig(
-        modes=parse_list(args.modes, MODES, "modes"),
-        workloads=parse_list(args.workloads, WORKLOADS, "workloads"),
+        modes=FLOW_MODES if flows_cost else
+        parse_list(args.modes, ALL_MODES, "modes") if args.modes else MODES,
+        workloads=parse_list(args.workloads, WORKLOADS, "workloads") if args.workloads
+        else default_workloads,
         repeats=repeats,
         seconds=int(seconds),
         quick=quick,
@@ -449,6 +463,10 @@ class Bench:
     def _one(self, mode: Mode, workload: str, repeat: int) -> dict[str, Any]:
         assert mode.ctx is not None
         addr, port = mode.target(workload)
+        if mode.accel and self.agent is not None:
+            from accel.flows.reader import set_enabled
+
+            set_enabled(str(self.config.pin_dir), mode.flows)
         before = self.counters() if mode.accel else {}
         try:
             figures = run_client(workload, mode.ctx.client, addr, port, self.placement.client,
@@ -679,6 +697,7 @@ def main(config: BenchConfig, json_path: str | None = None, plot_path: str | Non
         print(f"accel bench: {e}", file=sys.stderr)
         return 1
     results["targets"] = report.check_targets(results["cases"])
+    results["flows_cost"] = report.flows_cost(results["cases"])
     print(report.table(results))
     if json_path:
         report.write_json(results, json_path)
