@@ -285,7 +285,13 @@ class Runtime:
     def _start_flows(self) -> None:
         from accel.flows.part import FlowsPart
 
-        flows = FlowsPart(self.datapath.pin_dir, self.settings.flow_log)
+        try:
+            flows = FlowsPart(self.datapath.pin_dir, self.settings.flow_log)
+        except (OSError, RuntimeError) as e:  # kept pins of a build without records
+            if self.settings.flow_log:  # asked for a log: not without it
+                raise
+            log.error("connection records unavailable, the datapath serves on: %s", e)
+            return
         flows.apply(self.table)
         self.flows = flows.start()
         self.parts.append(flows)

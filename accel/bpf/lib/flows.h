@@ -8,14 +8,17 @@
  *   RTT_CB / sk_msg    a "report" at most every FLOW_REPORT_NS while the connection carries
  *                      bytes (an idle connection sends none: no packets, no calls)
  *   STATE_CB CLOSE     the "close" event with the totals
- *   connect() refused  a "refused" event with a reason (no backend; policy may add its own)
+ *   connect() refused  a "refused" event with a reason: connect.c's refuse(ctx, key, reason)
+ *                      is the one exit of a refusal (no backend; a policy check passes
+ *                      FLOW_R_POLICY or a reason of its own)
  *
  * Bytes as the client saw them. TCP's counters (bytes_acked, bytes_received) count only
  * bytes that went over TCP: a message sk_msg hands socket to socket never passes them. So
  * each end counts what it redirected (sock_state.redirected, redirect.c). The client's own
  * count adds to its bytes sent; the server's count is the client's redirected bytes
  * received, which the server publishes when it sends its FIN (STATE_CB to FIN_WAIT1 or
- * LAST_ACK: it sends nothing after), keyed by the client's end, in accel_flow_fin. The
+ * LAST_ACK: it sends nothing after; or its reset, straight to CLOSE), keyed by the client's
+ * end, in accel_flow_fin. The
  * client's TCP_CLOSE always comes after it received that FIN, whichever end closed first,
  * so the count it finds is final. Half-closes change nothing in this.
  *
