@@ -73,6 +73,15 @@ def check_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 FLOWS_COST_GOAL_PCT = 3.0  # on crr
 
 
+def _median_run(cases: list[dict[str, Any]], mode: str, workload: str,
+                key: str) -> float | None:
+    for c in cases:
+        if c["mode"] == mode and c["workload"] == workload:
+            values = sorted(r[key] for r in c.get("runs", []) if r.get(key) is not None)
+            return values[len(values) // 2] if values else None
+    return None
+
+
 def flows_cost(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for mode in ("accel", "accel+redirect"):
@@ -83,7 +92,11 @@ def flows_cost(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             loss = (off - on) / off if metric == "conn_per_s" else (on - off) / off
             row = {"mode": mode, "workload": workload, "metric": metric, "flows_on": on,
-                   "flows_off": off, "loss_pct": round(100 * loss, 2)}
+                   "flows_off": off, "loss_pct": round(100 * loss, 2),
+                   # The agent's CPU per run (reading and counting the records), median.
+                   "agent_cpu_s_on": _median_run(cases, mode, workload, "agent_cpu_s"),
+                   "agent_cpu_s_off": _median_run(cases, f"{mode}-noflows", workload,
+                                                  "agent_cpu_s")}
             if workload == "crr":
                 row["goal_pct"] = FLOWS_COST_GOAL_PCT
                 row["met"] = 100 * loss <= FLOWS_COST_GOAL_PCT

@@ -411,6 +411,12 @@ class Bench:
                 argv += ["--pod-iface", mode.ctx.client.host_ifname,
                          "--pod-iface", mode.ctx.server.host_ifname]
         self.say(f"agent: attaching to {self.cgroups['accel']} (pin dir {self.config.pin_dir})")
+        # The agent's own work (reading connection records) on the CPUs the measured
+        # processes leave free, where there are any: what it costs is its CPU time
+        # (agent_cpu_s per run), not a share of the measured CPU.
+        spare = sorted(os.sched_getaffinity(0) - set(self.placement.as_dict().values()))
+        if spare:
+            argv = ["taskset", "-c", ",".join(map(str, spare)), *argv]
         with open(logf, "w") as out:
             self.agent = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
@@ -427,6 +433,16 @@ class Bench:
             return counters.read(str(self.config.pin_dir))
         except (OSError, RuntimeError):
             return {}
+
+    def agent_cpu(self) -> float | None:
+        """CPU seconds the agent process has used (user + system), or None."""
+        if self.agent is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.agent.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _warm_up(self) -> None:
         """One short crr per mode: neighbours resolved, proxies connected, paths proven."""
@@ -468,6 +484,7 @@ class Bench:
 
             set_enabled(str(self.config.pin_dir), mode.flows)
         before = self.counters() if mode.accel else {}
+        cpu_before = self.agent_cpu()
         try:
             figures = run_client(workload, mode.ctx.client, addr, port, self.placement.client,
                                  self.config.seconds, self.config.msg_size)
@@ -476,6 +493,8 @@ class Bench:
             figures, error = empty(), str(e)
         row: dict[str, Any] = {"mode": mode.name, "workload": workload, "repeat": repeat,
                                "target": f"{addr}:{port}", **figures}
+        if cpu_before is not None and (cpu_after := self.agent_cpu()) is not None:
+            row["agent_cpu_s"] = round(cpu_after - cpu_before, 3)  # the agent's own work
         if mode.accel:
             after = self.counters()
             row["accel_counters"] = {k: after.get(k, 0) - before.get(k, 0)

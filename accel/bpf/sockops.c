@@ -314,7 +314,7 @@ static __always_inline void flow_publish(struct sock_state *st)
 	struct flow_fin fin = {};
 
 	if ((st->flow.flags & (FLOW_S_PASSIVE | FLOW_S_PUBLISHED)) != FLOW_S_PASSIVE ||
-	    !st->redirected || !st->peer_netns)
+	    !st->redirected || !st->peer_netns || !flows_on())
 		return;
 	st->flow.flags |= FLOW_S_PUBLISHED;
 	conn_id_reverse(&client.id, &st->id);
