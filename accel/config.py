@@ -22,9 +22,13 @@ from accel.model import (
     ValidationError,
     check_fastpath,
     check_name,
+    check_port,
+    check_vip,
     endpoint_loops,
+    parse_address,
     parse_network,
 )
+from accel.policy.rules import DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT
 
 # The largest mesh.yaml read, checked before a byte is parsed: parsing costs seconds of CPU
 # and ~100 bytes of memory per byte of YAML. 8 MiB holds the default capacity (10,000
@@ -33,8 +37,9 @@ MAX_CONFIG_BYTES = 8 << 20
 MAX_CONFIG_ENV = "ACCEL_MAX_CONFIG_BYTES"
 
 SERVICE_KEYS = {"name", "vip", "port", "protocol", "endpoints", "edge", "fastpath"}
-ENDPOINT_KEYS = {"address", "port", "weight", "healthy"}
-TOP_KEYS = {"services", "guard", "mesh_cidrs", "fastpath"}
+ENDPOINT_KEYS = {"address", "port", "weight", "healthy", "namespace", "service_account", "name",
+                 "labels"}
+TOP_KEYS = {"services", "guard", "mesh_cidrs", "fastpath", "policies"}
 GUARD_KEYS = {"deny", "syn_rate", "syn_burst"}
 
 
@@ -96,6 +101,10 @@ def parse_endpoint(raw: Any, path: str) -> Endpoint:
     healthy = d.get("healthy", True)
     if not isinstance(healthy, bool):
         raise ValidationError(f"{path}.healthy", f"expected true or false, got {healthy!r}")
+    labels = d.get("labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in labels.items()):
+        raise ValidationError(f"{path}.labels", "expected a mapping of strings to strings")
     return _within(
         path,
         Endpoint,
@@ -103,6 +112,10 @@ def parse_endpoint(raw: Any, path: str) -> Endpoint:
         port=_required(d, "port", path),
         weight=d.get("weight", 1),
         healthy=healthy,
+        namespace=d.get("namespace", DEFAULT_NAMESPACE),
+        service_account=d.get("service_account", DEFAULT_SERVICE_ACCOUNT),
+        name=d.get("name", ""),
+        labels=tuple(labels.items()),
     )
 
 
@@ -129,12 +142,18 @@ def parse_service(raw: Any, index: int, fastpath: str = DEFAULT_FASTPATH) -> Ser
     if not isinstance(edge, bool):
         raise ValidationError(f"{where}.edge", f"expected true or false, got {edge!r}")
     fastpath = check_fastpath(d.get("fastpath", fastpath), f"{where}.fastpath")
+    # Checked here, in the order Service checks them (name, fastpath, vip, port): a file (or
+    # the API) names its port; port 0 (ANY_PORT, every port of the VIP) is what only a
+    # controller's transparent chain means (xDS).
+    vip = str(_required(d, "vip", where))
+    _within(where, lambda v: check_vip(parse_address(v, "vip"), "vip"), vip)
+    _within(where, check_port, _required(d, "port", where), "port")
     return _within(
         where,
         Service,
         name=d["name"],
-        vip=str(_required(d, "vip", where)),
-        port=_required(d, "port", where),
+        vip=vip,
+        port=d["port"],
         protocol=protocol,
         endpoints=endpoints,
         edge=edge,
@@ -172,8 +191,29 @@ def table_from_dict(doc: Any) -> ServiceTable:
         raise ValidationError("mesh_cidrs", "expected a list of CIDRs")
     cidrs = tuple(parse_network(c, f"mesh_cidrs[{i}]") for i, c in enumerate(cidrs_raw))
     guard = parse_guard(d.get("guard"))
+    check_identities(services)
+    from accel.policy.meshyaml import parse_policies  # it reads mesh.yaml with this module
+
+    policies = parse_policies(d.get("policies"))
     return ServiceTable(services=tuple(services), mesh_cidrs=cidrs, guard=guard,
-                        fastpath=fastpath)
+                        fastpath=fastpath, policies=policies)
+
+
+def check_identities(services: list[Service]) -> None:
+    """An address is one workload: every endpoint at it must say the same namespace,
+    service account, name and labels (policy cannot tell two workloads of one address)."""
+    first: dict[object, tuple[str, int, Endpoint]] = {}
+    for svc in services:
+        for i, ep in enumerate(svc.endpoints):
+            seen = first.setdefault(ep.address, (svc.name, i, ep))
+            _, _, other = seen
+            for f in ("namespace", "service_account", "name", "labels"):
+                if getattr(ep, f) != getattr(other, f):
+                    raise ValidationError(
+                        f"services[{svc.name}].endpoints[{i}].{f}",
+                        f"{getattr(ep, f)!r}, but services[{seen[0]}].endpoints[{seen[1]}] "
+                        f"at the same address {ep.address} says {getattr(other, f)!r}: an "
+                        "address is one workload")
 
 
 def max_config_bytes() -> int:
@@ -275,6 +315,11 @@ def table_to_dict(table: ServiceTable) -> dict[str, Any]:
                         "port": e.port,
                         "weight": e.weight,
                         **({} if e.healthy else {"healthy": False}),
+                        **({} if e.namespace == DEFAULT_NAMESPACE else {"namespace": e.namespace}),
+                        **({} if e.service_account == DEFAULT_SERVICE_ACCOUNT
+                           else {"service_account": e.service_account}),
+                        **({"name": e.name} if e.name else {}),
+                        **({"labels": dict(e.labels)} if e.labels else {}),
                     }
                     for e in s.endpoints
                 ],
@@ -286,6 +331,10 @@ def table_to_dict(table: ServiceTable) -> dict[str, Any]:
         out["fastpath"] = table.fastpath
     if table.mesh_cidrs:
         out["mesh_cidrs"] = [str(c) for c in table.mesh_cidrs]
+    if table.policies:
+        from accel.policy.meshyaml import policy_to_dict
+
+        out["policies"] = [policy_to_dict(p) for p in table.policies]
     g = table.guard
     if g.deny or g.syn_rate:
         out["guard"] = {"deny": [str(c) for c in g.deny], "syn_rate": g.syn_rate,

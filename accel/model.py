@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from accel.policy.rules import DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT, Policy
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -24,6 +26,10 @@ PROTOCOLS = ("TCP", "UDP")
 FASTPATHS = ("route", "redirect")
 DEFAULT_FASTPATH = "route"
 MAX_WEIGHT = 65535
+# A service's port 0: the VIP on every port (a transparent proxy's chain matching a VIP/32
+# without a destination port: Consul's upstreams). Each connection goes to an endpoint at
+# the endpoint's own port; a service on the same VIP and a concrete port is looked up first.
+ANY_PORT = 0
 T = TypeVar("T")
 
 
@@ -129,12 +135,15 @@ def check_fastpath(value: object, path: str) -> str:
     return value  # type: ignore[return-value]
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def check_vip(addr: IPAddress, path: str) -> IPAddress:
     """A VIP is an address clients dial, matched at connect() in every pod: never an address
     that means "any", "everyone" or "this host"."""
     if addr.is_unspecified:
         why = "the unspecified address (any address), which no client dials"
-    elif addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+    elif addr.version == 4 and addr == _BROADCAST:
         why = "the broadcast address"
     elif addr.is_multicast:
         why = "a multicast address"
@@ -160,11 +169,22 @@ class Endpoint:
     port: int
     weight: int = 1
     healthy: bool = True
+    # The workload behind the address, as policies name it (Istio's terms): its identity
+    # (namespace, service account), and a name and labels selectors pick it by.
+    namespace: str = DEFAULT_NAMESPACE
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    name: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", parse_address(self.address, "address"))
         check_port(self.port, "port")
         check_int(self.weight, "weight", 1, MAX_WEIGHT)
+        check_name(self.namespace, "namespace")
+        check_name(self.service_account, "service_account")
+        if self.name:
+            check_name(self.name, "name")
+        object.__setattr__(self, "labels", tuple(sorted(self.labels)))
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
@@ -190,7 +210,10 @@ class Service:
         check_name(self.name, "name")
         check_fastpath(self.fastpath, "fastpath")
         object.__setattr__(self, "vip", check_vip(parse_address(self.vip, "vip"), "vip"))
-        check_port(self.port, "port")
+        check_port(self.port, "port", allow_zero=True)  # ANY_PORT: every port of the VIP
+        if self.edge and self.port == ANY_PORT:
+            raise ValidationError("edge", "the XDP edge balances a VIP:port; a service on "
+                                  "every port of its VIP cannot be an edge service")
         if self.protocol not in PROTOCOLS:
             raise ValidationError("protocol", f"{self.protocol!r} is not one of {PROTOCOLS}")
         object.__setattr__(self, "endpoints", tuple(self.endpoints))
@@ -199,7 +222,7 @@ class Service:
             if (ep.address, ep.port) in seen:
                 raise ValidationError(f"endpoints[{i}]", f"duplicate endpoint {ep}")
             seen.add((ep.address, ep.port))
-            if ep.address == self.vip and ep.port == self.port:
+            if ep.address == self.vip and self.port in (ep.port, ANY_PORT):
                 raise ValidationError(f"endpoints[{i}]", "an endpoint may not be its own VIP:port")
 
     @property
@@ -265,6 +288,8 @@ class ServiceTable:
     guard: Guard = field(default_factory=Guard)
     # The fast path of mesh connections dialed straight to a mesh address (not a VIP).
     fastpath: str = DEFAULT_FASTPATH
+    # L4 authorization (Istio AuthorizationPolicy terms) over the endpoints' identities.
+    policies: tuple[Policy, ...] = ()
 
     # Out of equality and repr: the indexes validation builds anyway, kept so that derive()
     # validates only what changes (name -> position; (vip, port, protocol) -> name), and for
@@ -278,7 +303,13 @@ class ServiceTable:
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", tuple(self.services))
         object.__setattr__(self, "mesh_cidrs", tuple(self.mesh_cidrs))
+        object.__setattr__(self, "policies", tuple(self.policies))
         check_fastpath(self.fastpath, "fastpath")
+        policy_keys: set[str] = set()
+        for p in self.policies:
+            if p.key in policy_keys:
+                raise ValidationError(f"policies[{p.name}]", f"policy {p.key} is defined twice")
+            policy_keys.add(p.key)
         names: dict[str, int] = {}
         keys: dict[tuple[IPAddress, int, str], str] = {}
         for i, svc in enumerate(self.services):
@@ -402,6 +433,7 @@ class ServiceTable:
         object.__setattr__(table, "mesh_cidrs", mesh_cidrs)
         object.__setattr__(table, "guard", guard)
         object.__setattr__(table, "fastpath", self.fastpath)
+        object.__setattr__(table, "policies", self.policies)
         object.__setattr__(table, "_index", index)
         object.__setattr__(table, "_keys", keys)
         object.__setattr__(table, "_base", (weakref.ref(self), delta))
@@ -440,13 +472,14 @@ class ServiceTable:
         return {s.name: s.canonical() for s in d.added} == \
             {s.name: s.canonical() for s in d.removed}
 
-    def _settings(self) -> tuple[tuple[IPNetwork, ...], Guard, str]:
+    def _settings(self) -> tuple[tuple[IPNetwork, ...], Guard, str, tuple[Policy, ...]]:
         def order(n: IPNetwork) -> tuple[int, str]:
             return (n.version, str(n))
 
         g = self.guard
         return (tuple(sorted(self.mesh_cidrs, key=order)),
-                Guard(tuple(sorted(g.deny, key=order)), g.syn_rate, g.syn_burst), self.fastpath)
+                Guard(tuple(sorted(g.deny, key=order)), g.syn_rate, g.syn_burst), self.fastpath,
+                tuple(sorted(self.policies, key=lambda p: p.key)))
 
     def endpoint_addresses(self) -> set[IPAddress]:
         return {ep.address for s in self.services for ep in s.endpoints}
@@ -457,24 +490,32 @@ class ServiceTable:
     def canonical(self) -> ServiceTable:
         """Order-independent form: two tables that mean the same compare equal."""
         services = tuple(sorted((s.canonical() for s in self.services), key=lambda s: s.name))
-        cidrs, guard, fastpath = self._settings()
-        return ServiceTable(services=services, mesh_cidrs=cidrs, guard=guard, fastpath=fastpath)
+        cidrs, guard, fastpath, policies = self._settings()
+        return ServiceTable(services=services, mesh_cidrs=cidrs, guard=guard, fastpath=fastpath,
+                            policies=policies)
+
+
+def port_text(port: int) -> str:
+    """A service port as people read it: ANY_PORT is "*"."""
+    return "*" if port == ANY_PORT else str(port)
 
 
 def _key_clash(svc: Service, other: str) -> str:
-    return f"{svc.vip}:{svc.port}/{svc.protocol} is already used by service {other!r}"
+    return f"{svc.vip}:{port_text(svc.port)}/{svc.protocol} is already used by service {other!r}"
 
 
 def endpoint_loops(services: Sequence[Service]) -> Iterator[tuple[Service, int, Service]]:
     """(service, endpoint index, other service) for each endpoint that is another service's
     VIP:port: a connection is balanced once, at connect(), so it would be sent on to a VIP
     that no backend answers on (and two services naming each other would be a loop).
-    A service's own VIP:port is refused by Service itself."""
+    A service's own VIP:port is refused by Service itself. A service on every port of a VIP
+    (ANY_PORT) catches an endpoint on that VIP at any port."""
     by_key = {s.key: s for s in services}
     vips = {s.vip for s in services}
     for svc in services:
         for i, ep in enumerate(svc.endpoints):
             if ep.address in vips:
-                other = by_key.get((ep.address, ep.port, svc.protocol))
+                other = by_key.get((ep.address, ep.port, svc.protocol)) or \
+                    by_key.get((ep.address, ANY_PORT, svc.protocol))
                 if other is not None and other is not svc:
                     yield svc, i, other

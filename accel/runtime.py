@@ -486,6 +486,7 @@ class Runtime:
             "uptime_s": round(time.time() - self.started, 3),
             "config_version": self.version,
             "services": len(self.table.services),
+            "services_left": len(self.xds.report()[0]) if self.xds is not None else 0,
             "applied": self.applied_count,
             "rejected": self.rejected_count,
             "last_error": self.last_error,

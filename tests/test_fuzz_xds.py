@@ -38,9 +38,9 @@ from hypothesis import strategies as st
 from accel.model import Endpoint, Guard, Service, ServiceTable, ValidationError
 from accel.xds import translate as tr
 from accel.xds.client import XdsClient
+from accel.xds.shapes.builders import lbe, locality, pack, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.test_xds_client import Harness, ScriptedAds  # noqa: F401 -- ScriptedAds via Harness
-from tests.xds_resources import lbe, locality, pack, tcp_listener
 
 pytestmark = pytest.mark.reliability
 
@@ -266,9 +266,15 @@ SA = r"\.address\.socket_address"
 def vip_bad_address(c: Case) -> None:
     name, lst = vip_listener(c)
     address = c.draw(
-        st.one_of(st.sampled_from(BAD_ADDRESSES + ["0.0.0.0", "::", "224.0.0.1", "ff02::1"]),
+        st.one_of(st.sampled_from(BAD_ADDRESSES + ["0.0.0.0", "::", "224.0.0.1", "ff02::1",
+                                                   "127.0.0.1"]),
                   garbage_text), label="address")
     lst.address.socket_address.address = address
+    if address in ("224.0.0.1", "ff02::1", "127.0.0.1"):
+        # Valid for Envoy (Kuma's and Consul's explicit upstreams listen on 127.0.0.1), but
+        # no VIP the kernel may balance in every pod: left, with the reason.
+        c.skip = rf"^{re.escape(name)}: its address .* cannot be a service VIP"
+        return
     if address in ("0.0.0.0", "::"):
         # A wildcard listener is valid (Istio's 0.0.0.0_PORT); with a tcp_proxy or an inline
         # route it names no VIP (an RDS one would be expanded by its virtual hosts' IPs).
@@ -497,8 +503,9 @@ def udp_proxy_without_cluster(c: Case) -> None:
             pack(udp_proxy_pb2.UdpProxyConfig(stat_prefix="u")))
         c.skip = rf"^{re.escape(name)}: a udp_proxy routing by matcher"
     else:
+        # Another UDP listener filter (a dns_filter answers itself): valid, no service.
         lst.listener_filters[0].typed_config.type_url = OTHER_TYPES[0]
-        c.expect = rf"^Listener\[{name}\]\.filter_chains: no filter chain"
+        c.skip = rf"^{re.escape(name)}: a UDP listener without a udp_proxy"
 
 
 # ---- clusters

@@ -146,7 +146,7 @@ def response(t: str, version: str, items) -> object:
 
 
 def test_client_applies_one_changed_assignment_as_a_derived_table(monkeypatch) -> None:
-    """Drive XdsClient._handle with responses (the stream is tested elsewhere): each single
+    """Drive the client's stream.handle with responses (the stream is tested elsewhere): each single
     ClusterLoadAssignment update yields the table a full translation gives, derived from the
     last one (same Service objects but the changed one), and a bad one is NACKed."""
     import queue
@@ -164,9 +164,9 @@ def test_client_applies_one_changed_assignment_as_a_derived_table(monkeypatch) -
     applied: list[ServiceTable] = []
     client = XdsClient("127.0.0.1:1", "hx", applied.append)
     out: queue.Queue = queue.Queue()
-    client._handle(response(CLUSTER, "1", {**res[CLUSTER], **late_res[CLUSTER]}), out)
-    client._handle(response(ENDPOINT, "1", res[ENDPOINT]), out)
-    client._handle(response(LISTENER, "1", {**res[LISTENER], **late_res[LISTENER]}), out)
+    client.stream.handle(response(CLUSTER, "1", {**res[CLUSTER], **late_res[CLUSTER]}), out)
+    client.stream.handle(response(ENDPOINT, "1", res[ENDPOINT]), out)
+    client.stream.handle(response(LISTENER, "1", {**res[LISTENER], **late_res[LISTENER]}), out)
     assert applied[-1].canonical() == table.canonical()
     assert client.state()["pending"] == {"late.vip": "ClusterLoadAssignment 'late'"}
 
@@ -180,7 +180,7 @@ def test_client_applies_one_changed_assignment_as_a_derived_table(monkeypatch) -
         svc = prev.get(name)
         new = Service(name, svc.vip, svc.port, endpoints=service(0, rng).endpoints)
         cla = translate.load_assignment(new)
-        client._handle(response(ENDPOINT, str(v), {name: cla}), out)
+        client.stream.handle(response(ENDPOINT, str(v), {name: cla}), out)
         want = prev.derive([new])
         if want.equivalent(prev):
             assert applied[-1] is prev  # nothing to apply
@@ -192,7 +192,7 @@ def test_client_applies_one_changed_assignment_as_a_derived_table(monkeypatch) -
 
     def nack(cla) -> str:
         n = len(applied)
-        client._handle(response(ENDPOINT, "bad", {cla.cluster_name: cla}), out)
+        client.stream.handle(response(ENDPOINT, "bad", {cla.cluster_name: cla}), out)
         while True:
             req = out.get_nowait()
             if req.type_url == ENDPOINT and req.response_nonce == f"{ENDPOINT}-bad":
@@ -212,7 +212,7 @@ def test_client_applies_one_changed_assignment_as_a_derived_table(monkeypatch) -
     assert not full
 
     # The awaited assignment arrives: the service appears (the full translation's job).
-    client._handle(response(ENDPOINT, "50", late_res[ENDPOINT]), out)
+    client.stream.handle(response(ENDPOINT, "50", late_res[ENDPOINT]), out)
     assert applied[-1].get("late") == late and client.state()["pending"] == {}
     assert full
 

@@ -22,8 +22,8 @@ from google.protobuf import any_pb2
 
 from accel.model import ServiceTable, ValidationError
 from accel.xds.client import XdsClient
+from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
 
 PORTS = itertools.count(18130)
 
@@ -115,6 +115,26 @@ class Harness:
         with self.cond:
             self.tables.append(table)
             self.cond.notify_all()
+
+    def push(self, res, t: str, wait_names: int | None = None) -> None:
+        """Send all of `res`'s resources of type t (for EDS and RDS once the client has
+        subscribed to wait_names of them) and check they are ACKed."""
+        if wait_names is not None:
+            self.ads.wait(lambda r: r.type_url == t and len(r.resource_names) == wait_names)
+        items = [pack(m) for _, m in sorted(res.of(t).items())]
+        reply = self.ads.reply_to(self.ads.send(t, "1", items))
+        assert not reply.error_detail.message, (t, reply.error_detail.message)
+
+    def push_all(self, res) -> None:
+        """All of res, in the order controllers push (CDS, EDS, LDS, RDS), each type once
+        the client asks for it."""
+        self.ads.wait(lambda r: r.type_url == CLUSTER)
+        self.push(res, CLUSTER)
+        if res.endpoints:
+            self.push(res, ENDPOINT, wait_names=len(res.endpoints))
+        self.push(res, LISTENER)
+        if res.routes:
+            self.push(res, ROUTE, wait_names=len(res.routes))
 
     def wait_table(self, pred: Callable[[ServiceTable], bool], timeout: float = 5) -> ServiceTable:
         deadline = time.monotonic() + timeout

@@ -17,11 +17,11 @@ from accel.runtime import Runtime
 from accel.sources.file import FileSource
 from accel.xds.client import XdsClient
 from accel.xds.server import ControllerServer
+from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER
 from tests import traffic
 from tests.test_xds_client import Harness
 from tests.traffic import connect, named_servers
-from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, tcp_listener
 
 pytestmark = pytest.mark.kernel
 

@@ -25,10 +25,10 @@ from accel.sources.file import FileSource
 from accel.xds import translate
 from accel.xds.client import XdsClient
 from accel.xds.server import ControllerServer
+from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.test_xds_client import record_and_replay
 from tests.test_xds_controller import MESH, RATINGS, Recorder, names, wait_for, write
-from tests.xds_resources import cla, eds_cluster, lbe, locality, tcp_listener
 
 PORTS = itertools.count(18700)
 

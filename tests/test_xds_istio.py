@@ -1,4 +1,4 @@
-"""istiod's sidecar-shaped xDS (tests/istio_resources.py): never NACKed for what the kernel
+"""istiod's sidecar-shaped xDS (accel/xds/shapes/istio.py): never NACKed for what the kernel
 cannot do; every ClusterIP service mapped with exactly its endpoints; what is left to the
 kernel path (original_dst, Passthrough, L7 splits) and what is ignored (istio.stats, mTLS,
 HTTP filters) is said. Then the same resources over a real ADS stream carry traffic
@@ -11,7 +11,7 @@ import os
 import pytest
 
 from accel.xds import translate as tr
-from tests.istio_resources import host, outbound, sidecar_config
+from accel.xds.shapes.istio import host, outbound, sidecar_config
 
 TCP = {"mysql": ("10.96.5.5", 3306, ["10.200.5.1", "10.200.5.2"])}
 SNIFFED = {"ratings": ("10.96.5.6", 8080, ["10.200.5.3"])}
@@ -72,7 +72,6 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
     from accel.runtime import Runtime
     from tests.test_xds_client import Harness
     from tests.traffic import EchoServer, connect
-    from tests.xds_resources import pack
 
     lab = lab_factory(3)
     client, a, b = lab.pods
@@ -83,18 +82,8 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
     runtime = Runtime(datapath=datapath)
     h = Harness(on_update=runtime.apply)
     try:
-        def push(t: str, wait_names: int | None = None) -> None:
-            if wait_names is not None:  # EDS and RDS: once the client has subscribed
-                h.ads.wait(lambda r: r.type_url == t and len(r.resource_names) == wait_names)
-            items = [pack(m) for _, m in sorted(res.of(t).items())]
-            reply = h.ads.reply_to(h.ads.send(t, "1", items))
-            assert not reply.error_detail.message, (t, reply.error_detail.message)
-
-        h.ads.wait(lambda r: r.type_url == tr.CLUSTER)
-        push(tr.CLUSTER)
-        push(tr.ENDPOINT, wait_names=len(res.endpoints))
-        push(tr.LISTENER)
-        push(tr.ROUTE, wait_names=1)  # "8080", the 0.0.0.0_8080 listener's
+        assert list(res.routes) == ["8080"]  # the 0.0.0.0_8080 listener's
+        h.push_all(res)
         # details splits by path: left to the kernel path, not a NACK.
         table = h.wait_table(lambda t: len(t.services) == 2)  # details is left: L7
         assert {str(s.vip) for s in table.services} == {"10.96.5.7", "10.96.5.5"}
@@ -116,6 +105,7 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
         api = api_server.serve(runtime, unix_path=sock)
         try:
             listed = {s["name"]: s for s in api_client.list_services(sock)["services"]}
+            st = api_client.get_status(sock)
         finally:
             api.stop()
         mysql = listed[outbound("mysql", 8080)]
@@ -123,6 +113,8 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
         [details] = [s for s in listed.values() if s["vip"] == "10.96.5.8"]
         assert not details["accelerated"] and details["port"] == 8080
         assert "by L7 attributes" in details["reasons"][0]
+        left = [s for s in listed.values() if not s["accelerated"]]
+        assert (st["services"], st["services_left"]) == (2, len(left)) and left
     finally:
         h.close()
 
@@ -130,12 +122,13 @@ def test_istio_shaped_ads_carries_traffic(lab_factory, datapath) -> None:
 def test_transparent_listener_chains_by_vip_and_port() -> None:
     """An original_dst listener (Consul's transparent outbound listener on 127.0.0.1:15001):
     a chain for VIP/32 + destination_port is that VIP:port's service; a chain for every
-    port of a VIP is reported; passthrough chains (0.0.0.0/0) are destinations, not
-    services; the listener's own loopback address is not a VIP (no NACK)."""
+    port of a VIP is the VIP's any-port service (port 0); passthrough chains (0.0.0.0/0)
+    are destinations, not services; the listener's own loopback address is not a VIP (no
+    NACK)."""
     from envoy.config.listener.v3 import listener_pb2
 
-    from tests.istio_resources import _istio_tcp_filters
-    from tests.xds_resources import cla, eds_cluster, lbe, locality, sock
+    from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, sock
+    from accel.xds.shapes.istio import _istio_tcp_filters
 
     lst = listener_pb2.Listener(name="outbound_listener:127.0.0.1:15001",
                                 address=sock("127.0.0.1", 15001))
@@ -149,15 +142,14 @@ def test_transparent_listener_chains_by_vip_and_port() -> None:
     passthrough = lst.filter_chains.add(filters=_istio_tcp_filters("original-destination"))
     passthrough.filter_chain_match.prefix_ranges.add(
         address_prefix="0.0.0.0").prefix_len.value = 0
-    res = tr.Resources({lst.name: lst}, {},
-                       {"db.default.dc1.internal.consul":
-                        eds_cluster("db.default.dc1.internal.consul")},
-                       {"db.default.dc1.internal.consul":
-                        cla("db.default.dc1.internal.consul",
-                            locality(lbe("10.200.6.1", 5432), lbe("10.200.6.2", 5432)))})
+    db, api = "db.default.dc1.internal.consul", "api.default.dc1.internal"
+    res = tr.Resources({lst.name: lst}, {}, {db: eds_cluster(db), api: eds_cluster(api)},
+                       {db: cla(db, locality(lbe("10.200.6.1", 5432), lbe("10.200.6.2", 5432))),
+                        api: cla(api, locality(lbe("10.200.6.3", 20000)))})
     t = tr.to_table(res)
-    assert services(t) == {("10.96.6.1", 5432): ["10.200.6.1", "10.200.6.2"]}
-    assert any("matches every port of 10.96.6.2" in v for v in t.skipped.values())
+    assert services(t) == {("10.96.6.1", 5432): ["10.200.6.1", "10.200.6.2"],
+                           ("10.96.6.2", 0): ["10.200.6.3"]}
+    assert not t.left  # the passthrough chain names no VIP
 
 
 def test_weighted_clusters_keep_their_weights() -> None:
@@ -166,7 +158,7 @@ def test_weighted_clusters_keep_their_weights() -> None:
     each cluster's share, split inside by endpoint weight."""
     from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-    from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, tcp_listener
+    from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, tcp_listener
 
     res = sidecar_config({}, {}, {"reviews": ("10.96.5.7", 9080, ["10.200.5.4"])})
     v1, v2 = outbound("reviews", 9080), "outbound|9080|v2|" + host("reviews")
@@ -211,7 +203,7 @@ def test_go_control_plane_sample_is_taken_without_a_nack() -> None:
         http_connection_manager_pb2 as hcm_pb2,
     )
 
-    from tests.xds_resources import cla, lbe, locality, pack, sock
+    from accel.xds.shapes.builders import cla, lbe, locality, pack, sock
 
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="http")
     hcm.rds.route_config_name = "local_route"

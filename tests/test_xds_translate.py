@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from accel.model import Endpoint, Guard, Service, ServiceTable, ValidationError, endpoint_loops
 from accel.xds import translate as tr
+from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
 
 # ---------------------------------------------------------------- helpers
 

@@ -127,6 +127,7 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
         config_version=st.get("config_version") or "",
         uptime_seconds=float(st.get("uptime_s") or 0.0),
         services=int(st.get("services") or 0), applied=int(st.get("applied") or 0),
+        services_left=int(st.get("services_left") or 0),
         rejected=int(st.get("rejected") or 0), last_error=st.get("last_error") or "",
         pin_dir=st.get("pin_dir") or "", cgroup=st.get("cgroup") or "",
         redirect_unavailable=st.get("redirect_unavailable") or "",
@@ -210,6 +211,7 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
     return {
         "version": msg.version, "source": msg.source, "config_version": msg.config_version,
         "uptime_s": round(msg.uptime_seconds, 3), "services": msg.services,
+        "services_left": msg.services_left,
         "applied": msg.applied, "rejected": msg.rejected, "last_error": msg.last_error,
         "pin_dir": msg.pin_dir, "cgroup": msg.cgroup, "xds": xds,
         "maps": {n: {"used": u.used, "capacity": u.capacity} for n, u in sorted(msg.maps.items())},

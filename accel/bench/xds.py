@@ -12,6 +12,10 @@
 --delta: the agent and the in-process client speak incremental (Delta) xDS instead of
 state of the world.
 
+--shape istio: the controller serves what a sidecar of a large Istio mesh gets from istiod
+(accel/xds/shapes/istio.py: a protocol-sniffing listener per ClusterIP:port, mTLS EDS
+clusters, Istio's filters) instead of meshaccel's own resources; start and push phases.
+
 Names: cgroup accel-hp-<hex>, pin dirs /sys/fs/bpf/hp-<hex>-*, a TCP port in 18500-18599;
 all removed at the end, also after a failure.
 """
@@ -71,10 +75,26 @@ def one_endpoint_changed(svc: Service, j: int) -> Service:
 # ---- the controller, in a process of its own ------------------------------------------------
 
 
-def _controller(conn, listen: str, services: int, endpoints: int) -> None:
-    """Serve an empty table, then what the parent sends: ("push",) the big table, ("upsert",
-    service) one changed service, ("acks",) the ACKed versions per stream, ("stop",)."""
+SHAPES = ("mesh", "istio")
+
+
+def make_shape(shape: str, services: int, endpoints: int) -> ServiceTable:
+    """The table a shape's resources mean (what the maps must hold after the push)."""
+    if shape == "mesh":
+        return make_table(services, endpoints)
+    from accel.xds.shapes.istio import sniffed_mesh
+
+    _, want = sniffed_mesh(services, endpoints)
+    return ServiceTable(tuple(Service(name, vip, port, endpoints=tuple(
+        Endpoint(ip, port) for ip in eps)) for name, (vip, port, eps) in want.items()))
+
+
+def _controller(conn, listen: str, services: int, endpoints: int, shape: str) -> None:
+    """Serve an empty table, then what the parent sends: ("push",) the big table (or the
+    shape's resources), ("upsert", service) one changed service, ("acks",) the ACKed
+    versions per stream, ("stop",)."""
     from accel.xds.server import ControllerServer
+    from accel.xds.shapes.istio import sniffed_mesh
 
     table = make_table(services, endpoints)
     source = MemorySource()
@@ -85,7 +105,10 @@ def _controller(conn, listen: str, services: int, endpoints: int) -> None:
             cmd = conn.recv()
             if cmd[0] == "push":
                 start = time.monotonic()
-                source.push(table)
+                if shape == "istio":
+                    srv.publish_resources(sniffed_mesh(services, endpoints)[0])
+                else:
+                    source.push(table)
                 conn.send(("ok", start, time.monotonic()))
             elif cmd[0] == "upsert":
                 table = table.derive([cmd[1]])
@@ -103,12 +126,12 @@ def _controller(conn, listen: str, services: int, endpoints: int) -> None:
 
 
 class Controller:
-    def __init__(self, services: int, endpoints: int):
+    def __init__(self, services: int, endpoints: int, shape: str = "mesh"):
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs gRPC
         self.conn, child = ctx.Pipe()
         port = _free_port()
         self.proc = ctx.Process(target=_controller, name="hp-controller", daemon=True,
-                                args=(child, f"127.0.0.1:{port}", services, endpoints))
+                                args=(child, f"127.0.0.1:{port}", services, endpoints, shape))
         self.proc.start()
         self.port = self.call(("start",), timeout=120, first=True)[1]
 
@@ -379,23 +402,28 @@ def start_phase(cgroup: Path, pin_dir: str, say: Callable[[str], None]) -> dict[
 
 
 def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: int = 1,
-        say: Callable[[str], None] = lambda m: None, delta: bool = False) -> dict[str, Any]:
+        say: Callable[[str], None] = lambda m: None, delta: bool = False,
+        shape: str = "mesh") -> dict[str, Any]:
     from accel.datapath import cgroup as cg
 
     if services < 1 or endpoints < 1 or changes < 1:
         raise ValueError("--services, --endpoints and --changes must be >= 1")
+    if shape not in SHAPES:
+        raise ValueError(f"--shape: one of {', '.join(SHAPES)}")
     tag = secrets.token_hex(3)
-    table = make_table(services, endpoints)
+    table = make_shape(shape, services, endpoints)
     group = cg.cgroup2_mount() / f"accel-hp-{tag}"
     group.mkdir()
     ctl = None
     try:
         start = start_phase(group, f"/sys/fs/bpf/hp-{tag}-s", say)
-        ctl = Controller(services, endpoints)
+        ctl = Controller(services, endpoints, shape)
         push = push_phase(ctl, table, group, f"/sys/fs/bpf/hp-{tag}-a", f"hp-{tag}-a", say,
                           delta)
+        # One-endpoint changes are timed on meshaccel's own resources (the client's work
+        # per change is the same whatever shape the services came in).
         change = change_phase(ctl, table, group, f"/sys/fs/bpf/hp-{tag}-b", f"hp-{tag}-b",
-                              changes, seed, say, delta)
+                              changes, seed, say, delta) if shape == "mesh" else None
     finally:
         if ctl is not None:
             ctl.close()
@@ -406,7 +434,7 @@ def run(services: int = 10_000, endpoints: int = 10, changes: int = 200, seed: i
         "env": {"kernel": platform.release(), "python": platform.python_version(),
                 "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
                 "services": services, "endpoints_per_service": endpoints, "seed": seed,
-                "xds": "delta" if delta else "sotw",
+                "xds": "delta" if delta else "sotw", "shape": shape,
                 "placement": "unpinned: controller and agent processes as the scheduler puts "
                              "them"},
         "start": start,

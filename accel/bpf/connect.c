@@ -89,11 +89,25 @@ static __always_inline void svc_count(__u32 index, int ok)
 		s->no_backend++;
 }
 
+/* The service of VIP:port, else the one on every port of the VIP (SVC_ANY_PORT). The
+ * caller's key keeps the port dialed: getpeername() must show it, not the wildcard. */
+static __always_inline struct svc_val *find_service(struct svc_key *key)
+{
+	struct svc_val *svc = accel_services.lookup(key);
+	struct svc_key any;
+
+	if (svc || key->port == SVC_ANY_PORT)
+		return svc;
+	any = *key;
+	any.port = SVC_ANY_PORT;
+	return accel_services.lookup(&any);
+}
+
 /* Pick an endpoint for key; NULL when the VIP is not a service. *reject is set
  * when it is a service without a usable endpoint. */
 static __always_inline struct backend *pick(struct svc_key *key, int *reject, __u32 *flags)
 {
-	struct svc_val *svc = accel_services.lookup(key);
+	struct svc_val *svc = find_service(key);
 	struct slot_key sk = {};
 	struct backend *be;
 

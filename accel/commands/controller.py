@@ -24,6 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="MESH_YAML", help="mesh.yaml to serve (watched)")
     p.add_argument("--listen", default="127.0.0.1:18000", metavar="HOST:PORT",
                    help="gRPC listen address (default %(default)s)")
+    p.add_argument("--xds-api", choices=("envoy", "workload"), default="envoy",
+                   help="envoy: Listener/Cluster/Endpoint resources (agents, proxyless "
+                   "gRPC); workload: Istio ambient's Address and Authorization, as istiod "
+                   "serves ztunnel, with mesh.yaml's identities and policies (default "
+                   "%(default)s)")
+    p.add_argument("--node-name", default="", metavar="NODE",
+                   help="with --xds-api workload: the node every endpoint runs on (the "
+                   "Workload's node; an agent with --node-name NODE polices them)")
     # Hook for other table sources (e.g. `--docker`): add the flag here and a branch in
     # build_source() returning an object that implements accel.sources.TableSource.
     p.add_argument("--docker", action="store_true",
@@ -67,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"accel controller: {e}", file=sys.stderr)
         return 2
-    server = ControllerServer(source, listen=args.listen)
+    api, node = getattr(args, "xds_api", "envoy"), getattr(args, "node_name", "")
+    if node and api != "workload":
+        source.close()
+        print("accel controller: --node-name goes with --xds-api workload", file=sys.stderr)
+        return 2
+    server = ControllerServer(source, listen=args.listen, api=api, node_name=node)
     try:
         server.start()
     except ValidationError as e:

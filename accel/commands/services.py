@@ -6,6 +6,7 @@ import argparse
 
 from accel.commands.common import add_json_arg, print_json, print_table, printable
 from accel.commands.status import add_api_arg, call
+from accel.model import port_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,8 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _hostport(addr: str, port: int) -> str:
+def _hostport(addr: str, port: int | str) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _vip(s: dict) -> str:
+    """VIP:port/protocol; port 0 (--json) is every port of the VIP, shown as `*`."""
+    return f"{_hostport(s['vip'], port_text(s['port']))}/{s['protocol']}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         eps = [f"{_hostport(e['address'], e['port'])} w={e['weight']}"
                + ("" if e["healthy"] else " (unhealthy)") for e in s["endpoints"]]
-        rows.append([s["name"], f"{_hostport(s['vip'], s['port'])}/{s['protocol']}",
+        rows.append([s["name"], _vip(s),
                      s.get("fastpath", "route"), "yes" if s["edge"] else "no",
                      ", ".join(eps) or "(none)"])
     print_table(rows, ["service", "vip", "fastpath", "edge", "endpoints"])
@@ -43,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
           "services")
     if left:
         print()
-        print_table([[s["name"], f"{_hostport(s['vip'], s['port'])}/{s['protocol']}",
-                      "; ".join(s["reasons"])] for s in left],
+        print_table([[s["name"], _vip(s), "; ".join(s["reasons"])] for s in left],
                     ["left to the kernel path", "vip", "why"])
     return 0

@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         ["version", st["version"]],
         ["source", st["source"]],
         ["config version", st["config_version"] or "(none)"],
-        ["services", st["services"]],
+        ["services", f"{st['services']} accelerated"
+         + (f", {st['services_left']} left to the kernel path (`accel services`)"
+            if st.get("services_left") else "")],
         ["applied / rejected", f"{st['applied']} / {st['rejected']}"],
         ["last error", st["last_error"] or "-"],
         ["uptime", f"{st['uptime_s']:.0f}s"],

@@ -5,77 +5,13 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Mapping
+import socket
 
 from envoy.config.core.v3 import address_pb2
-from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, message
 
 from accel.model import IPAddress, ValidationError, check_vip, plain_address
-from accel.xds.kinds import KIND, MESSAGE, RESOURCE_WRAPPER, resource_name
 
-
-def unpack(type_url: str, raw: Iterable[any_pb2.Any]) -> dict[str, message.Message]:
-    """Decode one response's resources; the names must be unique and the types right."""
-    kind = KIND.get(type_url)
-    if kind is None:
-        raise ValidationError("type_url", f"{type_url!r} is not a type meshaccel subscribes to")
-    out: dict[str, message.Message] = {}
-    for i, any_ in enumerate(raw):
-        where = f"{kind} resources[{i}]"
-        if any_.type_url == RESOURCE_WRAPPER:  # servers may wrap resources in a Resource
-            wrapper = discovery_pb2.Resource()
-            parse(wrapper, any_.value, where)
-            any_ = wrapper.resource
-        if any_.type_url != type_url:
-            raise ValidationError(where, f"type_url {any_.type_url!r} does not match the "
-                                  f"response type {type_url!r}")
-        msg = MESSAGE[type_url]()
-        parse(msg, any_.value, where)
-        name = resource_name(msg)
-        if not name:
-            raise ValidationError(where, "resource has no name")
-        if name in out:
-            raise ValidationError(f"{kind}[{name}]", f"duplicate {kind} name in one response")
-        out[name] = msg
-    return out
-
-
-
-def unpack_delta(type_url: str, raw: Iterable[discovery_pb2.Resource],
-                 held: Mapping[str, str]) -> tuple[dict[str, message.Message], dict[str, str]]:
-    """Decode a DeltaDiscoveryResponse's resources: ({name: message}, {name: version}).
-    `held` is name -> version of what the client has: a Resource without a payload at the
-    version held is a TTL heartbeat (nothing changed) and is skipped."""
-    kind = KIND.get(type_url)
-    if kind is None:
-        raise ValidationError("type_url", f"{type_url!r} is not a type meshaccel subscribes to")
-    out: dict[str, message.Message] = {}
-    versions: dict[str, str] = {}
-    for i, r in enumerate(raw):
-        where = f"{kind} resources[{i}]"
-        name = r.name or r.resource_name.name
-        if not r.HasField("resource"):
-            if name and name in held and held[name] == r.version:
-                continue
-            raise ValidationError(f"{kind}[{name}]" if name else where,
-                                  "Resource has no resource (and is no heartbeat of a "
-                                  "version held)")
-        if r.resource.type_url != type_url:
-            raise ValidationError(where, f"type_url {r.resource.type_url!r} does not match "
-                                  f"the response type {type_url!r}")
-        msg = MESSAGE[type_url]()
-        parse(msg, r.resource.value, where)
-        inner = resource_name(msg)
-        if not inner:
-            raise ValidationError(where, "resource has no name")
-        if name and name != inner:
-            raise ValidationError(f"{kind}[{inner}]", f"sent under the name {name!r}")
-        if inner in out:
-            raise ValidationError(f"{kind}[{inner}]", f"duplicate {kind} name in one response")
-        out[inner] = msg
-        versions[inner] = r.version
-    return out, versions
 
 def parse(msg: message.Message, data: bytes, where: str) -> None:
     try:
@@ -117,4 +53,14 @@ def socket_address(sa: address_pb2.SocketAddress, where: str,
 # only serves addresses repeated within one change; 65,536 entries held 11 MB for nothing.
 @functools.lru_cache(maxsize=1 << 12)
 def ip(text: str) -> IPAddress:
-    return ipaddress.ip_address(text)
+    """ipaddress.ip_address, 5x faster for the plain dotted quads and colon forms a full
+    sync holds by the hundred thousand: inet_pton is strict (no leading zeros, no short
+    forms), so what it takes ipaddress takes the same; the rest goes to ipaddress."""
+    try:
+        return ipaddress.IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text)))
+    except (OSError, TypeError, ValueError):
+        pass
+    try:
+        return ipaddress.IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text)))
+    except (OSError, TypeError, ValueError):
+        return ipaddress.ip_address(text)

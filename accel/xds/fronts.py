@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -26,7 +26,14 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.filters.udp.udp_proxy.v3 import udp_proxy_pb2
 
-from accel.model import DEFAULT_FASTPATH, IPAddress, ValidationError, check_fastpath
+from accel.model import (
+    ANY_PORT,
+    DEFAULT_FASTPATH,
+    IPAddress,
+    ValidationError,
+    check_fastpath,
+    check_vip,
+)
 from accel.xds.decode import socket_address, typed
 from accel.xds.kinds import HCM, META_KEY, TCP_PROXY, UDP_PROXY
 
@@ -72,6 +79,9 @@ class Front:
     # A wildcard listener (0.0.0.0_PORT): its services are the virtual hosts whose domains
     # name an IP; `vip` is the unspecified address until the route config expands it.
     wildcard: bool = False
+    # A chain of a transparent (original_dst) listener: its prefixes are destinations, so a
+    # chain to the original destination (passthrough) is no VIP left to the kernel path.
+    transparent: bool = False
 
 
 def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
@@ -90,6 +100,12 @@ def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
         raise ValidationError(f"{where}.address.socket_address.protocol",
                               f"unsupported protocol {sa.protocol}")
     protocol = "UDP" if sa.protocol == _UDP else "TCP"
+    if lst.traffic_direction == base_pb2.INBOUND:
+        # The proxy's own ingress (Kuma's inbound:POD_IP:PORT to localhost, Consul's
+        # public_listener): its address is this workload, not a service clients dial.
+        socket_address(sa, f"{where}.address.socket_address")
+        return [Skipped(name, "an INBOUND listener: the workload's own ingress, not a "
+                        "service")]
     if lst.use_original_dst.value or _has_original_dst(lst):
         # Transparent (Consul's outbound listener, Istio's virtualOutbound): the address is
         # where traffic is redirected to, the services are its chains' destinations.
@@ -99,7 +115,15 @@ def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
         wildcard = ipaddress.ip_address(sa.address).is_unspecified
     except ValueError:
         wildcard = False  # socket_address says what is wrong with it
-    vip, port = socket_address(sa, f"{where}.address.socket_address", vip=not wildcard)
+    vip, port = socket_address(sa, f"{where}.address.socket_address")
+    if not wildcard:
+        try:
+            check_vip(vip, "")
+        except ValidationError as e:
+            # Valid for Envoy (Kuma's and Consul's explicit upstreams listen on 127.0.0.1:PORT
+            # in the app's own pod), but no address the kernel may balance in every pod.
+            return [Skipped(name, f"its address {e.reason}",
+                            None, port, protocol)]
     try:
         (cluster, route), ignored = _listener_target(lst, where, protocol, vip, port)
         if wildcard and route is None:
@@ -112,14 +136,15 @@ def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
 
 def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: str, edge: bool,
                  fastpath: str) -> list[Front | Skipped]:
-    """Each chain matching host prefixes (/32, /128) and a destination port, for plain
-    connections, is a service per prefix: VIP:port -> the chain's cluster. A chain for any
-    port of a VIP, or for a wider range (passthrough), is not a service."""
+    """Each chain matching host prefixes (/32, /128), for plain connections, is a service
+    per prefix: VIP:port -> the chain's cluster with a destination_port, the VIP on every
+    port (ANY_PORT) without one (Consul's upstreams: `prefix_ranges` of the service's
+    virtual IP and ClusterIP). A chain for a wider range (passthrough) is not a service;
+    nor is a chain whose cluster is the original destination (checked with the cluster)."""
     out: list[Front | Skipped] = []
     for i, chain in enumerate(lst.filter_chains):
         m = chain.filter_chain_match
         cw = f"{where}.filter_chains[{i}]"
-        label = f"{name}/{chain.name or i}"
         hosts = []
         for j, pr in enumerate(m.prefix_ranges):
             try:
@@ -136,26 +161,45 @@ def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: st
         if m.server_names or m.application_protocols or \
                 m.transport_protocol not in ("", "raw_buffer"):
             continue  # the TLS or HTTP twin of a plain chain
-        if not m.HasField("destination_port"):
-            out.append(Skipped(label, f"matches every port of {', '.join(map(str, hosts))}: "
-                               "meshaccel maps a VIP:port"))
+        port = m.destination_port.value if m.HasField("destination_port") else ANY_PORT
+        if m.HasField("destination_port") and not 1 <= port <= 65535:
+            raise ValidationError(f"{cw}.filter_chain_match.destination_port",
+                                  f"port {port} is out of range 1-65535")
+        several = len(hosts) > 1
+        if _by_source(m):
+            out.extend(Skipped(_label(name, chain.name or i, h, several), "the chain "
+                               "matches some sources only, and the kernel balances every "
+                               "client alike", h, port, protocol) for h in hosts)
             continue
-        port = m.destination_port.value
         try:
-            (cluster, route), ignored = _chain_target(chain, cw, hosts[0], port, [])
+            (cluster, route), ignored = _chain_target(chain, cw, hosts[0], port,
+                                                      _listener_filters(lst))
         except Skip as e:
-            out.extend(Skipped(label, str(e), h, port, protocol) for h in hosts)
+            out.extend(Skipped(_label(name, chain.name or i, h, several), str(e), h, port,
+                               protocol) for h in hosts)
             continue
+        tag = chain.name or (cluster if isinstance(cluster, str) or cluster is None
+                             else cluster[0][0]) or route or i
+        chain_edge = edge
+        if edge and port == ANY_PORT:
+            chain_edge, ignored = False, (*ignored, "edge (the XDP edge balances a VIP:port)")
         for host in hosts:
             if host.is_loopback or host.is_multicast or host.is_unspecified:
-                out.append(Skipped(label, f"{host} is not a service address"))
+                out.append(Skipped(_label(name, tag, host, several),
+                                   f"{host} is not a service address"))
                 continue
-            out.append(Front(label if len(hosts) == 1 else f"{label}@{host}", host, port,
-                             protocol, cluster, route, None, edge, fastpath, ignored))
+            out.append(Front(_label(name, tag, host, several), host, port, protocol, cluster,
+                             route, None, chain_edge, fastpath, ignored, transparent=True))
     if not out:
         out.append(Skipped(name, "an original_dst (transparent) listener without "
                            "chains for a VIP:port: its destinations are not services"))
     return out
+
+
+def _label(listener: str, tag: object, host: IPAddress, several: bool) -> str:
+    """A transparent chain's name in reports: its own name, else its cluster's (stable as
+    chains come and go), else its index; per host when it matches several."""
+    return f"{listener}/{tag}" + (f"@{host}" if several else "")
 
 
 def _has_original_dst(lst: listener_pb2.Listener) -> bool:
@@ -194,9 +238,7 @@ def _listener_target(lst: listener_pb2.Listener, where: str, protocol: str, vip:
                      port: int) -> tuple[tuple[Target | None, str | None], tuple[str, ...]]:
     """((cluster, rds name), ignored features) of the filter chain a plain TCP connection
     (or the UDP proxy) would take. Raises Skip when that is not one cluster."""
-    ignored = [f"listener filter {lf.name or lf.typed_config.type_url}"
-               for lf in lst.listener_filters
-               if not (lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY)]
+    ignored = _listener_filters(lst)
     if protocol == "UDP":
         for i, lf in enumerate(lst.listener_filters):
             if lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY:
@@ -205,10 +247,21 @@ def _listener_target(lst: listener_pb2.Listener, where: str, protocol: str, vip:
                 if not up.cluster:
                     raise Skip("a udp_proxy routing by matcher, not to one cluster")
                 return (up.cluster, None), tuple(ignored)
+        # Network filter chains on UDP are QUIC's (HTTP/3); a dns_filter answers itself.
+        raise Skip("a UDP listener without a udp_proxy to one cluster"
+                   + (f" ({', '.join(i.removeprefix('listener filter ') for i in ignored)})"
+                      if ignored else ""))
     if lst.HasField("filter_chain_matcher"):
         raise Skip("filter_chain_matcher: its match tree is not evaluated for L4")
     chain, cwhere = _plain_chain(lst, where, prefer_http=vip.is_unspecified)
     return _chain_target(chain, cwhere, vip, port, ignored)
+
+
+def _listener_filters(lst: listener_pb2.Listener) -> list[str]:
+    """The listener filters the kernel path does not apply (all but udp_proxy), named."""
+    return [f"listener filter {lf.name or lf.typed_config.type_url}"
+            for lf in lst.listener_filters
+            if not (lf.HasField("typed_config") and lf.typed_config.type_url == UDP_PROXY)]
 
 
 def _chain_target(chain: listener_components_pb2.FilterChain, cwhere: str,
@@ -249,12 +302,17 @@ def _chain_target(chain: listener_components_pb2.FilterChain, cwhere: str,
     raise AssertionError("unreachable")
 
 
+def _by_source(m: listener_components_pb2.FilterChainMatch) -> bool:
+    """A match some clients fail by where they connect from."""
+    return bool(m.source_prefix_ranges or m.direct_source_prefix_ranges or m.source_ports
+                or m.source_type != listener_components_pb2.FilterChainMatch.ANY)
+
+
 def _not_every_plain_connection(m: listener_components_pb2.FilterChainMatch) -> bool:
     """A match that plain TCP to the VIP may fail: by TLS, ALPN, SNI, or addresses."""
     return bool(m.server_names or m.application_protocols
                 or m.transport_protocol not in ("", "raw_buffer") or m.prefix_ranges
-                or m.source_prefix_ranges or m.direct_source_prefix_ranges or m.source_ports
-                or m.source_type != listener_components_pb2.FilterChainMatch.ANY)
+                or _by_source(m))
 
 
 def _plain_chain(lst: listener_pb2.Listener, where: str, prefer_http: bool = False
@@ -452,6 +510,18 @@ def cluster_eds_name(c: cluster_pb2.Cluster) -> str | None:
     # An open enum: a newer control plane may send a value this build has no name for.
     kind = cluster_pb2.Cluster.DiscoveryType.DESCRIPTOR.values_by_number.get(c.type)
     raise Skip(f"cluster type {kind.name if kind else c.type}: no list of endpoints")
+
+
+def cluster_ignored(c: cluster_pb2.Cluster) -> tuple[str, ...]:
+    """A cluster's TLS, named for the report: the proxies' mTLS to the endpoints, which the
+    kernel path does not do (a connection goes to the endpoint in plain TCP)."""
+    out = []
+    if c.HasField("transport_socket"):
+        out.append(f"cluster {c.name}: transport_socket {c.transport_socket.name or 'TLS'}")
+    if c.transport_socket_matches:
+        out.append(f"cluster {c.name}: transport_socket_matches "
+                   + ", ".join(m.name or str(i) for i, m in enumerate(c.transport_socket_matches)))
+    return tuple(out)
 
 
 def cluster_eds_names(clusters: Mapping[str, cluster_pb2.Cluster]) -> set[str]:

@@ -32,11 +32,31 @@ from accel.model import Service, ServiceTable
 from accel.sources import TableSource
 from accel.xds import translate
 from accel.xds.server_delta import Changes, DeltaSubscription
+from accel.xds.workload import kinds as workload_kinds
 
 log = logging.getLogger(__name__)
 
 ADS_SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
 CONTROL_PLANE = "meshaccel-controller"
+
+
+@dataclass(frozen=True)
+class Api:
+    """The resource types a server speaks: their kind names, push order (removals go the
+    other way) and which a client may subscribe to by wildcard."""
+
+    name: str
+    kinds: dict[str, str]
+    push_order: tuple[str, ...]
+    wildcard: frozenset[str]
+
+
+ENVOY_API = Api("envoy", translate.KIND, translate.PUSH_ORDER,
+                frozenset(translate.WILDCARD_TYPES))
+# Istio ambient's, as istiod serves ztunnel (both types wildcard).
+WORKLOAD_API = Api("workload", workload_kinds.KIND, workload_kinds.PUSH_ORDER,
+                   frozenset(workload_kinds.TYPES))
+APIS = {a.name: a for a in (ENVOY_API, WORKLOAD_API)}
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,24 @@ class Snapshot:
     digests: dict[str, dict[str, str]]
     # Service -> its packed resources: the next snapshot re-packs only changed services.
     cache: dict[Service, dict] = field(default_factory=dict, repr=False, compare=False)
+    api: Api = ENVOY_API
+
+    @classmethod
+    def workload(cls, version: str, table: ServiceTable, node_name: str = "") -> Snapshot:
+        """The table as istiod would serve it to ztunnel (accel/xds/workload/from_table.py):
+        every workload on node `node_name`."""
+        from accel.xds.workload.from_table import workload_resources
+
+        served = workload_resources(table, lambda _: node_name)
+        for what, why in served.skipped.items():
+            log.warning("workload API: not served: %s: %s", what, why)
+        items = {workload_kinds.ADDRESS: served.addresses,
+                 workload_kinds.AUTHORIZATION: served.authorizations}
+        resources = {t: {n: workload_kinds.pack(m) for n, m in items[t].items()}
+                     for t in workload_kinds.TYPES}
+        digests = {t: {n: hashlib.blake2b(a.value, digest_size=16).hexdigest()
+                       for n, a in resources[t].items()} for t in workload_kinds.TYPES}
+        return cls(version, table, resources, digests, api=WORKLOAD_API)
 
     @classmethod
     def of(cls, version: str, table: ServiceTable, previous: Snapshot | None = None) -> Snapshot:
@@ -68,6 +106,18 @@ class Snapshot:
         resources = {t: {n: a for n, (a, _) in items.items()} for t, items in parts.items()}
         digests = {t: {n: d for n, (_, d) in items.items()} for t, items in parts.items()}
         return cls(version, table, resources, digests, cache)
+
+    @classmethod
+    def of_resources(cls, version: str, res: translate.Resources) -> Snapshot:
+        """Resources as they are, in another control plane's shape (`accel bench xds
+        --shape istio`): served like a table's, with no table behind them."""
+        resources: dict[str, dict[str, any_pb2.Any]] = {}
+        digests: dict[str, dict[str, str]] = {}
+        for t in translate.PUSH_ORDER:
+            for name, msg in res.of(t).items():
+                resources.setdefault(t, {})[name], digests.setdefault(t, {})[name] = \
+                    _packed(msg)
+        return cls(version, ServiceTable(()), resources, digests)
 
 
 def _packed(msg) -> tuple[any_pb2.Any, str]:
@@ -201,18 +251,20 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self._close(stream)
 
     def _sotw_push(self, stream: _Stream, snap: Snapshot):
-        for t in translate.PUSH_ORDER:
+        for t in snap.api.push_order:
             if t in stream.subs:
                 resp = self._respond(stream, t, snap, only_if_changed=True)
                 if resp is not None:
                     yield resp
 
-    @staticmethod
-    def _requested_type(stream: _Stream, req) -> str | None:
+    def _kind(self, type_url: str) -> str:
+        return self._snapshot.api.kinds.get(type_url, type_url)
+
+    def _requested_type(self, stream: _Stream, req) -> str | None:
         """Either flavour's request: note who asks; the type it asks for, if we serve it."""
         if req.HasField("node") and req.node.id:
             stream.node_id = req.node.id
-        if req.type_url not in translate.KIND:
+        if req.type_url not in self._snapshot.api.kinds:
             log.warning("node %r asked for unknown type %r", stream.node_id, req.type_url)
             return None
         return req.type_url
@@ -231,16 +283,16 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 sub.nack_error = req.error_detail.message
                 sub.nacked_version = sub.sent_version
                 log.warning("node %r (%s) NACKed %s version %s: %s", stream.node_id,
-                            stream.peer, translate.KIND[t], sub.sent_version,
+                            stream.peer, self._kind(t), sub.sent_version,
                             req.error_detail.message)
             else:
                 self.acks += 1
                 sub.acked_version = req.version_info
                 sub.nack_error = None
-                log.debug("node %r ACKed %s version %s", stream.node_id, translate.KIND[t],
+                log.debug("node %r ACKed %s version %s", stream.node_id, self._kind(t),
                           req.version_info)
         names: set[str] | None = set(req.resource_names)
-        if t in translate.WILDCARD_TYPES and (not names or "*" in names):
+        if t in self._snapshot.api.wildcard and (not names or "*" in names):
             names = None
         first = sub is None
         if sub is None:
@@ -251,7 +303,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return None
         if not first and names is not None and not names - set(sub.sent or {}):
             # Fewer names: SotW EDS/RDS need no answer to an unsubscribe.
-            if t not in translate.WILDCARD_TYPES:
+            if t not in self._snapshot.api.wildcard:
                 sub.sent = {n: d for n, d in (sub.sent or {}).items() if n in names}
                 return None
         return self._respond(stream, t, self._snapshot, only_if_changed=False)
@@ -301,10 +353,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         if verdict == "nack":
             self.nacks += 1
             log.warning("node %r (%s) NACKed %s version %s: %s", stream.node_id, stream.peer,
-                        translate.KIND[t], sub.sent_version, req.error_detail.message)
+                        self._kind(t), sub.sent_version, req.error_detail.message)
         elif verdict == "ack":
             self.acks += 1
-            log.debug("node %r ACKed %s version %s", stream.node_id, translate.KIND[t],
+            log.debug("node %r ACKed %s version %s", stream.node_id, self._kind(t),
                       sub.sent_version)
         # Subscription changes count even on a request carrying a stale nonce.
         due = sub.on_request(req)
@@ -320,10 +372,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         removals children first (RDS, LDS, EDS, CDS), so nothing points at what is gone."""
         assert stream.delta is not None
         todo = {t: sub.changes(snap.digests[t]) for t, sub in stream.delta.items() if sub.started}
-        for t in translate.PUSH_ORDER:
+        for t in snap.api.push_order:
             if todo.get(t) and todo[t].upsert:
                 yield self._delta_response(stream, t, snap, Changes(todo[t].upsert, ()))
-        for t in reversed(translate.PUSH_ORDER):
+        for t in reversed(snap.api.push_order):
             if todo.get(t) and todo[t].remove:
                 yield self._delta_response(stream, t, snap, Changes((), todo[t].remove))
 
@@ -347,10 +399,12 @@ class ControllerServer:
     """ADS + gRPC health + reflection, fed by a TableSource (which it owns once started)."""
 
     def __init__(self, source: TableSource, listen: str = "127.0.0.1:18000",
-                 max_streams: int = 256):
+                 max_streams: int = 256, api: str = "envoy", node_name: str = ""):
         self.source = source
         self.listen = listen
         self.max_streams = max_streams
+        self.api = APIS[api]
+        self.node_name = node_name  # the workload API's Workload.node of every endpoint
         self.port = 0
         self._server: grpc.Server | None = None
         self._version = 0
@@ -365,7 +419,7 @@ class ControllerServer:
     def start(self) -> ControllerServer:
         table = self.source.current()
         self._version = 1
-        self.ads = AdsServicer(Snapshot.of(self.version, table))
+        self.ads = AdsServicer(self._snapshot(self.version, table, None))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.max_streams + 8,
                                        thread_name_prefix="controller"),
@@ -401,10 +455,27 @@ class ControllerServer:
         with self._lock:
             assert self.ads is not None
             # Raises before anything changes.
-            snap = Snapshot.of(str(self._version + 1), table, self.ads.snapshot)
+            snap = self._snapshot(str(self._version + 1), table, self.ads.snapshot)
             self._version += 1
             self.ads.publish(snap)
         log.info("xDS version %s: %d services", snap.version, len(table.services))
+
+    def publish_resources(self, res: translate.Resources) -> None:
+        """Publish resources in another control plane's shape as the next version."""
+        with self._lock:
+            assert self.ads is not None
+            self._version += 1
+            self.ads.publish(Snapshot.of_resources(self.version, res))
+
+    def _snapshot(self, version: str, table: ServiceTable,
+                  previous: Snapshot | None) -> Snapshot:
+        if self.api is WORKLOAD_API:
+            return Snapshot.workload(version, table, self.node_name)
+        if table.policies:
+            log.warning("%d policies not served: Envoy's resources carry no authorization "
+                        "for L4 identities; serve them with --xds-api workload",
+                        len(table.policies))
+        return Snapshot.of(version, table, previous)
 
     def stop(self, grace: float = 2.0) -> None:
         if self._server is None:

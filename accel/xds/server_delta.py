@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from envoy.service.discovery.v3 import discovery_pb2
 
 from accel.xds.kinds import WILDCARD_TYPES
+from accel.xds.workload.kinds import TYPES as WORKLOAD_TYPES
 
 WILDCARD = "*"
 
@@ -69,11 +70,12 @@ class DeltaSubscription:
         unsubscribe = set(req.resource_names_unsubscribe)
         first = not self.started
         self.started = True
-        wild_type = self.type_url in WILDCARD_TYPES
+        wild_type = self.type_url in WILDCARD_TYPES or self.type_url in WORKLOAD_TYPES
         due: Due | None = None
         if first:
             self.known = dict(req.initial_resource_versions)
-            # Legacy wildcard: a first request naming nothing means "*" (LDS/CDS only).
+            # Legacy wildcard: a first request naming nothing means "*" (LDS/CDS, and the
+            # workload API's types, which ztunnel subscribes to so).
             self.wildcard = wild_type and not subscribe and not unsubscribe
             # Names the client re-subscribes to with a version are not new to it.
             self.force = {n for n in subscribe if n not in self.known and n != WILDCARD}

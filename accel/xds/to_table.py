@@ -17,6 +17,7 @@ from google.protobuf import message
 
 from accel import config
 from accel.model import (
+    ANY_PORT,
     DEFAULT_FASTPATH,
     Endpoint,
     Guard,
@@ -35,6 +36,7 @@ from accel.xds.fronts import (
     Skipped,
     Target,
     cluster_eds_name,
+    cluster_ignored,
     domain_vip,
     front,
     route_cluster,
@@ -127,7 +129,8 @@ def update_endpoints(prev: Translation,
             except ValidationError as e:
                 raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
             for i, ep in enumerate(endpoints):  # endpoint_loops, for this service alone
-                other = prev.table.service_at(ep.address, ep.port, svc.protocol)
+                other = prev.table.service_at(ep.address, ep.port, svc.protocol) or \
+                    prev.table.service_at(ep.address, ANY_PORT, svc.protocol)
                 if other is not None and other.name != name:
                     via = f" (Listener[{prev.listeners[other.name]}])" \
                         if other.name in prev.listeners else ""
@@ -151,12 +154,17 @@ class Memo:
     def __init__(self) -> None:
         self._old: dict = {}
         self._new: dict = {}
+        self._open = False
 
     def begin(self) -> None:
-        self._new = {}
+        """Start a round, unless one is open: a client may look up listeners' fronts
+        (listener_fronts) before the translation that reuses them."""
+        if not self._open:
+            self._new = {}
+            self._open = True
 
     def commit(self) -> None:
-        self._old, self._new = self._new, {}
+        self._old, self._new, self._open = self._new, {}, False
 
     def get(self, where: str, msg: message.Message | bytes, fn):
         """fn()'s result for this resource (its wire bytes, or a message), kept by a 128-bit
@@ -174,15 +182,18 @@ class Memo:
         return value
 
 
+def listener_fronts(memo: Memo, name: str, raw: bytes) -> list[Front | Skipped]:
+    """fronts.front() of a listener's wire bytes, through the memo (in a round)."""
+    return memo.get("L", raw, lambda: front(name, listener_pb2.Listener.FromString(raw)))
+
+
 def _to_table(res: Resources, strict: bool, cds_seen: bool,
               check_clusters: Iterable[str] | None, previous: ServiceTable | None,
               memo: Memo) -> Translation:
     gone: dict[str, Skipped] = {}  # listener (or listener/virtual host) not taken, and why
     fronts: list[Front] = []
     for name, raw in raw_items(res.listeners):
-        got = memo.get("L", raw, lambda n=name, r=raw: front(n, listener_pb2.Listener
-                                                              .FromString(r)))
-        for f in got:
+        for f in listener_fronts(memo, name, raw):
             if isinstance(f, Skipped):
                 gone[f.listener] = f
             else:
@@ -232,10 +243,12 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
     for (f, target), name in zip(targets, _service_names(targets), strict=True):
         parts = [(target, 1)] if isinstance(target, str) else list(target)
         got: list[tuple[tuple[Endpoint, ...], int, str | None, str]] = []
+        tls: list[str] = []  # the clusters' features the kernel path does not apply
         for cluster, weight in parts:
             r = _cluster_endpoints(res, memo, f, cluster, strict, cds_seen, must_resolve)
             if isinstance(r, tuple):
                 got.append((r[0], weight, r[1], r[2]))
+                tls += r[3]
                 if r[1] is not None:
                     eds.add(r[1])
                 continue
@@ -248,7 +261,10 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
                 if eds_name:
                     eds_waiting.add(eds_name)
             else:
-                gone[f.listener] = Skipped(f.listener, why, f.vip, f.port, f.protocol)
+                # A transparent chain to the original destination (Consul's passthrough~
+                # chains for pod IPs) names destinations, not a VIP left to the kernel.
+                vip = None if f.transparent and r.passthrough else f.vip
+                gone[f.listener] = Skipped(f.listener, why, vip, f.port, f.protocol)
             break
         if len(got) != len(parts):
             continue
@@ -274,8 +290,8 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
             if used is not None:
                 by_eds.setdefault(used, []).append(name)
         origin[name] = (where, f.listener)
-        if f.ignored:
-            ignored[name] = f.ignored
+        if f.ignored or tls:
+            ignored[name] = f.ignored + tuple(tls)
 
     held = _hold(services, waiting, previous)
     for svc, i, other in endpoint_loops(services + list(held)):
@@ -307,13 +323,16 @@ class Unresolved:
     kind: str
     reason: str
     eds_name: str | None = None
+    passthrough: bool = False  # an ORIGINAL_DST cluster: traffic goes where it was sent
 
 
 def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, strict: bool,
                        cds_seen: bool, must_resolve: set[str]
-                       ) -> tuple[tuple[Endpoint, ...], str | None, str] | Unresolved:
-    """(endpoints, their ClusterLoadAssignment's name or None, where they come from) of one
-    cluster a service sends traffic to; raises ValidationError for malformed input."""
+                       ) -> tuple[tuple[Endpoint, ...], str | None, str, tuple[str, ...]] \
+        | Unresolved:
+    """(endpoints, their ClusterLoadAssignment's name or None, where they come from, the
+    cluster's features the kernel path does not apply) of one cluster a service sends
+    traffic to; raises ValidationError for malformed input."""
     c = res.clusters.get(cluster)
     if c is None:
         where = f"Listener[{f.listener}]" + (f" via RouteConfiguration[{f.route}]"
@@ -324,7 +343,8 @@ def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, stric
     try:
         eds_name = cluster_eds_name(c)
     except Skip as e:
-        return Unresolved("skip", f"cluster {cluster!r}: {e}")
+        return Unresolved("skip", f"cluster {cluster!r}: {e}",
+                          passthrough=c.type == cluster_pb2.Cluster.ORIGINAL_DST)
     cla: message.Message | bytes | None
     if eds_name is None:
         cla = c.load_assignment
@@ -346,7 +366,7 @@ def _cluster_endpoints(res: Resources, memo: Memo, f: Front, cluster: str, stric
             raise
         # Host names are what DNS clusters hold: valid, but nothing to balance to here.
         return Unresolved("skip", f"cluster {cluster!r} resolves names by DNS ({e.reason})")
-    return endpoints, eds_name, where
+    return endpoints, eds_name, where, cluster_ignored(c)
 
 
 def _virtual_host_targets(f: Front, rc: route_pb2.RouteConfiguration,

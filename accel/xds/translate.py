@@ -21,7 +21,6 @@ from accel.xds.decode import ip as _ip
 from accel.xds.decode import parse as _parse
 from accel.xds.decode import socket_address as _socket_address
 from accel.xds.decode import typed as _typed
-from accel.xds.decode import unpack, unpack_delta
 from accel.xds.endpoints import USED_HEALTH, endpoints_of
 from accel.xds.fronts import Front as _Front
 from accel.xds.fronts import cluster_eds_name as _cluster_eds_name
@@ -47,6 +46,7 @@ from accel.xds.kinds import (
     Resources,
     resource_name,
 )
+from accel.xds.processors import unpack, unpack_delta
 from accel.xds.to_resources import (
     api_listener,
     cluster,
@@ -60,7 +60,14 @@ from accel.xds.to_resources import (
     to_resources,
     vip_listener,
 )
-from accel.xds.to_table import Memo, Translation, mesh_settings, to_table, update_endpoints
+from accel.xds.to_table import (
+    Memo,
+    Translation,
+    listener_fronts,
+    mesh_settings,
+    to_table,
+    update_endpoints,
+)
 
 _RESOURCE_WRAPPER = RESOURCE_WRAPPER
 
@@ -68,7 +75,8 @@ __all__ = [
     "CLUSTER", "ENDPOINT", "HCM", "KIND", "LISTENER", "MESH_CLUSTER", "MESSAGE", "META_KEY",
     "PUSH_ORDER", "RESOURCE_WRAPPER", "ROUTE", "ROUTER", "TCP_PROXY", "UDP_PROXY",
     "USED_HEALTH", "WILDCARD_TYPES", "Memo", "Resources", "Translation", "api_listener",
-    "cluster", "cluster_eds_names", "endpoints_of", "listener_rds_names", "load_assignment",
+    "cluster", "cluster_eds_names", "endpoints_of", "listener_fronts", "listener_rds_names",
+    "load_assignment",
     "merge", "merge_mesh", "mesh_cluster", "mesh_settings", "pack_all", "resource_name",
     "route_config", "service_resources", "to_resources", "to_table", "unpack", "unpack_delta",
     "update_endpoints", "vip_listener",

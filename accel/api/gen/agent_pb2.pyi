@@ -214,7 +214,7 @@ class MapUsage(_message.Message):
     def __init__(self, used: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing", "redirect_unavailable", "ready", "not_ready", "compiled", "seconds_to_ready")
+    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing", "redirect_unavailable", "ready", "not_ready", "compiled", "seconds_to_ready", "services_left")
     class MapsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class GetStatusResponse(_message.Message):
     NOT_READY_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_TO_READY_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_LEFT_FIELD_NUMBER: _ClassVar[int]
     version: str
     source: str
     config_version: str
@@ -260,7 +261,8 @@ class GetStatusResponse(_message.Message):
     not_ready: str
     compiled: bool
     seconds_to_ready: float
-    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ..., redirect_unavailable: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready: _Optional[str] = ..., compiled: _Optional[bool] = ..., seconds_to_ready: _Optional[float] = ...) -> None: ...
+    services_left: int
+    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ..., redirect_unavailable: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready: _Optional[str] = ..., compiled: _Optional[bool] = ..., seconds_to_ready: _Optional[float] = ..., services_left: _Optional[int] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()

@@ -21,9 +21,14 @@
 #define ACCEL_REVNAT_MAX 262144
 #endif
 
+/* svc_key.port of a service on every port of its VIP (ANY_PORT in accel/model.py: a
+ * transparent proxy's chain for a VIP/32 without a destination port, Consul's upstreams).
+ * connect() looks up VIP:port first, then VIP:any; the endpoint keeps its own port. */
+#define SVC_ANY_PORT 0
+
 struct svc_key {
 	struct addr16 vip;
-	__u16 port;   /* host order */
+	__u16 port;   /* host order; SVC_ANY_PORT: every port */
 	__u8 proto;   /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 pad;
 };

@@ -9,6 +9,8 @@ InboundPassthroughCluster."""
 
 from __future__ import annotations
 
+import ipaddress
+
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2 as lc
@@ -22,7 +24,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import any_pb2, duration_pb2
 
 from accel.xds import translate as tr
-from tests.xds_resources import cla, eds_cluster, lbe, locality, pack, sock
+from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, sock
 
 NS = "default"
 
@@ -207,3 +209,17 @@ def sidecar_config(tcp: dict[str, tuple[str, int, list[str]]],
     return tr.Resources({x.name: x for x in listeners}, {x.name: x for x in routes},
                         {x.name: x for x in clusters},
                         {x.cluster_name: x for x in assignments})
+
+
+def sniffed_mesh(services: int, endpoints: int, port: int = 8080
+                 ) -> tuple[tr.Resources, dict[str, tuple[str, int, list[str]]]]:
+    """A large Istio mesh as one sidecar sees it: S services with a protocol-sniffing
+    listener per ClusterIP:port (Istio's shape for ports without a declared protocol), an
+    mTLS EDS cluster and E endpoints each. Also returns service -> (vip, port, endpoints)."""
+    vip0 = int(ipaddress.IPv4Address("10.96.0.0"))
+    ep0 = int(ipaddress.IPv4Address("10.128.0.0"))
+    sniffed = {f"svc-{i}": (str(ipaddress.IPv4Address(vip0 + i)), port,
+                            [str(ipaddress.IPv4Address(ep0 + i * endpoints + j))
+                             for j in range(endpoints)])
+               for i in range(services)}
+    return sidecar_config({}, sniffed, {}), sniffed

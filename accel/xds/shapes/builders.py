@@ -1,4 +1,4 @@
-"""Envoy v3 resource builders shared by the xDS tests."""
+"""Envoy v3 resource builders: the pieces every control plane's shape is made of."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Generated code for the xDS resource types xds-protos lacks (scripts/gen-proto.sh)."""

@@ -1,0 +1,1 @@
+"""Generated from proto/accel/istio/ by scripts/gen-proto.sh: do not edit."""
