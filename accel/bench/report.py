@@ -97,6 +97,12 @@ def flows_cost(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    "agent_cpu_s_on": _median_run(cases, mode, workload, "agent_cpu_s"),
                    "agent_cpu_s_off": _median_run(cases, f"{mode}-noflows", workload,
                                                   "agent_cpu_s")}
+            for side, m in (("on", mode), ("off", f"{mode}-noflows")):
+                ns = _median_run(cases, m, workload, "bpf_ns_per_op")
+                if ns is not None:
+                    # The socket programs' own time per connection (crr) or transaction
+                    # (rr), by the kernel's BPF stats: the cost apart from the VM's noise.
+                    row[f"bpf_ns_per_op_{side}"] = ns
             if workload == "crr":
                 row["goal_pct"] = FLOWS_COST_GOAL_PCT
                 row["met"] = 100 * loss <= FLOWS_COST_GOAL_PCT

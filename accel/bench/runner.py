@@ -314,6 +314,8 @@ class Bench:
         self.loadavg_start = os.getloadavg()
         self.counters_before: dict[str, int] = {}
         self.setup_seconds = 0.0
+        self._stats_fd: int | None = None  # BPF run-time stats on (flows cost)
+        self._prog_fds: list[int] = []
 
     def say(self, line: str) -> None:
         if self.config.progress:
@@ -423,6 +425,34 @@ class Bench:
         self._record_state()
         wait_agent(self.agent, logf, str(self.run_dir / "agent.sock"))
         self.counters_before = self.counters()
+        if any(not m.flows for m in self.modes):
+            self._start_bpf_stats()
+
+    # The programs a connection runs through the agent's, timed by the kernel: the cost of
+    # connection records in ns, apart from the noise of a shared VM.
+    BPF_PROGRAMS = ("accel_sockops", "accel_msg", "accel_connect4")
+
+    def _start_bpf_stats(self) -> None:
+        from accel.kernel import bpf
+
+        try:
+            self._stats_fd = bpf.enable_stats()
+            self._prog_fds = [bpf.obj_get(os.path.join(str(self.config.pin_dir), f"prog_{p}"))
+                              for p in self.BPF_PROGRAMS]
+        except OSError as e:
+            self.say(f"no BPF run-time stats ({e}): the cost is measured by throughput only")
+
+    def bpf_time(self) -> tuple[int, int] | None:
+        """(ns, runs) of the agent's socket programs so far, or None without stats."""
+        if self._stats_fd is None:
+            return None
+        from accel.kernel import bpf
+
+        ns = runs = 0
+        for fd in self._prog_fds:
+            a, b = bpf.prog_run_stats(fd)
+            ns, runs = ns + a, runs + b
+        return ns, runs
 
     def counters(self) -> dict[str, int]:
         if self.agent is None:
@@ -485,6 +515,7 @@ class Bench:
             set_enabled(str(self.config.pin_dir), mode.flows)
         before = self.counters() if mode.accel else {}
         cpu_before = self.agent_cpu()
+        bpf_before = self.bpf_time() if mode.accel else None
         try:
             figures = run_client(workload, mode.ctx.client, addr, port, self.placement.client,
                                  self.config.seconds, self.config.msg_size)
@@ -495,6 +526,9 @@ class Bench:
                                "target": f"{addr}:{port}", **figures}
         if cpu_before is not None and (cpu_after := self.agent_cpu()) is not None:
             row["agent_cpu_s"] = round(cpu_after - cpu_before, 3)  # the agent's own work
+        if bpf_before is not None and (bpf_after := self.bpf_time()) is not None:
+            row["bpf_ns"] = bpf_after[0] - bpf_before[0]
+            row["bpf_runs"] = bpf_after[1] - bpf_before[1]
         if mode.accel:
             after = self.counters()
             row["accel_counters"] = {k: after.get(k, 0) - before.get(k, 0)
@@ -502,6 +536,11 @@ class Bench:
                                                "connect_balanced", "sockhash_inserts",
                                                "msg_peer_unknown", "pod_redirects",
                                                "socks_routed", "msg_backpressure")}
+            ops = row["accel_counters"]["connect_balanced"] if workload == "crr" else (
+                row.get("observations") or 0)
+            if "bpf_ns" in row and ops:
+                row["bpf_ns_per_op"] = round(row["bpf_ns"] / ops, 1)
+                row["bpf_runs_per_op"] = round(row["bpf_runs"] / ops, 2)
         if error:
             row["error"] = error
         self.say(f"{repeat + 1}/{self.config.repeats} {mode.name:<14} {workload:<6} "
@@ -571,6 +610,9 @@ class Bench:
     # ---- teardown ----------------------------------------------------------------------------
 
     def close(self) -> None:
+        for fd in [*self._prog_fds, *([self._stats_fd] if self._stats_fd is not None else [])]:
+            os.close(fd)
+        self._prog_fds, self._stats_fd = [], None
         for mode in reversed(self.modes):
             try:
                 mode.close()

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 from functools import cache
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
@@ -23,6 +24,7 @@ OBJ_PIN, OBJ_GET, PROG_ATTACH, PROG_DETACH, PROG_TEST_RUN = 6, 7, 8, 9, 10
 PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, PROG_QUERY = 13, 14, 15, 16
 BTF_GET_FD_BY_ID = 19
 MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 26, 27
+ENABLE_STATS = 32
 
 # enum bpf_map_type (those that need telling apart in user space)
 MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_PERCPU_HASH = 5, 6, 10
@@ -174,6 +176,30 @@ def pinned_map_info(path: str | os.PathLike) -> MapInfo:
         return map_info(fd)
     finally:
         os.close(fd)
+
+
+# struct bpf_prog_info: where run_time_ns and run_cnt sit (after ProgInfo's fields and the
+# ones between; the UAPI only ever appends).
+_PROG_RUN_STATS_OFF, _PROG_INFO_LEN = 192, 208
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(ns spent in the program, times it ran) while stats are on (enable_stats)."""
+    buf = ctypes.create_string_buffer(_PROG_INFO_LEN)
+    bpf(OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_LEN,
+                                     info=ctypes.addressof(buf)), "program info")
+    ns, runs = struct.unpack_from("<QQ", buf, _PROG_RUN_STATS_OFF)
+    return ns, runs
+
+
+class _StatsAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+def enable_stats() -> int:
+    """Count every BPF program's run time (BPF_STATS_RUN_TIME) while the returned fd is
+    open: the kernel's own measure, for benchmarks. Machine-wide: close it soon."""
+    return bpf(ENABLE_STATS, _StatsAttr(type=0), "enabling BPF run-time stats")
 
 
 def prog_info(fd: int) -> ProgInfo:
