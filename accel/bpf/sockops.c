@@ -264,8 +264,7 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 {
 	struct flow_event *ev;
 	struct conn_id id = {};
-	struct sock_key me = {};
-	struct flow_fin *fin;
+	struct conn_owner *own;
 	__u64 acked, received, theirs = 0, fin_ours, fin_theirs;
 	__u32 state;
 
@@ -285,14 +284,11 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 	received = skops->bytes_received;
 	if (kind == FLOW_CLOSE && st->netns) {
 		/* What the server handed us socket to socket: final, it sent its FIN. */
-		me.id = st->id;
-		me.netns = st->netns;
-		fin = accel_flow_fin.lookup(&me);
-		if (fin) {
-			theirs = fin->redirected;
-			if (fin->netns)
-				ev->server_netns = fin->netns;
-			accel_flow_fin.delete(&me);
+		own = accel_conn_ns.lookup(&st->id);
+		if (own && own->netns == st->netns) {
+			theirs = own->handed;
+			if (own->handed_netns)
+				ev->server_netns = own->handed_netns;
 		}
 	}
 	state = kind == FLOW_CLOSE ? (__u32)skops->args[0] : skops->state;
@@ -307,21 +303,23 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 }
 
 /* The server end of a redirected connection sends its FIN (or resets): from now on it hands
- * the client nothing more; leave the count where the client's close finds it. */
+ * the client nothing more; leave the count in the client's owner entry, which lives until
+ * the client's close has read it. */
 static __always_inline void flow_publish(struct sock_state *st)
 {
-	struct sock_key client = {};
-	struct flow_fin fin = {};
+	struct conn_owner *client;
+	struct conn_id id;
 
 	if ((st->flow.flags & (FLOW_S_PASSIVE | FLOW_S_PUBLISHED)) != FLOW_S_PASSIVE ||
 	    !st->redirected || !st->peer_netns || !flows_on())
 		return;
 	st->flow.flags |= FLOW_S_PUBLISHED;
-	conn_id_reverse(&client.id, &st->id);
-	client.netns = st->peer_netns;
-	fin.redirected = st->redirected;
-	fin.netns = st->netns;
-	accel_flow_fin.update(&client, &fin);
+	conn_id_reverse(&id, &st->id);
+	client = accel_conn_ns.lookup(&id);
+	if (!client || client->netns != st->peer_netns)
+		return; /* contested or gone: the client's record counts TCP's bytes alone */
+	client->handed = st->redirected;
+	client->handed_netns = st->netns;
 }
 
 static __always_inline void flow_state(struct bpf_sock_ops *skops)

@@ -17,8 +17,8 @@
  * each end counts what it redirected (sock_state.redirected, redirect.c). The client's own
  * count adds to its bytes sent; the server's count is the client's redirected bytes
  * received, which the server publishes when it sends its FIN (STATE_CB to FIN_WAIT1 or
- * LAST_ACK: it sends nothing after; or its reset, straight to CLOSE), keyed by the client's
- * end, in accel_flow_fin. The
+ * LAST_ACK: it sends nothing after; or its reset, straight to CLOSE) into the client's
+ * pairing entry (conn_owner.handed, lib/sock.h), which lives until the client's close. The
  * client's TCP_CLOSE always comes after it received that FIN, whichever end closed first,
  * so the count it finds is final. Half-closes change nothing in this.
  *
@@ -36,9 +36,6 @@
 #ifndef ACCEL_FLOW_RING
 #define ACCEL_FLOW_RING (1 << 20) /* bytes, a power of two multiple of the page size */
 #endif
-#ifndef ACCEL_FLOW_FIN_MAX
-#define ACCEL_FLOW_FIN_MAX 65536
-#endif
 
 #define FLOW_REPORT_NS (10ULL * 1000000000ULL)
 #define FLOW_SVC_UNKNOWN 0xffffffff
@@ -46,7 +43,7 @@
 /* flow_sock.flags */
 #define FLOW_S_CLIENT 1    /* a recorded client end (dialed a VIP while events were on) */
 #define FLOW_S_PASSIVE 2   /* the server end of a redirected connection */
-#define FLOW_S_PUBLISHED 4 /* its redirected count is in accel_flow_fin */
+#define FLOW_S_PUBLISHED 4 /* its redirected count is in the client's conn_owner */
 
 enum flow_kind {
 	FLOW_OPEN = 1,
@@ -99,13 +96,6 @@ struct flow_event {
 	__u16 pad;
 };
 
-/* What the server end of a redirected connection handed to its client: published when it
- * sends its FIN, taken by the client at its close. Keyed by the client's end. */
-struct flow_fin {
-	__u64 redirected;
-	__u64 netns; /* the server's */
-};
-
 struct flow_config {
 	__u32 enabled; /* 0: no events, no flow state for new sockets */
 	__u32 pad;
@@ -136,8 +126,6 @@ struct flow_stats {
 ACCEL_RINGBUF(accel_flows, struct flow_event, ACCEL_FLOW_RING);
 ACCEL_MAP("array", u32, struct flow_config, accel_flow_config, 1);
 ACCEL_MAP("percpu_array", u32, struct flow_stats, accel_flow_stats, 1);
-/* LRU: an entry whose client never closes cleanly (a reset) ages out. */
-ACCEL_MAP("lru_hash", struct sock_key, struct flow_fin, accel_flow_fin, ACCEL_FLOW_FIN_MAX);
 
 /* bcc rewrites map calls only in a program's own file (and never in a macro): each program
  * that emits defines these over the maps above, the same way:

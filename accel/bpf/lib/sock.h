@@ -47,6 +47,10 @@ struct conn_owner {
 	__u32 claims; /* sockets that published this identity */
 	__u32 flags;  /* CONN_F_*: what the end that published it asked for */
 	__u64 sk;     /* its kernel socket's address: read (never written) for backpressure */
+	/* Written by the peer end when it sent its FIN (lib/flows.h): what it handed this end
+	 * socket to socket in all, and its namespace. */
+	__u64 handed;
+	__u64 handed_netns;
 };
 
 /* The client end of a connection decides its fast path (it knows the service it dialed)
