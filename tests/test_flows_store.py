@@ -75,3 +75,22 @@ def test_record_to_api_and_json_keeps_every_field():
     j = convert.flow_to_json(convert.flow_to_proto(r))
     assert j == {k: v for k, v in r.as_dict().items() if k != "service_index"}
     assert json.loads(json.dumps(j))["bytes_received"] == 20
+
+
+def test_cli_durations_and_lines():
+    import pytest
+
+    from accel.commands.flows import _line, parse_duration
+
+    assert parse_duration("90") == 90 and parse_duration("1h30m") == 5400
+    assert parse_duration("250ms") == 0.25
+    for bad in ("ten", "5x", "1h 30m", ""):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    j = convert.flow_to_json(convert.flow_to_proto(rec("close", 3, 10, 20)))
+    line = _line(j)
+    assert "reviews 10.0.0.1:40003 -> 10.96.0.1:80 => 10.0.0.2:80" in line
+    assert "sent 10 recv 20" in line and "tcp" in line
+    ref = _line(convert.flow_to_json(convert.flow_to_proto(
+        rec("refused", 4, reason="no_backend", dst=""))))
+    assert "refused" in ref and "dropped (no_backend)" in ref
