@@ -23,9 +23,9 @@ class FlowsPart:
     def __init__(self, pin_dir: str, flow_log: str | None = None, history: int = HISTORY):
         self.pin_dir = pin_dir
         self._names: dict[tuple[IPAddress, int], str] = {}
-        self.store = FlowStore(history)
         self.log = FlowLog(flow_log) if flow_log else None
         self.reader = FlowReader(pin_dir, self.name_of)
+        self.store = FlowStore(self.reader.decode, history)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flows", daemon=True)
 
@@ -38,6 +38,7 @@ class FlowsPart:
     def apply(self, table: ServiceTable) -> None:
         # Replaced whole: a reader thread sees the old or the new dict, never half of one.
         self._names = {(s.vip, s.port): s.name for s in table.services}
+        self.reader.decode.forget_names()
 
     def start(self) -> FlowsPart:
         set_enabled(self.pin_dir, True)
@@ -45,12 +46,12 @@ class FlowsPart:
         return self
 
     def poll(self) -> int:
-        records = self.reader.poll()
-        if records:
-            self.store.add(records)
+        rows = self.reader.poll()
+        if rows:
+            self.store.add(rows)
             if self.log is not None:
-                self.log.write(records)
-        return len(records)
+                self.log.write([self.reader.decode.record(r) for r in rows])
+        return len(rows)
 
     def _run(self) -> None:
         while not self._stop.wait(POLL_S):

@@ -8,7 +8,7 @@ import ctypes
 import os
 from collections.abc import Callable
 
-from accel.flows.record import Decoder, FlowRecord, event_type
+from accel.flows.record import Decoder, Row, event_type
 from accel.kernel.maps import Map, _btf
 from accel.kernel.ringbuf import RingBuffer
 from accel.model import IPAddress
@@ -46,12 +46,15 @@ class FlowReader:
         self.decode = Decoder(layout, names)
         self.undecodable = 0
 
-    def poll(self) -> list[FlowRecord]:
+    def poll(self) -> list[Row]:
+        """The events committed since the last poll, as rows (decode.record makes one a
+        FlowRecord)."""
         out = []
+        row = self.decode.row
         for raw in self.ring.read():
             try:
-                out.append(self.decode(raw))
-            except (ValueError, TypeError):
+                out.append(row(raw))
+            except Exception:  # struct.error: a record shorter than the layout
                 self.undecodable += 1
         return out
 

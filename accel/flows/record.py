@@ -139,32 +139,71 @@ def _unpacker(layout: type) -> tuple[struct.Struct, tuple[str, ...]]:
     return struct.Struct(fmt), tuple(names)
 
 
+Row = tuple  # one event as unpacked, in EVENT_FIELDS order: what the agent keeps
+(T_START, T_END, COOKIE, _CLIENT_NETNS, _SERVER_NETNS, SENT, RECEIVED, _REDIRECTED, _CLIENT,
+ SERVER, VIP, _CLIENT_PORT, SERVER_PORT, VIP_PORT, KIND, _PATH, SVC_INDEX, _SRTT, _RETRANS,
+ _VERDICT, REASON) = range(len(EVENT_FIELDS))
+
+
 class Decoder:
-    """Bytes of a struct flow_event -> FlowRecord; `names(vip, port)` gives the service."""
+    """struct flow_event bytes -> a Row (cheap: what the agent does for every event) ->
+    a FlowRecord (on demand: for a reader, the flow log). `names(vip, port)` gives the
+    service of a VIP:port in the table in force."""
 
     def __init__(self, layout: type, names: Callable[[Any, int], str]):
         self.struct, fields = _unpacker(layout)
-        if fields != EVENT_FIELDS:  # the order __call__ unpacks
+        if fields != EVENT_FIELDS:  # the order the rows are read in
             raise RuntimeError(f"struct flow_event has fields {fields}, expected {EVENT_FIELDS}")
         self.names = names
         e = _enums()
         self.kind, self.path, self.verdict, self.reason = (
             e["kind"], e["path"], e["verdict"], e["reason"])
+        self.kinds = {v: k for k, v in self.kind.items()}  # "open" -> its number
         self.offset = boot_offset()
+        self._services: dict[tuple[bytes, int], tuple[str, str]] = {}
 
-    def __call__(self, raw: bytes) -> FlowRecord:
+    def row(self, raw: bytes) -> Row:
+        return self.struct.unpack_from(raw)
+
+    def forget_names(self) -> None:
+        """The table changed: services are named afresh."""
+        self._services = {}
+
+    def service(self, row: Row) -> tuple[str, str]:
+        """(service, namespace) of a row, cached by VIP:port."""
+        key = (row[VIP], row[VIP_PORT])
+        found = self._services.get(key)
+        if found is None:
+            index = row[SVC_INDEX]
+            name = self.names(_addr(key[0]), key[1]) or (
+                str(index) if index != 0xFFFFFFFF else "")
+            found = self._services[key] = (name, namespace_of(name))
+        return found
+
+    def unix(self, boot_ns: int) -> float:
+        return round(self.offset + boot_ns / 1e9, 6)
+
+    def boot_ns(self, unix: float) -> int:
+        return int((unix - self.offset) * 1e9)
+
+    def record(self, row: Row) -> FlowRecord:
         (time_start, time_end, cookie, client_netns, server_netns, sent, received, redirected,
          client, server, vip, client_port, server_port, vip_port, kind, path, svc_index, srtt,
-         retrans, verdict, reason) = self.struct.unpack_from(raw)
-        service = self.names(_addr(vip), vip_port) or (
-            str(svc_index) if svc_index != 0xFFFFFFFF else "")
+         retrans, verdict, reason) = row
+        service, namespace = self.service(row)
         refused = kind == 3
         return FlowRecord(
-            self.kind.get(kind, str(kind)), cookie,
-            round(self.offset + time_start / 1e9, 6), round(self.offset + time_end / 1e9, 6),
-            service, namespace_of(service), f"{_host(vip)}:{vip_port}",
+            self.kind.get(kind, str(kind)), cookie, self.unix(time_start), self.unix(time_end),
+            service, namespace, f"{_host(vip)}:{vip_port}",
             "" if refused and not client_port else f"{_host(client)}:{client_port}",
-            "" if refused else f"{_host(server)}:{server_port}",
+            "" if refused else endpoint(server, server_port),
             sent, received, redirected, self.path.get(path, str(path)),
             self.verdict.get(verdict, str(verdict)), self.reason.get(reason, str(reason)),
             srtt, retrans, client_netns, server_netns, svc_index)
+
+    def __call__(self, raw: bytes) -> FlowRecord:
+        return self.record(self.row(raw))
+
+
+def endpoint(addr: bytes, port: int) -> str:
+    return f"{_host(addr)}:{port}"
