@@ -34,10 +34,10 @@ class SizedServer:
     """Reads the reply size R; `client_first` connections: reads to EOF, then sends R bytes
     and closes. Otherwise: sends R bytes, shuts its side, then reads to EOF."""
 
-    def __init__(self, pod: Pod, port: int):
-        self.sock = pod.socket()
+    def __init__(self, pod: Pod, port: int, family: int = socket.AF_INET):
+        self.sock = pod.socket(family)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((str(pod.ip), port))
+        self.sock.bind((str(pod.ip if family == socket.AF_INET else pod.ip6), port))
         self.sock.listen(256)
         self.received: list[int] = []
         self.errors: list[str] = []
@@ -80,13 +80,14 @@ class Sent:
 
 
 def sized_call(pod: Pod, host: str, port: int, send: int, reply: int,
-               server_first: bool, seed: int) -> Sent:
+               server_first: bool, seed: int, family: int = socket.AF_INET) -> Sent:
     rng = random.Random(seed)
-    s = pod.socket()
+    s = pod.socket(family)
     s.settimeout(30)
     with s:
         s.connect((host, port))
         ip, cport = s.getsockname()[:2]
+        ip = ip if family == socket.AF_INET else f"[{ip}]"
         s.sendall(struct.pack("!IB", reply, int(server_first)))
         payload = rng.randbytes(send)
         if server_first:

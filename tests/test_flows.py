@@ -250,6 +250,38 @@ def test_long_connection_reports_every_10s(lab, datapath, fastpath):
         flows.stop()
 
 
+@pytest.mark.parametrize("fastpath,path", [("route", "tcp"), ("redirect", "redirected")])
+def test_ipv6_vip_exact_bytes(lab, datapath, fastpath, path):
+    """An IPv6 VIP: the record's addresses are IPv6 ("[ip]:port") and the bytes exact."""
+    client, server = lab.pods
+    vip6 = "fd00:96::17"
+    table = ServiceTable((Service("six", vip6, 80, endpoints=(Endpoint(server.ip6, 8080),),
+                                  fastpath=fastpath),))
+    datapath.apply(table)
+    flows = FlowsPart(datapath.pin_dir)
+    flows.apply(table)
+    flows.start()
+    srv = SizedServer(server, 8080, family=socket.AF_INET6)
+    try:
+        calls = {c.src: c for c in (
+            sized_call(client, vip6, 80, 1000 * i + 7, 70_000 - i, bool(i % 2), i,
+                       family=socket.AF_INET6) for i in range(4))}
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            got = {r.src: r for r in flows.store.recent() if r.event == "close"}
+            if len(got) == len(calls):
+                break
+            time.sleep(0.1)
+        assert set(got) == set(calls)
+        for src, c in calls.items():
+            r = got[src]
+            assert (r.vip, r.dst, r.path) == (f"[{vip6}]:80", f"[{server.ip6}]:8080", path)
+            assert (r.bytes_sent, r.bytes_received) == (c.sent, c.received)
+    finally:
+        srv.close()
+        flows.stop()
+
+
 def test_flows_without_agent_says_so(tmp_path):
     out = accel("flows", "--api-socket", str(tmp_path / "none.sock"))
     assert out.returncode == 1
