@@ -142,3 +142,20 @@ def test_cli_durations_and_lines():
     ref = _line(convert.flow_to_json(convert.flow_to_proto(
         DEC.record(rec("refused", 4, reason="no_backend", dst="")))))
     assert "refused" in ref and "dropped (no_backend)" in ref
+
+
+def test_flow_log_writes_json_lines_and_rotates(tmp_path):
+    from accel.flows.log import FlowLog
+
+    path = tmp_path / "flows.jsonl"
+    log = FlowLog(str(path), max_bytes=2000, backups=2)
+    records = [DEC.record(rec("close", i, i, 2 * i)) for i in range(30)]
+    log.write(records)
+    log.close()
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["flows.jsonl", "flows.jsonl.1", "flows.jsonl.2"]
+    lines = [json.loads(x) for f in reversed(files) for x in f.read_text().splitlines()]
+    assert all(f.stat().st_size <= 2000 for f in files)
+    # The newest records are kept, in order, whole.
+    assert [r["id"] for r in lines] == list(range(30 - len(lines), 30))
+    assert lines[-1]["bytes_received"] == 58 and lines[-1]["src"] == "10.0.0.1:40029"
