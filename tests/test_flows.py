@@ -280,11 +280,3 @@ def test_ipv6_vip_exact_bytes(lab, datapath, fastpath, path):
     finally:
         srv.close()
         flows.stop()
-
-
-def test_flows_without_agent_says_so(tmp_path):
-    out = accel("flows", "--api-socket", str(tmp_path / "none.sock"))
-    assert out.returncode == 1
-    assert "no agent" in out.stderr and "accel flows" in out.stderr
-    bad = accel("flows", "--since", "ten minutes", "--api-socket", str(tmp_path / "x.sock"))
-    assert bad.returncode == 2 and "--since" in bad.stderr

@@ -1,12 +1,14 @@
 """The agent's bookkeeping of connection records (accel/flows/store.py) and their JSON and
 API forms, fed records as the reader makes them: per-service totals with byte deltas over
-reports, the active gauge, the duration histogram, the endpoint cap, history and follow."""
+reports, the active gauge, the duration histogram, the endpoint cap, history and follow;
+the flow log; `accel flows` without an agent."""
 
 from __future__ import annotations
 
 import ctypes
 import ipaddress
 import json
+from pathlib import Path
 
 from accel.api import convert
 from accel.flows.record import EVENT_FIELDS, Decoder, namespace_of
@@ -159,3 +161,18 @@ def test_flow_log_writes_json_lines_and_rotates(tmp_path):
     # The newest records are kept, in order, whole.
     assert [r["id"] for r in lines] == list(range(30 - len(lines), 30))
     assert lines[-1]["bytes_received"] == 58 and lines[-1]["src"] == "10.0.0.1:40029"
+
+
+def test_flows_without_agent_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    def accel(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "accel.cli", *args], capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+
+    out = accel("flows", "--api-socket", str(tmp_path / "none.sock"))
+    assert out.returncode == 1
+    assert "no agent" in out.stderr and "accel flows" in out.stderr
+    bad = accel("flows", "--since", "ten minutes", "--api-socket", str(tmp_path / "x.sock"))
+    assert bad.returncode == 2 and "--since" in bad.stderr
