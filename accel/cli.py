@@ -14,6 +14,7 @@ COMMANDS = (
     "doctor",
     "status",
     "services",
+    "policies",
     "stats",
     "flows",
     "lab",

@@ -12,7 +12,6 @@ under /run/accel/labs.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import json
 import os
@@ -20,7 +19,6 @@ import secrets
 import shlex
 import socket
 import subprocess
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,41 +26,18 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, netns
 
+from accel.kernel import netns as kernel_netns
+
 STATE_DIR = Path(os.environ.get("ACCEL_RUN_DIR", "/run/accel")) / "labs"
-CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 
 T = TypeVar("T")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run fn in a thread that has entered netns `name`.
-
-    setns() moves only the calling thread, so the rest of the process is unaffected;
-    sockets fn creates stay in that namespace for life.
-    """
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        fd = os.open(NETNS_DIR / name, os.O_RDONLY)
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({name}): {os.strerror(err)}")
-            result.append(fn())
-        except BaseException as e:  # re-raised in the caller
-            error.append(e)
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=target, name=f"netns-{name}")
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
+    """Run fn in a thread that has entered netns `name` (accel/kernel/netns.py): setns()
+    moves only that thread; sockets fn creates stay in that namespace for life."""
+    return kernel_netns.in_netns(str(NETNS_DIR / name), fn)
 
 
 @dataclass

@@ -11,6 +11,7 @@ table is applied (connects to a VIP are balanced from then on). GetStatus report
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import queue
@@ -27,12 +28,14 @@ from accel.datapath.datapath import Capacities, Datapath
 from accel.kernel.kbtf import fastpath_offsets
 from accel.kernel.loader import DEFAULT_PIN_DIR
 from accel.model import Guard, Service, ServiceTable, ValidationError
+from accel.policy.verdicts import Verdicts
 
 if TYPE_CHECKING:
     from accel.api.metrics import MetricsServer
     from accel.api.server import ApiServer
     from accel.datapath.edge import EdgeDatapath
     from accel.datapath.podroute import PodRouter, Unavailable
+    from accel.datapath.policy import Applied, Enforcer
     from accel.flows.part import FlowsPart
     from accel.xds.client import XdsClient
 
@@ -67,6 +70,11 @@ class XdsSettings:
     node_cluster: str = "meshaccel"
     node_meta: tuple[tuple[str, object], ...] = ()  # node.metadata, as the controller wants
     delta: bool = False
+    # "envoy": Listener/Route/Cluster/Endpoint; "workload": Istio ambient's Address and
+    # Authorization (Delta only), with node_name = this host's `node` and cluster_id.
+    api: str = "envoy"
+    node_name: str = ""
+    cluster_id: str = "Kubernetes"
     ca: str | None = None  # PEM paths: TLS (and mTLS with cert + key)
     cert: str | None = None
     key: str | None = None
@@ -184,6 +192,10 @@ class Runtime:
         self.last_error = ""
         self.edge: EdgeDatapath | None = None
         self.pods: PodRouter | Unavailable | None = None
+        self.policy: Enforcer | None = None  # from the first apply_policy()
+        self.verdicts: Verdicts | None = None  # what the policy part holds
+        self.policy_ignored: dict[str, str] = {}  # what the policy compiler left, and why
+        self._housekeeping = False
         self.xds: XdsClient | None = None
         self.api: ApiServer | None = None
         self.metrics: MetricsServer | None = None
@@ -320,6 +332,38 @@ class Runtime:
         self._chores.append((pods.refresh, False))
         self.pods = pods
 
+    def apply_policy(self, verdicts: Verdicts) -> Applied:
+        """Enforce L4 authorization (accel/datapath/policy.py); the policy programs load on
+        the first call. The local pods are pod routing's (--pod-iface): their namespaces
+        and interfaces are followed as they come and go."""
+        from accel.datapath.policy import Enforcer
+
+        with self.lock:
+            if self.policy is None:
+                enforcer = Enforcer(self.datapath, self.pods)
+                self._stoppers.append(("policy", lambda: enforcer.close(keep=self._keep)))
+                self._chores.append((enforcer.refresh, True))
+                self.policy = enforcer
+                if not self._housekeeping:
+                    self._start_housekeeping()
+            applied = self.policy.apply(verdicts)
+            self.verdicts = verdicts
+            return applied
+
+    def _verdicts_for(self, table: ServiceTable, verdicts: Verdicts | None) -> Verdicts | None:
+        """What the policy part must hold with `table`: the source's verdicts (the workload
+        API's), else those of the table's own policies (mesh.yaml); None: nothing to
+        enforce and nothing enforced so far (the policy programs stay unloaded)."""
+        if verdicts is None and table.policies:
+            from accel.policy.from_table import verdicts_of
+
+            compiled = verdicts_of(table)
+            self.policy_ignored = dict(compiled.ignored)
+            verdicts = compiled.verdicts
+        if verdicts is None or not verdicts.policed:
+            return None if self.policy is None else (verdicts or Verdicts())
+        return verdicts
+
     def _start_housekeeping(self) -> None:
         """Once a second, each chore: the edge's neighbours resolve and MACs move after a
         table is applied, churn leaves ring slots to compact, and pods come and go."""
@@ -338,6 +382,7 @@ class Runtime:
 
         t = threading.Thread(target=loop, name="housekeeping", daemon=True)
         t.start()
+        self._housekeeping = True
         self._stoppers.append(("housekeeping", lambda: t.join(timeout=5)))
 
     def _watch_file(self) -> None:
@@ -371,10 +416,18 @@ class Runtime:
                     return f.read()
 
             creds = grpc.ssl_channel_credentials(read(xs.ca), read(xs.key), read(xs.cert))
-        node_id = xs.node_id or f"meshaccel-{socket.gethostname()}"
-        client = XdsClient(xs.target, node_id, on_update=self.apply, credentials=creds,
-                           delta=xs.delta, cluster=xs.node_cluster,
-                           metadata=dict(xs.node_meta))
+        if xs.api == "workload":
+            # The table and the verdicts of one response, applied together.
+            client = XdsClient(xs.target, xs.node_id, credentials=creds, api="workload",
+                               on_update=lambda table, verdicts: self.apply(
+                                   table, verdicts=verdicts),
+                               node_name=xs.node_name, cluster=xs.cluster_id,
+                               metadata=dict(xs.node_meta))
+        else:
+            node_id = xs.node_id or f"meshaccel-{socket.gethostname()}"
+            client = XdsClient(xs.target, node_id, on_update=self.apply, credentials=creds,
+                               delta=xs.delta, cluster=xs.node_cluster,
+                               metadata=dict(xs.node_meta))
         # ACK/NACK as the protocol saw them (a NACK of a malformed resource never reaches
         # apply, so the runtime would not know of it otherwise).
         client.events.append(lambda kind, info: self.emit(
@@ -414,20 +467,32 @@ class Runtime:
         for part in self.parts:
             part.check(table)
 
-    def apply(self, table: ServiceTable, version: str = "") -> None:
+    def apply(self, table: ServiceTable, version: str = "",
+              verdicts: Verdicts | None = None) -> None:
         """Every part takes `table`, or none does: a part that fails is rolled back with
         the ones before it, the previous table stays, and the error says which part.
+        `verdicts`: the L4 authorization to enforce with it (the workload API's); without,
+        the table's own policies. Policy goes first, so a service never serves before the
+        policy meant for it (fail closed), and is rolled back last.
         Raises ValidationError for input that cannot fit, ApplyError otherwise."""
         with self.lock:
             done: list[Part] = []
+            before = self.verdicts
+            policy_done = False
             try:
                 self.check_capacity(table)
+                want = self._verdicts_for(table, verdicts)
+                if want is not None:
+                    policy_done = True
+                    self.apply_policy(want)
                 for part in self.parts:
                     done.append(part)
                     part.apply(table)
             except Exception as e:
-                failed = done[-1].name if done else "check"
+                failed = done[-1].name if done else ("policy" if policy_done else "check")
                 rolled = self._roll_back(done)
+                if policy_done:
+                    rolled += self._roll_back_policy(before)
                 self.rejected_count += 1
                 self.last_error = (f"{failed}: {e}" if done else str(e)) + rolled
                 self._emit(Event("rejected", self.last_error, version))
@@ -446,6 +511,14 @@ class Runtime:
                              f"{self.endpoint_count} endpoints", version))
             log.info("applied version %r: %d services", version, len(table.services))
             self._set_ready()
+
+    def _roll_back_policy(self, before: Verdicts | None) -> str:
+        try:
+            self.apply_policy(before or Verdicts())
+        except Exception as e:  # the live slot stays whichever table was last whole
+            log.error("rolling the policy back failed: %s", e)
+            return f"; policy rollback failed: {e}"
+        return ""
 
     def _roll_back(self, parts: list[Part]) -> str:
         """The previous table into each part that (partly) took the new one."""
@@ -497,8 +570,22 @@ class Runtime:
             "xds": self.xds.state() if self.xds is not None else None,
             "edge": self.edge.status() if self.edge is not None else None,
             "pod_routing": self.pods.status() if self.pods is not None else None,
+            "policy": self.policy_status(),
             "redirect_unavailable": fastpath_offsets().missing or None,
         }
+
+    def policy_status(self) -> dict[str, Any] | None:
+        """Policies enforced, their counters, map use, and what the compiler left."""
+        if self.policy is None:
+            return None
+        st = self.policy.status()
+        return {"policies": {n: dataclasses.asdict(c) for n, c in sorted(st.policies.items())},
+                "default": dataclasses.asdict(st.default),
+                "maps": {n: dataclasses.asdict(u) for n, u in st.maps.items()},
+                "guarded": list(st.guarded), "namespaces": st.namespaces,
+                "ignored": {**self.policy_ignored,
+                            **(self.xds.state().get("policy_ignored") or {} if self.xds
+                               else {})}}
 
     def stats(self) -> dict[str, Any]:
         # Under the lock: the service writer's index changes while a table is applied.

@@ -113,7 +113,8 @@ SVC = {"meshaccel.service": "reviews", "meshaccel.port": "9080"}
 
 @pytest.mark.docker
 def test_labels_become_a_service_table(docker_api, labelled):
-    r1 = labelled("r1", {**SVC, "meshaccel.weight": "3"}, serve("reviews", 9080))
+    r1 = labelled("r1", {**SVC, "meshaccel.weight": "3", "meshaccel.namespace": "shop",
+                         "meshaccel.service_account": "reviews"}, serve("reviews", 9080))
     r2 = labelled("r2", SVC, serve("reviews", 9080))
     labelled("idle", {"meshaccel.service": "idle", "meshaccel.port": "81"}, ["true"],
              start=False)
@@ -129,6 +130,11 @@ def test_labels_become_a_service_table(docker_api, labelled):
     assert set(eps) == {ip_of(docker_api, r1), ip_of(docker_api, r2)}
     assert eps[ip_of(docker_api, r1)].weight == 3 and eps[ip_of(docker_api, r2)].weight == 1
     assert all(e.healthy and e.port == 9080 for e in eps.values())
+    # The workload's identity, as policies name it; the default elsewhere.
+    assert (eps[ip_of(docker_api, r1)].namespace,
+            eps[ip_of(docker_api, r1)].service_account) == ("shop", "reviews")
+    assert (eps[ip_of(docker_api, r2)].namespace,
+            eps[ip_of(docker_api, r2)].service_account) == ("default", "default")
     assert t["idle"].endpoints == ()  # created, never started: the VIP exists, no endpoint
     assert str(t["db"].vip) == "10.96.251.77"
     assert t["reviews"].vip == allocate(["reviews", "idle"], CIDR,

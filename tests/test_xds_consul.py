@@ -1,4 +1,4 @@
-"""Consul's transparent proxy (tests/consul_resources.py): the one outbound listener's
+"""Consul's transparent proxy (accel/xds/shapes/consul.py): the one outbound listener's
 chains for an upstream's virtual IP and ClusterIP without a destination port are the VIP
 on every port (port 0, ANY_PORT), with exactly the upstream's sidecars; a chain with a
 destination port is that VIP:port and wins over the VIP's any-port service in the kernel;
@@ -17,7 +17,7 @@ import pytest
 
 from accel.model import ANY_PORT, Endpoint, Service, ServiceTable, ValidationError, endpoint_loops
 from accel.xds import translate as tr
-from tests.consul_resources import OUTBOUND, PUBLIC_PORT, sidecar_config, sni
+from accel.xds.shapes.consul import OUTBOUND, PUBLIC_PORT, sidecar_config, sni
 
 TCP = {"db": (["240.0.0.1", "10.96.8.1"], [("10.244.2.1", PUBLIC_PORT),
                                             ("10.244.2.2", PUBLIC_PORT)])}
@@ -94,6 +94,7 @@ def test_consul_shaped_delta_xds_carries_traffic_on_every_port(lab_factory, data
     VIP and the port dialed; a chain with a destination port on the same VIP wins for that
     port, and once it is removed (a Delta update) that port falls to the any-port service.
     `accel services` shows the any-port VIP as VIP:*."""
+    from accel.api import client as api_client
     from accel.api import server as api_server
     from accel.commands import services as services_cmd
     from accel.runtime import Runtime
@@ -148,9 +149,13 @@ def test_consul_shaped_delta_xds_carries_traffic_on_every_port(lab_factory, data
                 capsys.readouterr()
                 assert services_cmd.run(argparse.Namespace(json=False, api_socket=sock)) == 0
                 text = capsys.readouterr().out
+                listed = api_client.list_services(sock)["services"]
             finally:
                 api.stop()
             assert "240.0.0.1:*/TCP" in text and "240.0.0.1:9000/TCP" in text, text
+            # --json and the API: port 0 is every port.
+            assert {(s["vip"], s["port"]) for s in listed if s["accelerated"]} == {
+                ("240.0.0.1", 0), ("10.96.8.1", 0), ("240.0.0.1", 9000)}
 
             # The destination's chain goes: port 9000 is now the any-port service's.
             out = res.listeners[OUTBOUND]

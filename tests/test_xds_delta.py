@@ -440,7 +440,8 @@ def dh():
 def base(h: DeltaHarness) -> None:
     """A good state: service `a` at 10.96.0.1:80 (resource versions c1, e1, l1)."""
     first = h.ads.wait(lambda r: r.type_url == CLUSTER)
-    assert first.node.id == "hdx-script" and not first.resource_names_subscribe
+    # Wildcard said explicitly, as ztunnel and Envoy do.
+    assert first.node.id == "hdx-script" and list(first.resource_names_subscribe) == ["*"]
     assert not first.initial_resource_versions
     h.ads.reply_to(h.ads.send(CLUSTER, {"a": ("c1", eds_cluster("a"))}))
     sub = h.ads.wait(lambda r: r.type_url == ENDPOINT)
@@ -497,7 +498,7 @@ def test_client_nacks_a_bad_resource_and_keeps_the_last_good_state(dh: DeltaHarn
     assert dict(first[ENDPOINT].initial_resource_versions) == {"a": "e1"}
     assert list(first[ENDPOINT].resource_names_subscribe) == ["a"]
     assert dict(first[LISTENER].initial_resource_versions) == {"a": "l1"}
-    assert not first[LISTENER].resource_names_subscribe  # wildcard, as before
+    assert list(first[LISTENER].resource_names_subscribe) == ["*"]  # wildcard, as before
     # Nothing to send (all up to date): the client still counts as connected.
     wait_for(lambda: dh.client.state()["connected"])
     assert dh.client.table is good

@@ -1,4 +1,4 @@
-"""Kuma's sidecar-shaped xDS (tests/kuma_resources.py): every outbound:IP:PORT listener is
+"""Kuma's sidecar-shaped xDS (accel/xds/shapes/kuma.py): every outbound:IP:PORT listener is
 its VIP:port's service with exactly its endpoints and the split's weights; MeshHTTPRoute
 path matches, passthrough, inbound and loopback listeners are left to the kernel path with
 the reason; Kuma's mTLS is named as ignored. Then the same resources over a real ADS
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from accel.xds import translate as tr
-from tests.kuma_resources import service, sidecar_config, subset
+from accel.xds.shapes.kuma import service, sidecar_config, subset
 
 TCP = {"redis": ("10.96.7.1", 6379, [("10.244.1.1", 6379, 1), ("10.244.1.2", 6379, 1)])}
 HTTP = {"backend": ("10.96.7.2", 3001, [("10.244.1.3", 3001, 1)]),
@@ -70,7 +70,7 @@ def test_kuma_split_endpoint_change_keeps_the_other_subsets_share() -> None:
     res = sidecar_config({}, {}, TCP_SPLIT)
     t = tr.to_table(res)
     v2 = subset("db", 5432, "v2")
-    from tests.kuma_resources import kuma_cla
+    from accel.xds.shapes.kuma import kuma_cla
 
     changed = {v2: kuma_cla(v2, [("10.244.1.7", 5432, 1)], "v2")}
     assert tr.update_endpoints(t, changed) is None  # a part of a split: translated whole

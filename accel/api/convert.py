@@ -118,7 +118,9 @@ def table_msg_to_json(msg: pb.ServiceTable) -> dict[str, Any]:
 
 # Keys of the xDS client's state that are not a resource type's.
 XDS_SCALARS = {"connected", "target", "node_id", "reconnects", "services", "pending",
-                "skipped", "ignored", "protocol"}
+                "skipped", "ignored", "protocol", "api", "workloads", "policies",
+                "policy_ignored"}
+COUNTERS = ("allowed", "denied", "dry_run_denied", "closed_by_update")
 
 
 def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
@@ -142,6 +144,9 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
         msg.xds.target = str(xds.get("target") or "")
         msg.xds.node_id = str(xds.get("node_id") or "")
         msg.xds.reconnects = int(xds.get("reconnects") or 0)
+        msg.xds.api = str(xds.get("api") or "envoy")
+        msg.xds.workloads = int(xds.get("workloads") or 0)
+        msg.xds.policies = int(xds.get("policies") or 0)
         for k, v in (xds.get("pending") or {}).items():
             msg.xds.pending[str(k)] = str(v)
         for k, v in (xds.get("skipped") or {}).items():
@@ -188,7 +193,35 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
     for name, u in (st.get("maps") or {}).items():
         msg.maps[name].used = int(u.get("used", 0))
         msg.maps[name].capacity = int(u.get("capacity", 0))
+    pol = st.get("policy")
+    if pol is not None:
+        p = msg.policy
+        p.enabled = True
+        for name, c in (pol.get("policies") or {}).items():
+            p.policies[name].CopyFrom(pb.PolicyCounters(**{k: int(c[k]) for k in COUNTERS}))
+        p.defaults.CopyFrom(pb.PolicyCounters(**{k: int(pol["default"][k]) for k in COUNTERS}))
+        for name, u in (pol.get("maps") or {}).items():
+            p.maps[name].used, p.maps[name].capacity = int(u["used"]), int(u["capacity"])
+        p.guarded.extend(pol.get("guarded") or ())
+        p.namespaces = int(pol.get("namespaces") or 0)
+        for k, v in (pol.get("ignored") or {}).items():
+            p.ignored[str(k)] = str(v)
     return msg
+
+
+def _counters_json(c: pb.PolicyCounters) -> dict[str, int]:
+    return {k: getattr(c, k) for k in COUNTERS}
+
+
+def policy_json(p: pb.PolicyStatus) -> dict[str, Any] | None:
+    if not p.enabled:
+        return None
+    return {"policies": {n: _counters_json(c) for n, c in sorted(p.policies.items())},
+            "default": _counters_json(p.defaults),
+            "maps": {n: {"used": u.used, "capacity": u.capacity}
+                     for n, u in sorted(p.maps.items())},
+            "guarded": list(p.guarded), "namespaces": p.namespaces,
+            "ignored": dict(sorted(p.ignored.items()))}
 
 
 def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
@@ -197,6 +230,9 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         xds = {
             "connected": msg.xds.connected, "target": msg.xds.target,
             "node_id": msg.xds.node_id, "reconnects": msg.xds.reconnects,
+            "api": msg.xds.api or "envoy",
+            **({"workloads": msg.xds.workloads, "policies": msg.xds.policies}
+               if msg.xds.api == "workload" else {}),
             "pending": dict(msg.xds.pending),
             "skipped": dict(msg.xds.skipped),
             "ignored": dict(msg.xds.ignored),
@@ -217,6 +253,7 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         "maps": {n: {"used": u.used, "capacity": u.capacity} for n, u in sorted(msg.maps.items())},
         "edge": _edge_json(msg.edge) if msg.edge.enabled else None,
         "pod_routing": _pods_json(msg.pod_routing) if msg.pod_routing.enabled else None,
+        "policy": policy_json(msg.policy),
         "redirect_unavailable": msg.redirect_unavailable or None,
         "ready": msg.ready,
         "not_ready": msg.not_ready,

@@ -15,7 +15,9 @@ ENDPOINT_SERIES, then endpoint="other") meshaccel_endpoint_connections_total and
 meshaccel_endpoint_bytes_total{direction}, and the records' own
 meshaccel_flow_{events,dropped,read,watch_dropped,undecodable}_total; the XDP edge's
 counters as meshaccel_edge_<counter>_total and meshaccel_edge_vip_<counter>_total{service,
-vip,port,protocol} when an edge runs.
+vip,port,protocol} when an edge runs; L4 authorization, once a policy was applied:
+meshaccel_policy_decisions_total{policy,decision} (decision allowed, denied, dry_run_denied,
+closed_by_update; policy "" for a destination's default) and meshaccel_policies.
 A part that cannot be read is reported by meshaccel_scrape_errors{part} instead of failing
 the whole scrape.
 """
@@ -62,6 +64,7 @@ class AgentCollector(Collector):
         yield from self._guarded("xds", errors, self._xds)
         yield from self._guarded("maps", errors, self._maps)
         yield from self._guarded("flows", errors, self._flows)
+        yield from self._guarded("policy", errors, self._policy)
         g = GaugeMetricFamily("meshaccel_scrape_errors",
                               "1 for each part of the agent that could not be read",
                               labels=["part"])
@@ -183,6 +186,19 @@ class AgentCollector(Collector):
             ep_bytes.add_metric(k + ["sent"], e.sent)
             ep_bytes.add_metric(k + ["received"], e.received)
         yield from (conns, active, nbytes, failed, hist, ep_conns, ep_bytes)
+    def _policy(self) -> Iterator[Any]:
+        st = self.agent.policy_status()
+        if st is None:
+            return
+        fam = CounterMetricFamily("meshaccel_policy_decisions",
+                                  "connections decided by L4 authorization, by policy",
+                                  labels=["policy", "decision"])
+        for name, counters in [*st["policies"].items(), ("", st["default"])]:
+            for decision, value in counters.items():
+                fam.add_metric([name, decision], value)
+        yield fam
+        yield GaugeMetricFamily("meshaccel_policies", "authorization policies enforced",
+                                value=len(st["policies"]))
 
     def _xds(self) -> Iterator[Any]:
         state = self.agent.xds.state() if self.agent.xds is not None else None

@@ -93,6 +93,7 @@ def _controller(conn, listen: str, services: int, endpoints: int, shape: str) ->
     """Serve an empty table, then what the parent sends: ("push",) the big table (or the
     shape's resources), ("upsert", service) one changed service, ("acks",) the ACKed
     versions per stream, ("stop",)."""
+    from accel.xds.kinds import PUSH_ORDER
     from accel.xds.server import ControllerServer
     from accel.xds.shapes.istio import sniffed_mesh
 
@@ -106,7 +107,8 @@ def _controller(conn, listen: str, services: int, endpoints: int, shape: str) ->
             if cmd[0] == "push":
                 start = time.monotonic()
                 if shape == "istio":
-                    srv.publish_resources(sniffed_mesh(services, endpoints)[0])
+                    res = sniffed_mesh(services, endpoints)[0]
+                    srv.publish_resources({t: res.of(t) for t in PUSH_ORDER})
                 else:
                     source.push(table)
                 conn.send(("ok", start, time.monotonic()))

@@ -10,6 +10,7 @@
 #include "lib/counters.h"
 #include "lib/lb.h"
 #include "lib/flows.h"
+#include "lib/policy.h"
 #include "lib/sock.h"
 
 #define SYS_PROCEED 1
@@ -76,6 +77,37 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, struct svc_key *key
 			  bpf_ktime_get_boot_ns());
 	flow_submit(ev);
 	return SYS_REJECT;
+}
+
+/* lib/policy.h's accessors, over its maps (bcc rewrites map calls only here). */
+static __always_inline struct policy_config *policy_config_get(void)
+{
+	__u32 zero = 0;
+	return accel_policy_config.lookup(&zero);
+}
+static __always_inline struct policy_addr *policy_addr_get(struct policy_addr_key *k)
+{
+	return accel_policy_addrs.lookup(k);
+}
+static __always_inline __u32 *policy_cidr_get(struct policy_cidr_key *k)
+{
+	return accel_policy_cidrs.lookup(k);
+}
+static __always_inline struct policy_decision *policy_dst_get(struct policy_dst_key *k)
+{
+	return accel_policy_dsts.lookup(k);
+}
+static __always_inline struct policy_decision *policy_rule_get(struct policy_rule_key *k)
+{
+	return accel_policy_rules.lookup(k);
+}
+static __always_inline struct policy_stats *policy_stats_get(__u32 *index)
+{
+	return accel_policy_stats.lookup(index);
+}
+static __always_inline __u32 *policy_netns_get(struct policy_netns_key *k)
+{
+	return accel_policy_netns.lookup(k);
 }
 
 static __always_inline void svc_count(__u32 index, int ok)
@@ -306,8 +338,9 @@ static __always_inline int unbalance6(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-int accel_connect4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_CONNECT_BALANCED, 1); }
-int accel_connect6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_CONNECT_BALANCED, 1); }
+/* Balanced first, then authorized for the endpoint it got (lib/policy.h). */
+int accel_connect4(struct bpf_sock_addr *ctx) { return police4(ctx, balance4(ctx, C_CONNECT_BALANCED, 1)); }
+int accel_connect6(struct bpf_sock_addr *ctx) { return police6(ctx, balance6(ctx, C_CONNECT_BALANCED, 1)); }
 int accel_sendmsg4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_UDP_BALANCED, 0); }
 int accel_sendmsg6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_UDP_BALANCED, 0); }
 int accel_recvmsg4(struct bpf_sock_addr *ctx) { return unbalance4(ctx); }

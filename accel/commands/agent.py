@@ -31,6 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="xDS node metadata (repeatable; istiod wants e.g. NAMESPACE, "
                    "ISTIO_VERSION, CLUSTER_ID, INSTANCE_IPS); a VALUE that is a JSON object "
                    "or list is sent as one")
+    p.add_argument("--xds-api", choices=("envoy", "workload"), default="envoy",
+                   help="what the xDS server speaks: envoy (Listener/Cluster/Endpoint, the "
+                   "default) or workload (Istio ambient's Address/Authorization over Delta, "
+                   "as istiod serves ztunnel)")
+    p.add_argument("--node-name", metavar="NODE",
+                   help="with --xds-api workload: this host's node name; workloads on it "
+                   "are its mesh pods, whose inbound connections it authorizes")
+    p.add_argument("--cluster-id", default="Kubernetes", metavar="ID",
+                   help="with --xds-api workload: the mesh cluster id (istiod's CLUSTER_ID)")
     p.add_argument("--xds-ca", metavar="PEM", help="CA bundle: use TLS to the xDS server")
     p.add_argument("--xds-cert", metavar="PEM", help="client certificate for mutual TLS")
     p.add_argument("--xds-key", metavar="PEM", help="client key for mutual TLS")
@@ -69,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "name or a path; default: the agent's own)")
     p.add_argument("--capacity", action="append", default=[], metavar="NAME=N",
                    help="map capacity, e.g. services=20000 (names: "
-                   "sockets, mesh_nets, services, slots, revnat, pods, pod_flows, flow_ring)")
+                   "sockets, mesh_nets, services, slots, revnat, pods, pod_flows, "
+                   "policy_addrs, policy_cidrs, policy_dsts, policy_rules, policy_netns, "
+                   "policies, flow_ring)")
     p.set_defaults(func=run)
 
 
@@ -118,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValidationError("--node-meta", "--node-meta and --node-cluster go with --xds")
         if args.xds_delta and not args.xds:
             raise ValidationError("--xds-delta", "goes with --xds HOST:PORT")
+        if args.xds_api == "workload":
+            if not args.xds:
+                raise ValidationError("--xds-api", "workload goes with --xds HOST:PORT")
+            if not args.node_name:
+                raise ValidationError("--node-name", "--xds-api workload needs this host's "
+                                      "node name (the `node` of its workloads)")
+        elif args.node_name or args.cluster_id != "Kubernetes":
+            raise ValidationError("--node-name", "--node-name and --cluster-id go with "
+                                  "--xds-api workload")
         if args.pod_netns and not args.pod_iface:
             raise ValidationError("--pod-netns", "goes with --pod-iface NAME")
         if args.pod_netns:
@@ -146,7 +166,10 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(
         pin_dir=args.pin_dir, cgroup=args.cgroup, capacities=caps, keep=args.keep,
         config=args.config,
-        xds=XdsSettings(args.xds, node_id=args.node_id or "", delta=args.xds_delta,
+        xds=XdsSettings(args.xds, node_id=args.node_id or "",
+                        delta=args.xds_delta or args.xds_api == "workload",
+                        api=args.xds_api, node_name=args.node_name or "",
+                        cluster_id=args.cluster_id,
                         node_cluster=args.node_cluster, node_meta=node_meta,
                         ca=args.xds_ca, cert=args.xds_cert, key=args.xds_key)
         if args.xds else None,

@@ -22,13 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: mesh (default; kernel, accel, sidecars) and edge")
     add_mesh_args(p)
     p.set_defaults(func=run_mesh)
-    bsub = p.add_subparsers(dest="bench_command", metavar="[mesh|edge|connect|xds]")
+    bsub = p.add_subparsers(dest="bench_command", metavar="[mesh|edge|connect|xds|policy]")
     mesh = bsub.add_parser("mesh", help="the mesh benchmark (what `accel bench` runs by default)")
     add_mesh_args(mesh)
     mesh.set_defaults(func=run_mesh)
     register_edge(bsub)
     register_connect(bsub)
     register_xds(bsub)
+    register_policy(bsub)
 
 
 # ---- mesh ------------------------------------------------------------------------------------
@@ -248,3 +249,35 @@ def run_xds(args: argparse.Namespace) -> int:
     ok = result["push"]["maps_complete"] and (result["change"] is None
                                               or result["change"]["maps_verified"])
     return 0 if ok else 1
+
+
+# ---- policy (accel/bench/policy.py) -----------------------------------------------------------
+
+
+def register_policy(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("policy", help="L4 authorization: connection rate through a VIP with "
+                        "N policies vs none, update -> enforced, update -> held connection cut")
+    p.add_argument("--policies", type=int, default=1000, help="policies loaded (default 1000)")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per rate sample")
+    p.add_argument("--repeats", type=int, default=5, help="rate samples per case (default 5)")
+    p.add_argument("--updates", type=int, default=50, help="one-policy updates timed")
+    p.add_argument("--cpu", type=int, default=1, help="the CPU client and server run on")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the result here")
+    p.set_defaults(func=run_policy)
+
+
+def run_policy(args: argparse.Namespace) -> int:
+    import json
+
+    from accel.bench import policy
+
+    if min(args.policies, args.repeats, args.updates) < 1 or args.seconds <= 0:
+        return fail("bench policy: --policies, --repeats, --updates and --seconds must be > 0",
+                    code=2)
+    try:
+        result = policy.run(args.seconds, args.repeats, args.cpu, args.updates, args.policies)
+    except Exception as e:  # noqa: BLE001 - a benchmark that cannot run says why and fails
+        return fail(f"bench policy: {e}")
+    _write_json(args.json, result)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -82,6 +82,13 @@ class Capacities:
     pods: int = 16384  # local pod addresses (pod routing)
     pod_flows: int = 131072  # pod-to-pod TCP connections pod routing hands over (LRU)
     flow_ring: int = 1 << 20  # bytes of the connection-record ring (144 B an event)
+    # Authorization (lib/policy.h), each per table (the maps hold two: old and new).
+    policy_addrs: int = 131072  # workload addresses
+    policy_cidrs: int = 16384  # source prefixes policies name
+    policy_dsts: int = 65536  # policed destination workloads
+    policy_rules: int = 262144  # (source, destination, port) decisions
+    policy_netns: int = 16384  # local pod namespaces
+    policies: int = 16384  # policies counted
 
 
 def _key(pin_dir: str) -> str:
@@ -188,6 +195,12 @@ class Datapath:
             "ACCEL_SLOTS_MAX": self.capacities.slots,
             "ACCEL_REVNAT_MAX": self.capacities.revnat,
             "ACCEL_FLOW_RING": ring_size(self.capacities.flow_ring),
+            "ACCEL_POLICY_ADDRS_MAX": self.capacities.policy_addrs,
+            "ACCEL_POLICY_CIDRS_MAX": self.capacities.policy_cidrs,
+            "ACCEL_POLICY_DSTS_MAX": self.capacities.policy_dsts,
+            "ACCEL_POLICY_RULES_MAX": self.capacities.policy_rules,
+            "ACCEL_POLICY_NETNS_MAX": self.capacities.policy_netns,
+            "ACCEL_POLICIES_MAX": self.capacities.policies,
             # Kernel structure offsets the redirect's queue bound reads (none: no redirect).
             **fastpath_offsets().defines,
         }
@@ -426,6 +439,10 @@ def uninstall(pin_dir: str) -> Uninstalled:
         from accel.datapath import podroute
 
         interfaces += podroute.detach_from(state.get("pod_netns") or None, state["pod_prog_id"])
+    if state.get("policy_sides"):
+        from accel.datapath import policy
+
+        interfaces += policy.detach_from(state["policy_sides"])
     had_pins = os.path.isdir(pin_dir)
     remove_pins(pin_dir)
     state_file(pin_dir).unlink(missing_ok=True)

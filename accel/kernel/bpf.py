@@ -11,7 +11,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import struct
 from functools import cache
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
@@ -24,7 +23,6 @@ OBJ_PIN, OBJ_GET, PROG_ATTACH, PROG_DETACH, PROG_TEST_RUN = 6, 7, 8, 9, 10
 PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, PROG_QUERY = 13, 14, 15, 16
 BTF_GET_FD_BY_ID = 19
 MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 26, 27
-ENABLE_STATS = 32
 
 # enum bpf_map_type (those that need telling apart in user space)
 MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_PERCPU_HASH = 5, 6, 10
@@ -178,30 +176,6 @@ def pinned_map_info(path: str | os.PathLike) -> MapInfo:
         os.close(fd)
 
 
-# struct bpf_prog_info: where run_time_ns and run_cnt sit (after ProgInfo's fields and the
-# ones between; the UAPI only ever appends).
-_PROG_RUN_STATS_OFF, _PROG_INFO_LEN = 192, 208
-
-
-def prog_run_stats(fd: int) -> tuple[int, int]:
-    """(ns spent in the program, times it ran) while stats are on (enable_stats)."""
-    buf = ctypes.create_string_buffer(_PROG_INFO_LEN)
-    bpf(OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_LEN,
-                                     info=ctypes.addressof(buf)), "program info")
-    ns, runs = struct.unpack_from("<QQ", buf, _PROG_RUN_STATS_OFF)
-    return ns, runs
-
-
-class _StatsAttr(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32)]
-
-
-def enable_stats() -> int:
-    """Count every BPF program's run time (BPF_STATS_RUN_TIME) while the returned fd is
-    open: the kernel's own measure, for benchmarks. Machine-wide: close it soon."""
-    return bpf(ENABLE_STATS, _StatsAttr(type=0), "enabling BPF run-time stats")
-
-
 def prog_info(fd: int) -> ProgInfo:
     info = ProgInfo()
     _info(fd, info)
@@ -257,3 +231,30 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n += int(hi or lo) - int(lo) + 1
     return n
+
+
+# ---- run-time statistics ---------------------------------------------------------------------
+
+ENABLE_STATS = 32
+_PROG_INFO_SIZE = 232  # struct bpf_prog_info up to verified_insns and the attach BTF ids
+_RUN_TIME_NS_OFF, _RUN_CNT_OFF = 192, 200
+
+
+class StatsAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+def enable_stats() -> int:
+    """Count every program's runs and run time while the returned fd is open (BPF_ENABLE_STATS,
+    BPF_STATS_RUN_TIME: no global sysctl is changed; the caller closes the fd)."""
+    return bpf(ENABLE_STATS, StatsAttr(type=0), "enabling run-time statistics")
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program, counted while statistics are enabled."""
+    buf = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    bpf(OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_SIZE,
+                                     info=ctypes.addressof(buf)), "program info")
+    raw = buf.raw
+    return (int.from_bytes(raw[_RUN_TIME_NS_OFF:_RUN_TIME_NS_OFF + 8], "little"),
+            int.from_bytes(raw[_RUN_CNT_OFF:_RUN_CNT_OFF + 8], "little"))

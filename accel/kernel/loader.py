@@ -31,6 +31,8 @@ DEFAULT_PIN_DIR = "/sys/fs/bpf/accel"
 
 # bcc's BPF.<TYPE> program types, by the names manifests use.
 PROG_TYPES = {"sched_cls": 3, "xdp": 6, "sock_ops": 13, "sk_msg": 16, "cgroup_sock_addr": 18}
+# Socket iterators (accel/kernel/sockiter.py): bcc compiles them, the loader child loads them.
+ITER_TYPES = {"iter_tcp": "tcp"}
 
 
 class LoadError(RuntimeError):
@@ -139,21 +141,34 @@ def _compile(req: dict) -> None:
     _drop_markers(pin_dir, unit["name"])
     for p in unit["programs"]:
         source = p["source"]
+        iterator = ITER_TYPES.get(p["prog_type"])
         if source not in modules:
+            extra = []
+            if iterator:
+                from accel.kernel import sockiter
+
+                extra = [f"-D{k}={v}" for k, v in sockiter.sock_common_defines().items()]
             try:
-                modules[source] = BPF(src_file=str(src_dir / source).encode(), cflags=cflags)
+                modules[source] = BPF(src_file=str(src_dir / source).encode(),
+                                      cflags=cflags + extra)
             except Exception as e:
                 raise LoadError(f"compiling {source}: {e}") from None
         kwargs = {} if p["attach_type"] is None else {"attach_type": p["attach_type"]}
         try:
-            fn = modules[source].load_func(p["function"].encode(), PROG_TYPES[p["prog_type"]],
-                                           **kwargs)
+            if iterator:
+                from accel.kernel import sockiter
+
+                fd = sockiter.load_iter(modules[source].dump_func(p["function"].encode()),
+                                        iterator, p["function"])
+            else:
+                fd = modules[source].load_func(p["function"].encode(),
+                                               PROG_TYPES[p["prog_type"]], **kwargs).fd
         except Exception as e:
             raise LoadError(f"loading {p['function']}: {e}") from None
         path = pin_path(pin_dir, p["function"])
         if os.path.exists(path):
             os.unlink(path)  # an earlier build's program: it stays loaded while attached
-        bpf.obj_pin(fn.fd, path)
+        bpf.obj_pin(fd, path)
     marker(pin_dir, unit["name"], req["hash"]).mkdir()
 
 

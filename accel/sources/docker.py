@@ -10,6 +10,8 @@ A container joins the mesh with labels (compose: `labels:` of a service):
   meshaccel.network=<name>    optional: which of the container's networks gives the endpoint
                               address (a compose network name works: <project>_<name>);
                               without it, the only network, else the first by name
+  meshaccel.namespace=<ns>    optional, default `default`: the workload's namespace and
+  meshaccel.service_account=<sa>  service account (default `default`), as policies name it
 
 Endpoint address: the container's IP on that network. Health: an endpoint is healthy when the
 container is running, not paused, not being stopped (a `kill` event with TERM/KILL drains it at
@@ -33,6 +35,8 @@ from typing import Any
 
 from accel.model import (
     DEFAULT_FASTPATH,
+    DEFAULT_NAMESPACE,
+    DEFAULT_SERVICE_ACCOUNT,
     PROTOCOLS,
     Endpoint,
     IPAddress,
@@ -41,6 +45,7 @@ from accel.model import (
     ServiceTable,
     ValidationError,
     check_fastpath,
+    check_name,
     parse_address,
 )
 from accel.sources import OnChange
@@ -55,6 +60,8 @@ LABEL_VIP = "meshaccel.vip"
 LABEL_PROTOCOL = "meshaccel.protocol"
 LABEL_NETWORK = "meshaccel.network"
 LABEL_FASTPATH = "meshaccel.fastpath"
+LABEL_NAMESPACE = "meshaccel.namespace"
+LABEL_SERVICE_ACCOUNT = "meshaccel.service_account"
 COMPOSE_PROJECT = "com.docker.compose.project"
 
 # Container events that can change the table; network connect/disconnect too.
@@ -77,6 +84,8 @@ class Member:
     subnet: IPNetwork | None
     healthy: bool
     fastpath: str = DEFAULT_FASTPATH
+    namespace: str = DEFAULT_NAMESPACE
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
 
 
 def _label_int(labels: dict[str, str], key: str, default: int | None, low: int, high: int) -> int:
@@ -129,6 +138,10 @@ def member_from_inspect(info: dict[str, Any], draining: Iterable[str] = (),
     vip = parse_address(labels[LABEL_VIP], LABEL_VIP) if labels.get(LABEL_VIP) else None
     fastpath = check_fastpath((labels.get(LABEL_FASTPATH) or DEFAULT_FASTPATH).strip(),
                               LABEL_FASTPATH)
+    namespace = check_name((labels.get(LABEL_NAMESPACE) or DEFAULT_NAMESPACE).strip(),
+                           LABEL_NAMESPACE)
+    account = check_name((labels.get(LABEL_SERVICE_ACCOUNT) or DEFAULT_SERVICE_ACCOUNT)
+                         .strip(), LABEL_SERVICE_ACCOUNT)
 
     state = info.get("State") or {}
     running = bool(state.get("Running")) and not state.get("Restarting")
@@ -149,7 +162,7 @@ def member_from_inspect(info: dict[str, Any], draining: Iterable[str] = (),
             healthy = (not state.get("Paused") and info.get("Id") not in set(draining)
                        and health in (None, "", "healthy"))
     return Member(name, service, port, protocol, weight, vip, address, subnet, healthy,
-                  fastpath)
+                  fastpath, namespace, account)
 
 
 def table_from_members(
@@ -200,7 +213,8 @@ def table_from_members(
                 log.warning("service %s: %s has the same address as another container", name,
                             m.container)
                 continue
-            eps[key] = Endpoint(m.address, port, m.weight, m.healthy)
+            eps[key] = Endpoint(m.address, port, m.weight, m.healthy,
+                                namespace=m.namespace, service_account=m.service_account)
         try:
             svc = Service(name, vips[name], port, protocol, tuple(eps.values()),
                           fastpath=fastpath)

@@ -10,6 +10,8 @@ exception from on_update) is NACKed with the reason and the last good state stay
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Callable, Mapping
 
 import grpc
@@ -18,6 +20,8 @@ from envoy.config.core.v3 import base_pb2
 from accel.model import ServiceTable
 from accel.xds.cache import EnvoyCache
 from accel.xds.stream import MAX_RESPONSE_BYTES, AdsStream, Event
+from accel.xds.workload.kinds import ztunnel_node
+from accel.xds.workload_cache import OnWorkloadUpdate, WorkloadCache
 
 OnUpdate = Callable[[ServiceTable], None]
 
@@ -34,15 +38,30 @@ def node(node_id: str, cluster: str = "meshaccel",
     return n
 
 
+def host_addresses() -> list[str]:
+    """This host's unicast addresses, IPv4 first (INSTANCE_IPS for istiod)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    keep = [a for a in found if not (a.is_loopback or a.is_link_local or a.is_multicast)]
+    return [str(a) for a in sorted(keep, key=lambda a: (a.version, a))]
+
+
 class XdsClient:
     """Run with start()/stop(); `events` is a list of callables (kind, info) called with
-    "applied" after each ACK and "rejected" after each NACK."""
+    "applied" after each ACK and "rejected" after each NACK.
+
+    api="envoy": on_update(table) with what Listeners/Routes/Clusters/Endpoints mean.
+    api="workload": Istio ambient's workload API, as istiod serves ztunnel (Delta only):
+    on_update(table, verdicts), `node_name` being this host's node (its workloads are the
+    policed destinations); the node presents itself as ztunnel does (kinds.ztunnel_node)."""
 
     def __init__(
         self,
         target: str,
         node_id: str,
-        on_update: OnUpdate,
+        on_update: OnUpdate | OnWorkloadUpdate,
         *,
         cluster: str = "meshaccel",
         metadata: Mapping[str, object] | None = None,
@@ -50,9 +69,28 @@ class XdsClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 15.0,
         delta: bool = False,
+        api: str = "envoy",
+        node_name: str = "",
     ):
-        self.cache = EnvoyCache(on_update)
-        self.stream = AdsStream(target, node(node_id, cluster, metadata), self.cache,
+        self.cache: EnvoyCache | WorkloadCache
+        if api == "workload":
+            self.cache = WorkloadCache(on_update, node_name)  # type: ignore[arg-type]
+            given = str((metadata or {}).get("INSTANCE_IPS") or "")
+            ips = given.split(",") if given else host_addresses()
+            who = ztunnel_node(node_name, ips[0] if ips else "0.0.0.0",
+                               pod=f"meshaccel-{socket.gethostname()}", cluster_id=cluster,
+                               node_id=node_id or None)
+            who.metadata.update({"INSTANCE_IPS": ",".join(ips)})
+            if metadata:
+                who.metadata.update(dict(metadata))
+            delta = True  # istiod serves the workload API over Delta only
+        elif api == "envoy":
+            self.cache = EnvoyCache(on_update)  # type: ignore[arg-type]
+            who = node(node_id, cluster, metadata)
+        else:
+            raise ValueError(f"api: {api!r} is not envoy or workload")
+        self.api = api
+        self.stream = AdsStream(target, who, self.cache,
                                 credentials=credentials, delta=delta,
                                 backoff_initial=backoff_initial, backoff_max=backoff_max)
         self.target = target
@@ -91,9 +129,15 @@ class XdsClient:
         s, c = self.stream, self.cache
         with s.lock, c.lock:
             tr = c.translation
+            extra = {}
+            if isinstance(c, WorkloadCache):
+                extra = {"workloads": len(c.state.workloads), "policies": len(c.state.policies),
+                         "policy_ignored": dict(c.policy.ignored) if c.policy else {}}
             return {
                 "connected": s.connected,
                 "target": self.target,
+                "api": self.api,
+                **extra,
                 "protocol": "delta" if self.delta else "sotw",
                 "node_id": self.node.id,
                 "reconnects": s.reconnects,

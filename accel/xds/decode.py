@@ -10,7 +10,7 @@ import socket
 from envoy.config.core.v3 import address_pb2
 from google.protobuf import any_pb2, message
 
-from accel.model import IPAddress, ValidationError, check_vip, plain_address
+from accel.model import IPAddress, ValidationError, plain_address
 
 
 def parse(msg: message.Message, data: bytes, where: str) -> None:
@@ -26,8 +26,7 @@ def typed(any_: any_pb2.Any, cls: type[message.Message], where: str) -> message.
     return msg
 
 
-def socket_address(sa: address_pb2.SocketAddress, where: str,
-                    vip: bool = False) -> tuple[IPAddress, int]:
+def socket_address(sa: address_pb2.SocketAddress, where: str) -> tuple[IPAddress, int]:
     if sa.WhichOneof("port_specifier") == "named_port":
         raise ValidationError(f"{where}.named_port", "named ports are not supported; "
                               "use port_value")
@@ -41,8 +40,6 @@ def socket_address(sa: address_pb2.SocketAddress, where: str,
                               "address (hostnames need DNS, which meshaccel does not do)"
                               ) from None
     addr = plain_address(addr, f"{where}.address")  # ::ffff:a.b.c.d is a.b.c.d in the kernel
-    if vip:  # the model's own check, here so that the NACK names the listener's field
-        check_vip(addr, f"{where}.address")
     if not 1 <= sa.port_value <= 65535:
         raise ValidationError(f"{where}.port_value",
                               f"port {sa.port_value} is out of range 1-65535")

@@ -122,8 +122,7 @@ def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
         except ValidationError as e:
             # Valid for Envoy (Kuma's and Consul's explicit upstreams listen on 127.0.0.1:PORT
             # in the app's own pod), but no address the kernel may balance in every pod.
-            return [Skipped(name, f"its address {e.reason}",
-                            None, port, protocol)]
+            return [Skipped(name, f"its address {e.reason}", None, port, protocol)]
     try:
         (cluster, route), ignored = _listener_target(lst, where, protocol, vip, port)
         if wildcard and route is None:

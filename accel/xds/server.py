@@ -18,13 +18,14 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -108,16 +109,21 @@ class Snapshot:
         return cls(version, table, resources, digests, cache)
 
     @classmethod
-    def of_resources(cls, version: str, res: translate.Resources) -> Snapshot:
-        """Resources as they are, in another control plane's shape (`accel bench xds
-        --shape istio`): served like a table's, with no table behind them."""
+    def of_resources(cls, version: str,
+                     items: Mapping[str, Mapping[str, message.Message]],
+                     api: Api = ENVOY_API) -> Snapshot:
+        """Resources as they are (type_url -> name -> message), in another control plane's
+        shape (`accel bench xds --shape istio`, tests of the workload API): served like a
+        table's, with no table behind them."""
         resources: dict[str, dict[str, any_pb2.Any]] = {}
         digests: dict[str, dict[str, str]] = {}
-        for t in translate.PUSH_ORDER:
-            for name, msg in res.of(t).items():
-                resources.setdefault(t, {})[name], digests.setdefault(t, {})[name] = \
-                    _packed(msg)
-        return cls(version, ServiceTable(()), resources, digests)
+        for t in api.push_order:
+            for name, msg in items.get(t, {}).items():
+                a = workload_kinds.pack(msg) if api is WORKLOAD_API else _packed(msg)[0]
+                resources.setdefault(t, {})[name] = a
+                digests.setdefault(t, {})[name] = \
+                    hashlib.blake2b(a.value, digest_size=16).hexdigest()
+        return cls(version, ServiceTable(()), resources, digests, api=api)
 
 
 def _packed(msg) -> tuple[any_pb2.Any, str]:
@@ -460,12 +466,13 @@ class ControllerServer:
             self.ads.publish(snap)
         log.info("xDS version %s: %d services", snap.version, len(table.services))
 
-    def publish_resources(self, res: translate.Resources) -> None:
-        """Publish resources in another control plane's shape as the next version."""
+    def publish_resources(self, items: Mapping[str, Mapping[str, message.Message]]) -> None:
+        """Publish resources as they are (type_url -> name -> message, in this server's
+        API) as the next version."""
         with self._lock:
             assert self.ads is not None
             self._version += 1
-            self.ads.publish(Snapshot.of_resources(self.version, res))
+            self.ads.publish(Snapshot.of_resources(self.version, items, self.api))
 
     def _snapshot(self, version: str, table: ServiceTable,
                   previous: Snapshot | None) -> Snapshot:

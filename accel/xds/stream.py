@@ -234,6 +234,9 @@ class AdsStream:
             names = () if wildcard else ts.sorted_names
             req: Request
             if self.delta:
+                # Wildcard said explicitly ("*", as ztunnel and Envoy do): a server reads an
+                # empty first subscription as wildcard only by the legacy rule.
+                names = ("*",) if wildcard else names
                 req = self._delta_request(t, subscribe=names, initial=self._held_versions(t))
             else:
                 req = self._request(t, nonce="")

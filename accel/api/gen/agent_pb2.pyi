@@ -77,7 +77,7 @@ class XdsTypeStatus(_message.Message):
     def __init__(self, last_ack_version: _Optional[str] = ..., last_nonce: _Optional[str] = ..., last_nack_error: _Optional[str] = ..., last_update_time: _Optional[float] = ..., resource_count: _Optional[int] = ...) -> None: ...
 
 class XdsStatus(_message.Message):
-    __slots__ = ("enabled", "connected", "target", "node_id", "reconnects", "types", "pending", "skipped", "ignored")
+    __slots__ = ("enabled", "connected", "target", "node_id", "reconnects", "types", "pending", "skipped", "ignored", "api", "workloads", "policies")
     class TypesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,9 @@ class XdsStatus(_message.Message):
     PENDING_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     IGNORED_FIELD_NUMBER: _ClassVar[int]
+    API_FIELD_NUMBER: _ClassVar[int]
+    WORKLOADS_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     connected: bool
     target: str
@@ -124,7 +127,10 @@ class XdsStatus(_message.Message):
     pending: _containers.ScalarMap[str, str]
     skipped: _containers.ScalarMap[str, str]
     ignored: _containers.ScalarMap[str, str]
-    def __init__(self, enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., target: _Optional[str] = ..., node_id: _Optional[str] = ..., reconnects: _Optional[int] = ..., types: _Optional[_Mapping[str, XdsTypeStatus]] = ..., pending: _Optional[_Mapping[str, str]] = ..., skipped: _Optional[_Mapping[str, str]] = ..., ignored: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    api: str
+    workloads: int
+    policies: int
+    def __init__(self, enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., target: _Optional[str] = ..., node_id: _Optional[str] = ..., reconnects: _Optional[int] = ..., types: _Optional[_Mapping[str, XdsTypeStatus]] = ..., pending: _Optional[_Mapping[str, str]] = ..., skipped: _Optional[_Mapping[str, str]] = ..., ignored: _Optional[_Mapping[str, str]] = ..., api: _Optional[str] = ..., workloads: _Optional[int] = ..., policies: _Optional[int] = ...) -> None: ...
 
 class EdgeStatus(_message.Message):
     __slots__ = ("enabled", "iface", "mode", "maglev_size", "guard", "vips")
@@ -214,7 +220,7 @@ class MapUsage(_message.Message):
     def __init__(self, used: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing", "redirect_unavailable", "ready", "not_ready", "compiled", "seconds_to_ready", "services_left")
+    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing", "redirect_unavailable", "ready", "not_ready", "compiled", "seconds_to_ready", "services_left", "policy")
     class MapsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +248,7 @@ class GetStatusResponse(_message.Message):
     COMPILED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_TO_READY_FIELD_NUMBER: _ClassVar[int]
     SERVICES_LEFT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     version: str
     source: str
     config_version: str
@@ -262,7 +269,59 @@ class GetStatusResponse(_message.Message):
     compiled: bool
     seconds_to_ready: float
     services_left: int
-    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ..., redirect_unavailable: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready: _Optional[str] = ..., compiled: _Optional[bool] = ..., seconds_to_ready: _Optional[float] = ..., services_left: _Optional[int] = ...) -> None: ...
+    policy: PolicyStatus
+    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ..., redirect_unavailable: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready: _Optional[str] = ..., compiled: _Optional[bool] = ..., seconds_to_ready: _Optional[float] = ..., services_left: _Optional[int] = ..., policy: _Optional[_Union[PolicyStatus, _Mapping]] = ...) -> None: ...
+
+class PolicyCounters(_message.Message):
+    __slots__ = ("allowed", "denied", "dry_run_denied", "closed_by_update")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    DENIED_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_DENIED_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_BY_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    allowed: int
+    denied: int
+    dry_run_denied: int
+    closed_by_update: int
+    def __init__(self, allowed: _Optional[int] = ..., denied: _Optional[int] = ..., dry_run_denied: _Optional[int] = ..., closed_by_update: _Optional[int] = ...) -> None: ...
+
+class PolicyStatus(_message.Message):
+    __slots__ = ("enabled", "policies", "defaults", "maps", "guarded", "namespaces", "ignored")
+    class PoliciesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: PolicyCounters
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[PolicyCounters, _Mapping]] = ...) -> None: ...
+    class MapsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MapUsage
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MapUsage, _Mapping]] = ...) -> None: ...
+    class IgnoredEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    GUARDED_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    policies: _containers.MessageMap[str, PolicyCounters]
+    defaults: PolicyCounters
+    maps: _containers.MessageMap[str, MapUsage]
+    guarded: _containers.RepeatedScalarFieldContainer[str]
+    namespaces: int
+    ignored: _containers.ScalarMap[str, str]
+    def __init__(self, enabled: _Optional[bool] = ..., policies: _Optional[_Mapping[str, PolicyCounters]] = ..., defaults: _Optional[_Union[PolicyCounters, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., guarded: _Optional[_Iterable[str]] = ..., namespaces: _Optional[int] = ..., ignored: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()

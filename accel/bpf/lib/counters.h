@@ -27,6 +27,9 @@ enum accel_counter {
 	C_SOCKS_ROUTED,               /* mesh socket kept on TCP: its connection's fastpath is route */
 	C_MSG_BACKPRESSURE,           /* receiver's queue at its bound: the connection paused on TCP, whose flow control holds the sender */
 	C_MSG_RESUMED,                /* connection paused on TCP by backpressure handed to the peer socket again */
+	C_POLICY_CONNECT_DEFERRED,    /* connect() to a policed destination from a namespace with no known identity: decided at its SYN, by address */
+	C_POLICY_RST_FAILURES,        /* a denied SYN could not be turned into a reset: dropped (the client retries, and is denied again) */
+	C_POLICY_UNPARSED,            /* IPv6 packet with extension headers to a policed pod: dropped (a SYN could hide behind them) */
 	C_MAX,
 };
 
