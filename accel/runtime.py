@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from accel.datapath.edge import EdgeDatapath
     from accel.datapath.podroute import PodRouter, Unavailable
     from accel.datapath.policy import Applied, Enforcer
+    from accel.flows.part import FlowsPart
     from accel.xds.client import XdsClient
 
 log = logging.getLogger("accel.agent")
@@ -106,6 +107,8 @@ class Settings:
     pod_netns: str | None = None
     api: ApiSettings | None = None
     metrics: str | None = None  # HOST:PORT
+    flows: bool = True  # connection records (accel flows, per-service metrics)
+    flow_log: str | None = None  # also written here as rotated JSON lines
 
     @property
     def source(self) -> str:
@@ -197,6 +200,7 @@ class Runtime:
         self.xds: XdsClient | None = None
         self.api: ApiServer | None = None
         self.metrics: MetricsServer | None = None
+        self.flows: FlowsPart | None = None
         self.parts: list[Part] = [SocketPart(self.datapath)]
         self.lock = threading.RLock()  # sources, the API and housekeeping all change maps
         self._watchers: list[queue.Queue[Event]] = []
@@ -216,6 +220,8 @@ class Runtime:
             if self._own_datapath:
                 self.datapath.start()
                 self._stoppers.append(("datapath", self._close_datapath))
+            if self.settings.flows:
+                self._start_flows()
             if self.settings.edge_iface:
                 self._start_edge()
             if self.settings.pod_ifaces:
@@ -288,6 +294,21 @@ class Runtime:
         self.parts.append(EdgePart(edge))
         self._chores.append((edge.refresh, True))
         self._chores.append((_every(10, edge.compact), True))
+
+    def _start_flows(self) -> None:
+        from accel.flows.part import FlowsPart
+
+        try:
+            flows = FlowsPart(self.datapath.pin_dir, self.settings.flow_log)
+        except (OSError, RuntimeError) as e:  # kept pins of a build without records
+            if self.settings.flow_log:  # asked for a log: not without it
+                raise
+            log.error("connection records unavailable, the datapath serves on: %s", e)
+            return
+        flows.apply(self.table)
+        self.flows = flows.start()
+        self.parts.append(flows)
+        self._stoppers.append(("flows", flows.stop))
 
     def _start_pods(self) -> None:
         """Pod routing, or, when it cannot run here, an Unavailable that says why: the rest
@@ -575,6 +596,8 @@ class Runtime:
                                    "services": self.datapath.service_counters()}
             if self.edge is not None:
                 out["edge"] = self.edge.counters()
+            if self.flows is not None:
+                out["flows"] = self.flows.stats()
         return out
 
     # ---- events --------------------------------------------------------------------------

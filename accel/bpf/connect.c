@@ -9,6 +9,7 @@
 #include "lib/common.h"
 #include "lib/counters.h"
 #include "lib/lb.h"
+#include "lib/flows.h"
 #include "lib/policy.h"
 #include "lib/sock.h"
 
@@ -23,6 +24,60 @@ static __always_inline void count_add(u32 idx, u64 n)
 }
 
 #define count(idx) count_add((idx), 1)
+
+/* Connection records: lib/flows.h says why each program defines these itself. */
+static __always_inline int flows_on(void)
+{
+	__u32 zero = 0;
+	struct flow_config *c = accel_flow_config.lookup(&zero);
+
+	return c && c->enabled;
+}
+
+static __always_inline struct flow_stats *flow_stats(void)
+{
+	__u32 zero = 0;
+
+	return accel_flow_stats.lookup(&zero);
+}
+
+static __always_inline struct flow_event *flow_reserve(void)
+{
+	struct flow_event *ev = accel_flows.ringbuf_reserve(sizeof(struct flow_event));
+	struct flow_stats *s = flow_stats();
+
+	if (!ev && s)
+		s->dropped++; /* the ring is full: never wait */
+	return ev;
+}
+
+static __always_inline void flow_submit(struct flow_event *ev)
+{
+	struct flow_stats *s = flow_stats();
+
+	accel_flows.ringbuf_submit(ev, BPF_RB_NO_WAKEUP); /* the reader polls */
+	if (s)
+		s->events++;
+}
+
+/* Refuse a connect() to `key` and record why (enum flow_reason): the one exit of every
+ * refusal, so each reason shows in `accel flows`. */
+static __always_inline int refuse(struct bpf_sock_addr *ctx, struct svc_key *key, __u8 reason)
+{
+	struct svc_val *svc = accel_services.lookup(key);
+	struct flow_event *ev;
+
+	if (!flows_on())
+		return SYS_REJECT;
+	ev = flow_reserve();
+	if (!ev)
+		return SYS_REJECT;
+	flow_fill_refused(ev, &key->vip, key->port, svc ? svc->index : FLOW_SVC_UNKNOWN, reason,
+			  bpf_get_socket_cookie(ctx), bpf_get_netns_cookie(ctx),
+			  bpf_ktime_get_boot_ns());
+	flow_submit(ev);
+	return SYS_REJECT;
+}
 
 /* lib/policy.h's accessors, over its maps (bcc rewrites map calls only here). */
 static __always_inline struct policy_config *policy_config_get(void)
@@ -178,7 +233,7 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter, in
 	key.proto = CTX_READ(ctx->protocol);
 	be = pick(&key, &reject, &flags);
 	if (!be)
-		return reject ? SYS_REJECT : SYS_PROCEED;
+		return reject ? refuse(ctx, &key, FLOW_R_NO_BACKEND) : SYS_PROCEED;
 	if (!addr_is_v4(&be->addr)) {
 		count(C_CONNECT_FAMILY_MISMATCH);
 		return SYS_PROCEED;
@@ -208,7 +263,7 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter, in
 	key.proto = CTX_READ(ctx->protocol);
 	be = pick(&key, &reject, &flags);
 	if (!be)
-		return reject ? SYS_REJECT : SYS_PROCEED;
+		return reject ? refuse(ctx, &key, FLOW_R_NO_BACKEND) : SYS_PROCEED;
 	/* An IPv4 endpoint is dialed as ::ffff:a.b.c.d from an IPv6 socket. */
 	ctx->user_ip6[0] = be->addr.w[0];
 	ctx->user_ip6[1] = be->addr.w[1];

@@ -64,6 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-tls-client-ca", metavar="PEM",
                    help="require client certificates signed by this CA")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--flow-log", metavar="FILE",
+                   help="write every connection record here as a JSON line (rotated at "
+                   "64 MiB, 5 kept: FILE.1 ... FILE.5)")
+    p.add_argument("--no-flows", action="store_true",
+                   help="no connection records (accel flows, per-service connection metrics)")
     p.add_argument("--edge-iface", metavar="IFACE",
                    help="run the XDP/TC edge load balancer on this interface")
     p.add_argument("--maglev-size", type=int, default=65537,
@@ -78,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="map capacity, e.g. services=20000 (names: "
                    "sockets, mesh_nets, services, slots, revnat, pods, pod_flows, "
                    "policy_addrs, policy_cidrs, policy_dsts, policy_rules, policy_netns, "
-                   "policies)")
+                   "policies, flow_ring)")
     p.set_defaults(func=run)
 
 
@@ -144,6 +149,13 @@ def run(args: argparse.Namespace) -> int:
             if not os.path.exists(netns_path(args.pod_netns) or ""):
                 raise ValidationError("--pod-netns", f"{args.pod_netns!r}: no such network "
                                       "namespace (`ip netns list` names them)")
+        if args.flow_log and args.no_flows:
+            raise ValidationError("--flow-log", "needs connection records: drop --no-flows")
+        if args.flow_log:
+            where = os.path.dirname(os.path.abspath(args.flow_log))
+            if not os.path.isdir(where) or not os.access(where, os.W_OK):
+                raise ValidationError("--flow-log", f"{args.flow_log!r}: directory {where} "
+                                      "does not exist or is not writable")
         if args.api_listen and not (args.api_insecure or (args.api_tls_cert and args.api_tls_key)):
             raise ValidationError("--api-listen", "TCP needs --api-tls-cert/--api-tls-key "
                                   "(or --api-insecure on a trusted network)")
@@ -170,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
                         tls_cert=args.api_tls_cert, tls_key=args.api_tls_key,
                         tls_client_ca=args.api_tls_client_ca, insecure=args.api_insecure),
         metrics=args.metrics,
+        flows=not args.no_flows, flow_log=args.flow_log,
     )
     runtime = Runtime(settings)
     stop = threading.Event()
