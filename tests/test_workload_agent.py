@@ -158,6 +158,11 @@ def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory
         # the destination's default (deny) decides, and counts.
         default = st["policy"]["default"]
         assert default["denied"] >= 3 and default["closed_by_update"] >= 1, st["policy"]
+        # Each refusal is a connection record too, under the VIP dialed (or the pod IP).
+        flows = [json.loads(line) for line in accel(
+            "flows", "--json", "--since", "5m", "--api-socket", env.socket).stdout.splitlines()]
+        refused = [f for f in flows if f.get("reason") == "policy"]
+        assert {f["vip"] for f in refused} >= {f"{VIP}:5432", f"{s1.ip}:8080"}, flows[-5:]
         listed = json.loads(accel("policies", "--json", "--api-socket", env.socket).stdout)
         assert listed["policies"]["back/allow-clients"] == counters
         text = accel("policies", "--api-socket", env.socket).stdout

@@ -339,8 +339,49 @@ static __always_inline int unbalance6(struct bpf_sock_addr *ctx)
 }
 
 /* Balanced first, then authorized for the endpoint it got (lib/policy.h). */
-int accel_connect4(struct bpf_sock_addr *ctx) { return police4(ctx, balance4(ctx, C_CONNECT_BALANCED, 1)); }
-int accel_connect6(struct bpf_sock_addr *ctx) { return police6(ctx, balance6(ctx, C_CONNECT_BALANCED, 1)); }
+/* A connect() the policy denied (lib/policy.h), recorded like any refused one: under the
+ * VIP the client dialed (kept with the socket by balancing), else the address it dialed. */
+static __always_inline int policy_refused(struct bpf_sock_addr *ctx, struct addr16 *dst)
+{
+	struct svc_key key = {};
+	struct sock_state *st = ctx->sk ? accel_sock_state.sk_storage_get(ctx->sk, 0, 0) : NULL;
+
+	key.proto = CTX_READ(ctx->protocol);
+	if (st && st->vip.set) {
+		key.vip = st->vip.vip;
+		key.port = st->vip.vip_port;
+	} else {
+		key.vip = *dst;
+		key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
+	}
+	return refuse(ctx, &key, FLOW_R_POLICY);
+}
+
+static __always_inline int authorize4(struct bpf_sock_addr *ctx, int rc)
+{
+	struct addr16 dst;
+
+	if (!rc || police4(ctx, rc))
+		return rc;
+	addr_from4(&dst, CTX_READ(ctx->user_ip4));
+	return policy_refused(ctx, &dst);
+}
+
+static __always_inline int authorize6(struct bpf_sock_addr *ctx, int rc)
+{
+	struct addr16 dst;
+
+	if (!rc || police6(ctx, rc))
+		return rc;
+	dst.w[0] = CTX_READ(ctx->user_ip6[0]);
+	dst.w[1] = CTX_READ(ctx->user_ip6[1]);
+	dst.w[2] = CTX_READ(ctx->user_ip6[2]);
+	dst.w[3] = CTX_READ(ctx->user_ip6[3]);
+	return policy_refused(ctx, &dst);
+}
+
+int accel_connect4(struct bpf_sock_addr *ctx) { return authorize4(ctx, balance4(ctx, C_CONNECT_BALANCED, 1)); }
+int accel_connect6(struct bpf_sock_addr *ctx) { return authorize6(ctx, balance6(ctx, C_CONNECT_BALANCED, 1)); }
 int accel_sendmsg4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_UDP_BALANCED, 0); }
 int accel_sendmsg6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_UDP_BALANCED, 0); }
 int accel_recvmsg4(struct bpf_sock_addr *ctx) { return unbalance4(ctx); }
