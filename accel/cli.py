@@ -16,6 +16,7 @@ COMMANDS = (
     "services",
     "policies",
     "stats",
+    "flows",
     "lab",
     "bench",
     "compose",

@@ -28,7 +28,7 @@ from accel.datapath.datapath import Capacities, Datapath
 from accel.datapath.qos import mechanisms as qos_mechanisms
 from accel.kernel.kbtf import fastpath_offsets
 from accel.kernel.loader import DEFAULT_PIN_DIR
-from accel.model import Guard, Service, ServiceTable, ValidationError
+from accel.model import DEFAULT_FASTPATH, Guard, Service, ServiceTable, ValidationError
 from accel.policy.verdicts import Verdicts
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from accel.datapath.edge import EdgeDatapath
     from accel.datapath.podroute import PodRouter, Unavailable
     from accel.datapath.policy import Applied, Enforcer
+    from accel.flows.part import FlowsPart
     from accel.xds.client import XdsClient
 
 log = logging.getLogger("accel.agent")
@@ -75,6 +76,7 @@ class XdsSettings:
     api: str = "envoy"
     node_name: str = ""
     cluster_id: str = "Kubernetes"
+    fastpath: str = DEFAULT_FASTPATH  # the workload API's services' (it has no field)
     ca: str | None = None  # PEM paths: TLS (and mTLS with cert + key)
     cert: str | None = None
     key: str | None = None
@@ -106,6 +108,8 @@ class Settings:
     pod_netns: str | None = None
     api: ApiSettings | None = None
     metrics: str | None = None  # HOST:PORT
+    flows: bool = True  # connection records (accel flows, per-service metrics)
+    flow_log: str | None = None  # also written here as rotated JSON lines
 
     @property
     def source(self) -> str:
@@ -197,6 +201,7 @@ class Runtime:
         self.xds: XdsClient | None = None
         self.api: ApiServer | None = None
         self.metrics: MetricsServer | None = None
+        self.flows: FlowsPart | None = None
         self.parts: list[Part] = [SocketPart(self.datapath)]
         self.lock = threading.RLock()  # sources, the API and housekeeping all change maps
         self._watchers: list[queue.Queue[Event]] = []
@@ -216,6 +221,8 @@ class Runtime:
             if self._own_datapath:
                 self.datapath.start()
                 self._stoppers.append(("datapath", self._close_datapath))
+            if self.settings.flows:
+                self._start_flows()
             if self.settings.edge_iface:
                 self._start_edge()
             if self.settings.pod_ifaces:
@@ -288,6 +295,21 @@ class Runtime:
         self.parts.append(EdgePart(edge))
         self._chores.append((edge.refresh, True))
         self._chores.append((_every(10, edge.compact), True))
+
+    def _start_flows(self) -> None:
+        from accel.flows.part import FlowsPart
+
+        try:
+            flows = FlowsPart(self.datapath.pin_dir, self.settings.flow_log)
+        except (OSError, RuntimeError) as e:  # kept pins of a build without records
+            if self.settings.flow_log:  # asked for a log: not without it
+                raise
+            log.error("connection records unavailable, the datapath serves on: %s", e)
+            return
+        flows.apply(self.table)
+        self.flows = flows.start()
+        self.parts.append(flows)
+        self._stoppers.append(("flows", flows.stop))
 
     def _start_pods(self) -> None:
         """Pod routing, or, when it cannot run here, an Unavailable that says why: the rest
@@ -402,6 +424,7 @@ class Runtime:
                                on_update=lambda table, verdicts: self.apply(
                                    table, verdicts=verdicts),
                                node_name=xs.node_name, cluster=xs.cluster_id,
+                               fastpath=xs.fastpath,
                                metadata=dict(xs.node_meta))
         else:
             node_id = xs.node_id or f"meshaccel-{socket.gethostname()}"
@@ -579,6 +602,8 @@ class Runtime:
                     paced_live=max(0, q["live"]))
             if self.edge is not None:
                 out["edge"] = self.edge.counters()
+            if self.flows is not None:
+                out["flows"] = self.flows.stats()
         return out
 
     # ---- events --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import socket
 import time
 
 import pytest
@@ -21,8 +22,6 @@ from accel.xds.server import ControllerServer
 from accel.xds.workload.kinds import ADDRESS, AUTHORIZATION
 from tests.api_harness import accel, free_port
 from tests.traffic import EchoServer, connect
-
-pytestmark = pytest.mark.kernel
 
 NODE = "node-a"
 VIP = "10.96.77.7"
@@ -85,7 +84,9 @@ def served_by(pod, host: str, port: int) -> str:
         return s.recv(64).decode().split("|")[0]
 
 
-def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory):
+@pytest.mark.kernel
+@pytest.mark.parametrize("fastpath", ["route", "redirect"])
+def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory, fastpath):
     lab = lab_factory(4)
     c1, c2, s1, s2 = lab.pods
     port = free_port()
@@ -97,7 +98,7 @@ def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory
                           "--node-name", NODE, "--node-id",
                           f"ztunnel~{s1.ip}~ztunnel-x.istio-system~istio-system.svc."
                           "cluster.local", "--pod-iface", f"{lab.prefix}p*",
-                          "--pod-netns", lab.node)
+                          "--pod-netns", lab.node, "--fastpath", fastpath)
         out = accel("status", "--wait", "30", "--api-socket", env.socket)
         assert out.returncode == 0, (out.stdout, out.stderr, agent.read_log())
         st = json.loads(accel("status", "--json", "--api-socket", env.socket).stdout)
@@ -112,7 +113,11 @@ def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory
             # ... and on the fast path: balanced at connect(), carried past the bridge.
             stats = json.loads(accel("stats", "--json", "--pin-dir", env.pin_dir,
                                      "--api-socket", env.socket).stdout)
-            assert stats["connect_balanced"] >= 40 and stats["pod_redirects"] >= 40 * 4
+            assert stats["connect_balanced"] >= 40
+            if fastpath == "route":
+                assert stats["pod_redirects"] >= 40 * 4
+            else:  # each message handed socket to socket: 40 requests, 40 replies
+                assert stats["msg_redirects"] >= 80
             # Denied (namespace other): refused at once, through the VIP and to the pod.
             assert refused_within(c2, VIP, 5432, 1) < 1
             assert refused_within(c2, str(s1.ip), 8080, 1) < 1
@@ -153,6 +158,11 @@ def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory
         # the destination's default (deny) decides, and counts.
         default = st["policy"]["default"]
         assert default["denied"] >= 3 and default["closed_by_update"] >= 1, st["policy"]
+        # Each refusal is a connection record too, under the VIP dialed (or the pod IP).
+        flows = [json.loads(line) for line in accel(
+            "flows", "--json", "--since", "5m", "--api-socket", env.socket).stdout.splitlines()]
+        refused = [f for f in flows if f.get("reason") == "policy"]
+        assert {f["vip"] for f in refused} >= {f"{VIP}:5432", f"{s1.ip}:8080"}, flows[-5:]
         listed = json.loads(accel("policies", "--json", "--api-socket", env.socket).stdout)
         assert listed["policies"]["back/allow-clients"] == counters
         text = accel("policies", "--api-socket", env.socket).stdout
@@ -168,4 +178,66 @@ def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory
         agent.stop()
         assert agent.proc.returncode == 0
     finally:
+        srv.stop(0)
+
+
+def test_workload_stream_nacks_a_malformed_address_and_keeps_the_last_good_state():
+    """The agent's client on the workload API (stream -> processors -> cache), no kernel:
+    a Service whose address is 5 bytes is NACKed naming it and the field, the table and
+    verdicts in force stay, and the next good version is taken."""
+    from types import SimpleNamespace
+
+    from accel.xds.client import XdsClient
+
+    pods = [SimpleNamespace(name=f"p{i}", ip=ipaddress.ip_address(f"10.200.9.{10 + i}"),
+                            ip6=ipaddress.ip_address(f"fd00:9::{10 + i}")) for i in range(4)]
+    applied: list = []
+    events: list = []
+    port = free_port()
+    srv = ControllerServer(MemorySource(), f"127.0.0.1:{port}", api="workload").start()
+    client = XdsClient(f"127.0.0.1:{port}", "", lambda t, v: applied.append((t, v)),
+                       api="workload", node_name=NODE, metadata={"INSTANCE_IPS": "10.0.0.9"})
+    client.events.append(lambda kind, info: events.append((kind, info)))
+    try:
+        srv.publish_resources(resources(pods, allow_from("front")))
+        client.start()
+        deadline = time.monotonic() + 10
+        while not applied or len(applied[-1][0].services) != 1:
+            assert time.monotonic() < deadline, events
+            time.sleep(0.02)
+        good_table, good_verdicts = applied[-1]
+        assert {str(e.address) for e in good_table.services[0].endpoints} == \
+            {"10.200.9.12", "10.200.9.13"}
+        assert good_verdicts.policed  # the two back pods are policed here
+
+        bad = resources(pods, allow_from("front"))
+        bad[ADDRESS][f"back/{HOST}"].service.addresses[0].address = b"\x01\x02\x03\x04\x05"
+        n = len(applied)
+        srv.publish_resources(bad)
+        while not any(k == "rejected" for k, _ in events):
+            assert time.monotonic() < deadline + 5, events
+            time.sleep(0.02)
+        [(_, nack)] = [(k, i) for k, i in events if k == "rejected"]
+        assert f"Address[back/{HOST}].service.addresses[0]" in nack["error"], nack
+        assert len(applied) == n and client.table is good_table
+        assert client.state()["api"] == "workload"
+        assert client.node.id == ("ztunnel~10.0.0.9~meshaccel-" + socket.gethostname()
+                                  + ".istio-system~istio-system.svc.cluster.local")
+
+        # Names of the server's own choosing (not the content's): keyed by them, removals
+        # follow them, and the policy is still found by the name workloads give it.
+        renamed = resources(pods, allow_from("front", "other"))
+        renamed = {t: {f"{t[-7:]}-{i}": m for i, m in enumerate(items.values())}
+                   for t, items in renamed.items()}
+        srv.publish_resources(renamed)
+        while len(applied) == n:
+            assert time.monotonic() < deadline + 10, events
+            time.sleep(0.02)
+        assert client.table is applied[-1][0]
+        table, verdicts = applied[-1]
+        assert len(table.services) == 1 and verdicts.policed
+        assert verdicts.policies == ("back/allow-clients",)
+        assert client.state()["workloads"] == 4  # the old names' entries went
+    finally:
+        client.stop()
         srv.stop(0)

@@ -24,8 +24,9 @@ from accel.model import ServiceTable, ValidationError
 from accel.xds.client import XdsClient
 from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, sock, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.api_harness import free_port
 
-PORTS = itertools.count(18130)
+PORTS = range(18100, 18150)  # this module's share; free_port picks one nobody holds
 
 
 def record_and_replay(owner, request_iterator, context):
@@ -90,7 +91,7 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 class Harness:
     def __init__(self, on_update: Callable[[ServiceTable], None] | None = None, **client):
-        self.port = next(PORTS)
+        self.port = free_port(PORTS)
         self.tables: list[ServiceTable] = []
         self.events: list[tuple[str, dict]] = []
         self.cond = threading.Condition()

@@ -4,7 +4,6 @@ response leaves the last good datapath serving, a dead controller changes nothin
 
 from __future__ import annotations
 
-import itertools
 import socket
 import time
 from pathlib import Path
@@ -20,12 +19,13 @@ from accel.xds.server import ControllerServer
 from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, pack, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER
 from tests import traffic
+from tests.api_harness import free_port
 from tests.test_xds_client import Harness
 from tests.traffic import connect, named_servers
 
 pytestmark = pytest.mark.kernel
 
-PORTS = itertools.count(18160)
+PORTS = range(18200, 18250)  # this module's share; free_port picks one nobody holds
 VIP = "10.96.0.20"
 
 
@@ -71,7 +71,7 @@ def test_controller_push_steers_new_connections_within_a_second(backends, datapa
     client, a, b = backends
     mesh = tmp_path / "mesh.yaml"
     write(mesh, mesh_yaml(a))
-    port = next(PORTS)
+    port = free_port(PORTS)
     controller = ControllerServer(FileSource(mesh, poll_interval=0.05),
                                   listen=f"127.0.0.1:{port}").start()
     agent = Runtime(datapath=datapath)
@@ -134,7 +134,7 @@ def test_controller_down_datapath_keeps_working_then_resyncs(backends, datapath,
     client, a, b = backends
     mesh = tmp_path / "mesh.yaml"
     write(mesh, mesh_yaml(a))
-    port = next(PORTS)
+    port = free_port(PORTS)
     controller = ControllerServer(FileSource(mesh), listen=f"127.0.0.1:{port}").start()
     agent = Runtime(datapath=datapath)
     xds = XdsClient(f"127.0.0.1:{port}", "test-node", agent.apply,
@@ -167,7 +167,7 @@ def test_config_and_xds_give_the_same_maps(lab, test_cgroup, tmp_path, uid):
         f"[{{address: {server.ip}, port: 5353, weight: 2}}]}}\n"
         f"mesh_cidrs: [10.201.0.0/16]\n"
     )
-    port = next(PORTS)
+    port = free_port(PORTS)
     with Datapath(pin_dir=f"/sys/fs/bpf/accel-test-{uid}-file", cgroup_path=str(test_cgroup)) \
             as by_file, Datapath(pin_dir=f"/sys/fs/bpf/accel-test-{uid}-xds",
                                  cgroup_path=str(test_cgroup)) as by_xds:

@@ -27,10 +27,11 @@ from accel.xds.client import XdsClient
 from accel.xds.server import ControllerServer
 from accel.xds.shapes.builders import cla, eds_cluster, lbe, locality, tcp_listener
 from accel.xds.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.api_harness import free_port
 from tests.test_xds_client import record_and_replay
 from tests.test_xds_controller import MESH, RATINGS, Recorder, names, wait_for, write
 
-PORTS = itertools.count(18700)
+PORTS = range(18760, 18820)  # this module's share; free_port picks one nobody holds
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def all_acked(srv: ControllerServer, node: str) -> bool:
 
 def test_file_change_reaches_the_client_within_a_second(mesh: Path) -> None:
     srv = ControllerServer(FileSource(mesh, poll_interval=0.05),
-                           f"127.0.0.1:{next(PORTS)}").start()
+                           f"127.0.0.1:{free_port(PORTS)}").start()
     rec = Recorder()
     client = delta_client(srv.port, "hdx-a", rec)
     try:
@@ -98,7 +99,7 @@ def test_file_change_reaches_the_client_within_a_second(mesh: Path) -> None:
 def test_removal_reaches_the_client_and_unsubscribes_its_endpoints(mesh: Path) -> None:
     write(mesh, MESH + RATINGS)
     srv = ControllerServer(FileSource(mesh, poll_interval=0.05),
-                           f"127.0.0.1:{next(PORTS)}").start()
+                           f"127.0.0.1:{free_port(PORTS)}").start()
     rec = Recorder()
     client = delta_client(srv.port, "hdx-b", rec)
     try:
@@ -129,7 +130,7 @@ def test_removal_reaches_the_client_and_unsubscribes_its_endpoints(mesh: Path) -
 
 
 def test_reconnect_sends_initial_versions_and_gets_only_what_changed(mesh: Path) -> None:
-    port = next(PORTS)
+    port = free_port(PORTS)
     write(mesh, MESH + RATINGS)
     srv = ControllerServer(FileSource(mesh, poll_interval=0.05), f"127.0.0.1:{port}").start()
     rec = Recorder()
@@ -172,7 +173,7 @@ def test_reconnect_sends_initial_versions_and_gets_only_what_changed(mesh: Path)
 
 def test_nack_is_recorded_by_the_server_and_last_good_stays(mesh: Path) -> None:
     srv = ControllerServer(FileSource(mesh, poll_interval=0.05),
-                           f"127.0.0.1:{next(PORTS)}").start()
+                           f"127.0.0.1:{free_port(PORTS)}").start()
     rec = Recorder(fail_on="ratings")
     client = delta_client(srv.port, "hdx-d", rec)
     try:
@@ -248,7 +249,7 @@ def got(r: discovery_pb2.DeltaDiscoveryResponse) -> dict[str, str]:
 
 def test_raw_delta_stream_protocol(mesh: Path) -> None:
     srv = ControllerServer(FileSource(mesh, poll_interval=0.05),
-                           f"127.0.0.1:{next(PORTS)}").start()
+                           f"127.0.0.1:{free_port(PORTS)}").start()
     raw = RawDelta(srv.port)
     try:
         raw.ask(CLUSTER)  # legacy wildcard: a first request naming nothing
@@ -316,7 +317,7 @@ def test_raw_delta_reconnect_with_initial_versions(mesh: Path) -> None:
     """initial_resource_versions: what matches is not resent, what changed is, what is gone
     is removed, and a named LDS subscription (gRPC's way) gets only that listener."""
     srv = ControllerServer(FileSource(mesh, poll_interval=0.05),
-                           f"127.0.0.1:{next(PORTS)}").start()
+                           f"127.0.0.1:{free_port(PORTS)}").start()
     raw = RawDelta(srv.port)
     try:
         raw.ask(LISTENER)
@@ -412,7 +413,7 @@ class Chained(Recorder):
 class DeltaHarness:
     def __init__(self, fail_on: str | None = None,
                  hook: Callable[[ServiceTable], None] | None = None):
-        self.port = next(PORTS)
+        self.port = free_port(PORTS)
         self.rec = Chained(hook) if hook else Recorder(fail_on=fail_on)
         self.start_server()
         self.client = delta_client(self.port, "hdx-script", self.rec)
@@ -565,7 +566,7 @@ def test_delta_and_sotw_give_the_same_maps(lab, test_cgroup, tmp_path, uid):
             + "mesh_cidrs: [10.201.0.0/16]\n")
 
     write(mesh, table_yaml(3, False))
-    port = next(PORTS)
+    port = free_port(PORTS)
     pins = [f"/sys/fs/bpf/hdx-{uid}-sotw", f"/sys/fs/bpf/hdx-{uid}-delta"]
     controller = ControllerServer(FileSource(mesh, poll_interval=0.05),
                                   listen=f"127.0.0.1:{port}").start()

@@ -147,6 +147,23 @@ def watch_events(socket_path: str | None = None,
             call.cancel()
 
 
+def watch_flows(socket_path: str | None = None, follow: bool = False, service: str = "",
+                since: float = 0.0, events: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Connection records: those the agent keeps, then (follow) each new one; with follow,
+    one {"event": "watching"} marks the stream live."""
+    req = pb.WatchFlowsRequest(follow=follow, service=service, since=since, events=list(events))
+    with connect(socket_path) as stub:
+        call = stub.WatchFlows(req)
+        try:
+            for msg in call:
+                yield convert.flow_to_json(msg)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                raise
+        finally:
+            call.cancel()
+
+
 def wait_ready(socket_path: str | None, timeout: float,
                alive: Callable[[], bool] | None = None) -> dict[str, Any]:
     """The agent's status once it says "ready" (programs attached, first table applied).

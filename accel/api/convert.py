@@ -8,11 +8,14 @@ Outgoing dicts (client side) keep the shapes of Agent.status() and Agent.stats()
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accel import config
 from accel.api.gen import agent_pb2 as pb
 from accel.model import DEFAULT_FASTPATH, Guard, Limits, ServiceTable, ValidationError
+
+if TYPE_CHECKING:
+    from accel.flows.record import FlowRecord
 
 # ---- tables ---------------------------------------------------------------------------------
 
@@ -326,6 +329,8 @@ def stats_to_proto(st: dict[str, Any]) -> pb.GetStatsResponse:
             for k, v in flatten({k: v for k, v in row.items()
                                  if k not in ("service", "vip", "port", "protocol")}).items():
                 vip.counters[k] = v
+    for k, v in (st.get("flows") or {}).items():
+        msg.flow_counters[k] = int(v)
     return msg
 
 
@@ -344,7 +349,19 @@ def stats_to_json(msg: pb.GetStatsResponse) -> dict[str, Any]:
         "services": {n: {k: getattr(c, k) for k in SERVICE_COUNTERS}
                      for n, c in sorted(msg.services.items())},
         "edge": edge_stats_to_json(msg.edge) if msg.HasField("edge") else None,
+        "flows": dict(msg.flow_counters) or None,
     }
+
+
+FLOW_FIELDS = tuple(f.name for f in pb.Flow.DESCRIPTOR.fields)
+
+
+def flow_to_proto(r: FlowRecord) -> pb.Flow:
+    return pb.Flow(**{k: getattr(r, k) for k in FLOW_FIELDS})
+
+
+def flow_to_json(msg: pb.Flow) -> dict[str, Any]:
+    return {k: getattr(msg, k) for k in FLOW_FIELDS}
 
 
 def event_to_json(msg: pb.Event) -> dict[str, Any]:

@@ -6,7 +6,14 @@ meshaccel_service_{connects,no_backend}_total{service=...}; the configuration
 meshaccel_config_info);
 xDS (meshaccel_xds_connected, meshaccel_xds_nack{type_url}, meshaccel_xds_resources,
 meshaccel_xds_last_update_timestamp_seconds, meshaccel_xds_ack_info{type_url,version});
-map fill (meshaccel_map_entries{map}, meshaccel_map_capacity{map}); the XDP edge's
+map fill (meshaccel_map_entries{map}, meshaccel_map_capacity{map}); from the connection
+records (accel/flows), per service{service,namespace}:
+meshaccel_service_connections_total, meshaccel_service_connections_active,
+meshaccel_service_bytes_total{direction}, meshaccel_service_connect_failures_total{reason},
+meshaccel_service_connection_duration_seconds (histogram), per endpoint (at most
+ENDPOINT_SERIES, then endpoint="other") meshaccel_endpoint_connections_total and
+meshaccel_endpoint_bytes_total{direction}, and the records' own
+meshaccel_flow_{events,dropped,read,watch_dropped,undecodable}_total; the XDP edge's
 counters as meshaccel_edge_<counter>_total and meshaccel_edge_vip_<counter>_total{service,
 vip,port,protocol} when an edge runs; L4 authorization, once a policy was applied:
 meshaccel_policy_decisions_total{policy,decision} (decision allowed, denied, dry_run_denied,
@@ -24,7 +31,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from accel.api.convert import XDS_SCALARS, flatten
@@ -51,6 +63,7 @@ class AgentCollector(Collector):
         yield from self._guarded("datapath", errors, self._stats)
         yield from self._guarded("xds", errors, self._xds)
         yield from self._guarded("maps", errors, self._maps)
+        yield from self._guarded("flows", errors, self._flows)
         yield from self._guarded("policy", errors, self._policy)
         g = GaugeMetricFamily("meshaccel_scrape_errors",
                               "1 for each part of the agent that could not be read",
@@ -132,6 +145,51 @@ class AgentCollector(Collector):
                     fam.add_metric(values, value)
             yield from per_vip.values()
 
+    def _flows(self) -> Iterator[Any]:
+        from accel.flows.store import DURATION_BUCKETS
+
+        flows = self.agent.flows
+        if flows is None:
+            return
+        for name, value in flows.stats().items():
+            yield CounterMetricFamily(metric_name("flow", name),
+                                      f"connection records: {name}", value=value)
+        services, endpoints = flows.store.snapshot()
+        labels = ["service", "namespace"]
+        conns = CounterMetricFamily("meshaccel_service_connections",
+                                    "connections dialed through the service's VIP", labels=labels)
+        active = GaugeMetricFamily("meshaccel_service_connections_active",
+                                   "connections open now", labels=labels)
+        nbytes = CounterMetricFamily("meshaccel_service_bytes", "bytes, as the clients saw them",
+                                     labels=labels + ["direction"])
+        failed = CounterMetricFamily("meshaccel_service_connect_failures",
+                                     "connect() refused, by reason", labels=labels + ["reason"])
+        hist = HistogramMetricFamily("meshaccel_service_connection_duration_seconds",
+                                     "connect() to close", labels=labels)
+        for key, t in sorted(services.items()):
+            k = list(key)
+            conns.add_metric(k, t.connections)
+            active.add_metric(k, t.active)
+            nbytes.add_metric(k + ["sent"], t.sent)
+            nbytes.add_metric(k + ["received"], t.received)
+            for reason, n in sorted(t.failures.items()):
+                failed.add_metric(k + [reason], n)
+            cumulative, buckets = 0, []
+            for bound, n in zip((*map(str, DURATION_BUCKETS), "+Inf"), t.buckets, strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            hist.add_metric(k, buckets, t.duration_sum)
+        ep_conns = CounterMetricFamily("meshaccel_endpoint_connections",
+                                       "connections balanced to the endpoint",
+                                       labels=labels + ["endpoint"])
+        ep_bytes = CounterMetricFamily("meshaccel_endpoint_bytes", "bytes, as the clients saw them",
+                                       labels=labels + ["endpoint", "direction"])
+        for key, e in sorted(endpoints.items()):
+            k = list(key)
+            ep_conns.add_metric(k, e.connections)
+            ep_bytes.add_metric(k + ["sent"], e.sent)
+            ep_bytes.add_metric(k + ["received"], e.received)
+        yield from (conns, active, nbytes, failed, hist, ep_conns, ep_bytes)
     def _policy(self) -> Iterator[Any]:
         st = self.agent.policy_status()
         if st is None:

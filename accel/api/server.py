@@ -105,6 +105,46 @@ class AgentService(pb_grpc.AgentServicer):
             self.agent.unwatch(q)
             self._watchers.release()
 
+    def WatchFlows(self, request, context):
+        from accel.flows.record import KINDS
+
+        flows = self.agent.flows
+        if flows is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "connection records are off in this agent")
+        events = set(request.events) or {"close", "refused"}
+        bad = sorted(events - set(KINDS))
+        if bad:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"events: {', '.join(map(repr, bad))} not one of {', '.join(KINDS)}")
+        if not self._watchers.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"at most {MAX_WATCHERS} event streams at once")
+
+        def wanted(r) -> bool:
+            return r.event in events and (not request.service or r.service == request.service)
+
+        # One step: the history then exactly what came after it, nothing twice or lost.
+        history, q = flows.store.recent_and_watch(request.since, request.follow)
+        try:
+            for r in history:
+                if wanted(r):
+                    yield convert.flow_to_proto(r)
+            if q is None:
+                return
+            yield pb.Flow(event="watching")
+            while context.is_active() and not self.stopping.is_set():
+                try:
+                    r = q.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                if wanted(r) and r.time_end >= request.since:
+                    yield convert.flow_to_proto(r)
+        finally:
+            if q is not None:
+                flows.store.unwatch(q)
+            self._watchers.release()
+
     # ---- changing ----------------------------------------------------------------------
 
     def _may_write(self, context, what: str) -> None:

@@ -12,6 +12,10 @@
                    agent, as Merbridge does for Istio (a REDIRECTed connection cannot be paired:
                    its two ends see different addresses)
     iptables-dnat  client -> service VIP, DNAT by kube-proxy style rules in the client pod
+    accel-noflows, accel+redirect-noflows
+                   accel and accel+redirect with connection records switched off (the
+                   agent's flag, set before each of their runs): the records' cost, measured
+                   in the same run (`accel bench --flows-cost`; not in the default set)
 
 Each mode owns its pods, so one mode's iptables rules and conntrack never touch another's,
 and its processes join the accel cgroup (programs attached) or the plain one (none).
@@ -28,6 +32,8 @@ from accel.bench.workloads import start_server, wait_listening
 from accel.lab import Pod
 
 MODES = ("kernel", "accel", "accel+redirect", "sidecar", "sidecar+accel", "iptables-dnat")
+FLOW_MODES = ("accel", "accel-noflows", "accel+redirect", "accel+redirect-noflows")
+ALL_MODES = MODES + ("accel-noflows", "accel+redirect-noflows")
 PROXY_UID = 1337  # Istio's proxy uid: the capture rules let the proxy's own traffic pass
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -74,6 +80,7 @@ class Mode:
     describe: str = ""
     procs: list[subprocess.Popen] = field(default_factory=list)
     ctx: ModeContext | None = None
+    flows: bool = True  # connection records on while it runs (accel modes)
 
     server_bind = "0.0.0.0"
 
@@ -130,12 +137,14 @@ class KernelMode(Mode):
 
 
 class AccelMode(Mode):
-    def __init__(self, fastpath: str = "route") -> None:
+    def __init__(self, fastpath: str = "route", flows: bool = True) -> None:
         how = ("sock_ops/sk_msg redirect socket to socket" if fastpath == "redirect"
                else "TCP as it is (fastpath: route)")
-        super().__init__("accel+redirect" if fastpath == "redirect" else "accel", accel=True,
+        name = "accel+redirect" if fastpath == "redirect" else "accel"
+        super().__init__(name + ("" if flows else "-noflows"), accel=True,
                          describe=f"client -> service VIP; connect-time balancing, {how} "
-                         "and pod routing by the agent")
+                         "and pod routing by the agent"
+                         + ("" if flows else "; connection records off"), flows=flows)
         self.fastpath = fastpath
 
     def target(self, workload: str) -> tuple[str, int]:
@@ -300,5 +309,7 @@ def make_modes(names: tuple[str, ...], sidecar_capture: str = "redirect") -> lis
         "sidecar": lambda: SidecarMode(accel=False, capture=sidecar_capture),
         "sidecar+accel": lambda: SidecarMode(accel=True, capture="ports"),
         "iptables-dnat": DnatMode,
+        "accel-noflows": lambda: AccelMode(flows=False),
+        "accel+redirect-noflows": lambda: AccelMode("redirect", flows=False),
     }
     return [makers[n]() for n in names]

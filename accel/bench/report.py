@@ -68,6 +68,48 @@ def check_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# What connection records cost: each accel mode with records on against the same mode with
+# them off, in one run. Loss in percent: conn/s given up (crr), p50 added (rr).
+FLOWS_COST_GOAL_PCT = 3.0  # on crr
+
+
+def _median_run(cases: list[dict[str, Any]], mode: str, workload: str,
+                key: str) -> float | None:
+    for c in cases:
+        if c["mode"] == mode and c["workload"] == workload:
+            values = sorted(r[key] for r in c.get("runs", []) if r.get(key) is not None)
+            return values[len(values) // 2] if values else None
+    return None
+
+
+def flows_cost(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for mode in ("accel", "accel+redirect"):
+        for workload, metric in (("crr", "conn_per_s"), ("rr", "p50_us")):
+            on = _figure(cases, (mode, workload, metric))
+            off = _figure(cases, (f"{mode}-noflows", workload, metric))
+            if on is None or off is None or not off:
+                continue
+            loss = (off - on) / off if metric == "conn_per_s" else (on - off) / off
+            row = {"mode": mode, "workload": workload, "metric": metric, "flows_on": on,
+                   "flows_off": off, "loss_pct": round(100 * loss, 2),
+                   # The agent's CPU per run (reading and counting the records), median.
+                   "agent_cpu_s_on": _median_run(cases, mode, workload, "agent_cpu_s"),
+                   "agent_cpu_s_off": _median_run(cases, f"{mode}-noflows", workload,
+                                                  "agent_cpu_s")}
+            for side, m in (("on", mode), ("off", f"{mode}-noflows")):
+                ns = _median_run(cases, m, workload, "bpf_ns_per_op")
+                if ns is not None:
+                    # The socket programs' own time per connection (crr) or transaction
+                    # (rr), by the kernel's BPF stats: the cost apart from the VM's noise.
+                    row[f"bpf_ns_per_op_{side}"] = ns
+            if workload == "crr":
+                row["goal_pct"] = FLOWS_COST_GOAL_PCT
+                row["met"] = 100 * loss <= FLOWS_COST_GOAL_PCT
+            out.append(row)
+    return out
+
+
 def brief(row: dict[str, Any]) -> str:
     """One run in a few words, for progress lines."""
     if row.get("p50_us") is not None:
@@ -130,6 +172,12 @@ def table(results: dict[str, Any]) -> str:
                      f"{counters.get('connect_balanced', 0)} balanced connects, "
                      f"{counters.get('pod_redirects', 0)} packets pod-routed past the bridge, "
                      f"{counters.get('msg_peer_unknown', 0)} unpaired")
+    for c in results.get("flows_cost") or flows_cost(cases):
+        what = "conn/s given up" if c["workload"] == "crr" else "p50 added"
+        goal = (f" (goal <= {c['goal_pct']:g}%: {'met' if c['met'] else 'MISSED'})"
+                if "goal_pct" in c else "")
+        lines.append(f"  connection records on {c['mode']} {c['workload']}: {c['loss_pct']:+.2f}% "
+                     f"{what}{goal}")
     load = env.get("loadavg_end")
     if load and load[0] > 1.5:  # the bench itself keeps about one CPU busy
         lines.append(f"  NOTE: load {load[0]:.1f} at the end, the bench itself accounting for "

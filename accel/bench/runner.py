@@ -35,7 +35,15 @@ import yaml
 
 from accel import __version__
 from accel.bench import report
-from accel.bench.modes import MODES, Mode, ModeContext, Placement, make_modes
+from accel.bench.modes import (
+    ALL_MODES,
+    FLOW_MODES,
+    MODES,
+    Mode,
+    ModeContext,
+    Placement,
+    make_modes,
+)
 from accel.bench.workloads import (
     METRICS,
     TOOLS,
@@ -137,9 +145,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             raise ValueError("--prefix must be 1-9 letters or digits")
         kw["prefix"] = args.prefix
     quiet = getattr(args, "quiet", False)
+    flows_cost = getattr(args, "flows_cost", False)
+    if flows_cost and args.modes:
+        raise ValueError("--flows-cost sets the modes itself: drop --modes")
+    default_workloads = ("rr", "crr") if flows_cost else WORKLOADS
     return BenchConfig(
-        modes=parse_list(args.modes, MODES, "modes"),
-        workloads=parse_list(args.workloads, WORKLOADS, "workloads"),
+        modes=FLOW_MODES if flows_cost else
+        parse_list(args.modes, ALL_MODES, "modes") if args.modes else MODES,
+        workloads=parse_list(args.workloads, WORKLOADS, "workloads") if args.workloads
+        else default_workloads,
         repeats=repeats,
         seconds=int(seconds),
         quick=quick,
@@ -300,6 +314,8 @@ class Bench:
         self.loadavg_start = os.getloadavg()
         self.counters_before: dict[str, int] = {}
         self.setup_seconds = 0.0
+        self._stats_fd: int | None = None  # BPF run-time stats on (flows cost)
+        self._prog_fds: list[int] = []
 
     def say(self, line: str) -> None:
         if self.config.progress:
@@ -397,12 +413,46 @@ class Bench:
                 argv += ["--pod-iface", mode.ctx.client.host_ifname,
                          "--pod-iface", mode.ctx.server.host_ifname]
         self.say(f"agent: attaching to {self.cgroups['accel']} (pin dir {self.config.pin_dir})")
+        # The agent's own work (reading connection records) on the CPUs the measured
+        # processes leave free, where there are any: what it costs is its CPU time
+        # (agent_cpu_s per run), not a share of the measured CPU.
+        spare = sorted(os.sched_getaffinity(0) - set(self.placement.as_dict().values()))
+        if spare:
+            argv = ["taskset", "-c", ",".join(map(str, spare)), *argv]
         with open(logf, "w") as out:
             self.agent = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
         self._record_state()
         wait_agent(self.agent, logf, str(self.run_dir / "agent.sock"))
         self.counters_before = self.counters()
+        if any(not m.flows for m in self.modes):
+            self._start_bpf_stats()
+
+    # The programs a connection runs through the agent's, timed by the kernel: the cost of
+    # connection records in ns, apart from the noise of a shared VM.
+    BPF_PROGRAMS = ("accel_sockops", "accel_msg", "accel_connect4")
+
+    def _start_bpf_stats(self) -> None:
+        from accel.kernel import bpf
+
+        try:
+            self._stats_fd = bpf.enable_stats()
+            self._prog_fds = [bpf.obj_get(os.path.join(str(self.config.pin_dir), f"prog_{p}"))
+                              for p in self.BPF_PROGRAMS]
+        except OSError as e:
+            self.say(f"no BPF run-time stats ({e}): the cost is measured by throughput only")
+
+    def bpf_time(self) -> tuple[int, int] | None:
+        """(ns, runs) of the agent's socket programs so far, or None without stats."""
+        if self._stats_fd is None:
+            return None
+        from accel.kernel import bpf
+
+        ns = runs = 0
+        for fd in self._prog_fds:
+            a, b = bpf.prog_run_stats(fd)
+            ns, runs = ns + a, runs + b
+        return ns, runs
 
     def counters(self) -> dict[str, int]:
         if self.agent is None:
@@ -413,6 +463,16 @@ class Bench:
             return counters.read(str(self.config.pin_dir))
         except (OSError, RuntimeError):
             return {}
+
+    def agent_cpu(self) -> float | None:
+        """CPU seconds the agent process has used (user + system), or None."""
+        if self.agent is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.agent.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _warm_up(self) -> None:
         """One short crr per mode: neighbours resolved, proxies connected, paths proven."""
@@ -449,7 +509,13 @@ class Bench:
     def _one(self, mode: Mode, workload: str, repeat: int) -> dict[str, Any]:
         assert mode.ctx is not None
         addr, port = mode.target(workload)
+        if mode.accel and self.agent is not None:
+            from accel.flows.reader import set_enabled
+
+            set_enabled(str(self.config.pin_dir), mode.flows)
         before = self.counters() if mode.accel else {}
+        cpu_before = self.agent_cpu()
+        bpf_before = self.bpf_time() if mode.accel else None
         try:
             figures = run_client(workload, mode.ctx.client, addr, port, self.placement.client,
                                  self.config.seconds, self.config.msg_size)
@@ -458,6 +524,11 @@ class Bench:
             figures, error = empty(), str(e)
         row: dict[str, Any] = {"mode": mode.name, "workload": workload, "repeat": repeat,
                                "target": f"{addr}:{port}", **figures}
+        if cpu_before is not None and (cpu_after := self.agent_cpu()) is not None:
+            row["agent_cpu_s"] = round(cpu_after - cpu_before, 3)  # the agent's own work
+        if bpf_before is not None and (bpf_after := self.bpf_time()) is not None:
+            row["bpf_ns"] = bpf_after[0] - bpf_before[0]
+            row["bpf_runs"] = bpf_after[1] - bpf_before[1]
         if mode.accel:
             after = self.counters()
             row["accel_counters"] = {k: after.get(k, 0) - before.get(k, 0)
@@ -465,6 +536,11 @@ class Bench:
                                                "connect_balanced", "sockhash_inserts",
                                                "msg_peer_unknown", "pod_redirects",
                                                "socks_routed", "msg_backpressure")}
+            ops = row["accel_counters"]["connect_balanced"] if workload == "crr" else (
+                row.get("observations") or 0)
+            if "bpf_ns" in row and ops:
+                row["bpf_ns_per_op"] = round(row["bpf_ns"] / ops, 1)
+                row["bpf_runs_per_op"] = round(row["bpf_runs"] / ops, 2)
         if error:
             row["error"] = error
         self.say(f"{repeat + 1}/{self.config.repeats} {mode.name:<14} {workload:<6} "
@@ -534,6 +610,9 @@ class Bench:
     # ---- teardown ----------------------------------------------------------------------------
 
     def close(self) -> None:
+        for fd in [*self._prog_fds, *([self._stats_fd] if self._stats_fd is not None else [])]:
+            os.close(fd)
+        self._prog_fds, self._stats_fd = [], None
         for mode in reversed(self.modes):
             try:
                 mode.close()
@@ -679,6 +758,7 @@ def main(config: BenchConfig, json_path: str | None = None, plot_path: str | Non
         print(f"accel bench: {e}", file=sys.stderr)
         return 1
     results["targets"] = report.check_targets(results["cases"])
+    results["flows_cost"] = report.flows_cost(results["cases"])
     print(report.table(results))
     if json_path:
         report.write_json(results, json_path)

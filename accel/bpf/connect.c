@@ -9,6 +9,7 @@
 #include "lib/common.h"
 #include "lib/counters.h"
 #include "lib/lb.h"
+#include "lib/flows.h"
 #include "lib/policy.h"
 #include "lib/qos.h"
 #include "lib/sock.h"
@@ -24,6 +25,60 @@ static __always_inline void count_add(u32 idx, u64 n)
 }
 
 #define count(idx) count_add((idx), 1)
+
+/* Connection records: lib/flows.h says why each program defines these itself. */
+static __always_inline int flows_on(void)
+{
+	__u32 zero = 0;
+	struct flow_config *c = accel_flow_config.lookup(&zero);
+
+	return c && c->enabled;
+}
+
+static __always_inline struct flow_stats *flow_stats(void)
+{
+	__u32 zero = 0;
+
+	return accel_flow_stats.lookup(&zero);
+}
+
+static __always_inline struct flow_event *flow_reserve(void)
+{
+	struct flow_event *ev = accel_flows.ringbuf_reserve(sizeof(struct flow_event));
+	struct flow_stats *s = flow_stats();
+
+	if (!ev && s)
+		s->dropped++; /* the ring is full: never wait */
+	return ev;
+}
+
+static __always_inline void flow_submit(struct flow_event *ev)
+{
+	struct flow_stats *s = flow_stats();
+
+	accel_flows.ringbuf_submit(ev, BPF_RB_NO_WAKEUP); /* the reader polls */
+	if (s)
+		s->events++;
+}
+
+/* Refuse a connect() to `key` and record why (enum flow_reason): the one exit of every
+ * refusal, so each reason shows in `accel flows`. */
+static __always_inline int refuse(struct bpf_sock_addr *ctx, struct svc_key *key, __u8 reason)
+{
+	struct svc_val *svc = accel_services.lookup(key);
+	struct flow_event *ev;
+
+	if (!flows_on())
+		return SYS_REJECT;
+	ev = flow_reserve();
+	if (!ev)
+		return SYS_REJECT;
+	flow_fill_refused(ev, &key->vip, key->port, svc ? svc->index : FLOW_SVC_UNKNOWN, reason,
+			  bpf_get_socket_cookie(ctx), bpf_get_netns_cookie(ctx),
+			  bpf_ktime_get_boot_ns());
+	flow_submit(ev);
+	return SYS_REJECT;
+}
 
 /* lib/policy.h's accessors, over its maps (bcc rewrites map calls only here). */
 static __always_inline struct policy_config *policy_config_get(void)
@@ -91,7 +146,7 @@ static __always_inline struct svc_val *find_service(struct svc_key *key)
 }
 
 /* Pick an endpoint for key; NULL when the VIP is not a service. *reject is set
- * when it is a service without a usable endpoint. */
+ * when it is a service without a usable endpoint (1) or over its connection limit (2). */
 static __always_inline struct backend *pick(struct bpf_sock_addr *ctx, struct svc_key *key,
 					     int *reject, __u32 *flags, int connected)
 {
@@ -108,7 +163,7 @@ static __always_inline struct backend *pick(struct bpf_sock_addr *ctx, struct sv
 		return NULL;
 	}
 	if (connected && qos_connect_refused(ctx, svc->index)) {
-		*reject = 1; /* over the service's connection rate (lib/qos.h): EPERM at once */
+		*reject = 2; /* over the service's connection rate (lib/qos.h): EPERM at once */
 		return NULL;
 	}
 	sk.slots_id = svc->slots_id;
@@ -193,7 +248,8 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter, in
 	key.proto = CTX_READ(ctx->protocol);
 	be = pick(ctx, &key, &reject, &flags, connected);
 	if (!be)
-		return reject ? SYS_REJECT : SYS_PROCEED;
+		return reject ? refuse(ctx, &key, reject == 2 ? FLOW_R_LIMIT : FLOW_R_NO_BACKEND)
+			      : SYS_PROCEED;
 	if (!addr_is_v4(&be->addr)) {
 		count(C_CONNECT_FAMILY_MISMATCH);
 		return SYS_PROCEED;
@@ -223,7 +279,8 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter, in
 	key.proto = CTX_READ(ctx->protocol);
 	be = pick(ctx, &key, &reject, &flags, connected);
 	if (!be)
-		return reject ? SYS_REJECT : SYS_PROCEED;
+		return reject ? refuse(ctx, &key, reject == 2 ? FLOW_R_LIMIT : FLOW_R_NO_BACKEND)
+			      : SYS_PROCEED;
 	/* An IPv4 endpoint is dialed as ::ffff:a.b.c.d from an IPv6 socket. */
 	ctx->user_ip6[0] = be->addr.w[0];
 	ctx->user_ip6[1] = be->addr.w[1];
@@ -299,8 +356,49 @@ static __always_inline int unbalance6(struct bpf_sock_addr *ctx)
 }
 
 /* Balanced first, then authorized for the endpoint it got (lib/policy.h). */
-int accel_connect4(struct bpf_sock_addr *ctx) { return police4(ctx, balance4(ctx, C_CONNECT_BALANCED, 1)); }
-int accel_connect6(struct bpf_sock_addr *ctx) { return police6(ctx, balance6(ctx, C_CONNECT_BALANCED, 1)); }
+/* A connect() the policy denied (lib/policy.h), recorded like any refused one: under the
+ * VIP the client dialed (kept with the socket by balancing), else the address it dialed. */
+static __always_inline int policy_refused(struct bpf_sock_addr *ctx, struct addr16 *dst)
+{
+	struct svc_key key = {};
+	struct sock_state *st = ctx->sk ? accel_sock_state.sk_storage_get(ctx->sk, 0, 0) : NULL;
+
+	key.proto = CTX_READ(ctx->protocol);
+	if (st && st->vip.set) {
+		key.vip = st->vip.vip;
+		key.port = st->vip.vip_port;
+	} else {
+		key.vip = *dst;
+		key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
+	}
+	return refuse(ctx, &key, FLOW_R_POLICY);
+}
+
+static __always_inline int authorize4(struct bpf_sock_addr *ctx, int rc)
+{
+	struct addr16 dst;
+
+	if (!rc || police4(ctx, rc))
+		return rc;
+	addr_from4(&dst, CTX_READ(ctx->user_ip4));
+	return policy_refused(ctx, &dst);
+}
+
+static __always_inline int authorize6(struct bpf_sock_addr *ctx, int rc)
+{
+	struct addr16 dst;
+
+	if (!rc || police6(ctx, rc))
+		return rc;
+	dst.w[0] = CTX_READ(ctx->user_ip6[0]);
+	dst.w[1] = CTX_READ(ctx->user_ip6[1]);
+	dst.w[2] = CTX_READ(ctx->user_ip6[2]);
+	dst.w[3] = CTX_READ(ctx->user_ip6[3]);
+	return policy_refused(ctx, &dst);
+}
+
+int accel_connect4(struct bpf_sock_addr *ctx) { return authorize4(ctx, balance4(ctx, C_CONNECT_BALANCED, 1)); }
+int accel_connect6(struct bpf_sock_addr *ctx) { return authorize6(ctx, balance6(ctx, C_CONNECT_BALANCED, 1)); }
 int accel_sendmsg4(struct bpf_sock_addr *ctx) { return balance4(ctx, C_UDP_BALANCED, 0); }
 int accel_sendmsg6(struct bpf_sock_addr *ctx) { return balance6(ctx, C_UDP_BALANCED, 0); }
 int accel_recvmsg4(struct bpf_sock_addr *ctx) { return unbalance4(ctx); }

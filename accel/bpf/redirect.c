@@ -8,6 +8,7 @@
  * after the receiver has read every byte TCP carried (tcp_drained). */
 #include "lib/common.h"
 #include "lib/counters.h"
+#include "lib/flows.h"
 #include "lib/sock.h"
 
 static __always_inline void count_add(u32 idx, u64 n)
@@ -18,6 +19,41 @@ static __always_inline void count_add(u32 idx, u64 n)
 }
 
 #define count(idx) count_add((idx), 1)
+
+/* Connection records: lib/flows.h says why each program defines these itself. */
+static __always_inline int flows_on(void)
+{
+	__u32 zero = 0;
+	struct flow_config *c = accel_flow_config.lookup(&zero);
+
+	return c && c->enabled;
+}
+
+static __always_inline struct flow_stats *flow_stats(void)
+{
+	__u32 zero = 0;
+
+	return accel_flow_stats.lookup(&zero);
+}
+
+static __always_inline struct flow_event *flow_reserve(void)
+{
+	struct flow_event *ev = accel_flows.ringbuf_reserve(sizeof(struct flow_event));
+	struct flow_stats *s = flow_stats();
+
+	if (!ev && s)
+		s->dropped++; /* the ring is full: never wait */
+	return ev;
+}
+
+static __always_inline void flow_submit(struct flow_event *ev)
+{
+	struct flow_stats *s = flow_stats();
+
+	accel_flows.ringbuf_submit(ev, BPF_RB_NO_WAKEUP); /* the reader polls */
+	if (s)
+		s->events++;
+}
 
 /* bpf_probe_read_kernel by its number: some bcc builds map the name to the old
  * bpf_probe_read, which sk_msg programs may not call. */
@@ -123,6 +159,27 @@ static __always_inline int pause_on_tcp(struct sock_state *st)
 	return SK_PASS;
 }
 
+/* A long redirected connection sends no packets, so sock_ops never hears of it: its client
+ * end reports from here. What is known here is what this end redirected so far. */
+static __always_inline void flow_report(struct sock_state *st)
+{
+	struct flow_event *ev;
+
+	if (!flows_on() || !flow_report_due(st, bpf_ktime_get_boot_ns()))
+		return;
+	ev = flow_reserve();
+	if (!ev)
+		return;
+	flow_fill(ev, st, FLOW_REPORT, st->flow.reported);
+	ev->client = st->id.local;
+	ev->client_port = st->id.lport;
+	ev->server_netns = st->peer_netns;
+	ev->bytes_sent = st->redirected;
+	ev->bytes_redirected = st->redirected;
+	ev->path = FLOW_PATH_REDIRECTED;
+	flow_submit(ev);
+}
+
 int accel_msg(struct sk_msg_md *msg)
 {
 	struct bpf_sock *sk = msg->sk;
@@ -169,6 +226,8 @@ int accel_msg(struct sk_msg_md *msg)
 		st->redirected += size;
 		count(C_MSG_REDIRECTS);
 		count_add(C_REDIRECTED_BYTES, size);
+		if (st->flow.flags & FLOW_S_CLIENT)
+			flow_report(st);
 		return SK_PASS;
 	}
 	/* bpf_msg_redirect_hash says SK_DROP when the peer is gone: fall back, never drop. */

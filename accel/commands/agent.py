@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "are its mesh pods, whose inbound connections it authorizes")
     p.add_argument("--cluster-id", default="Kubernetes", metavar="ID",
                    help="with --xds-api workload: the mesh cluster id (istiod's CLUSTER_ID)")
+    p.add_argument("--fastpath", choices=("route", "redirect"), default=None,
+                   help="with --xds-api workload: the fast path of its services (the API has "
+                   "no field for it; default route, see README 'The fast path')")
     p.add_argument("--xds-ca", metavar="PEM", help="CA bundle: use TLS to the xDS server")
     p.add_argument("--xds-cert", metavar="PEM", help="client certificate for mutual TLS")
     p.add_argument("--xds-key", metavar="PEM", help="client key for mutual TLS")
@@ -61,6 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-tls-client-ca", metavar="PEM",
                    help="require client certificates signed by this CA")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--flow-log", metavar="FILE",
+                   help="write every connection record here as a JSON line (rotated at "
+                   "64 MiB, 5 kept: FILE.1 ... FILE.5)")
+    p.add_argument("--no-flows", action="store_true",
+                   help="no connection records (accel flows, per-service connection metrics)")
     p.add_argument("--edge-iface", metavar="IFACE",
                    help="run the XDP/TC edge load balancer on this interface")
     p.add_argument("--maglev-size", type=int, default=65537,
@@ -75,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="map capacity, e.g. services=20000 (names: "
                    "sockets, mesh_nets, services, slots, revnat, pods, pod_flows, "
                    "policy_addrs, policy_cidrs, policy_dsts, policy_rules, policy_netns, "
-                   "policies)")
+                   "policies, flow_ring)")
     p.set_defaults(func=run)
 
 
@@ -130,9 +138,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.node_name:
                 raise ValidationError("--node-name", "--xds-api workload needs this host's "
                                       "node name (the `node` of its workloads)")
-        elif args.node_name or args.cluster_id != "Kubernetes":
-            raise ValidationError("--node-name", "--node-name and --cluster-id go with "
-                                  "--xds-api workload")
+        elif args.node_name or args.cluster_id != "Kubernetes" or args.fastpath:
+            raise ValidationError("--node-name", "--node-name, --cluster-id and --fastpath "
+                                  "go with --xds-api workload")
         if args.pod_netns and not args.pod_iface:
             raise ValidationError("--pod-netns", "goes with --pod-iface NAME")
         if args.pod_netns:
@@ -141,6 +149,13 @@ def run(args: argparse.Namespace) -> int:
             if not os.path.exists(netns_path(args.pod_netns) or ""):
                 raise ValidationError("--pod-netns", f"{args.pod_netns!r}: no such network "
                                       "namespace (`ip netns list` names them)")
+        if args.flow_log and args.no_flows:
+            raise ValidationError("--flow-log", "needs connection records: drop --no-flows")
+        if args.flow_log:
+            where = os.path.dirname(os.path.abspath(args.flow_log))
+            if not os.path.isdir(where) or not os.access(where, os.W_OK):
+                raise ValidationError("--flow-log", f"{args.flow_log!r}: directory {where} "
+                                      "does not exist or is not writable")
         if args.api_listen and not (args.api_insecure or (args.api_tls_cert and args.api_tls_key)):
             raise ValidationError("--api-listen", "TCP needs --api-tls-cert/--api-tls-key "
                                   "(or --api-insecure on a trusted network)")
@@ -157,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         xds=XdsSettings(args.xds, node_id=args.node_id or "",
                         delta=args.xds_delta or args.xds_api == "workload",
                         api=args.xds_api, node_name=args.node_name or "",
-                        cluster_id=args.cluster_id,
+                        cluster_id=args.cluster_id, fastpath=args.fastpath or "route",
                         node_cluster=args.node_cluster, node_meta=node_meta,
                         ca=args.xds_ca, cert=args.xds_cert, key=args.xds_key)
         if args.xds else None,
@@ -167,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
                         tls_cert=args.api_tls_cert, tls_key=args.api_tls_key,
                         tls_client_ca=args.api_tls_client_ca, insecure=args.api_insecure),
         metrics=args.metrics,
+        flows=not args.no_flows, flow_log=args.flow_log,
     )
     runtime = Runtime(settings)
     stop = threading.Event()

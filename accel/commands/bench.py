@@ -45,10 +45,13 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
                    "(e.g. 1 or 0,1 or 0-1; default: the last CPU for all, the like-with-like "
                    "placement)")
     p.add_argument("--modes", default=None, metavar="LIST",
-                   help="comma list of kernel,accel,sidecar,sidecar+accel,iptables-dnat "
-                   "(default: all)")
+                   help="comma list of kernel,accel,accel+redirect,sidecar,sidecar+accel,"
+                   "iptables-dnat (default: all), accel-noflows,accel+redirect-noflows")
     p.add_argument("--workloads", default=None, metavar="LIST",
                    help="comma list of rr,stream,crr (default: all)")
+    p.add_argument("--flows-cost", action="store_true",
+                   help="what connection records cost: accel and accel+redirect with records "
+                   "on and off (accel-noflows, accel+redirect-noflows), rr and crr, in one run")
     p.add_argument("--repeats", type=int, default=None,
                    help="rounds over every mode (default 5; --quick 2)")
     p.add_argument("--seconds", type=float, default=None,

@@ -114,6 +114,7 @@ def check_programs() -> list[Check]:
                         "kernel structure offsets from BTF found: services may ask for the "
                         "socket redirect" if offsets.available else offsets.missing,
                         "services with fastpath: redirect stay on TCP", required=False))
+    from accel.datapath import policy
     from accel.kernel import attach, bpf, loader
     from accel.kernel.maps import Map
 
@@ -125,6 +126,8 @@ def check_programs() -> list[Check]:
         ("cgroup sock_addr", loader.Program("connect.c", "accel_connect4", "cgroup_sock_addr",
                                             bpf.ATTACH["cgroup_inet4_connect"])),
         ("pod routing", loader.Program("pod_tc.c", "accel_pod_tc", "sched_cls")),
+        ("policy: reset denied SYNs", policy.TC_PROGRAM),
+        ("policy: cut denied connections (iter/tcp, bpf_sock_destroy)", policy.ITER_PROGRAM),
     ]
     try:
         for title, prog in loads:
@@ -141,12 +144,15 @@ def check_programs() -> list[Check]:
                     p.close()
                 checks.append(Check(title, True, f"{source}:{fn} loads"))
             except Exception as e:
-                optional = source == "pod_tc.c"  # the agent runs on without pod routing
+                # The agent runs on without pod routing; without the policy programs it
+                # refuses tables with policies (fail closed), so neither stops the rest.
+                optional = source in ("pod_tc.c", "policy_tc.c", "policy_iter.c")
+                why = {"pod_tc.c": "; the agent runs without pod routing",
+                       "policy_tc.c": "; policies cannot be enforced on this host",
+                       "policy_iter.c": "; policies cannot be enforced on this host"}
                 checks.append(Check(title, False, f"{source}:{fn}: {_short(e)}",
                                     "this kernel lacks a feature the program needs; see detail"
-                                    + ("; the agent runs without pod routing" if optional
-                                       else ""),
-                                    required=not optional))
+                                    + why.get(source, ""), required=not optional))
         from bcc import BPF  # doctor is short-lived: compiling here costs the agent nothing
 
         for title, prog_type, text in (

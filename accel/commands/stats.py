@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     extra = _from_api(args.api_socket) or {}
     if args.json:
-        print_json({**numbers, "services": extra.get("services", {}), "edge": extra.get("edge")})
+        print_json({**numbers, "services": extra.get("services", {}), "edge": extra.get("edge"),
+                    "flows": extra.get("flows")})
         return 0
     print_table([[k, v] for k, v in numbers.items()], ["counter", "value"])
     if extra.get("services"):
@@ -47,4 +48,7 @@ def run(args: argparse.Namespace) -> int:
         print_table([[n, s.get("connects", 0), s.get("no_backend", 0)]
                      for n, s in extra["services"].items()],
                     ["service", "connects", "no_backend"])
+    if extra.get("flows"):
+        print()
+        print_table([[f"flow_{k}", v] for k, v in extra["flows"].items()], ["records", "value"])
     return 0

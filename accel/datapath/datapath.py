@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import json
 import logging
+import mmap
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -81,6 +82,7 @@ class Capacities:
     revnat: int = 262144
     pods: int = 16384  # local pod addresses (pod routing)
     pod_flows: int = 131072  # pod-to-pod TCP connections pod routing hands over (LRU)
+    flow_ring: int = 1 << 20  # bytes of the connection-record ring (144 B an event)
     # Authorization (lib/policy.h), each per table (the maps hold two: old and new).
     policy_addrs: int = 131072  # workload addresses
     policy_cidrs: int = 16384  # source prefixes policies name
@@ -194,6 +196,7 @@ class Datapath:
             "ACCEL_SERVICES_MAX": self.capacities.services,
             "ACCEL_SLOTS_MAX": self.capacities.slots,
             "ACCEL_REVNAT_MAX": self.capacities.revnat,
+            "ACCEL_FLOW_RING": ring_size(self.capacities.flow_ring),
             "ACCEL_POLICY_ADDRS_MAX": self.capacities.policy_addrs,
             "ACCEL_POLICY_CIDRS_MAX": self.capacities.policy_cidrs,
             "ACCEL_POLICY_DSTS_MAX": self.capacities.policy_dsts,
@@ -393,6 +396,11 @@ class Datapath:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ring_size(n: int) -> int:
+    """A ring buffer's size as the kernel takes it: a power of two, at least a page."""
+    return max(mmap.PAGESIZE, 1 << max(0, n - 1).bit_length())
 
 
 def tcp_rmem_max() -> int:

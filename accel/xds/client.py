@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 import grpc
 from envoy.config.core.v3 import base_pb2
 
-from accel.model import ServiceTable
+from accel.model import DEFAULT_FASTPATH, ServiceTable
 from accel.xds.cache import EnvoyCache
 from accel.xds.stream import MAX_RESPONSE_BYTES, AdsStream, Event
 from accel.xds.workload.kinds import ztunnel_node
@@ -71,11 +71,14 @@ class XdsClient:
         delta: bool = False,
         api: str = "envoy",
         node_name: str = "",
+        fastpath: str = DEFAULT_FASTPATH,
     ):
         self.cache: EnvoyCache | WorkloadCache
         if api == "workload":
-            self.cache = WorkloadCache(on_update, node_name)  # type: ignore[arg-type]
-            ips = host_addresses()
+            self.cache = WorkloadCache(on_update, node_name,  # type: ignore[arg-type]
+                                       fastpath=fastpath)
+            given = str((metadata or {}).get("INSTANCE_IPS") or "")
+            ips = given.split(",") if given else host_addresses()
             who = ztunnel_node(node_name, ips[0] if ips else "0.0.0.0",
                                pod=f"meshaccel-{socket.gethostname()}", cluster_id=cluster,
                                node_id=node_id or None)

@@ -71,20 +71,21 @@ def endpoints_of(cla: endpoint_pb2.ClusterLoadAssignment, where: str) -> tuple[E
     if top > MAX_WEIGHT:  # keep the ratios as well as 16 bits allow
         weights = {i: max(1, round(w * MAX_WEIGHT / top)) for i, w in weights.items()}
 
-    out: dict[tuple[IPAddress, int], Endpoint] = {}
-    paths: dict[tuple[IPAddress, int], str] = {}
+    # Keyed by (int, version, port): an ipaddress object's hash goes through hex().
+    out: dict[tuple[int, int, int], tuple[Endpoint, str]] = {}
     for i, r in enumerate(rows):
-        key = (r[2], r[3])
-        ep = Endpoint(r[2], r[3], weights[i], healthy[i])
-        if key in out:
+        key = (int(r[2]), r[2].version, r[3])
+        ep = Endpoint.trusted(r[2], r[3], weights[i], healthy[i])  # checked above
+        hit = out.get(key)
+        if hit is not None:
             # The same address in a standby priority is only a fallback: the active one wins.
-            if out[key].healthy and healthy[i]:
-                raise ValidationError(r[6], f"duplicate endpoint {ep} (also at {paths[key]})")
+            if hit[0].healthy and healthy[i]:
+                raise ValidationError(r[6], f"duplicate endpoint {ep} (also at {hit[1]})")
             if healthy[i]:
-                out[key], paths[key] = ep, r[6]
+                out[key] = (ep, r[6])
             continue
-        out[key], paths[key] = ep, r[6]
-    return tuple(out.values())
+        out[key] = (ep, r[6])
+    return tuple(ep for ep, _ in out.values())
 
 
 def merge_weighted(parts: list[tuple[tuple[Endpoint, ...], int]]) -> tuple[Endpoint, ...]:

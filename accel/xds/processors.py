@@ -37,6 +37,10 @@ class Processor:
     wildcard: bool
     # The name a resource carries inside; None: only the wire names it (Delta's Resource).
     inner_name: Callable[[message.Message], str] | None = resource_name
+    # Envoy's types must be sent under their own name (a mismatch is malformed); the
+    # workload API's are keyed by the name they were sent under, which is what a removal
+    # names, whatever the server's naming scheme (the cache maps it to the content's).
+    wire_names: bool = False
 
     def decode(self, raw: Iterable[any_pb2.Any]) -> dict[str, message.Message]:
         """A state-of-the-world response's resources by name; names unique, types right."""
@@ -94,6 +98,8 @@ class Processor:
 
     def _name(self, msg: message.Message, wire: str, where: str) -> str:
         inner = self.inner_name(msg) if self.inner_name else ""
+        if self.wire_names and wire:
+            return wire
         if inner and wire and inner != wire:
             raise ValidationError(f"{self.kind}[{inner}]", f"sent under the name {wire!r}")
         name = inner or wire

@@ -449,7 +449,7 @@ class EdgeStats(_message.Message):
     def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., vips: _Optional[_Iterable[_Union[EdgeVipCounters, _Mapping]]] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("global_counters", "services", "edge")
+    __slots__ = ("global_counters", "services", "edge", "flow_counters")
     class GlobalCountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -464,13 +464,22 @@ class GetStatsResponse(_message.Message):
         key: str
         value: ServiceCounters
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ServiceCounters, _Mapping]] = ...) -> None: ...
+    class FlowCountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     GLOBAL_COUNTERS_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
+    FLOW_COUNTERS_FIELD_NUMBER: _ClassVar[int]
     global_counters: _containers.ScalarMap[str, int]
     services: _containers.MessageMap[str, ServiceCounters]
     edge: EdgeStats
-    def __init__(self, global_counters: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Mapping[str, ServiceCounters]] = ..., edge: _Optional[_Union[EdgeStats, _Mapping]] = ...) -> None: ...
+    flow_counters: _containers.ScalarMap[str, int]
+    def __init__(self, global_counters: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Mapping[str, ServiceCounters]] = ..., edge: _Optional[_Union[EdgeStats, _Mapping]] = ..., flow_counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("kinds",)
@@ -489,6 +498,60 @@ class Event(_message.Message):
     version: str
     time: float
     def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., version: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
+
+class WatchFlowsRequest(_message.Message):
+    __slots__ = ("follow", "service", "since", "events")
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    follow: bool
+    service: str
+    since: float
+    events: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, follow: _Optional[bool] = ..., service: _Optional[str] = ..., since: _Optional[float] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Flow(_message.Message):
+    __slots__ = ("event", "id", "time_start", "time_end", "service", "namespace", "vip", "src", "dst", "bytes_sent", "bytes_received", "bytes_redirected", "path", "verdict", "reason", "srtt_us", "retransmits", "client_netns", "server_netns")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_START_FIELD_NUMBER: _ClassVar[int]
+    TIME_END_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_REDIRECTED_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SRTT_US_FIELD_NUMBER: _ClassVar[int]
+    RETRANSMITS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NETNS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_NETNS_FIELD_NUMBER: _ClassVar[int]
+    event: str
+    id: int
+    time_start: float
+    time_end: float
+    service: str
+    namespace: str
+    vip: str
+    src: str
+    dst: str
+    bytes_sent: int
+    bytes_received: int
+    bytes_redirected: int
+    path: str
+    verdict: str
+    reason: str
+    srtt_us: int
+    retransmits: int
+    client_netns: int
+    server_netns: int
+    def __init__(self, event: _Optional[str] = ..., id: _Optional[int] = ..., time_start: _Optional[float] = ..., time_end: _Optional[float] = ..., service: _Optional[str] = ..., namespace: _Optional[str] = ..., vip: _Optional[str] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_redirected: _Optional[int] = ..., path: _Optional[str] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., srtt_us: _Optional[int] = ..., retransmits: _Optional[int] = ..., client_netns: _Optional[int] = ..., server_netns: _Optional[int] = ...) -> None: ...
 
 class ApplyConfigRequest(_message.Message):
     __slots__ = ("table", "mesh_yaml", "version", "validate_only")

@@ -64,6 +64,11 @@ class AgentStub:
                 request_serializer=accel_dot_agent_dot_v1_dot_agent__pb2.SetGuardRequest.SerializeToString,
                 response_deserializer=accel_dot_agent_dot_v1_dot_agent__pb2.SetGuardResponse.FromString,
                 _registered_method=True)
+        self.WatchFlows = channel.unary_stream(
+                '/accel.agent.v1.Agent/WatchFlows',
+                request_serializer=accel_dot_agent_dot_v1_dot_agent__pb2.WatchFlowsRequest.SerializeToString,
+                response_deserializer=accel_dot_agent_dot_v1_dot_agent__pb2.Flow.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -123,6 +128,17 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchFlows(self, request, context):
+        """WatchFlows: connection records (`accel flows`), one per event of a connection dialed
+        through a service VIP, as the kernel reported it: first those the agent keeps (its
+        last 10,000) that match, then, with follow, each new one as it comes, until the client
+        cancels or the agent stops. With follow, the first message has event "watching": the
+        stream is live from then on. INVALID_ARGUMENT for an unknown event name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +171,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.SetGuard,
                     request_deserializer=accel_dot_agent_dot_v1_dot_agent__pb2.SetGuardRequest.FromString,
                     response_serializer=accel_dot_agent_dot_v1_dot_agent__pb2.SetGuardResponse.SerializeToString,
+            ),
+            'WatchFlows': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchFlows,
+                    request_deserializer=accel_dot_agent_dot_v1_dot_agent__pb2.WatchFlowsRequest.FromString,
+                    response_serializer=accel_dot_agent_dot_v1_dot_agent__pb2.Flow.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +340,33 @@ class Agent:
             '/accel.agent.v1.Agent/SetGuard',
             accel_dot_agent_dot_v1_dot_agent__pb2.SetGuardRequest.SerializeToString,
             accel_dot_agent_dot_v1_dot_agent__pb2.SetGuardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/accel.agent.v1.Agent/WatchFlows',
+            accel_dot_agent_dot_v1_dot_agent__pb2.WatchFlowsRequest.SerializeToString,
+            accel_dot_agent_dot_v1_dot_agent__pb2.Flow.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ struct conn_owner {
 	__u32 claims; /* sockets that published this identity */
 	__u32 flags;  /* CONN_F_*: what the end that published it asked for */
 	__u64 sk;     /* its kernel socket's address: read (never written) for backpressure */
+	/* Written by the peer end when it sent its FIN (lib/flows.h): what it handed this end
+	 * socket to socket in all, and its namespace. */
+	__u64 handed;
+	__u64 handed_netns;
 };
 
 /* The client end of a connection decides its fast path (it knows the service it dialed)
@@ -79,6 +83,16 @@ struct sock_vip {
 	__u32 set;
 };
 
+/* A client socket's connection record, while it is one (lib/flows.h fills it). */
+struct flow_sock {
+	__u64 start;    /* connect(), boot ns; 0: not recorded */
+	__u64 cookie;   /* the socket's cookie: the record's id */
+	__u64 netns;    /* the socket's netns cookie */
+	__u64 reported; /* last open or report event, boot ns */
+	__u32 svc;      /* the service's accel_svc_stats index */
+	__u32 flags;    /* FLOW_S_* (lib/flows.h) */
+};
+
 /* What meshaccel keeps with a socket, in socket-local storage freed by the kernel
  * with the socket. One element per socket: connect() to a VIP creates it and
  * sock_ops finds it (creating a socket's storage costs about a microsecond,
@@ -96,6 +110,7 @@ struct sock_state {
 	__u32 fastpath; /* enum sock_fastpath */
 	__u32 pad;
 	struct sock_vip vip;
+	struct flow_sock flow;
 };
 
 /* Settings the agent writes (one entry). */

@@ -87,19 +87,19 @@ class _Processor(Generic[T]):
     def __init__(self) -> None:
         self._memo: dict[str, tuple[bytes, T]] = {}
 
-    def decode(self, name: str | None, raw: Raw) -> T:
+    def decode(self, name: str | None, raw: Raw, strict: bool = True) -> T:
         """One resource (wire bytes or a message); `name`, when given, is the name it was
-        sent under and must be its own. Raises ValidationError."""
+        sent under and must be its own unless not `strict`. Raises ValidationError."""
         msg = _parse(self.cls, raw, f"{self.kind}[{name}]" if name else self.kind)
         own = resource_name(msg)
         if not own.strip("/"):
             raise ValidationError(f"{self.kind}[{name}]" if name else self.kind,
                                   "resource has no name")
-        if name and name != own:
+        if strict and name and name != own:
             raise ValidationError(f"{self.kind}[{own}]", f"sent under the name {name!r}")
         return self._decode(own, msg, f"{self.kind}[{own}]")
 
-    def decode_all(self, items: Mapping[str, Raw]) -> dict[str, T]:
+    def decode_all(self, items: Mapping[str, Raw], strict: bool = True) -> dict[str, T]:
         """A response's resources by name, all or nothing (the first error raises)."""
         out: dict[str, T] = {}
         memo: dict[str, tuple[bytes, T]] = {}
@@ -108,7 +108,7 @@ class _Processor(Generic[T]):
             digest = hashlib.blake2b(data, digest_size=16).digest()
             hit = self._memo.get(name)
             value = hit[1] if hit is not None and hit[0] == digest else \
-                self.decode(name, data)
+                self.decode(name, data, strict)
             out[name] = value
             memo[name] = (digest, value)
         self._memo.update(memo)

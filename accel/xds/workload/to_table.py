@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from accel.model import (
+    DEFAULT_FASTPATH,
     MAX_WEIGHT,
     Endpoint,
     IPAddress,
@@ -104,10 +105,12 @@ def mesh_addresses(state: WorkloadState, node_name: str) -> tuple[IPNetwork, ...
 
 
 def to_table(state: WorkloadState, node_name: str,
-             previous: ServiceTable | None = None) -> TableBuild:
+             previous: ServiceTable | None = None,
+             fastpath: str = DEFAULT_FASTPATH) -> TableBuild:
     """The table for node `node_name`. With the `previous` table, services that did not
     change are its very objects and the table is derived from it, so the map writers
-    touch only what changed (ServiceTable.delta)."""
+    touch only what changed (ServiceTable.delta). `fastpath`: every service's (the API has
+    no field for it: the agent's --fastpath)."""
     here = Here.of(state.workloads, node_name)
     members: dict[str, list[WorkloadInfo]] = {}
     for w in sorted(state.workloads.values(), key=lambda w: w.uid):
@@ -156,7 +159,7 @@ def to_table(state: WorkloadState, node_name: str,
                 eps, why_not = _endpoints(svc, vip, p.service_port, p.target_port,
                                           members.get(svc.key, []), here)
                 try:
-                    s = Service(name, vip, p.service_port, "TCP", eps)
+                    s = Service(name, vip, p.service_port, "TCP", eps, fastpath=fastpath)
                 except ValidationError as e:
                     leave(name, f"{e.path}: {e.reason}", vip, p.service_port)
                     continue
