@@ -61,6 +61,11 @@ def test_limits_visible_and_applied_through_the_api(env):
         assert stats["services"]["bulk"]["refused_by_limit"] == 3
         assert stats["services"]["bulk"]["connects"] == 2
         assert stats["services"]["bulk"]["paced"] == 2
+        # Each refusal is a connection record too, with its reason (accel flows).
+        out = accel("flows", "--json", "--service", "bulk", "--api-socket", env.socket)
+        assert out.returncode == 0, out.stderr
+        records = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        assert [r["reason"] for r in records if r["event"] == "refused"] == ["limit"] * 3
         metrics = scrape(env.metrics_port)
         assert metrics[("meshaccel_service_refused_by_limit_total", (("service", "bulk"),))] == 3
 
