@@ -299,7 +299,7 @@ int edge_xdp(struct xdp_md *ctx)
 	}
 
 	if (!(be->flags & EDGE_BE_REDIRECT)) {
-		count(E_FWD_ROUTE);
+		count(be->flags & EDGE_BE_FALLBACK ? E_FWD_FALLBACK : E_FWD_ROUTE);
 		return XDP_PASS;
 	}
 

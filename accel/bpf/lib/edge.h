@@ -100,6 +100,7 @@ enum edge_backend_flags {
 	EDGE_BE_VALID = 1,    /* live: established flows keep using it */
 	EDGE_BE_REDIRECT = 2, /* neighbour known: rewrite MACs, redirect via edge_tx */
 	/* valid without redirect: rewrite the address and XDP_PASS, the kernel routes it */
+	EDGE_BE_FALLBACK = 4, /* routed because its interface would drop redirected frames */
 };
 
 /* A backend of one VIP (endpoint address:port, the neighbour to reach it). */
@@ -185,6 +186,7 @@ enum edge_counter {
 	E_VLAN_POP_FAIL,     /* could not pop the VLAN tag: passed to the kernel */
 	E_CONN_FULL,         /* connection table update failed */
 	E_REPLY_REVNAT,      /* reply rewritten back to the VIP (tc) */
+	E_FWD_FALLBACK,      /* routed, not redirected: the backend's interface drops XDP frames */
 	E_MAX,
 };
 
