@@ -212,3 +212,52 @@ def test_edge_routes_backends_behind_untouched_veths(edge):
     drops = edge.counters()["drop_deny"]
     assert try_connect(edge.ext, VIP) is None
     assert edge.counters()["drop_deny"] > drops
+
+
+def narrow_path(lab: Lab, pod, mtu: int = 1280) -> None:
+    """The link to `pod` carries at most `mtu` bytes while the pod advertises the MSS of a
+    1500-byte path (advmss on its routes, as behind a tunnel): the client's full-size
+    segments with DF set meet a hop that must answer frag-needed / packet too big."""
+    sh("ip", "netns", "exec", lab.node, "ip", "link", "set", pod.host_ifname, "mtu", str(mtu))
+    pod.run(f"ip link set eth0 mtu {mtu}")
+    gw4, gw6 = (lab.GATEWAY4, lab.GATEWAY6) if lab.routed else (lab.gateway, "fd00:200::1")
+    pod.run(f"ip route change default via {gw4} dev eth0 advmss 1460")
+    pod.run(f"ip -6 route change default via {gw6} dev eth0 advmss 1440")
+
+
+def table_of(lab: Lab, pods) -> ServiceTable:
+    return ServiceTable.of([
+        Service("web", VIP, 80, "TCP", tuple(Endpoint(p.ip, 8080) for p in pods), edge=True),
+        Service("web6", VIP6, 80, "TCP", tuple(Endpoint(p.ip6, 8080) for p in pods), edge=True),
+    ])
+
+
+def test_path_mtu_discovery_works_through_the_edge(edge):
+    """A smaller MTU between edge and backend: the client's DF segments are too big; the
+    frag-needed / packet-too-big errors quote the backend, edge_tc gives them the VIP back,
+    and transfers complete, IPv4 and IPv6. Pod 0 takes XDP frames (GRO on: the redirect
+    path, where XDP hands a too-big frame to the kernel), pod 1 is routed; each is the
+    VIP's only backend in turn, the client's learnt path MTU flushed in between."""
+    lab = edge.lab
+    for pod in lab.pods:
+        narrow_path(lab, pod)
+    lab.pods[0].run("ethtool -K eth0 gro on")
+    big = "y" * 300_000
+    for pod, path in zip(lab.pods, ("redirect", "kernel route"), strict=True):
+        sh("ip", "netns", "exec", edge.ext, "ip", "route", "flush", "cache")
+        sh("ip", "netns", "exec", edge.ext, "ip", "-6", "route", "flush", "cache")
+        edge.apply(table_of(lab, [pod]))
+        vias = edge.backends()
+        assert vias[str(pod.ip)].startswith(path) and vias[str(pod.ip6)].startswith(path), vias
+        before = edge.counters()
+        for vip in (VIP, VIP6):
+            for _ in range(3):
+                c = Client(edge.ext, vip, timeout=10)
+                try:
+                    assert c.ask(big) == pod.name  # the echo of 300 kB, every byte compared
+                finally:
+                    c.close()
+        after = edge.counters()
+        assert after["icmp_revnat"] >= before["icmp_revnat"] + 2, (path, after)  # v4 and v6
+        if path == "redirect":
+            assert after["fwd_too_big"] >= before["fwd_too_big"] + 2, after

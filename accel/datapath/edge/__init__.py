@@ -29,10 +29,14 @@ elsewhere. Slots that changed owner are marked dirty and consult the table;
 recorded flow needs any more.
 
 Limits: replies are given the VIP back on the edge interface's egress, so they
-must leave through it (the route back to the client); ICMP errors about a
-balanced flow are not translated; IP fragments, IPv6 extension headers and
-NAT46 are left to the kernel; a redirected packet keeps its TTL. Call every
-method from one thread (the agent's lock).
+must leave through it (the route back to the client), and so must ICMP errors
+about a balanced flow, which edge_tc translates the same way (the quoted packet,
+and the source when the backend sent it): path-MTU discovery works through the
+edge. A redirected packet is forwarded as routing would (TTL / hop limit one
+less); one that expires here, or is bigger than the backend interface's MTU, is
+handed to the kernel after the rewrite, so the kernel answers it. IP fragments,
+IPv6 extension headers and NAT46 are left to the kernel. Call every method from
+one thread (the agent's lock).
 """
 
 from __future__ import annotations

@@ -93,6 +93,7 @@ class Backends:
             v.flags |= BE_REDIRECT
             v.tx = b.tx
             ctypes.memmove(ctypes.addressof(v.macs), b.hop.dmac + b.hop.smac, 12)
+            v.mtu = b.hop.mtu
         elif b.routed is not None and b.routed.fallback:
             v.flags |= BE_FALLBACK
         t[ctypes.c_uint32(b.id)] = v

@@ -25,6 +25,7 @@ class NextHop:
     dmac: bytes
     smac: bytes
     why: str = ""
+    mtu: int = 0  # of the interface; 0 unknown (XDP routes bigger packets to the kernel)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class NeighbourResolver:
         why = self._takes_frames(link, kind)
         if isinstance(why, Routed):
             return why
-        return NextHop(oif, dmac, smac, why)
+        return NextHop(oif, dmac, smac, why, link.get_attr("IFLA_MTU") or 0)
 
     def _takes_frames(self, link, kind: str | None) -> str | Routed:
         """Why `link` takes a native XDP program's redirected frames, or Routed: it would
