@@ -67,6 +67,7 @@ class NeighbourResolver:
         self.wait = wait
         self.generic_xdp = generic_xdp
         self._nsids: NsidPaths | None = None
+        self._judged: dict[int, str | Routed] = {}
 
     def __call__(self, addrs: Iterable[IPAddress]) -> dict[IPAddress, NextHop | Routed | None]:
         from pyroute2 import IPRoute
@@ -75,6 +76,7 @@ class NeighbourResolver:
         pending: dict[IPAddress, tuple[int, str, bytes]] = {}
         with IPRoute() as ipr:
             self._nsids = NsidPaths(ipr)
+            self._judged = {}  # per interface, for this call
             for addr in addrs:
                 hop = self._route(ipr, addr)
                 if isinstance(hop, Routed):
@@ -128,7 +130,9 @@ class NeighbourResolver:
         name = self._name(link)
         if kind not in self.REDIRECT_KINDS:
             return Routed(f"{name} is a {kind} device: XDP redirects only to NICs and veths")
-        why = self._takes_frames(link, kind)
+        why = self._judged.get(oif)
+        if why is None:  # backends behind one interface (a NIC, a pod's ports) share it
+            why = self._judged[oif] = self._takes_frames(link, kind)
         if isinstance(why, Routed):
             return why
         return NextHop(oif, dmac, smac, why, link.get_attr("IFLA_MTU") or 0)
