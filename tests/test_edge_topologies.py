@@ -261,3 +261,30 @@ def test_path_mtu_discovery_works_through_the_edge(edge):
         assert after["icmp_revnat"] >= before["icmp_revnat"] + 2, (path, after)  # v4 and v6
         if path == "redirect":
             assert after["fwd_too_big"] >= before["fwd_too_big"] + 2, after
+
+
+@pytest.mark.parametrize("edge", ["bridge"], indirect=True)
+def test_generic_xdp_redirects_into_untouched_veths(edge):
+    """In generic mode a redirect is an skb sent out of the target: every veth takes it, so
+    the edge redirects even to pods without GRO (and says why)."""
+    lab = edge.lab
+    rt = edge.runtime
+    assert rt is not None and rt.edge is not None
+    with rt.lock:
+        in_netns(lab.node, rt.edge.detach)
+        assert in_netns(lab.node, lambda: rt.edge.attach("generic")) == "generic"
+    edge.apply(table(lab))
+    edge.refresh()
+    vias = edge.backends()
+    assert all(v.startswith("redirect") and "generic XDP" in v for v in vias.values()), vias
+    for pod in lab.pods:
+        pod_takes_no_xdp_frames(pod)
+    before = edge.counters()
+    for vip in (VIP, VIP6):
+        got = spread(edge.ext, vip, N_CONNECTIONS)
+        assert set(got) == {p.name for p in lab.pods}, got
+        assert min(got.values()) >= MIN_PER_BACKEND, got
+    after = edge.counters()
+    # Every packet was redirected: none routed, none handed to the kernel.
+    for name in ("fwd_fallback", "fwd_route", "fwd_too_big", "fwd_ttl_expiring"):
+        assert after[name] == before[name], name
