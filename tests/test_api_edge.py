@@ -98,3 +98,6 @@ def test_edge_status_stats_and_guard(env, veth):
     assert m[("meshaccel_edge_vip_drop_deny_total", labels)] == 5
     human = accel("status", "--api-socket", env.socket)
     assert human.returncode == 0 and f"iface={e0}" in human.stdout
+    # Each backend with its path and why: no neighbour answers 192.168.251.2.
+    line = next(ln for ln in human.stdout.splitlines() if "192.168.251.2:8080" in ln)
+    assert "kernel route: no neighbour entry for 192.168.251.2" in line, human.stdout

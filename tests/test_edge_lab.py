@@ -4,8 +4,8 @@ Topology (all namespaces named he<hex>-*): the lead's Lab gives a node netns wit
 pods on a bridge; an ext netns is wired to the node by a veth whose node end is
 the edge interface (XDP + tc). The client knows only the VIP. The client's veth
 computes full checksums (tx offload off), as frames arriving from a wire do.
-Pods receive redirected frames through their veth, which needs NAPI there: GRO
-is switched on in each pod (the alternative is an XDP program on the pod end).
+GRO is switched on in each pod, so the edge redirects into their veths (the redirect
+path); pods left as runtimes make them are routed instead: tests/test_edge_topologies.py.
 """
 
 from __future__ import annotations

@@ -41,10 +41,11 @@ class Hops:
 
     def __init__(self):
         self.route_mode: set = set()
+        self.mtu = 0
 
     def __call__(self, addrs):
-        return {a: None if str(a) in self.route_mode else NextHop(1, mac_for(a), SMAC)
-                for a in addrs}
+        return {a: None if str(a) in self.route_mode
+                else NextHop(1, mac_for(a), SMAC, mtu=self.mtu) for a in addrs}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def dp(hops):
 @pytest.fixture(autouse=True)
 def fresh(dp, hops):
     hops.route_mode.clear()
+    hops.mtu = 0
     dp.set_guard(Guard())
     dp.apply(ServiceTable())
     dp.table("edge_conns").clear()
@@ -231,6 +233,46 @@ def test_double_tagged_frames_pass_untouched(dp):
               / IP(src="192.0.2.17", dst="10.96.0.1") / TCP(dport=80))
     act, out = xdp(dp, pkt)
     assert act == XDP_PASS and out == pkt
+
+
+@pytest.mark.parametrize("vip,ep,client", [("10.96.0.1", "10.1.0.7", "192.0.2.19"),
+                                           ("fd00:96::1", "fd00:1::7", "2001:db8::19")])
+def test_redirect_forwards_ttl_minus_one_and_leaves_expiring_packets_to_the_kernel(
+        dp, vip, ep, client):
+    dp.apply(ServiceTable.of([svc("web", vip, 80, eps(ep))]))
+    v6 = ":" in vip
+
+    def with_ttl(ttl):
+        f = frame(client, vip)
+        if v6:
+            f[IPv6].hlim = ttl
+        else:
+            f[IP].ttl = ttl
+        return f
+
+    act, out = xdp(dp, with_ttl(64))
+    p = Ether(out)
+    assert act == XDP_REDIRECT and (p[IPv6].hlim if v6 else p[IP].ttl) == 63
+    assert checksums_valid(out)
+    before = glob(dp, "fwd_ttl_expiring")
+    act, out = xdp(dp, with_ttl(1))
+    p = Ether(out)
+    # Rewritten to the backend, passed: the kernel's time-exceeded quotes the backend,
+    # which edge_tc translates back to the VIP.
+    assert act == XDP_PASS and (p[IPv6].dst if v6 else p[IP].dst) == ep
+    assert (p[IPv6].hlim if v6 else p[IP].ttl) == 1 and checksums_valid(out)
+    assert glob(dp, "fwd_ttl_expiring") == before + 1
+
+
+def test_packet_bigger_than_the_backend_mtu_goes_to_the_kernel(dp, hops):
+    hops.mtu = 1280
+    dp.apply(ServiceTable.of([svc("web", "10.96.0.1", 80, eps("10.1.0.8"))]))
+    before = glob(dp, "fwd_too_big")
+    act, _ = xdp(dp, frame("192.0.2.20", "10.96.0.1", payload=b"x" * (1280 - 40)))
+    assert act == XDP_REDIRECT  # exactly the MTU: fits
+    act, out = xdp(dp, frame("192.0.2.20", "10.96.0.1", payload=b"x" * (1281 - 40)))
+    assert act == XDP_PASS and Ether(out)[IP].dst == "10.1.0.8" and checksums_valid(out)
+    assert glob(dp, "fwd_too_big") == before + 1
 
 
 def test_route_mode_rewrites_and_hands_to_the_kernel(dp, hops):
@@ -481,6 +523,69 @@ def reply(src, dst, sport, dport, proto="TCP"):
     l4 = TCP(sport=sport, dport=dport, flags="SA") if proto == "TCP" else UDP(sport=sport,
                                                                               dport=dport)
     return raw(Ether(src="02:be:00:00:00:01", dst=CLIENT_MAC) / l3 / l4 / Raw(b"world"))
+
+
+def icmp_error(src, dst, quoted, kind):
+    """An ICMP error from `src` to `dst` quoting the packet `quoted` (L3 and on)."""
+    from scapy.layers.inet import ICMP
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig
+
+    if ":" in dst:
+        icmp = ICMPv6PacketTooBig(mtu=1280) if kind == "too-big" else ICMPv6DestUnreach(code=4)
+        l3 = IPv6(src=src, dst=dst) / icmp
+    else:
+        l3 = IP(src=src, dst=dst) / (ICMP(type=3, code=4, nexthopmtu=1280) if kind == "too-big"
+                                     else ICMP(type=3, code=3))
+    return raw(Ether(src="02:be:00:00:00:01", dst=CLIENT_MAC) / l3 / quoted)
+
+
+@pytest.mark.parametrize(
+    "vip,ep,client,sender,kind",
+    [("10.96.0.1", "10.1.0.5", "192.0.2.71", "10.9.9.9", "too-big"),  # a router on the path
+     ("10.96.0.1", "10.1.0.5", "192.0.2.71", "10.1.0.5", "unreachable"),  # the backend
+     ("fd00:96::1", "fd00:1::5", "2001:db8::71", "fd00:9::9", "too-big"),
+     ("fd00:96::1", "fd00:1::5", "2001:db8::71", "fd00:1::5", "unreachable")],
+)
+def test_icmp_errors_about_a_balanced_flow_leave_quoting_the_vip(dp, vip, ep, client, sender,
+                                                                  kind):
+    from scapy.layers.inet import ICMP, IPerror, TCPerror
+    from scapy.layers.inet6 import IPerror6
+
+    dp.apply(ServiceTable.of([svc("s", vip, 80, eps(ep, port=8080))]))
+    act, out = xdp(dp, frame(client, vip, sport=46100, flags="S", payload=b"x" * 1400))
+    assert act == XDP_REDIRECT
+    quoted = Ether(out).payload  # what the backend side saw: client -> ep:8080
+    before = glob(dp, "icmp_revnat")
+    r = prog_test_run(dp.tc_fd, icmp_error(sender, client, quoted, kind))
+    assert r.retval == TC_ACT_OK
+    p = Ether(r.data)
+    v6 = ":" in vip
+    inner = p[IPerror6] if v6 else p[IPerror]
+    assert inner.src == client and inner.dst == vip and p[TCPerror].dport == 80
+    assert p[TCPerror].sport == 46100
+    outer = p[IPv6] if v6 else p[IP]
+    assert outer.dst == client and outer.src == (vip if sender == ep else sender)
+    assert glob(dp, "icmp_revnat") == before + 1
+    # Every checksum the client checks is valid: outer IP, ICMP, the quoted IP header.
+    q = Ether(r.data)
+    if v6:
+        icmp = q[IPv6].payload
+        del icmp.cksum
+    else:
+        del q[IP].chksum
+        del q[ICMP].chksum
+        del q[IPerror].chksum
+    again = Ether(raw(q))
+    if v6:
+        assert again[IPv6].payload.cksum == p[IPv6].payload.cksum
+    else:
+        assert again[IP].chksum == p[IP].chksum and again[ICMP].chksum == p[ICMP].chksum
+        assert again[IPerror].chksum == p[IPerror].chksum
+    # An error about no balanced flow goes out as it came.
+    other = icmp_error(sender, client, IP(src=client, dst="10.1.0.99") / TCP(sport=1, dport=2)
+                       if not v6 else IPv6(src=client, dst="fd00:1::99") / TCP(sport=1, dport=2),
+                       kind)
+    assert prog_test_run(dp.tc_fd, other).data == other
 
 
 @pytest.mark.parametrize(

@@ -9,23 +9,22 @@ production (a deny list and a SYN budget), so hit and miss pay for it.
 The kernel runs a program `repeat` times on one buffer in place, so a hit would
 turn into a miss after the first rewrite. The hit case therefore uses two VIPs
 that are each other's backend: every run is a hit on one of them, each on a
-tracked flow.
+tracked flow. A redirect also takes one from the TTL (forwarding), so the hit
+case runs HIT_REPEAT times per call from TTL 255 (never reaching the kernel's
+share at TTL 1), in 20 times as many rounds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import re
 import secrets
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
+from accel.bench.modes import POD_SYSCTLS
 from accel.datapath.edge import EdgeDatapath, NextHop
 from accel.kernel.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
 from accel.model import Endpoint, Guard, Service, ServiceTable
@@ -33,6 +32,7 @@ from accel.model import Endpoint, Guard, Service, ServiceTable
 VIP_A, VIP_B = "10.254.0.1", "10.254.0.2"
 CLIENT, DENIED, NOT_A_VIP = "198.51.100.7", "203.0.113.9", "10.254.0.77"
 MAC = bytes.fromhex("020000000001")
+HIT_REPEAT = 250
 PASS_SRC = "int pass_floor(struct xdp_md *ctx) { return XDP_PASS; }"
 
 
@@ -41,7 +41,7 @@ def _packet(src: str, dst: str, flags: str) -> bytes:
 
     return raw(
         Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b")
-        / IP(src=src, dst=dst)
+        / IP(src=src, dst=dst, ttl=255)
         / TCP(sport=40000, dport=80, flags=flags, seq=1, ack=1 if "A" in flags else 0)
     )
 
@@ -124,7 +124,8 @@ def run(repeat: int = 1_000_000, rounds: int = 7, maglev_size: int = 65537) -> d
         ]
         out = []
         for name, fd, pkt, want in cases:
-            out.append({"case": name, **_measure(fd, pkt, want, repeat, rounds)})
+            n, r = (min(repeat, HIT_REPEAT), rounds * 20) if name == "hit" else (repeat, rounds)
+            out.append({"case": name, **_measure(fd, pkt, want, n, r)})
         floor_ns = out[0]["ns_per_packet"]
         for c in out:
             c["over_floor"] = c["ns_per_packet"] - floor_ns
@@ -138,9 +139,19 @@ def run(repeat: int = 1_000_000, rounds: int = 7, maglev_size: int = 65537) -> d
 
 
 # ---- lab traffic: the edge against iptables DNAT for the same VIP -----------------------
+#
+# The same outside client (its own netns, full checksums as from a wire), pods and VIP,
+# balanced by the XDP edge and by iptables DNAT in the node namespace. Workloads and tools
+# are the mesh bench's (accel/bench/workloads.py: accel-crr, sockperf, iperf3); every
+# process pinned to one CPU; modes rotated within each repeat; medians over repeats.
+# Edge modes: `route` is the pods as runtimes leave them (no GRO, no XDP on their end:
+# the edge routes), `redirect` the same pods with GRO switched on (XDP redirects into
+# their veths). The edge programs' own run time is counted (BPF_ENABLE_STATS) per mode.
 
 LAB_VIP = "10.96.78.1"
 LAB_EDGE_NET = "10.202.0"
+LAB_MODES = ("xdp-edge route", "xdp-edge redirect", "iptables-dnat")
+CRR_PORT, RR_PORT, STREAM_PORT = 8080, 8081, 8082
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -148,13 +159,18 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _lab_up(prefix: str):
-    """Lab pods on a bridge (accel.lab) plus an ext netns on a veth: the edge interface."""
+    """Lab pods on a bridge (accel.lab) plus an ext netns on a veth: the edge interface.
+    Returns the lab, the client (a Pod for the ext netns) and the edge interface."""
+    import ipaddress
+
     from pyroute2 import IPRoute, netns
 
-    from accel.lab import Lab
+    from accel.lab import Lab, Pod
 
     lab = Lab(2, prefix=prefix).up()
     ext, iface = f"{prefix}-ext", f"{prefix}e"
+    client = Pod(ext, -1, ipaddress.IPv4Address(f"{LAB_EDGE_NET}.2"),
+                 ipaddress.IPv6Address("::"), "")
     try:
         netns.create(ext)
         with IPRoute(netns=lab.node) as ipr:
@@ -171,12 +187,13 @@ def _lab_up(prefix: str):
         _sh("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         # Frames from a wire carry full checksums; a veth sender would leave them partial.
         _sh("ip", "netns", "exec", ext, "ethtool", "-K", "eth0", "tx", "off")
-        for pod in lab.pods:
-            pod.run("ethtool -K eth0 gro on")  # NAPI on the pod end: takes XDP redirects
+        # The mesh bench's client settings: thousands of connections a second must not
+        # run out of ports held in TIME_WAIT.
+        _sh("ip", "netns", "exec", ext, "sysctl", "-qw", *POD_SYSCTLS)
     except BaseException:
         _lab_down(lab, ext)
         raise
-    return lab, ext, iface
+    return lab, client, iface
 
 
 def _lab_down(lab, ext: str) -> None:
@@ -189,79 +206,27 @@ def _lab_down(lab, ext: str) -> None:
     lab.down()
 
 
-def _crr(ext: str, seconds: float) -> float:
-    """Connections per second: connect, one request line, one reply line, close."""
-    from accel.lab import in_netns
+def _servers(lab, cpu: int) -> list[subprocess.Popen]:
+    from accel.bench import workloads as wl
 
-    def loop() -> float:
-        n, end = 0, time.monotonic() + seconds
-        t0 = time.monotonic()
-        while time.monotonic() < end:
-            with socket.create_connection((LAB_VIP, 80), timeout=2) as s:
-                s.sendall(b"x\n")
-                if not s.recv(64):
-                    raise RuntimeError("connection closed without a reply")
-            n += 1
-        return n / (time.monotonic() - t0)
-
-    return in_netns(ext, loop)
-
-
-def _echo_servers(lab) -> list[subprocess.Popen]:
-    code = (
-        "import socket,threading\n"
-        "s=socket.create_server(('0.0.0.0',8080),backlog=512)\n"
-        "def h(c):\n"
-        "    with c:\n"
-        "        d=c.recv(64)\n"
-        "        c.sendall(d)\n"
-        "while True:\n"
-        "    c,_=s.accept(); threading.Thread(target=h,args=(c,),daemon=True).start()\n"
-    )
-    return [pod.popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                      stderr=subprocess.DEVNULL) for pod in lab.pods]
-
-
-def _lab_mode(lab, ext: str, seconds: float) -> dict:
-    out: dict = {}
-    out["crr_per_s"] = round(_crr(ext, seconds), 1)
-    pod0 = lab.pods[0]
-    srv = pod0.popen(["sockperf", "server", "--tcp", "-p", "8081"], stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.3)
-        r = _sh("ip", "netns", "exec", ext, "sockperf", "ping-pong", "--tcp", "-i", LAB_VIP,
-                "-p", "81", "-t", str(max(1, int(seconds))), check=False)
-        m = re.search(r"avg-latency=([\d.]+)", r.stdout)
-        out["rr_latency_us"] = float(m.group(1)) if m else None
-    finally:
-        srv.kill()
-        srv.wait()
-    srv = pod0.popen(["iperf3", "-s", "-p", "8082", "-1"], stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.3)
-        r = _sh("ip", "netns", "exec", ext, "iperf3", "-c", LAB_VIP, "-p", "82", "-J", "-t",
-                str(max(1, int(seconds))), check=False)
-        try:
-            bps = json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"]
-            out["stream_gbit_s"] = round(bps / 1e9, 3)
-        except (ValueError, KeyError):
-            out["stream_gbit_s"] = None
-    finally:
-        srv.kill()
-        srv.wait()
-    return out
+    procs = [wl.start_server("crr", pod, "0.0.0.0", CRR_PORT, cpu) for pod in lab.pods]
+    procs.append(wl.start_server("rr", lab.pods[0], "0.0.0.0", RR_PORT, cpu))
+    procs.append(wl.start_server("stream", lab.pods[0], "0.0.0.0", STREAM_PORT, cpu))
+    for pod in lab.pods:
+        wl.wait_listening(pod, CRR_PORT, procs)
+    wl.wait_listening(lab.pods[0], RR_PORT, procs)
+    wl.wait_listening(lab.pods[0], STREAM_PORT, procs)
+    return procs
 
 
 def _lab_table(lab) -> ServiceTable:
     p0, p1 = lab.pods[0].ip, lab.pods[1].ip
     return ServiceTable.of([
         # Connection rate over both pods; the single-connection tools on pod 0.
-        Service("lab-crr", LAB_VIP, 80, "TCP", (Endpoint(p0, 8080), Endpoint(p1, 8080)),
-                edge=True),
-        Service("lab-rr", LAB_VIP, 81, "TCP", (Endpoint(p0, 8081),), edge=True),
-        Service("lab-stream", LAB_VIP, 82, "TCP", (Endpoint(p0, 8082),), edge=True),
+        Service("lab-crr", LAB_VIP, 80, "TCP",
+                (Endpoint(p0, CRR_PORT), Endpoint(p1, CRR_PORT)), edge=True),
+        Service("lab-rr", LAB_VIP, 81, "TCP", (Endpoint(p0, RR_PORT),), edge=True),
+        Service("lab-stream", LAB_VIP, 82, "TCP", (Endpoint(p0, STREAM_PORT),), edge=True),
     ])
 
 
@@ -270,41 +235,89 @@ def _iptables_dnat(node: str, lab, add: bool) -> None:
     op = "-A" if add else "-D"
     rules = [
         ["-p", "tcp", "--dport", "80", "-m", "statistic", "--mode", "random",
-         "--probability", "0.5", "-j", "DNAT", "--to-destination", f"{p0}:8080"],
-        ["-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", f"{p1}:8080"],
-        ["-p", "tcp", "--dport", "81", "-j", "DNAT", "--to-destination", f"{p0}:8081"],
-        ["-p", "tcp", "--dport", "82", "-j", "DNAT", "--to-destination", f"{p0}:8082"],
+         "--probability", "0.5", "-j", "DNAT", "--to-destination", f"{p0}:{CRR_PORT}"],
+        ["-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", f"{p1}:{CRR_PORT}"],
+        ["-p", "tcp", "--dport", "81", "-j", "DNAT", "--to-destination", f"{p0}:{RR_PORT}"],
+        ["-p", "tcp", "--dport", "82", "-j", "DNAT", "--to-destination", f"{p0}:{STREAM_PORT}"],
     ]
     for r in rules:
         _sh("ip", "netns", "exec", node, "iptables", "-t", "nat", op, "PREROUTING",
             "-d", LAB_VIP, *r, check=add)
 
 
-def run_lab(seconds: float = 2.0, maglev_size: int = 65537) -> list[dict]:
-    """The same client, pods and VIP, balanced by the XDP edge and by iptables DNAT."""
+def _gro(lab, on: bool) -> None:
+    for pod in lab.pods:
+        pod.run(f"ethtool -K eth0 gro {'on' if on else 'off'}")
+
+
+def _workloads(client, seconds: float, cpu: int) -> dict:
+    from accel.bench import workloads as wl
+
+    crr = wl.run_client("crr", client, LAB_VIP, 80, cpu, seconds)
+    rr = wl.run_client("rr", client, LAB_VIP, 81, cpu, seconds)
+    stream = wl.run_client("stream", client, LAB_VIP, 82, cpu, seconds)
+    return {"crr_per_s": crr["conn_per_s"], "conn_p50_us": crr.get("conn_p50_us"),
+            "rr_p50_us": rr.get("p50_us"), "stream_gbit_s": stream.get("gbps")}
+
+
+def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
+            cpu: int | None = None) -> dict:
+    """The edge (route and redirect) against iptables DNAT: medians of `repeats` rotations.
+    Also the edge programs' run time per packet (BPF_ENABLE_STATS) during the edge modes."""
+    from accel.kernel import bpf
     from accel.lab import in_netns
 
+    cpu = (os.cpu_count() or 1) - 1 if cpu is None else cpu
     prefix = "be" + secrets.token_hex(3)
-    lab, ext, iface = _lab_up(prefix)
-    servers = _echo_servers(lab)
-    results = []
+    lab, client, iface = _lab_up(prefix)
+    runs: dict[str, list[dict]] = {m: [] for m in LAB_MODES}
+    prog_ns: dict[str, list[float]] = {}
+    procs: list[subprocess.Popen] = []
+    dp = EdgeDatapath(iface, f"/sys/fs/bpf/{prefix}-edge", maglev_size)
+    stats_fd = bpf.enable_stats()
     try:
-        time.sleep(0.5)
-        dp = EdgeDatapath(iface, f"/sys/fs/bpf/{prefix}-edge", maglev_size)
-        try:
-            mode = in_netns(lab.node, dp.attach)
-            in_netns(lab.node, lambda: dp.apply(_lab_table(lab)))
-            results.append({"mode": f"xdp-edge ({mode})", **_lab_mode(lab, ext, seconds)})
-        finally:
-            in_netns(lab.node, dp.close)
-        _iptables_dnat(lab.node, lab, add=True)
-        try:
-            results.append({"mode": "iptables-dnat", **_lab_mode(lab, ext, seconds)})
-        finally:
-            _iptables_dnat(lab.node, lab, add=False)
+        procs = _servers(lab, cpu)
+        in_netns(lab.node, dp.load)
+        for rep in range(repeats):
+            order = LAB_MODES[rep % len(LAB_MODES):] + LAB_MODES[:rep % len(LAB_MODES)]
+            for mode in order:
+                if mode == "iptables-dnat":
+                    _gro(lab, False)
+                    _iptables_dnat(lab.node, lab, add=True)
+                    try:
+                        runs[mode].append(_workloads(client, seconds, cpu))
+                    finally:
+                        _iptables_dnat(lab.node, lab, add=False)
+                    continue
+                _gro(lab, mode.endswith("redirect"))
+                in_netns(lab.node, dp.attach)
+                try:
+                    in_netns(lab.node, lambda: dp.apply(_lab_table(lab)))
+                    in_netns(lab.node, dp.refresh)
+                    before = {p: bpf.prog_run_stats(fd) for p, fd in
+                              (("edge_xdp", dp.xdp_fd), ("edge_tc", dp.tc_fd))}
+                    runs[mode].append(_workloads(client, seconds, cpu))
+                    for p, fd in (("edge_xdp", dp.xdp_fd), ("edge_tc", dp.tc_fd)):
+                        t, n = bpf.prog_run_stats(fd)
+                        t0, n0 = before[p]
+                        if n > n0:
+                            prog_ns.setdefault(f"{mode} {p}", []).append((t - t0) / (n - n0))
+                finally:
+                    in_netns(lab.node, dp.detach)
     finally:
-        for p in servers:
+        os.close(stats_fd)
+        in_netns(lab.node, dp.close)
+        for p in procs:
             p.kill()
             p.wait()
-        _lab_down(lab, ext)
-    return results
+        _lab_down(lab, client.name)
+    out = []
+    for mode, rs in runs.items():
+        row = {"mode": mode}
+        for k in ("crr_per_s", "conn_p50_us", "rr_p50_us", "stream_gbit_s"):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            row[k] = round(statistics.median(vals), 2) if vals else None
+        out.append(row)
+    return {"modes": out, "raw": runs, "cpu": cpu, "repeats": repeats, "seconds": seconds,
+            "edge_prog_ns_per_run": {k: round(statistics.median(v), 1)
+                                     for k, v in prog_ns.items()}}

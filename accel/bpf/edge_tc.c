@@ -1,5 +1,9 @@
 /* tc (clsact egress of the edge interface): replies of balanced flows leave
- * with the VIP as their source, so clients only ever see the VIP.
+ * with the VIP as their source, so clients only ever see the VIP. So do ICMP
+ * errors about a balanced flow (frag-needed / packet too big, unreachable, time
+ * exceeded, from the backend or a router between): the packet they quote is
+ * given the VIP back, and so is their source when the backend itself sent it;
+ * the client's path-MTU discovery then works through the edge.
  *
  * The checksum helpers, not hand-made arithmetic: a reply from a local pod is
  * usually CHECKSUM_PARTIAL (the L4 field holds only the pseudo-header sum),
@@ -8,6 +12,8 @@
  */
 #include "lib/common.h"
 #include "lib/edge.h"
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
 #include <uapi/linux/pkt_cls.h>
 
 static __always_inline void count(u32 idx)
@@ -15,6 +21,117 @@ static __always_inline void count(u32 idx)
 	u64 *v = edge_counters.lookup(&idx);
 	if (v)
 		*v += 1;
+}
+
+/* The reply mapping of the flow an ICMP error quotes: the quoted packet went client ->
+ * backend, so its reverse is the reply key. */
+static __always_inline struct edge_rev *quoted_rev(struct edge_flow *rk, __u8 proto,
+						   __u16 *ports)
+{
+	rk->sport = ports[1];
+	rk->dport = ports[0];
+	rk->proto = proto;
+	return edge_revs.lookup(rk);
+}
+
+static __always_inline int icmp4_revnat(struct __sk_buff *skb, __u32 l3off, __u32 hl)
+{
+	__u32 off = l3off + hl; /* ICMP header; its checksum has no pseudo-header */
+	__u8 type;
+
+	if (bpf_skb_load_bytes(skb, off, &type, 1))
+		return TC_ACT_OK;
+	if (type != ICMP_DEST_UNREACH && type != ICMP_TIME_EXCEEDED && type != ICMP_PARAMETERPROB)
+		return TC_ACT_OK;
+	__u32 in3 = off + 8;
+	struct iphdr in;
+	if (bpf_skb_load_bytes(skb, in3, &in, sizeof(in)))
+		return TC_ACT_OK;
+	if (in.protocol != IPPROTO_TCP && in.protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	__u32 ihl = in.ihl * 4;
+	if (ihl < sizeof(in) || ihl > 60)
+		return TC_ACT_OK;
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, in3 + ihl, ports, sizeof(ports)))
+		return TC_ACT_OK;
+	struct edge_flow rk = {};
+	addr_from4(&rk.src, in.daddr);
+	addr_from4(&rk.dst, in.saddr);
+	struct edge_rev *rv = quoted_rev(&rk, in.protocol, ports);
+	if (!rv)
+		return TC_ACT_OK;
+
+	__u32 vip = rv->vip.w[3], backend = in.daddr;
+	__u16 vport = rv->vport, newc;
+	__u32 sum = off + 2;
+	if (bpf_skb_store_bytes(skb, in3 + offsetof(struct iphdr, daddr), &vip, 4, 0))
+		return TC_ACT_OK;
+	bpf_l3_csum_replace(skb, in3 + offsetof(struct iphdr, check), backend, vip, 4);
+	if (bpf_skb_load_bytes(skb, in3 + offsetof(struct iphdr, check), &newc, 2))
+		return TC_ACT_OK;
+	bpf_l4_csum_replace(skb, sum, backend, vip, 4);
+	bpf_l4_csum_replace(skb, sum, in.check, newc, 2);
+	if (vport != ports[1]) {
+		bpf_skb_store_bytes(skb, in3 + ihl + 2, &vport, 2, 0);
+		bpf_l4_csum_replace(skb, sum, ports[1], vport, 2);
+	}
+	/* A router on the way keeps its address; the backend's own answer is the VIP's. */
+	__u32 osrc;
+	if (!bpf_skb_load_bytes(skb, l3off + offsetof(struct iphdr, saddr), &osrc, 4) &&
+	    osrc == backend) {
+		bpf_skb_store_bytes(skb, l3off + offsetof(struct iphdr, saddr), &vip, 4, 0);
+		bpf_l3_csum_replace(skb, l3off + offsetof(struct iphdr, check), backend, vip, 4);
+	}
+	count(E_ICMP_REVNAT);
+	return TC_ACT_OK;
+}
+
+static __always_inline int icmp6_revnat(struct __sk_buff *skb, __u32 l3off)
+{
+	__u32 off = l3off + sizeof(struct ipv6hdr); /* checksum covers the pseudo-header */
+	__u8 type;
+
+	if (bpf_skb_load_bytes(skb, off, &type, 1))
+		return TC_ACT_OK;
+	if (type < ICMPV6_DEST_UNREACH || type > ICMPV6_PARAMPROB)
+		return TC_ACT_OK;
+	__u32 in3 = off + 8;
+	struct ipv6hdr in;
+	if (bpf_skb_load_bytes(skb, in3, &in, sizeof(in)))
+		return TC_ACT_OK;
+	if (in.nexthdr != IPPROTO_TCP && in.nexthdr != IPPROTO_UDP)
+		return TC_ACT_OK;
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, in3 + sizeof(in), ports, sizeof(ports)))
+		return TC_ACT_OK;
+	struct edge_flow rk = {};
+	__builtin_memcpy(&rk.src, &in.daddr, 16);
+	__builtin_memcpy(&rk.dst, &in.saddr, 16);
+	struct edge_rev *rv = quoted_rev(&rk, in.nexthdr, ports);
+	if (!rv)
+		return TC_ACT_OK;
+
+	struct addr16 vip = rv->vip;
+	__u16 vport = rv->vport;
+	__u32 sum = off + 2;
+	__s64 diff = bpf_csum_diff(rk.src.w, 16, vip.w, 16, 0);
+	if (bpf_skb_store_bytes(skb, in3 + offsetof(struct ipv6hdr, daddr), vip.w, 16, 0))
+		return TC_ACT_OK;
+	bpf_l4_csum_replace(skb, sum, 0, diff, 0);
+	if (vport != ports[1]) {
+		bpf_skb_store_bytes(skb, in3 + sizeof(in) + 2, &vport, 2, 0);
+		bpf_l4_csum_replace(skb, sum, ports[1], vport, 2);
+	}
+	struct addr16 osrc;
+	if (!bpf_skb_load_bytes(skb, l3off + offsetof(struct ipv6hdr, saddr), &osrc, 16) &&
+	    osrc.w[0] == rk.src.w[0] && osrc.w[1] == rk.src.w[1] &&
+	    osrc.w[2] == rk.src.w[2] && osrc.w[3] == rk.src.w[3]) {
+		bpf_skb_store_bytes(skb, l3off + offsetof(struct ipv6hdr, saddr), vip.w, 16, 0);
+		bpf_l4_csum_replace(skb, sum, 0, diff, BPF_F_PSEUDO_HDR);
+	}
+	count(E_ICMP_REVNAT);
+	return TC_ACT_OK;
 }
 
 int edge_tc(struct __sk_buff *skb)
@@ -42,6 +159,8 @@ int edge_tc(struct __sk_buff *skb)
 		struct iphdr *ip4 = data + l3off;
 		if ((void *)(ip4 + 1) > data_end)
 			return TC_ACT_OK;
+		if (ip4->protocol == IPPROTO_ICMP && ip4->ihl >= 5)
+			return icmp4_revnat(skb, l3off, ip4->ihl * 4);
 		if (ip4->protocol != IPPROTO_TCP && ip4->protocol != IPPROTO_UDP)
 			return TC_ACT_OK;
 		/* Later fragments carry no ports; a reply that big is split after us. */
@@ -61,6 +180,8 @@ int edge_tc(struct __sk_buff *skb)
 		struct ipv6hdr *ip6 = data + l3off;
 		if ((void *)(ip6 + 1) > data_end)
 			return TC_ACT_OK;
+		if (ip6->nexthdr == IPPROTO_ICMPV6)
+			return icmp6_revnat(skb, l3off);
 		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
 			return TC_ACT_OK;
 		rk.proto = ip6->nexthdr;

@@ -299,8 +299,33 @@ int edge_xdp(struct xdp_md *ctx)
 	}
 
 	if (!(be->flags & EDGE_BE_REDIRECT)) {
-		count(E_FWD_ROUTE);
+		count(be->flags & EDGE_BE_FALLBACK ? E_FWD_FALLBACK : E_FWD_ROUTE);
 		return XDP_PASS;
+	}
+
+	/* What the kernel must answer stays with the kernel: a packet too big for the
+	 * backend's interface (a redirect would drop it; routed, it is fragmented or gets
+	 * frag-needed, which edge_tc translates) and one whose TTL expires here. A
+	 * redirected packet is forwarded: TTL / hop limit one less, as routing does. */
+	if (be->mtu && (__u32)(data_end - l3) > be->mtu) {
+		count(E_FWD_TOO_BIG);
+		return XDP_PASS;
+	}
+	if (ip4) {
+		if (ip4->ttl <= 1) {
+			count(E_FWD_TTL_EXPIRING);
+			return XDP_PASS;
+		}
+		__u16 *w = (__u16 *)&ip4->ttl; /* ttl and protocol: one checksum word */
+		__u16 before = *w;
+		ip4->ttl--;
+		edge_csum_apply(&ip4->check, (__u64)(__u16)~before + *w);
+	} else if (ip6) {
+		if (ip6->hop_limit <= 1) {
+			count(E_FWD_TTL_EXPIRING);
+			return XDP_PASS;
+		}
+		ip6->hop_limit--;
 	}
 
 	u32 m0 = be->macs[0], m1 = be->macs[1], m2 = be->macs[2];

@@ -128,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
             rows.append(["xds left to kernel", f"{len(xds['skipped'])} listeners or virtual "
                          "hosts with no L4 service the kernel path can take (--json: why)"])
     print_table(rows, ["", ""])
+    edge_backends = [[f"{v['service']} {v['vip']}:{v['port']}", f"{b['address']}:{b['port']}",
+                      b["via"]]
+                     for v in (st["edge"] or {}).get("vips", []) for b in v.get("backends", [])]
+    if edge_backends:
+        print()
+        print_table(edge_backends, ["edge VIP", "backend", "path (why)"])
     if xds is not None and xds["types"]:
         print()
         print_table([[url.rsplit(".", 1)[-1], t["last_ack_version"] or "-", t["resource_count"],

@@ -27,6 +27,7 @@ from typing import Any
 from accel.datapath.maps import get_addr16, set_addr16
 from accel.kernel import attach, loader
 from accel.kernel.maps import Map
+from accel.kernel.netns import NsidPaths
 
 POD_PROGRAM = loader.Program("pod_tc.c", "accel_pod_tc", "sched_cls")
 
@@ -36,7 +37,6 @@ TC_INGRESS = attach.TC_INGRESS
 TC_PRIO = 0xAC1D  # our filter's priority on the ingress hook: finds it again to delete
 TC_HANDLE = 0xAC1D
 FILTER_NAME = "accel_pod_tc"
-NETNS_DIRS = ("/run/netns", "/run/docker/netns")
 # Addresses are re-read from every known pod this often (refresh calls, about seconds); a
 # new port, or one whose peer changed, at once. Pods rarely renumber in place.
 REREAD_EVERY = 30
@@ -102,9 +102,9 @@ class PodRouter:
         }
         self.conflicts: list[str] = []
         self.failures: dict[str, str] = {}  # ifname -> why it stays on the bridge
-        self._nsids: dict[int, str] = {}
         self._ticks = 0
         self._node = _ipr(self._path)
+        self._nsids = NsidPaths(self._node)
 
     # ---- discovery ---------------------------------------------------------------------------
 
@@ -124,56 +124,10 @@ class PodRouter:
                 out.append((link, _l2_isolation(link, by_index.get(link.get("master")))))
         return out
 
-    def _netns_of(self, nsid: int) -> str | None:
-        """The path of the namespace our namespace calls `nsid` (nsids are per namespace)."""
-        cached = self._nsids.get(nsid)
-        if cached and self._nsid_of(cached) == nsid:
-            return cached
-        self._nsids.pop(nsid, None)
-        seen: set[tuple[int, int]] = set()
-        for path in self._namespace_files():
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            got = self._nsid_of(path)
-            if got is not None and got >= 0:
-                self._nsids[got] = path
-                if got == nsid:
-                    return path
-        return None
-
-    def _nsid_of(self, path: str) -> int | None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            r = self._node.get_netnsid(fd=fd)
-            return None if r is None or r.get("nsid") is None else int(r["nsid"])
-        except Exception:
-            return None
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _namespace_files() -> Iterable[str]:
-        for d in NETNS_DIRS:
-            try:
-                yield from (os.path.join(d, n) for n in sorted(os.listdir(d)))
-            except OSError:
-                continue
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                yield f"/proc/{pid}/ns/net"
-
     def _read_port(self, link: dict[str, Any]) -> PodPort:
         name = link.get("ifname")
         nsid, peer = link.get("link_netnsid"), link.get("link")
-        path = self._netns_of(nsid)
+        path = self._nsids.path(nsid)
         if path is None:
             raise PodRouteError(f"{name}: the pod's namespace (nsid {nsid}) was not found")
         with _ipr(path) as ipr:

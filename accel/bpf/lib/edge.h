@@ -100,6 +100,7 @@ enum edge_backend_flags {
 	EDGE_BE_VALID = 1,    /* live: established flows keep using it */
 	EDGE_BE_REDIRECT = 2, /* neighbour known: rewrite MACs, redirect via edge_tx */
 	/* valid without redirect: rewrite the address and XDP_PASS, the kernel routes it */
+	EDGE_BE_FALLBACK = 4, /* routed because its interface would drop redirected frames */
 };
 
 /* A backend of one VIP (endpoint address:port, the neighbour to reach it). */
@@ -111,6 +112,8 @@ struct edge_backend {
 			* interface behind edge_tx[tx]): Ethernet header bytes 0-11 */
 	__u32 gen;     /* bumped on every reuse of the id: stale flows re-pick */
 	__u32 flags;
+	__u32 mtu;     /* of the interface behind edge_tx[tx]; 0 unknown. A bigger packet
+			* is routed: the kernel fragments it or answers frag-needed */
 };
 
 /* A flow in the direction it travels. Ports in network order. */
@@ -185,6 +188,10 @@ enum edge_counter {
 	E_VLAN_POP_FAIL,     /* could not pop the VLAN tag: passed to the kernel */
 	E_CONN_FULL,         /* connection table update failed */
 	E_REPLY_REVNAT,      /* reply rewritten back to the VIP (tc) */
+	E_FWD_FALLBACK,      /* routed, not redirected: the backend's interface drops XDP frames */
+	E_FWD_TOO_BIG,       /* routed, not redirected: bigger than the backend interface's MTU */
+	E_FWD_TTL_EXPIRING,  /* routed, not redirected: TTL/hop limit expires here (kernel answers) */
+	E_ICMP_REVNAT,       /* ICMP error about a balanced flow given the VIP back (tc) */
 	E_MAX,
 };
 

@@ -9,8 +9,11 @@ not known yet (after a probe and a short wait), or that is local to this host,
 is still balanced but in route mode: XDP rewrites the address and passes the
 packet to the kernel, which routes it and resolves the neighbour itself;
 `refresh()` (the agent calls it periodically) moves it to redirect mode once
-the neighbour is known, and follows MAC changes. A veth that receives
-redirected frames needs an XDP program (or GRO) on its peer end.
+the neighbour is known, and follows MAC changes. A redirect target must take frames
+from a native XDP program, as the kernel states in its xdp-features: a veth does only
+while its peer runs a native XDP program or GRO, which container runtimes leave off. A
+backend behind such a veth is routed instead (`edge_fwd_fallback` counts its packets);
+the pod's interface is never changed. `status()` says per backend which path and why.
 
 Changes are make-before-break: new backends are written first, then the new
 ring into a spare ring slot, then the VIP entry flips to it, and only then are
@@ -26,10 +29,14 @@ elsewhere. Slots that changed owner are marked dirty and consult the table;
 recorded flow needs any more.
 
 Limits: replies are given the VIP back on the edge interface's egress, so they
-must leave through it (the route back to the client); ICMP errors about a
-balanced flow are not translated; IP fragments, IPv6 extension headers and
-NAT46 are left to the kernel; a redirected packet keeps its TTL. Call every
-method from one thread (the agent's lock).
+must leave through it (the route back to the client), and so must ICMP errors
+about a balanced flow, which edge_tc translates the same way (the quoted packet,
+and the source when the backend sent it): path-MTU discovery works through the
+edge. A redirected packet is forwarded as routing would (TTL / hop limit one
+less); one that expires here, or is bigger than the backend interface's MTU, is
+handed to the kernel after the rewrite, so the kernel answers it. IP fragments,
+IPv6 extension headers and NAT46 are left to the kernel. Call every method from
+one thread (the agent's lock).
 """
 
 from __future__ import annotations
@@ -51,12 +58,12 @@ from accel.datapath.edge.attach import (
     Attachment,
     detach_from,
 )
-from accel.datapath.edge.backends import BE_REDIRECT, BE_VALID, Backends
+from accel.datapath.edge.backends import BE_FALLBACK, BE_REDIRECT, BE_VALID, Backends
 from accel.datapath.edge.counters import VIP_STAT_FIELDS, counter_names, read_counters
 from accel.datapath.edge.encoding import PROTO_NAMES, PROTO_NUMBERS, ep_name, flow_slot, vip_hash
 from accel.datapath.edge.errors import EdgeCapacityError, EdgeError
 from accel.datapath.edge.guard import EdgeGuard, deny_prefilter
-from accel.datapath.edge.neighbours import NeighbourResolver, NextHop, Resolver
+from accel.datapath.edge.neighbours import NeighbourResolver, NextHop, Resolver, Routed
 from accel.datapath.edge.programs import BPF_DIR, EDGE_H, PIN_MAPS
 from accel.datapath.edge.rings import Rings
 from accel.datapath.edge.vips import VIP_EMPTY, VIP_GONE, VIP_LIVE, VIP_PROBES, Vip, VipSlots
@@ -65,12 +72,12 @@ from accel.kernel.maps import Map
 from accel.model import Guard, IPAddress, Service, ServiceTable
 
 __all__ = [
-    "BE_REDIRECT", "BE_VALID", "BPF_DIR", "EDGE_H", "PIN_MAPS", "PROTO_NAMES", "PROTO_NUMBERS",
-    "TC_EGRESS", "TC_HANDLE", "TC_PRIO", "VIP_EMPTY", "VIP_GONE", "VIP_LIVE", "VIP_PROBES",
-    "VIP_STAT_FIELDS", "XDP_FLAGS_DRV_MODE", "XDP_FLAGS_SKB_MODE",
+    "BE_FALLBACK", "BE_REDIRECT", "BE_VALID", "BPF_DIR", "EDGE_H", "PIN_MAPS", "PROTO_NAMES",
+    "PROTO_NUMBERS", "TC_EGRESS", "TC_HANDLE", "TC_PRIO", "VIP_EMPTY", "VIP_GONE", "VIP_LIVE",
+    "VIP_PROBES", "VIP_STAT_FIELDS", "XDP_FLAGS_DRV_MODE", "XDP_FLAGS_SKB_MODE",
     "EdgeCapacityError", "EdgeDatapath", "EdgeError", "NeighbourResolver", "NextHop",
-    "Resolver", "counter_names", "deny_prefilter", "detach_from", "flow_slot", "open_pinned",
-    "read_counters", "vip_hash",
+    "Resolver", "Routed", "counter_names", "deny_prefilter", "detach_from", "flow_slot",
+    "open_pinned", "read_counters", "vip_hash",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,7 +236,12 @@ class EdgeDatapath:
         if mode not in ("auto", "native", "generic"):
             raise EdgeError(f"xdp mode {mode!r} is not one of auto, native, generic")
         self.load()
-        return self._attachment.attach(self.xdp_fd, self.tc_fd, mode)
+        got = self._attachment.attach(self.xdp_fd, self.tc_fd, mode)
+        if isinstance(self.resolver, NeighbourResolver):
+            # Generic XDP redirects an skb: every target takes it. The next refresh()
+            # re-judges backends resolved before.
+            self.resolver.generic_xdp = got == "generic"
+        return got
 
     def detach(self) -> None:
         """Remove the XDP program and our tc filter (and the clsact qdisc if we made it)."""
@@ -430,7 +442,7 @@ class EdgeDatapath:
         changed = 0
         for b in backends:
             hop = hops.get(b.addr)
-            if hop != b.hop:
+            if hop != (b.hop or b.routed):
                 self._backends.set_hop(b, hop)
                 changed += 1
         return changed
@@ -464,8 +476,7 @@ class EdgeDatapath:
                     "protocol": v.key[2],
                     "dirty_slots": sum(v.dirty) if v.dirty else 0,
                     "backends": [
-                        {"address": str(b.addr), "port": b.port,
-                         "via": f"redirect ifindex {b.hop.ifindex}" if b.hop else "kernel route"}
+                        {"address": str(b.addr), "port": b.port, "via": b.via}
                         for b in v.backends.values()
                     ],
                 }

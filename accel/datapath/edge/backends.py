@@ -14,13 +14,14 @@ from typing import Any
 
 from accel.datapath.edge.encoding import put_addr
 from accel.datapath.edge.errors import EdgeCapacityError
-from accel.datapath.edge.neighbours import NextHop
+from accel.datapath.edge.neighbours import NextHop, Routed
 from accel.model import IPAddress
 
 log = logging.getLogger(__package__)
 
 BE_VALID = 1
 BE_REDIRECT = 2
+BE_FALLBACK = 4  # routed because the redirect target would drop the frames
 
 
 @dataclass
@@ -31,6 +32,16 @@ class Backend:
     port: int
     hop: NextHop | None
     tx: int  # devmap slot, 0 when in route mode
+    routed: Routed | None = None  # why the kernel routes it (hop is None)
+
+    @property
+    def via(self) -> str:
+        """How XDP reaches it, and why (accel status)."""
+        if self.hop is not None:
+            return f"redirect ifindex {self.hop.ifindex}" + (f": {self.hop.why}"
+                                                             if self.hop.why else "")
+        why = self.routed.reason if self.routed else "no next hop known"
+        return f"kernel route: {why}"
 
 
 class Backends:
@@ -50,19 +61,22 @@ class Backends:
         self._gen = (self._gen % 0xFFFFFFFF) + 1
         return self._gen
 
-    def new(self, addr: IPAddress, port: int, hop: NextHop | None) -> Backend:
+    def new(self, addr: IPAddress, port: int, hop: NextHop | Routed | None) -> Backend:
         b = Backend(self.free.popleft(), self._next_gen(), addr, port, None, 0)
         self.set_hop(b, hop)
         return b
 
-    def set_hop(self, b: Backend, hop: NextHop | None) -> None:
+    def set_hop(self, b: Backend, hop: NextHop | Routed | None) -> None:
         old_if = b.hop.ifindex if b.hop else None
-        if hop is not None:
+        b.routed = None
+        if isinstance(hop, Routed):
+            b.routed, hop = hop, None
+        elif hop is not None:
             try:
                 b.tx = self._tx_acquire(hop.ifindex)
             except EdgeCapacityError as e:
                 log.warning("edge: %s: route mode", e)
-                hop = None
+                b.routed, hop = Routed(str(e)), None
         b.hop = hop
         self._write(b)
         if old_if is not None:
@@ -79,6 +93,9 @@ class Backends:
             v.flags |= BE_REDIRECT
             v.tx = b.tx
             ctypes.memmove(ctypes.addressof(v.macs), b.hop.dmac + b.hop.smac, 12)
+            v.mtu = b.hop.mtu
+        elif b.routed is not None and b.routed.fallback:
+            v.flags |= BE_FALLBACK
         t[ctypes.c_uint32(b.id)] = v
 
     def drop(self, b: Backend) -> None:

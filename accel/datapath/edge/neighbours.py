@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from accel.kernel import netdev
+from accel.kernel.netns import NsidPaths
 from accel.model import IPAddress
 
 log = logging.getLogger(__package__)  # one logger for the edge, as before the split
@@ -16,15 +18,28 @@ log = logging.getLogger(__package__)  # one logger for the edge, as before the s
 
 @dataclass(frozen=True)
 class NextHop:
-    """How XDP reaches a backend: out of `ifindex`, from `smac` to `dmac`."""
+    """How XDP reaches a backend: out of `ifindex`, from `smac` to `dmac`; `why` that
+    interface takes redirected frames."""
 
     ifindex: int
     dmac: bytes
     smac: bytes
+    why: str = ""
+    mtu: int = 0  # of the interface; 0 unknown (XDP routes bigger packets to the kernel)
 
 
-# Maps addresses to next hops; None means "let the kernel route it" (route mode).
-Resolver = Callable[[Iterable[IPAddress]], dict[IPAddress, NextHop | None]]
+@dataclass(frozen=True)
+class Routed:
+    """The kernel routes the backend's packets (XDP rewrites the address and passes them):
+    `reason` says why. `fallback`: a redirect target exists but would drop the frames
+    (a veth whose peer runs no NAPI, a NIC without ndo_xdp_xmit), counted apart."""
+
+    reason: str
+    fallback: bool = False
+
+
+# Maps addresses to next hops; Routed (or None: no reason given) is route mode.
+Resolver = Callable[[Iterable[IPAddress]], dict[IPAddress, NextHop | Routed | None]]
 
 
 class NeighbourResolver:
@@ -36,24 +51,36 @@ class NeighbourResolver:
     neighbour's MAC (a bridge takes no XDP redirects; its veth ports do). Only
     veths and plain devices (NICs) are redirect targets: VLAN, bond, tunnel and
     other virtual devices are left to the kernel (route mode).
+
+    A target must take frames from a native XDP program: the kernel says so in its
+    xdp-features (accel/kernel/netdev.py); a veth does only while its peer runs a native
+    XDP program or GRO, which container runtimes leave off. Otherwise the backend is
+    routed (`Routed(fallback=True)`), never redirected into a drop, and the pod's
+    interface is never changed. `generic_xdp` (the edge runs in generic mode): a redirect
+    is an skb sent out of the target, which every device takes.
     """
 
     USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable stale delay probe noarp permanent
     REDIRECT_KINDS = (None, "veth")
 
-    def __init__(self, wait: float = 1.0):
+    def __init__(self, wait: float = 1.0, generic_xdp: bool = False):
         self.wait = wait
+        self.generic_xdp = generic_xdp
+        self._nsids: NsidPaths | None = None
+        self._judged: dict[int, str | Routed] = {}
 
-    def __call__(self, addrs: Iterable[IPAddress]) -> dict[IPAddress, NextHop | None]:
+    def __call__(self, addrs: Iterable[IPAddress]) -> dict[IPAddress, NextHop | Routed | None]:
         from pyroute2 import IPRoute
 
-        out: dict[IPAddress, NextHop | None] = {}
+        out: dict[IPAddress, NextHop | Routed | None] = {}
         pending: dict[IPAddress, tuple[int, str, bytes]] = {}
         with IPRoute() as ipr:
+            self._nsids = NsidPaths(ipr)
+            self._judged = {}  # per interface, for this call
             for addr in addrs:
                 hop = self._route(ipr, addr)
-                if hop is None:
-                    out[addr] = None
+                if isinstance(hop, Routed):
+                    out[addr] = hop
                     continue
                 dmac = self._neigh(ipr, hop[0], hop[1])
                 if dmac:
@@ -69,32 +96,74 @@ class NeighbourResolver:
                     if dmac:
                         out[addr] = self._next_hop(ipr, hop, dmac)
                         del pending[addr]
+            self._nsids = None
         for addr in pending:
             log.info("edge: no neighbour for %s yet: balanced in route mode", addr)
-            out[addr] = None
+            out[addr] = Routed(f"no neighbour entry for {pending[addr][1]} yet")
         return out
 
     @staticmethod
-    def _kind(ipr, index: int) -> tuple[str | None, str | None]:
+    def _link(ipr, index: int):
         links = ipr.link("get", index=index)
-        if not links:
-            return None, None
-        info = links[0].get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info else None
-        return kind, links[0].get_attr("IFLA_ADDRESS")
+        return links[0] if links else None
 
-    def _next_hop(self, ipr, hop: tuple[int, str, bytes], dmac: bytes) -> NextHop | None:
+    @staticmethod
+    def _kind(link) -> str | None:
+        info = link.get_attr("IFLA_LINKINFO") if link is not None else None
+        return info.get_attr("IFLA_INFO_KIND") if info else None
+
+    @staticmethod
+    def _name(link) -> str:
+        return link.get_attr("IFLA_IFNAME") if link is not None else "?"
+
+    def _next_hop(self, ipr, hop: tuple[int, str, bytes], dmac: bytes) -> NextHop | Routed:
         oif, _, smac = hop
-        kind, _ = self._kind(ipr, oif)
+        link = self._link(ipr, oif)
+        kind = self._kind(link)
         if kind == "bridge":
             port = self._bridge_port(ipr, oif, dmac)
-            if port is None:
-                return None  # not learned (yet): the bridge floods, the kernel copes
+            if port is None:  # not learned (yet): the bridge floods, the kernel copes
+                return Routed(f"bridge {self._name(link)}: port of {dmac.hex(':')} not learned")
             oif = port
-            kind, _ = self._kind(ipr, oif)
+            link = self._link(ipr, oif)
+            kind = self._kind(link)
+        name = self._name(link)
         if kind not in self.REDIRECT_KINDS:
-            return None
-        return NextHop(oif, dmac, smac)
+            return Routed(f"{name} is a {kind} device: XDP redirects only to NICs and veths")
+        why = self._judged.get(oif)
+        if why is None:  # backends behind one interface (a NIC, a pod's ports) share it
+            why = self._judged[oif] = self._takes_frames(link, kind)
+        if isinstance(why, Routed):
+            return why
+        return NextHop(oif, dmac, smac, why, link.get_attr("IFLA_MTU") or 0)
+
+    def _takes_frames(self, link, kind: str | None) -> str | Routed:
+        """Why `link` takes a native XDP program's redirected frames, or Routed: it would
+        drop them. The kernel's xdp-features decide; the veth peer's state explains."""
+        name = self._name(link)
+        peer = None
+        if kind == "veth" and self._nsids is not None:
+            try:
+                peer = netdev.veth_peer(link, self._nsids)
+            except OSError as e:
+                log.info("edge: %s: peer not readable (%s)", name, e)
+        detail = f" ({peer.describe()})" if peer else ""
+        if self.generic_xdp:
+            return f"{name}: generic XDP sends an skb, every device takes it{detail}"
+        feats = netdev.xdp_features(link["index"])
+        if feats is None:  # a kernel before 6.3: judge a veth by its peer
+            if kind != "veth":
+                return f"{name}: a NIC (xdp-features unknown on this kernel)"
+            if peer is not None and peer.up and (peer.native_xdp or peer.gro):
+                return f"{name}{detail}"
+            return Routed(f"{name}: veth peer takes no XDP frames{detail or ' (peer unknown)'}",
+                          fallback=True)
+        if feats & netdev.NETDEV_XDP_ACT_NDO_XMIT:
+            return f"{name}: takes XDP frames (ndo_xdp_xmit){detail}"
+        if kind == "veth":
+            return Routed(f"{name}: veth peer has neither a native XDP program nor GRO, "
+                          f"redirected frames would be dropped{detail}", fallback=True)
+        return Routed(f"{name}: the driver has no ndo_xdp_xmit", fallback=True)
 
     @staticmethod
     def _bridge_port(ipr, bridge: int, mac: bytes) -> int | None:
@@ -105,23 +174,23 @@ class NeighbourResolver:
         return None
 
     @staticmethod
-    def _route(ipr, addr: IPAddress) -> tuple[int, str, bytes] | None:
+    def _route(ipr, addr: IPAddress) -> tuple[int, str, bytes] | Routed:
         try:
             routes = ipr.route("get", dst=str(addr))
         except Exception as e:  # noqa: BLE001 - unreachable: route mode, the kernel decides
             log.info("edge: no route to %s (%s): route mode", addr, e)
-            return None
+            return Routed(f"no route ({e})")
         if not routes:
-            return None
+            return Routed("no route")
         r = routes[0]
         if r["type"] != 1:  # RTN_UNICAST; local, blackhole...: the kernel handles it
-            return None
+            return Routed(f"route type {r['type']} is not unicast")
         oif = r.get_attr("RTA_OIF")
         gw = r.get_attr("RTA_GATEWAY")
         links = ipr.link("get", index=oif) if oif else []
         smac = links[0].get_attr("IFLA_ADDRESS") if links else None
         if not oif or not smac or smac == "00:00:00:00:00:00":
-            return None  # loopback, tunnels: nothing to rewrite MACs for
+            return Routed("the route's interface has no MAC")  # loopback, tunnels
         return oif, gw or str(addr), bytes.fromhex(smac.replace(":", ""))
 
     def _neigh(self, ipr, oif: int, nh: str) -> bytes | None:
