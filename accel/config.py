@@ -14,9 +14,11 @@ import yaml
 
 from accel.model import (
     DEFAULT_FASTPATH,
+    NO_LIMITS,
     PROTOCOLS,
     Endpoint,
     Guard,
+    Limits,
     Service,
     ServiceTable,
     ValidationError,
@@ -26,6 +28,8 @@ from accel.model import (
     check_vip,
     endpoint_loops,
     parse_address,
+    parse_bandwidth,
+    parse_connection_rate,
     parse_network,
 )
 from accel.policy.rules import DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT
@@ -36,7 +40,8 @@ from accel.policy.rules import DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT
 MAX_CONFIG_BYTES = 8 << 20
 MAX_CONFIG_ENV = "ACCEL_MAX_CONFIG_BYTES"
 
-SERVICE_KEYS = {"name", "vip", "port", "protocol", "endpoints", "edge", "fastpath"}
+SERVICE_KEYS = {"name", "vip", "port", "protocol", "endpoints", "edge", "fastpath", "limits"}
+LIMITS_KEYS = {"bandwidth", "connections", "burst"}
 ENDPOINT_KEYS = {"address", "port", "weight", "healthy", "namespace", "service_account", "name",
                  "labels"}
 TOP_KEYS = {"services", "guard", "mesh_cidrs", "fastpath", "policies"}
@@ -158,7 +163,23 @@ def parse_service(raw: Any, index: int, fastpath: str = DEFAULT_FASTPATH) -> Ser
         endpoints=endpoints,
         edge=edge,
         fastpath=fastpath,
+        limits=parse_limits(d.get("limits"), f"{where}.limits"),
     )
+
+
+def parse_limits(raw: Any, path: str) -> Limits:
+    """`limits: {bandwidth: 200Mbit, connections: 100/s, burst: 20}`; each key optional."""
+    if raw is None:
+        return NO_LIMITS
+    d = _mapping(raw, path, LIMITS_KEYS)
+    bandwidth = d.get("bandwidth")
+    connections = d.get("connections")
+    return _within(path, Limits,
+                   bandwidth=0 if bandwidth is None else
+                   parse_bandwidth(bandwidth, f"{path}.bandwidth"),
+                   connections=0.0 if connections is None else
+                   parse_connection_rate(connections, f"{path}.connections"),
+                   burst=d.get("burst") or 0)
 
 
 def parse_guard(raw: Any) -> Guard:
@@ -309,6 +330,7 @@ def table_to_dict(table: ServiceTable) -> dict[str, Any]:
                 "protocol": s.protocol,
                 **({"edge": True} if s.edge else {}),
                 **({} if s.fastpath == table.fastpath else {"fastpath": s.fastpath}),
+                **({"limits": s.limits.to_dict()} if s.limits else {}),
                 "endpoints": [
                     {
                         "address": str(e.address),

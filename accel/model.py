@@ -7,6 +7,8 @@ is a table the datapath can load. Errors name the service and the field.
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -203,6 +205,104 @@ class Endpoint:
         return f"{host}:{self.port}"
 
 
+_SI = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
+_BANDWIDTH_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bit/s)?\s*$", re.IGNORECASE)
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_PER = {"s": 1, "m": 60, "h": 3600}
+MAX_BANDWIDTH = 400 * 1000**3  # bit/s: beyond any NIC; keeps bytes/s well inside 64 bits
+MAX_CONNECTION_RATE = 10_000_000.0  # per second
+MIN_CONNECTION_RATE = 1 / 86400  # one a day: the bucket's refill interval fits 64-bit ns
+MAX_BURST = 1_000_000
+
+
+def parse_bandwidth(value: object, path: str) -> int:
+    """bit/s from 200Mbit, 1.5Gbit, 500k, 1000000 (decimal k/M/G, as tc and Kubernetes'
+    bandwidth annotations write them). Bytes are refused: tc reads `mbps` as megaBYTES."""
+    if isinstance(value, bool):
+        raise ValidationError(path, f"expected a rate such as 200Mbit, got {value!r}")
+    if isinstance(value, int):
+        bits = value
+    else:
+        m = _BANDWIDTH_RE.match(value) if isinstance(value, str) else None
+        if not m:
+            raise ValidationError(path, f"expected a rate in bit/s such as 50Mbit, 1.5Gbit or "
+                                  f"500k, got {value!r}")
+        bits = int(float(m.group(1)) * _SI[m.group(2).lower()])
+    if not 1000 <= bits <= MAX_BANDWIDTH:
+        raise ValidationError(path, f"{value!r} is out of range 1kbit-400Gbit")
+    return bits
+
+
+def parse_connection_rate(value: object, path: str) -> float:
+    """New connections per second from 100/s, 30/m, 2/h or a number (per second)."""
+    if isinstance(value, bool):
+        raise ValidationError(path, f"expected a rate such as 100/s, got {value!r}")
+    if isinstance(value, int | float):
+        rate = float(value)
+    else:
+        m = _RATE_RE.match(value) if isinstance(value, str) else None
+        if not m:
+            raise ValidationError(path, f"expected connections per second, minute or hour "
+                                  f"such as 100/s or 30/m, got {value!r}")
+        rate = float(m.group(1)) / _PER[m.group(2)]
+    if not MIN_CONNECTION_RATE <= rate <= MAX_CONNECTION_RATE:
+        raise ValidationError(path, f"{value!r} is out of range 1/day-{MAX_CONNECTION_RATE:.0f}/s")
+    return rate
+
+
+def bandwidth_text(bits: int) -> str:
+    for suffix, mult in (("Gbit", 1000**3), ("Mbit", 1000**2), ("kbit", 1000)):
+        if bits % mult == 0:
+            return f"{bits // mult}{suffix}"
+    return f"{bits}bit"
+
+
+def rate_text(rate: float) -> str:
+    for unit, per in (("s", 1), ("m", 60), ("h", 3600)):
+        n = rate * per
+        if abs(n - round(n)) < 1e-9 * max(1.0, n):
+            return f"{round(n)}/{unit}"
+    return f"{rate!r}/s"  # exact: reads back as the same float
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A service's QoS. `bandwidth`: bit/s, the aggregate clients on this host send to the
+    service's endpoints (0: unlimited); `connections`: new connections per second through
+    the VIP (0: unlimited), a token bucket holding up to `burst` connections."""
+
+    bandwidth: int = 0
+    connections: float = 0.0
+    burst: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bandwidth:
+            parse_bandwidth(self.bandwidth, "bandwidth")
+        if self.connections:
+            object.__setattr__(self, "connections",
+                               parse_connection_rate(self.connections, "connections"))
+            if not self.burst:  # one second's worth, at least one connection
+                object.__setattr__(self, "burst", max(1, math.ceil(self.connections)))
+            check_int(self.burst, "burst", 1, MAX_BURST)
+        elif self.burst:
+            raise ValidationError("burst", "a burst needs a connection rate (connections)")
+
+    def __bool__(self) -> bool:
+        return bool(self.bandwidth or self.connections)
+
+    def to_dict(self) -> dict[str, str | int]:
+        out: dict[str, str | int] = {}
+        if self.bandwidth:
+            out["bandwidth"] = bandwidth_text(self.bandwidth)
+        if self.connections:
+            out["connections"] = rate_text(self.connections)
+            out["burst"] = self.burst
+        return out
+
+
+NO_LIMITS = Limits()
+
+
 def _endpoint_order(ep: Endpoint) -> tuple:
     # IPv4 and IPv6 addresses do not compare with each other: order by version first.
     return (ep.address.version, ep.address, ep.port, ep.weight, ep.healthy)
@@ -217,10 +317,13 @@ class Service:
     endpoints: tuple[Endpoint, ...] = ()
     edge: bool = False
     fastpath: str = DEFAULT_FASTPATH
+    limits: Limits = NO_LIMITS  # QoS (accel/datapath/qos.py)
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
         check_fastpath(self.fastpath, "fastpath")
+        if not isinstance(self.limits, Limits):
+            raise ValidationError("limits", f"expected Limits, got {self.limits!r}")
         object.__setattr__(self, "vip", check_vip(parse_address(self.vip, "vip"), "vip"))
         check_port(self.port, "port", allow_zero=True)  # ANY_PORT: every port of the VIP
         if self.edge and self.port == ANY_PORT:
@@ -250,7 +353,7 @@ class Service:
         """Endpoints in a fixed order: two services that mean the same compare equal."""
         return Service(self.name, self.vip, self.port, self.protocol,
                        tuple(sorted(self.endpoints, key=_endpoint_order)), self.edge,
-                       self.fastpath)
+                       self.fastpath, self.limits)
 
     def derived(self, key: str, make: Callable[[Service], T]) -> T:
         """`make(self)`, computed once per Service object (slot runs, address sets): a service

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from accel import __version__
 from accel.config import CapacityError, check_capacity
 from accel.datapath.datapath import Capacities, Datapath
+from accel.datapath.qos import mechanisms as qos_mechanisms
 from accel.kernel.kbtf import fastpath_offsets
 from accel.kernel.loader import DEFAULT_PIN_DIR
 from accel.model import DEFAULT_FASTPATH, Guard, Service, ServiceTable, ValidationError
@@ -574,6 +575,7 @@ class Runtime:
             "pod_routing": self.pods.status() if self.pods is not None else None,
             "policy": self.policy_status(),
             "redirect_unavailable": fastpath_offsets().missing or None,
+            "qos": qos_mechanisms(),
         }
 
     def policy_status(self) -> dict[str, Any] | None:
@@ -594,6 +596,10 @@ class Runtime:
         with self.lock:
             out: dict[str, Any] = {"global": self.datapath.counters(),
                                    "services": self.datapath.service_counters()}
+            for name, q in self.datapath.qos_counters().items():  # limited services
+                out["services"].setdefault(name, {}).update(
+                    refused_by_limit=q["refused"], paced=q["paced"], repaced=q["repaced"],
+                    paced_live=max(0, q["live"]))
             if self.edge is not None:
                 out["edge"] = self.edge.counters()
             if self.flows is not None:

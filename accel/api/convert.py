@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from accel import config
 from accel.api.gen import agent_pb2 as pb
-from accel.model import DEFAULT_FASTPATH, Guard, ServiceTable, ValidationError
+from accel.model import DEFAULT_FASTPATH, Guard, Limits, ServiceTable, ValidationError
 
 if TYPE_CHECKING:
     from accel.flows.record import FlowRecord
@@ -44,6 +44,9 @@ def table_to_dict(msg: pb.ServiceTable) -> dict[str, Any]:
             d["protocol"] = s.protocol
         if s.fastpath:
             d["fastpath"] = s.fastpath
+        limits = _limits_dict(s.limits)
+        if limits:
+            d["limits"] = limits
         services.append(d)
     out: dict[str, Any] = {"services": services, "mesh_cidrs": list(msg.mesh_cidrs)}
     if msg.fastpath:
@@ -51,6 +54,23 @@ def table_to_dict(msg: pb.ServiceTable) -> dict[str, Any]:
     if msg.HasField("guard"):
         out["guard"] = _guard_dict(msg.guard)
     return out
+
+
+def _limits_dict(lim: pb.Limits) -> dict[str, Any]:
+    """mesh.yaml's limits mapping from the message: only what is set (0 = none)."""
+    return {k: v for k, v in (("bandwidth", lim.bandwidth), ("connections", lim.connections),
+                              ("burst", lim.burst)) if v}
+
+
+def limits_to_proto(lim: Limits) -> pb.Limits | None:
+    return pb.Limits(bandwidth=lim.bandwidth, connections=lim.connections,
+                     burst=lim.burst) if lim else None
+
+
+def limits_json(lim: pb.Limits) -> dict[str, Any]:
+    """Client side: the limits as mesh.yaml writes them ({} for none)."""
+    return Limits(bandwidth=lim.bandwidth, connections=lim.connections,
+                  burst=lim.burst).to_dict() if lim.bandwidth or lim.connections else {}
 
 
 def _within(prefix: str, fn, *args):
@@ -79,7 +99,7 @@ def table_to_proto(t: ServiceTable) -> pb.ServiceTable:
         services=[
             pb.Service(
                 name=s.name, vip=str(s.vip), port=s.port, protocol=s.protocol, edge=s.edge,
-                fastpath=s.fastpath,
+                fastpath=s.fastpath, limits=limits_to_proto(s.limits),
                 endpoints=[pb.Endpoint(address=str(e.address), port=e.port, weight=e.weight,
                                        healthy=e.healthy) for e in s.endpoints],
             )
@@ -98,6 +118,7 @@ def table_msg_to_json(msg: pb.ServiceTable) -> dict[str, Any]:
             {
                 "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol or "TCP",
                 "edge": s.edge, "fastpath": s.fastpath or DEFAULT_FASTPATH,
+                "limits": limits_json(s.limits),
                 "endpoints": [
                     {"address": e.address, "port": e.port,
                      "weight": e.weight if e.HasField("weight") else 1,
@@ -206,6 +227,11 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
         p.namespaces = int(pol.get("namespaces") or 0)
         for k, v in (pol.get("ignored") or {}).items():
             p.ignored[str(k)] = str(v)
+    qos = st.get("qos")
+    if qos:
+        msg.qos.CopyFrom(pb.QosStatus(bandwidth=qos["bandwidth"], connections=qos["connections"],
+                                      refused_errno=qos["refused_errno"],
+                                      note=qos["bandwidth_note"]))
     return msg
 
 
@@ -259,6 +285,9 @@ def status_to_json(msg: pb.GetStatusResponse) -> dict[str, Any]:
         "not_ready": msg.not_ready,
         "compiled": msg.compiled,
         "seconds_to_ready": round(msg.seconds_to_ready, 3) if msg.ready else None,
+        "qos": {"bandwidth": msg.qos.bandwidth, "connections": msg.qos.connections,
+                "refused_errno": msg.qos.refused_errno, "bandwidth_note": msg.qos.note}
+        if msg.HasField("qos") else None,
     }
 
 
@@ -277,13 +306,17 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, int]:
     return out
 
 
+SERVICE_COUNTERS = ("connects", "no_backend", "refused_by_limit", "paced", "repaced",
+                    "paced_live")
+
+
 def stats_to_proto(st: dict[str, Any]) -> pb.GetStatsResponse:
     msg = pb.GetStatsResponse()
     for k, v in (st.get("global") or {}).items():
         msg.global_counters[k] = int(v)
     for name, c in (st.get("services") or {}).items():
-        msg.services[name].connects = int(c.get("connects", 0))
-        msg.services[name].no_backend = int(c.get("no_backend", 0))
+        for key in SERVICE_COUNTERS:
+            setattr(msg.services[name], key, int(c.get(key, 0)))
     edge = st.get("edge")
     if isinstance(edge, dict):
         msg.edge.SetInParent()
@@ -313,7 +346,7 @@ def edge_stats_to_json(msg: pb.EdgeStats) -> dict[str, Any]:
 def stats_to_json(msg: pb.GetStatsResponse) -> dict[str, Any]:
     return {
         "global": dict(msg.global_counters),
-        "services": {n: {"connects": c.connects, "no_backend": c.no_backend}
+        "services": {n: {k: getattr(c, k) for k in SERVICE_COUNTERS}
                      for n, c in sorted(msg.services.items())},
         "edge": edge_stats_to_json(msg.edge) if msg.HasField("edge") else None,
         "flows": dict(msg.flow_counters) or None,

@@ -116,7 +116,11 @@ class AgentCollector(Collector):
         fams = {
             key: CounterMetricFamily(f"meshaccel_service_{key}", doc, labels=["service"])
             for key, doc in (("connects", "connections balanced to an endpoint"),
-                             ("no_backend", "connections refused: no usable endpoint"))
+                             ("no_backend", "connections refused: no usable endpoint"),
+                             ("refused_by_limit", "connections refused (EPERM): over the "
+                              "service's connection rate limit"),
+                             ("paced", "connections paced by the service's bandwidth limit"),
+                             ("repaced", "pacing rate changes on live connections"))
         }
         for svc, counts in (stats.get("services") or {}).items():
             for key, fam in fams.items():

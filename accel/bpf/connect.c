@@ -11,6 +11,7 @@
 #include "lib/lb.h"
 #include "lib/flows.h"
 #include "lib/policy.h"
+#include "lib/qos.h"
 #include "lib/sock.h"
 
 #define SYS_PROCEED 1
@@ -110,6 +111,15 @@ static __always_inline __u32 *policy_netns_get(struct policy_netns_key *k)
 	return accel_policy_netns.lookup(k);
 }
 
+/* lib/qos.h's accessors. */
+static __always_inline struct qos_limit *qos_limit_get(__u32 *i) { return accel_qos_limits.lookup(i); }
+static __always_inline struct qos_state *qos_state_get(__u32 *i) { return accel_qos_state.lookup(i); }
+static __always_inline struct qos_stats *qos_stats_get(__u32 *i) { return accel_qos_stats.lookup(i); }
+static __always_inline struct qos_sock *qos_sock_get(struct bpf_sock *sk, int create)
+{
+	return accel_qos_sock.sk_storage_get(sk, 0, create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+}
+
 static __always_inline void svc_count(__u32 index, int ok)
 {
 	struct svc_stats *s = accel_svc_stats.lookup(&index);
@@ -136,8 +146,9 @@ static __always_inline struct svc_val *find_service(struct svc_key *key)
 }
 
 /* Pick an endpoint for key; NULL when the VIP is not a service. *reject is set
- * when it is a service without a usable endpoint. */
-static __always_inline struct backend *pick(struct svc_key *key, int *reject, __u32 *flags)
+ * when it is a service without a usable endpoint (1) or over its connection limit (2). */
+static __always_inline struct backend *pick(struct bpf_sock_addr *ctx, struct svc_key *key,
+					     int *reject, __u32 *flags, int connected)
 {
 	struct svc_val *svc = find_service(key);
 	struct slot_key sk = {};
@@ -149,6 +160,10 @@ static __always_inline struct backend *pick(struct svc_key *key, int *reject, __
 		svc_count(svc->index, 0);
 		count(C_CONNECT_NO_BACKEND);
 		*reject = 1;
+		return NULL;
+	}
+	if (connected && qos_connect_refused(ctx, svc->index)) {
+		*reject = 2; /* over the service's connection rate (lib/qos.h): EPERM at once */
 		return NULL;
 	}
 	sk.slots_id = svc->slots_id;
@@ -231,9 +246,10 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx, __u32 counter, in
 	addr_from4(&key.vip, CTX_READ(ctx->user_ip4));
 	key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
 	key.proto = CTX_READ(ctx->protocol);
-	be = pick(&key, &reject, &flags);
+	be = pick(ctx, &key, &reject, &flags, connected);
 	if (!be)
-		return reject ? refuse(ctx, &key, FLOW_R_NO_BACKEND) : SYS_PROCEED;
+		return reject ? refuse(ctx, &key, reject == 2 ? FLOW_R_LIMIT : FLOW_R_NO_BACKEND)
+			      : SYS_PROCEED;
 	if (!addr_is_v4(&be->addr)) {
 		count(C_CONNECT_FAMILY_MISMATCH);
 		return SYS_PROCEED;
@@ -261,9 +277,10 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx, __u32 counter, in
 	key.vip.w[3] = CTX_READ(ctx->user_ip6[3]);
 	key.port = bpf_ntohs((__u16)CTX_READ(ctx->user_port));
 	key.proto = CTX_READ(ctx->protocol);
-	be = pick(&key, &reject, &flags);
+	be = pick(ctx, &key, &reject, &flags, connected);
 	if (!be)
-		return reject ? refuse(ctx, &key, FLOW_R_NO_BACKEND) : SYS_PROCEED;
+		return reject ? refuse(ctx, &key, reject == 2 ? FLOW_R_LIMIT : FLOW_R_NO_BACKEND)
+			      : SYS_PROCEED;
 	/* An IPv4 endpoint is dialed as ::ffff:a.b.c.d from an IPv6 socket. */
 	ctx->user_ip6[0] = be->addr.w[0];
 	ctx->user_ip6[1] = be->addr.w[1];

@@ -5,6 +5,7 @@
 #include "lib/counters.h"
 #include "lib/flows.h"
 #include "lib/sock.h"
+#include "lib/qos.h"
 
 
 static __always_inline void count_add(u32 idx, u64 n)
@@ -15,6 +16,15 @@ static __always_inline void count_add(u32 idx, u64 n)
 }
 
 #define count(idx) count_add((idx), 1)
+
+/* lib/qos.h's accessors. */
+static __always_inline struct qos_limit *qos_limit_get(__u32 *i) { return accel_qos_limits.lookup(i); }
+static __always_inline struct qos_state *qos_state_get(__u32 *i) { return accel_qos_state.lookup(i); }
+static __always_inline struct qos_stats *qos_stats_get(__u32 *i) { return accel_qos_stats.lookup(i); }
+static __always_inline struct qos_sock *qos_sock_get(struct bpf_sock *sk, int create)
+{
+	return accel_qos_sock.sk_storage_get(sk, 0, create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+}
 
 /* Connection records: lib/flows.h says why each program defines these itself. */
 static __always_inline int flows_on(void)
@@ -374,7 +384,8 @@ int accel_sockops(struct bpf_sock_ops *skops)
 		flow_start(skops);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		track(skops);
+		if (!qos_established(skops)) /* paced (lib/qos.h): TCP, never the redirect */
+			track(skops);
 		flow_established(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
@@ -382,10 +393,13 @@ int accel_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		flow_state(skops);
-		if (skops->args[1] == BPF_TCP_CLOSE)
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			qos_closed(skops);
 			untrack(skops);
+		}
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
+		qos_rtt(skops);
 		flow_rtt(skops);
 		break;
 	}

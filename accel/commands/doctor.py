@@ -176,9 +176,19 @@ def _short(e: Exception) -> str:
     return text[-1] if text else type(e).__name__
 
 
+def check_qos() -> Check:
+    """Which QoS mechanisms this kernel gives (accel/datapath/qos.py)."""
+    from accel.datapath.qos import mechanisms
+
+    m = mechanisms()
+    return Check("qos", True, f"bandwidth: {m['bandwidth']} ({m['bandwidth_note']}); "
+                 f"connections: {m['connections']}, refused with {m['refused_errno']}",
+                 required=False)
+
+
 def run_checks() -> list[Check]:
     checks = [check_privileges(), check_kernel(), check_bpffs(), check_cgroup2(), check_btf(),
-              check_bcc()]
+              check_bcc(), check_qos()]
     if all(c.ok for c in checks if c.name in ("privileges", "bpffs", "bcc")):
         checks += check_programs()
     else:

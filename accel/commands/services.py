@@ -25,6 +25,14 @@ def _vip(s: dict) -> str:
     return f"{_hostport(s['vip'], port_text(s['port']))}/{s['protocol']}"
 
 
+def _limits(lim: dict) -> str:
+    """`50Mbit, 100/s burst 20`, or `-` for none."""
+    parts = [str(lim["bandwidth"])] if "bandwidth" in lim else []
+    if "connections" in lim:
+        parts.append(f"{lim['connections']} burst {lim['burst']}")
+    return ", ".join(parts) or "-"
+
+
 def run(args: argparse.Namespace) -> int:
     from accel.api import client
 
@@ -43,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
                + ("" if e["healthy"] else " (unhealthy)") for e in s["endpoints"]]
         rows.append([s["name"], _vip(s),
                      s.get("fastpath", "route"), "yes" if s["edge"] else "no",
-                     ", ".join(eps) or "(none)"])
-    print_table(rows, ["service", "vip", "fastpath", "edge", "endpoints"])
+                     _limits(s.get("limits") or {}), ", ".join(eps) or "(none)"])
+    print_table(rows, ["service", "vip", "fastpath", "edge", "limits", "endpoints"])
     print(f"\nconfig version {printable(out['config_version'] or '(none)')}, {len(rows)} "
           "services")
     if left:

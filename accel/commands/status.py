@@ -68,6 +68,13 @@ def _pods(pods: dict | None) -> str:
     return text
 
 
+def _qos(q: dict | None) -> str:
+    if not q:
+        return "-"
+    return (f"bandwidth by {q['bandwidth']} ({q['bandwidth_note']}); connections by "
+            f"{q['connections']} (over the limit: {q['refused_errno']})")
+
+
 def run(args: argparse.Namespace) -> int:
     from accel.api import client
 
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         ["pod routing", _pods(st.get("pod_routing"))],
         ["fastpath: redirect", "available" if not st.get("redirect_unavailable")
          else f"UNAVAILABLE ({st['redirect_unavailable']}): those services stay on TCP"],
+        ["qos", _qos(st.get("qos"))],
     ]
     xds = st["xds"]
     if xds is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from accel.datapath import cgroup, counters
 from accel.datapath.maps import MeshNetsWriter, WriteReport
+from accel.datapath.qos import QosWriter
 from accel.datapath.services import ServiceWriter
 from accel.kernel import attach, bpf, loader
 from accel.kernel.attach import Attachments
@@ -120,6 +121,7 @@ class Datapath:
         self._lock_fd: int | None = None
         self._mesh_nets: MeshNetsWriter | None = None
         self._services: ServiceWriter | None = None
+        self._qos: QosWriter | None = None
         self._prog_ids: dict[str, int] = {}
         self._state_extra: dict[str, Any] = {}
         self.cgroup: Path | None = None
@@ -214,6 +216,8 @@ class Datapath:
             self.map("accel_services"), self.map("accel_slots"), self.map("accel_svc_stats"),
             self.capacities.services, batch=self.batch_writes,
         )
+        self._qos = QosWriter(self.map("accel_qos_limits"), self.map("accel_qos_state"),
+                              self.map("accel_qos_stats"))
 
     def map(self, name: str) -> Map:
         """One of the socket programs' pinned maps, opened once."""
@@ -303,6 +307,8 @@ class Datapath:
             "mesh_nets": self._mesh_nets.apply(table),
             "services": self._services.apply(table),
         }
+        assert self._qos is not None
+        self._qos.apply(table, self._service_indexes())
         self.table = table
         self.last_report = report
         return report
@@ -340,6 +346,14 @@ class Datapath:
             "services": {f"{k[0]}:{k[1]}/{k[2]}": sorted((str(a), p) for a, p in w.slots)
                          for k, w in sorted(svcs.items(), key=lambda kv: str(kv[0]))},
         }
+
+    def _service_indexes(self) -> dict[str, int]:
+        return {w.name: w.index for w in self._services.current.values() if w.name} \
+            if self._services else {}
+
+    def qos_counters(self) -> dict[str, dict[str, int]]:
+        """Per limited service: connects admitted/refused, connections paced, live."""
+        return self._qos.per_service(self._service_indexes()) if self._qos else {}
 
     def service_counters(self) -> dict[str, dict[str, int]]:
         return self._services.per_service() if self._services else {}

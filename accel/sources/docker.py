@@ -37,16 +37,21 @@ from accel.model import (
     DEFAULT_FASTPATH,
     DEFAULT_NAMESPACE,
     DEFAULT_SERVICE_ACCOUNT,
+    MAX_BURST,
+    NO_LIMITS,
     PROTOCOLS,
     Endpoint,
     IPAddress,
     IPNetwork,
+    Limits,
     Service,
     ServiceTable,
     ValidationError,
     check_fastpath,
     check_name,
     parse_address,
+    parse_bandwidth,
+    parse_connection_rate,
 )
 from accel.sources import OnChange
 from accel.sources.vips import DEFAULT_VIP_CIDR, allocate, parse_cidr
@@ -62,6 +67,10 @@ LABEL_NETWORK = "meshaccel.network"
 LABEL_FASTPATH = "meshaccel.fastpath"
 LABEL_NAMESPACE = "meshaccel.namespace"
 LABEL_SERVICE_ACCOUNT = "meshaccel.service_account"
+# The service's QoS (mesh.yaml's limits): bit/s such as 50Mbit; connections such as 100/s.
+LABEL_BANDWIDTH = "meshaccel.bandwidth"
+LABEL_CONNECTIONS = "meshaccel.connections"
+LABEL_BURST = "meshaccel.burst"
 COMPOSE_PROJECT = "com.docker.compose.project"
 
 # Container events that can change the table; network connect/disconnect too.
@@ -86,6 +95,20 @@ class Member:
     fastpath: str = DEFAULT_FASTPATH
     namespace: str = DEFAULT_NAMESPACE
     service_account: str = DEFAULT_SERVICE_ACCOUNT
+    limits: Limits = NO_LIMITS
+
+
+def _limits(labels: dict[str, str]) -> Limits:
+    """The QoS labels; each error names its label."""
+    raw_bw = (labels.get(LABEL_BANDWIDTH) or "").strip()
+    raw_conn = (labels.get(LABEL_CONNECTIONS) or "").strip()
+    bandwidth = parse_bandwidth(raw_bw, LABEL_BANDWIDTH) if raw_bw else 0
+    connections = parse_connection_rate(raw_conn, LABEL_CONNECTIONS) if raw_conn else 0.0
+    burst = _label_int(labels, LABEL_BURST, 0, 1, MAX_BURST) if labels.get(LABEL_BURST) else 0
+    try:
+        return Limits(bandwidth=bandwidth, connections=connections, burst=burst)
+    except ValidationError as e:
+        raise ValidationError(f"meshaccel.{e.path}", e.reason) from None
 
 
 def _label_int(labels: dict[str, str], key: str, default: int | None, low: int, high: int) -> int:
@@ -162,7 +185,7 @@ def member_from_inspect(info: dict[str, Any], draining: Iterable[str] = (),
             healthy = (not state.get("Paused") and info.get("Id") not in set(draining)
                        and health in (None, "", "healthy"))
     return Member(name, service, port, protocol, weight, vip, address, subnet, healthy,
-                  fastpath, namespace, account)
+                  fastpath, namespace, account, _limits(labels))
 
 
 def table_from_members(
@@ -189,13 +212,15 @@ def table_from_members(
                         ", ".join(sorted(map(str, counts))), best)
         return best
 
-    spec: dict[str, tuple[int, str, IPAddress | None, str]] = {}
+    spec: dict[str, tuple[int, str, IPAddress | None, str, Limits]] = {}
     for name, ms in by_service.items():
         pinned = [m.vip for m in ms if m.vip is not None]
         spec[name] = (agreed(name, LABEL_PORT, [m.port for m in ms]),
                       agreed(name, LABEL_PROTOCOL, [m.protocol for m in ms]),
                       agreed(name, LABEL_VIP, pinned) if pinned else None,
-                      agreed(name, LABEL_FASTPATH, [m.fastpath for m in ms]))
+                      agreed(name, LABEL_FASTPATH, [m.fastpath for m in ms]),
+                      agreed(name, "meshaccel.bandwidth/connections/burst",
+                             [m.limits for m in ms]))
     vips = allocate(by_service, cidr, {n: s[2] for n, s in spec.items() if s[2] is not None})
 
     services: list[Service] = []
@@ -203,7 +228,7 @@ def table_from_members(
     subnets = set(mesh_cidrs)
     # Pinned services first, so an allocated VIP never pushes out a pinned one.
     for name in sorted(by_service, key=lambda n: (spec[n][2] is None, n)):
-        port, protocol, _, fastpath = spec[name]
+        port, protocol, _, fastpath, limits = spec[name]
         eps: dict[tuple[IPAddress, int], Endpoint] = {}
         for m in sorted(by_service[name], key=lambda m: m.container):
             if m.address is None:
@@ -217,7 +242,7 @@ def table_from_members(
                                 namespace=m.namespace, service_account=m.service_account)
         try:
             svc = Service(name, vips[name], port, protocol, tuple(eps.values()),
-                          fastpath=fastpath)
+                          fastpath=fastpath, limits=limits)
         except ValidationError as e:
             problems[f"service {name}"] = str(e)
             continue

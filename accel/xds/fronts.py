@@ -29,13 +29,16 @@ from envoy.extensions.filters.udp.udp_proxy.v3 import udp_proxy_pb2
 from accel.model import (
     ANY_PORT,
     DEFAULT_FASTPATH,
+    NO_LIMITS,
     IPAddress,
+    Limits,
     ValidationError,
     check_fastpath,
     check_vip,
 )
 from accel.xds.decode import socket_address, typed
 from accel.xds.kinds import HCM, META_KEY, TCP_PROXY, UDP_PROXY
+from accel.xds.qos import is_ratelimit, limits_of, meta_bandwidth
 
 _TCP, _UDP = address_pb2.SocketAddress.TCP, address_pb2.SocketAddress.UDP
 
@@ -82,6 +85,7 @@ class Front:
     # A chain of a transparent (original_dst) listener: its prefixes are destinations, so a
     # chain to the original destination (passthrough) is no VIP left to the kernel path.
     transparent: bool = False
+    limits: Limits = NO_LIMITS  # local_ratelimit in its chain, bandwidth in its metadata
 
 
 def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
@@ -130,7 +134,19 @@ def front(name: str, lst: listener_pb2.Listener) -> list[Front | Skipped]:
     except Skip as e:
         return [Skipped(name, str(e), None if wildcard else vip, port, protocol)]
     return [Front(name, vip, port, protocol, cluster, route, service, edge, fastpath, ignored,
-                  wildcard)]
+                  wildcard, limits=_limits(lst, where, protocol, wildcard))]
+
+
+def _limits(lst: listener_pb2.Listener, where: str, protocol: str, wildcard: bool) -> Limits:
+    """The service's QoS (accel/xds/qos.py): the plain chain's local rate limit, the
+    metadata's bandwidth. A wildcard listener's chain serves many services: none taken."""
+    meta = lst.metadata.filter_metadata.get(META_KEY)
+    bandwidth = meta_bandwidth(meta, f"{where}.metadata.filter_metadata.{META_KEY}") \
+        if meta is not None else 0
+    chain = None
+    if protocol == "TCP" and not wildcard:
+        chain, where = _plain_chain(lst, where)
+    return limits_of(chain, where, bandwidth)
 
 
 def _transparent(name: str, lst: listener_pb2.Listener, where: str, protocol: str, edge: bool,
@@ -280,6 +296,8 @@ def _chain_target(chain: listener_components_pb2.FilterChain, cwhere: str,
             raise ValidationError(f"{fw}.typed_config", f"filter {flt.name!r} has no "
                                   "typed_config")
         if i < len(filters) - 1:
+            if is_ratelimit(flt):
+                continue  # applied: the service's connection limit (accel/xds/qos.py)
             # Stats, metadata exchange, rbac, wasm, ...: the kernel path applies none.
             ignored.append(f"network filter {flt.name or flt.typed_config.type_url}")
             continue

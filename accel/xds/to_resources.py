@@ -39,6 +39,7 @@ from accel.xds.kinds import (
     Resources,
     resource_name,
 )
+from accel.xds.qos import bandwidth_meta, ratelimit_filter
 
 _TCP, _UDP = address_pb2.SocketAddress.TCP, address_pb2.SocketAddress.UDP
 
@@ -76,6 +77,7 @@ def vip_listener(svc: Service) -> listener_pb2.Listener:
                                                             cluster=svc.name))))
     else:
         lst.filter_chains.append(listener_components_pb2.FilterChain(filters=[
+            *([ratelimit_filter(svc.limits, svc.name)] if svc.limits.connections else []),
             listener_components_pb2.Filter(
                 name="envoy.filters.network.tcp_proxy",
                 typed_config=_pack(tcp_proxy_pb2.TcpProxy(stat_prefix=svc.name,
@@ -85,6 +87,7 @@ def vip_listener(svc: Service) -> listener_pb2.Listener:
         meta["edge"] = struct_pb2.Value(bool_value=True)
     if svc.fastpath != DEFAULT_FASTPATH:
         meta["fastpath"] = struct_pb2.Value(string_value=svc.fastpath)
+    meta.update(bandwidth_meta(svc.limits))
     if meta:
         lst.metadata.filter_metadata[META_KEY].CopyFrom(struct_pb2.Struct(fields=meta))
     return lst

@@ -125,7 +125,7 @@ def update_endpoints(prev: Translation,
             assert old is not None, name
             try:
                 svc = Service(name, old.vip, old.port, old.protocol, endpoints, old.edge,
-                              old.fastpath)
+                              old.fastpath, old.limits)
             except ValidationError as e:
                 raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
             for i, ep in enumerate(endpoints):  # endpoint_loops, for this service alone
@@ -281,9 +281,10 @@ def _to_table(res: Resources, strict: bool, cds_seen: bool,
             # Keyed by the endpoints tuple's identity (the memo holds it): what did not
             # change comes back as the very same Service object.
             services.append(memo.keep(
-                ("service", name, f.vip, f.port, f.protocol, f.edge, f.fastpath, id(endpoints)),
+                ("service", name, f.vip, f.port, f.protocol, f.edge, f.fastpath, f.limits,
+                 id(endpoints)),
                 lambda n=name, f=f, e=endpoints: Service(n, f.vip, f.port, f.protocol, e, f.edge,
-                                                         f.fastpath)))
+                                                         f.fastpath, f.limits)))
         except ValidationError as e:
             raise ValidationError(f"{where} (service {name!r}).{e.path}", e.reason) from None
         for _, _, used, _ in got:

@@ -19,7 +19,7 @@ class Endpoint(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "vip", "port", "protocol", "endpoints", "edge", "fastpath")
+    __slots__ = ("name", "vip", "port", "protocol", "endpoints", "edge", "fastpath", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VIP_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class Service(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
     FASTPATH_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     vip: str
     port: int
@@ -34,7 +35,18 @@ class Service(_message.Message):
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     edge: bool
     fastpath: str
-    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., edge: _Optional[bool] = ..., fastpath: _Optional[str] = ...) -> None: ...
+    limits: Limits
+    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., edge: _Optional[bool] = ..., fastpath: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("bandwidth", "connections", "burst")
+    BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    bandwidth: int
+    connections: float
+    burst: int
+    def __init__(self, bandwidth: _Optional[int] = ..., connections: _Optional[float] = ..., burst: _Optional[int] = ...) -> None: ...
 
 class Guard(_message.Message):
     __slots__ = ("deny", "syn_rate", "syn_burst")
@@ -220,7 +232,7 @@ class MapUsage(_message.Message):
     def __init__(self, used: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing", "redirect_unavailable", "ready", "not_ready", "compiled", "seconds_to_ready", "services_left", "policy")
+    __slots__ = ("version", "source", "config_version", "uptime_seconds", "services", "applied", "rejected", "last_error", "pin_dir", "cgroup", "xds", "edge", "maps", "pod_routing", "redirect_unavailable", "ready", "not_ready", "compiled", "seconds_to_ready", "services_left", "policy", "qos")
     class MapsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +261,7 @@ class GetStatusResponse(_message.Message):
     SECONDS_TO_READY_FIELD_NUMBER: _ClassVar[int]
     SERVICES_LEFT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    QOS_FIELD_NUMBER: _ClassVar[int]
     version: str
     source: str
     config_version: str
@@ -270,7 +283,20 @@ class GetStatusResponse(_message.Message):
     seconds_to_ready: float
     services_left: int
     policy: PolicyStatus
-    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ..., redirect_unavailable: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready: _Optional[str] = ..., compiled: _Optional[bool] = ..., seconds_to_ready: _Optional[float] = ..., services_left: _Optional[int] = ..., policy: _Optional[_Union[PolicyStatus, _Mapping]] = ...) -> None: ...
+    qos: QosStatus
+    def __init__(self, version: _Optional[str] = ..., source: _Optional[str] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., services: _Optional[int] = ..., applied: _Optional[int] = ..., rejected: _Optional[int] = ..., last_error: _Optional[str] = ..., pin_dir: _Optional[str] = ..., cgroup: _Optional[str] = ..., xds: _Optional[_Union[XdsStatus, _Mapping]] = ..., edge: _Optional[_Union[EdgeStatus, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapUsage]] = ..., pod_routing: _Optional[_Union[PodRoutingStatus, _Mapping]] = ..., redirect_unavailable: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready: _Optional[str] = ..., compiled: _Optional[bool] = ..., seconds_to_ready: _Optional[float] = ..., services_left: _Optional[int] = ..., policy: _Optional[_Union[PolicyStatus, _Mapping]] = ..., qos: _Optional[_Union[QosStatus, _Mapping]] = ...) -> None: ...
+
+class QosStatus(_message.Message):
+    __slots__ = ("bandwidth", "connections", "refused_errno", "note")
+    BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_ERRNO_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    bandwidth: str
+    connections: str
+    refused_errno: str
+    note: str
+    def __init__(self, bandwidth: _Optional[str] = ..., connections: _Optional[str] = ..., refused_errno: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
 
 class PolicyCounters(_message.Message):
     __slots__ = ("allowed", "denied", "dry_run_denied", "closed_by_update")
@@ -371,12 +397,20 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceCounters(_message.Message):
-    __slots__ = ("connects", "no_backend")
+    __slots__ = ("connects", "no_backend", "refused_by_limit", "paced", "repaced", "paced_live")
     CONNECTS_FIELD_NUMBER: _ClassVar[int]
     NO_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_BY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PACED_FIELD_NUMBER: _ClassVar[int]
+    REPACED_FIELD_NUMBER: _ClassVar[int]
+    PACED_LIVE_FIELD_NUMBER: _ClassVar[int]
     connects: int
     no_backend: int
-    def __init__(self, connects: _Optional[int] = ..., no_backend: _Optional[int] = ...) -> None: ...
+    refused_by_limit: int
+    paced: int
+    repaced: int
+    paced_live: int
+    def __init__(self, connects: _Optional[int] = ..., no_backend: _Optional[int] = ..., refused_by_limit: _Optional[int] = ..., paced: _Optional[int] = ..., repaced: _Optional[int] = ..., paced_live: _Optional[int] = ...) -> None: ...
 
 class EdgeVipCounters(_message.Message):
     __slots__ = ("service", "vip", "port", "protocol", "counters")

@@ -67,6 +67,7 @@ enum flow_reason {
 	FLOW_R_NONE = 0,
 	FLOW_R_NO_BACKEND = 1, /* the service has no usable endpoint */
 	FLOW_R_POLICY = 2,     /* for the policy check: its verdict said no */
+	FLOW_R_LIMIT = 3,      /* over the service's connection rate limit (lib/qos.h) */
 };
 
 /* One event. Times are CLOCK_BOOTTIME ns (bpf_ktime_get_boot_ns); addresses as everywhere

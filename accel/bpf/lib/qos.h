@@ -1,0 +1,261 @@
+/* Per-service QoS: a connection-rate limit checked at connect() and a bandwidth limit
+ * enforced by TCP's own pacing. Written by accel/datapath/qos.py, indexed like the
+ * service counters (svc_val.index, lib/lb.h).
+ *
+ * Connection rate: a token bucket kept as GCRA (one "theoretical arrival time" per
+ * service, bucket = burst, refill = rate): admit when tat' = max(tat, now) + interval is
+ * at most now + burst * interval, then store tat'. The store is a compare-and-swap,
+ * retried a few times, so two CPUs never both spend the last token: the limit is exact
+ * (a CAS that loses QOS_CAS_TRIES times in a row refuses, i.e. errs on the strict side).
+ * Over the limit, connect() fails at once with EPERM (a cgroup connect hook returning 0),
+ * never a timeout.
+ *
+ * Bandwidth: this kernel may lack fq (no EDT), so the service's rate is split among its
+ * active client connections and each gets its share as SO_MAX_PACING_RATE from sock_ops:
+ * TCP paces internally (Linux >= 4.13, no qdisc needed), nothing queues behind it, other
+ * traffic is untouched. A paced connection never enters the sockhash (a redirected send
+ * skips TCP and its pacing). "Active" = had an RTT sample (i.e. sent data that was acked)
+ * in the current or the previous window of QOS_WINDOW_NS: an idle connection (a control
+ * channel, a pooled connection) does not hold a share. Each connection re-reads its share
+ * on every RTT sample, so a connection starting or stopping, or a changed limit, reaches
+ * the others within a window. The split is even, not work-conserving: a connection that
+ * sends less than its share leaves the rest unused.
+ *
+ * bcc rewrites map calls only in a program's own file: each program that includes this
+ * defines the accessors declared below (one line each, over the maps declared here).
+ */
+#ifndef ACCEL_QOS_H
+#define ACCEL_QOS_H
+
+#include "common.h"
+#include "lb.h"
+
+#define QOS_CAS_TRIES 4
+#define QOS_WINDOW_NS 200000000ULL /* 200 ms */
+#ifndef SO_MAX_PACING_RATE
+#define SO_MAX_PACING_RATE 47
+#endif
+#ifndef SOL_SOCKET
+#define SOL_SOCKET 1
+#endif
+/* SO_MAX_PACING_RATE via bpf_setsockopt takes an int: ~0U is "unlimited". */
+#define QOS_UNPACED 0xffffffffU
+
+/* What the agent sets (accel_qos_limits[service index]). */
+struct qos_limit {
+	__u64 conn_interval_ns;  /* 1e9 / connections per second; 0: no connection limit */
+	__u64 conn_tolerance_ns; /* burst * conn_interval_ns */
+	__u64 bandwidth;         /* bytes/s of the service's aggregate; 0: unlimited */
+	__u64 gen;               /* bumped when the connection limit changes: bucket refilled */
+};
+
+/* What the programs keep (accel_qos_state[service index]); the agent zeroes it when the
+ * index goes to another service. */
+struct qos_state {
+	__u64 tat;  /* GCRA theoretical arrival time, ns (bpf_ktime_get_ns) */
+	__s64 live; /* paced connections of the service now open */
+	__u64 win_start; /* the current activity window began (ns) */
+	__u64 win_cur;   /* connections active in it so far */
+	__u64 win_prev;  /* connections active in the previous one */
+	__u64 gen;       /* qos_limit.gen the bucket (tat) is for */
+};
+
+struct qos_stats {
+	__u64 admitted;  /* connect() within the connection limit */
+	__u64 refused;   /* connect() over the connection limit: EPERM */
+	__u64 paced;     /* connections paced (kept off the socket redirect) */
+	__u64 repaced;   /* pacing rate changed on a live connection (share or limit) */
+};
+
+/* A client socket of a bandwidth-limited service (connect() marks it, sock_ops paces it). */
+struct qos_sock {
+	__u32 index;  /* service index */
+	__u32 state;  /* QOS_SOCK_* */
+	__u32 rate;   /* SO_MAX_PACING_RATE last set, bytes/s */
+	__u32 pad;
+	__u64 win;    /* the window (qos_state.win_start) this connection counted itself in */
+};
+
+#define QOS_SOCK_MARKED 1 /* dialed a limited service, not yet established */
+#define QOS_SOCK_PACED 2  /* counted in qos_state.live */
+#define QOS_SOCK_DONE 3   /* closed: uncounted */
+
+ACCEL_MAP("array", u32, struct qos_limit, accel_qos_limits, ACCEL_SERVICES_MAX);
+ACCEL_MAP("array", u32, struct qos_state, accel_qos_state, ACCEL_SERVICES_MAX);
+ACCEL_MAP("percpu_array", u32, struct qos_stats, accel_qos_stats, ACCEL_SERVICES_MAX);
+ACCEL_MAP_F("sk_storage", int, struct qos_sock, accel_qos_sock, 0, BPF_F_NO_PREALLOC);
+
+/* Defined by the including program, one line each. */
+static __always_inline struct qos_limit *qos_limit_get(__u32 *index);
+static __always_inline struct qos_state *qos_state_get(__u32 *index);
+static __always_inline struct qos_stats *qos_stats_get(__u32 *index);
+static __always_inline struct qos_sock *qos_sock_get(struct bpf_sock *sk, int create);
+
+/* connect(): 1 when the connection is over the service's connection limit (refuse it),
+ * 0 to go on. A bandwidth-limited service's socket is marked for sock_ops. */
+static __always_inline int qos_connect_refused(struct bpf_sock_addr *ctx, __u32 index)
+{
+	struct qos_limit *lim = qos_limit_get(&index);
+	struct qos_stats *stats;
+	struct qos_state *st;
+	struct qos_sock *qs;
+	__u64 now, tat, next;
+	int i;
+
+	if (!lim || (!lim->conn_interval_ns && !lim->bandwidth))
+		return 0;
+	stats = qos_stats_get(&index);
+	if (lim->conn_interval_ns) {
+		st = qos_state_get(&index);
+		if (!st)
+			return 0;
+		now = bpf_ktime_get_ns();
+		if (st->gen != lim->gen) {
+			/* A changed limit starts with a full bucket (an old tat could be minutes
+			 * ahead under a slower rate). Two CPUs may both reset: one extra burst at
+			 * most, once per change. */
+			st->tat = 0;
+			st->gen = lim->gen;
+		}
+		for (i = 0; i < QOS_CAS_TRIES; i++) {
+			tat = st->tat;
+			next = (tat > now ? tat : now) + lim->conn_interval_ns;
+			if (next - now > lim->conn_tolerance_ns)
+				break; /* over the limit */
+			if (__sync_val_compare_and_swap(&st->tat, tat, next) == tat)
+				goto admitted;
+		}
+		if (stats)
+			stats->refused++;
+		return 1;
+	}
+admitted:
+	if (stats)
+		stats->admitted++;
+	if (lim->bandwidth && ctx->sk) {
+		qs = qos_sock_get(ctx->sk, 1);
+		if (qs && qs->state != QOS_SOCK_PACED) {
+			qs->index = index;
+			qs->state = QOS_SOCK_MARKED;
+		}
+	}
+	return 0;
+}
+
+/* Count this connection active in its service's current window (rolling it when due). */
+static __always_inline void qos_active(struct qos_sock *qs, struct qos_state *st)
+{
+	__u64 now = bpf_ktime_get_ns(), start = st->win_start;
+
+	if (now - start >= QOS_WINDOW_NS &&
+	    __sync_val_compare_and_swap(&st->win_start, start, now) == start) {
+		/* This CPU rolled it; a count racing the roll lands in either window. */
+		st->win_prev = now - start < 2 * QOS_WINDOW_NS ? st->win_cur : 0;
+		st->win_cur = 0;
+	}
+	start = st->win_start;
+	if (qs->win != start) {
+		qs->win = start;
+		__sync_fetch_and_add(&st->win_cur, 1);
+	}
+}
+
+/* This connection's share of its service's bandwidth, bytes/s (QOS_UNPACED: none). */
+static __always_inline __u32 qos_share(struct qos_sock *qs, int active)
+{
+	struct qos_limit *lim = qos_limit_get(&qs->index);
+	struct qos_state *st = qos_state_get(&qs->index);
+	__u64 n, rate;
+
+	if (!lim || !st || !lim->bandwidth)
+		return QOS_UNPACED;
+	if (active)
+		qos_active(qs, st);
+	n = st->win_cur > st->win_prev ? st->win_cur : st->win_prev;
+	if (!active)
+		n++; /* a new connection: counted once it sends */
+	if (n < 1)
+		n = 1;
+	rate = lim->bandwidth / n;
+	if (rate < 1)
+		rate = 1;
+	return rate >= QOS_UNPACED ? QOS_UNPACED - 1 : (__u32)rate;
+}
+
+static __always_inline void qos_set_rate(struct bpf_sock_ops *skops, struct qos_sock *qs,
+					 int active)
+{
+	__u32 rate = qos_share(qs, active);
+	struct qos_stats *stats;
+	int val = (int)rate;
+
+	if (rate == qs->rate)
+		return;
+	if (bpf_setsockopt(skops, SOL_SOCKET, SO_MAX_PACING_RATE, &val, sizeof(val)) != 0)
+		return;
+	if (qs->rate) {
+		stats = qos_stats_get(&qs->index);
+		if (stats)
+			stats->repaced++;
+	}
+	qs->rate = rate;
+}
+
+/* sock_ops, connection established: 1 when it is paced (keep it off the sockhash). */
+static __always_inline int qos_established(struct bpf_sock_ops *skops)
+{
+	struct qos_stats *stats;
+	struct qos_state *st;
+	struct qos_sock *qs;
+
+	if (!skops->sk || skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 0;
+	qs = qos_sock_get(skops->sk, 0);
+	if (!qs || qs->state != QOS_SOCK_MARKED)
+		return 0;
+	st = qos_state_get(&qs->index);
+	if (!st)
+		return 0;
+	__sync_fetch_and_add(&st->live, 1);
+	qs->state = QOS_SOCK_PACED;
+	qs->rate = 0;
+	qs->win = 0;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+				  BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
+	qos_set_rate(skops, qs, 0);
+	stats = qos_stats_get(&qs->index);
+	if (stats)
+		stats->paced++;
+	return 1;
+}
+
+/* sock_ops, each RTT sample of a paced connection: follow its current share. */
+static __always_inline void qos_rtt(struct bpf_sock_ops *skops)
+{
+	struct qos_sock *qs;
+
+	if (!skops->sk)
+		return;
+	qs = qos_sock_get(skops->sk, 0);
+	if (qs && qs->state == QOS_SOCK_PACED)
+		qos_set_rate(skops, qs, 1);
+}
+
+/* sock_ops, TCP_CLOSE: a paced connection leaves its service's share. */
+static __always_inline void qos_closed(struct bpf_sock_ops *skops)
+{
+	struct qos_state *st;
+	struct qos_sock *qs;
+
+	if (!skops->sk)
+		return;
+	qs = qos_sock_get(skops->sk, 0);
+	if (!qs || qs->state != QOS_SOCK_PACED)
+		return;
+	qs->state = QOS_SOCK_DONE;
+	st = qos_state_get(&qs->index);
+	if (st)
+		__sync_fetch_and_add(&st->live, -1);
+}
+
+#endif /* ACCEL_QOS_H */
