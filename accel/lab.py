@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import shlex
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from pyroute2 import IPRoute, netns
 
 from accel.kernel import netns as kernel_netns
 
+log = logging.getLogger(__name__)
 STATE_DIR = Path(os.environ.get("ACCEL_RUN_DIR", "/run/accel")) / "labs"
 NETNS_DIR = Path("/run/netns")
 
@@ -224,11 +227,17 @@ def remove(prefix: str) -> list[str]:
     removed = []
     for name in netns.listnetns():
         if name == f"{prefix}-node" or name.startswith(f"{prefix}-p"):
-            try:
-                netns.remove(name)
-                removed.append(name)
-            except OSError:
-                pass
+            # A process still inside the namespace (an agent's housekeeping) can make the
+            # removal fail for a moment: retry, and say so if it never goes.
+            for attempt in range(5):
+                try:
+                    netns.remove(name)
+                    removed.append(name)
+                    break
+                except OSError as e:
+                    if attempt == 4:
+                        log.warning("lab %s: cannot remove namespace %s: %s", prefix, name, e)
+                    time.sleep(0.2)
     (STATE_DIR / f"{prefix}.json").unlink(missing_ok=True)
     return removed
 

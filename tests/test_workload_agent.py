@@ -86,7 +86,8 @@ def served_by(pod, host: str, port: int) -> str:
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("fastpath", ["route", "redirect"])
-def test_workload_api_agent_balances_allowed_and_refuses_denied(env, lab_factory, fastpath):
+def test_workload_api_agent_balances_allowed_and_refuses_denied(lab_factory, env, fastpath):
+    # env after lab_factory: its agent stops before the lab's namespaces go.
     lab = lab_factory(4)
     c1, c2, s1, s2 = lab.pods
     port = free_port()
