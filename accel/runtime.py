@@ -352,19 +352,22 @@ class Runtime:
             self.verdicts = verdicts
             return applied
 
-    def _verdicts_for(self, table: ServiceTable, verdicts: Verdicts | None) -> Verdicts | None:
-        """What the policy part must hold with `table`: the source's verdicts (the workload
-        API's), else those of the table's own policies (mesh.yaml); None: nothing to
-        enforce and nothing enforced so far (the policy programs stay unloaded)."""
+    def _verdicts_for(self, table: ServiceTable, verdicts: Verdicts | None
+                      ) -> tuple[Verdicts | None, dict[str, str]]:
+        """What the policy part must hold with `table` (the source's verdicts, the workload
+        API's, else those of the table's own policies, mesh.yaml), and what compiling those
+        left out. None: nothing to enforce and nothing enforced so far (the policy programs
+        stay unloaded)."""
+        ignored: dict[str, str] = {}
         if verdicts is None and table.policies:
             from accel.policy.from_table import verdicts_of
 
             compiled = verdicts_of(table)
-            self.policy_ignored = dict(compiled.ignored)
+            ignored = dict(compiled.ignored)
             verdicts = compiled.verdicts
         if verdicts is None or not verdicts.policed:
-            return None if self.policy is None else (verdicts or Verdicts())
-        return verdicts
+            return (None if self.policy is None else (verdicts or Verdicts())), ignored
+        return verdicts, ignored
 
     def _start_housekeeping(self) -> None:
         """Once a second, each chore: the edge's neighbours resolve and MACs move after a
@@ -484,7 +487,7 @@ class Runtime:
             policy_done = False
             try:
                 self.check_capacity(table)
-                want = self._verdicts_for(table, verdicts)
+                want, ignored = self._verdicts_for(table, verdicts)
                 if want is not None:
                     policy_done = True
                     self.apply_policy(want)
@@ -507,6 +510,7 @@ class Runtime:
             d = table.delta(self.table)
             self.endpoint_count += _count(d.added) - _count(d.removed)
             self.table = table
+            self.policy_ignored = ignored  # with the table it was compiled from, not before
             self.version = version
             self.applied_count += 1
             self.last_error = ""

@@ -136,15 +136,20 @@ def watch_events(socket_path: str | None = None,
                  kinds: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """Events as they happen, starting with one "watching" event once the stream is live."""
     with connect(socket_path) as stub:
-        call = stub.WatchEvents(pb.WatchEventsRequest(kinds=list(kinds)))
-        try:
-            for ev in call:
-                yield convert.event_to_json(ev)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
-                raise
-        finally:
-            call.cancel()
+        yield from _stream(stub.WatchEvents(pb.WatchEventsRequest(kinds=list(kinds))),
+                           convert.event_to_json)
+
+
+def _stream(call, to_json: Callable[[Any], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """A server stream's messages as JSON until it ends; a cancel (ours) is no error."""
+    try:
+        for msg in call:
+            yield to_json(msg)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+            raise
+    finally:
+        call.cancel()
 
 
 def watch_flows(socket_path: str | None = None, follow: bool = False, service: str = "",
@@ -153,15 +158,7 @@ def watch_flows(socket_path: str | None = None, follow: bool = False, service: s
     one {"event": "watching"} marks the stream live."""
     req = pb.WatchFlowsRequest(follow=follow, service=service, since=since, events=list(events))
     with connect(socket_path) as stub:
-        call = stub.WatchFlows(req)
-        try:
-            for msg in call:
-                yield convert.flow_to_json(msg)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
-                raise
-        finally:
-            call.cancel()
+        yield from _stream(stub.WatchFlows(req), convert.flow_to_json)
 
 
 def wait_ready(socket_path: str | None, timeout: float,
