@@ -592,8 +592,7 @@ class Runtime:
                 "maps": {n: dataclasses.asdict(u) for n, u in st.maps.items()},
                 "guarded": list(st.guarded), "namespaces": st.namespaces,
                 "ignored": {**self.policy_ignored,
-                            **(self.xds.state().get("policy_ignored") or {} if self.xds
-                               else {})}}
+                            **(self.xds.policy_ignored() if self.xds else {})}}
 
     def stats(self) -> dict[str, Any]:
         # Under the lock: the service writer's index changes while a table is applied.

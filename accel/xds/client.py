@@ -127,6 +127,11 @@ class XdsClient:
         left = {w: (str(v), p, proto, tr.skipped[w]) for w, (v, p, proto) in tr.left.items()}
         return left, dict(tr.ignored)
 
+    def policy_ignored(self) -> dict[str, str]:
+        """What the policy compiler left out of the workload API's policies, and why."""
+        c = self.cache
+        return dict(c.policy.ignored) if isinstance(c, WorkloadCache) and c.policy else {}
+
     def state(self) -> dict:
         s, c = self.stream, self.cache
         with s.lock, c.lock:
@@ -134,7 +139,7 @@ class XdsClient:
             extra = {}
             if isinstance(c, WorkloadCache):
                 extra = {"workloads": len(c.state.workloads), "policies": len(c.state.policies),
-                         "policy_ignored": dict(c.policy.ignored) if c.policy else {}}
+                         "policy_ignored": self.policy_ignored()}
             return {
                 "connected": s.connected,
                 "target": self.target,
