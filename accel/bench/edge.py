@@ -25,7 +25,7 @@ import tempfile
 import time
 
 from accel.bench.modes import POD_SYSCTLS
-from accel.datapath.edge import EdgeDatapath, NextHop
+from accel.datapath.edge import EdgeDatapath, NeighbourResolver, NextHop
 from accel.kernel.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
 from accel.model import Endpoint, Guard, Service, ServiceTable
 
@@ -144,13 +144,15 @@ def run(repeat: int = 1_000_000, rounds: int = 7, maglev_size: int = 65537) -> d
 # balanced by the XDP edge and by iptables DNAT in the node namespace. Workloads and tools
 # are the mesh bench's (accel/bench/workloads.py: accel-crr, sockperf, iperf3); every
 # process pinned to one CPU; modes rotated within each repeat; medians over repeats.
-# Edge modes: `route` is the pods as runtimes leave them (no GRO, no XDP on their end:
-# the edge routes), `redirect` the same pods with GRO switched on (XDP redirects into
-# their veths). The edge programs' own run time is counted (BPF_ENABLE_STATS) per mode.
+# Edge modes: `peer` is the pods as runtimes leave them (no GRO, no XDP on their end: XDP
+# rewrites, tc ingress moves the packet into the pod with bpf_redirect_peer; what the
+# agent does for such pods), `route` the same pods with that path switched off (XDP
+# rewrites, the kernel forwards), `redirect` the pods with GRO switched on (XDP redirects
+# into their veths). The edge programs' own run time is counted (BPF_ENABLE_STATS) per mode.
 
 LAB_VIP = "10.96.78.1"
 LAB_EDGE_NET = "10.202.0"
-LAB_MODES = ("xdp-edge route", "xdp-edge redirect", "iptables-dnat")
+LAB_MODES = ("xdp-edge peer", "xdp-edge route", "xdp-edge redirect", "iptables-dnat")
 CRR_PORT, RR_PORT, STREAM_PORT = 8080, 8081, 8082
 
 
@@ -185,6 +187,9 @@ def _lab_up(prefix: str):
             pr.link("set", index=eth, state="up")
             pr.route("add", dst="default", gateway=f"{LAB_EDGE_NET}.1")
         _sh("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # The edge interface stands for a NIC, which aggregates what it receives (GRO is
+        # on by default on NICs, off on a new veth): every mode gets the same.
+        _sh("ip", "netns", "exec", lab.node, "ethtool", "-K", iface, "gro", "on")
         # Frames from a wire carry full checksums; a veth sender would leave them partial.
         _sh("ip", "netns", "exec", ext, "ethtool", "-K", "eth0", "tx", "off")
         # The mesh bench's client settings: thousands of connections a second must not
@@ -262,7 +267,8 @@ def _workloads(client, seconds: float, cpu: int) -> dict:
 
 def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
             cpu: int | None = None) -> dict:
-    """The edge (route and redirect) against iptables DNAT: medians of `repeats` rotations.
+    """The edge (peer, route and redirect) against iptables DNAT: medians of `repeats`
+    rotations.
     Also the edge programs' run time per packet (BPF_ENABLE_STATS) during the edge modes."""
     from accel.kernel import bpf
     from accel.lab import in_netns
@@ -273,7 +279,8 @@ def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
     runs: dict[str, list[dict]] = {m: [] for m in LAB_MODES}
     prog_ns: dict[str, list[float]] = {}
     procs: list[subprocess.Popen] = []
-    dp = EdgeDatapath(iface, f"/sys/fs/bpf/{prefix}-edge", maglev_size)
+    resolver = NeighbourResolver()
+    dp = EdgeDatapath(iface, f"/sys/fs/bpf/{prefix}-edge", maglev_size, resolver=resolver)
     stats_fd = bpf.enable_stats()
     try:
         procs = _servers(lab, cpu)
@@ -290,14 +297,16 @@ def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
                         _iptables_dnat(lab.node, lab, add=False)
                     continue
                 _gro(lab, mode.endswith("redirect"))
+                resolver.peer_path = not mode.endswith("route")
                 in_netns(lab.node, dp.attach)
                 try:
                     in_netns(lab.node, lambda: dp.apply(_lab_table(lab)))
                     in_netns(lab.node, dp.refresh)
-                    before = {p: bpf.prog_run_stats(fd) for p, fd in
-                              (("edge_xdp", dp.xdp_fd), ("edge_tc", dp.tc_fd))}
+                    progs = (("edge_xdp", dp.xdp_fd), ("edge_tc", dp.tc_fd),
+                             ("edge_ingress", dp.ingress_fd))
+                    before = {p: bpf.prog_run_stats(fd) for p, fd in progs}
                     runs[mode].append(_workloads(client, seconds, cpu))
-                    for p, fd in (("edge_xdp", dp.xdp_fd), ("edge_tc", dp.tc_fd)):
+                    for p, fd in progs:
                         t, n = bpf.prog_run_stats(fd)
                         t0, n0 = before[p]
                         if n > n0:

@@ -7,6 +7,7 @@
  */
 #include "lib/common.h"
 #include "lib/edge.h"
+#include "lib/gcra.h"
 
 static __always_inline void count(u32 idx)
 {
@@ -67,6 +68,30 @@ static __always_inline int edge_guard(struct addr16 *src, int v4, int syn,
 	return -1;
 }
 
+/* Tell edge_ingress.c (tc ingress, same interface) what to do with a passed frame. The
+ * frame's pointers are stale afterwards: the caller returns at once. */
+static __always_inline int edge_mark(struct xdp_md *ctx, __u32 what, __u32 arg)
+{
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct edge_meta)))
+		return -1;
+	struct edge_meta *m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 1) > (void *)(long)ctx->data)
+		return -1;
+	m->what = what;
+	m->arg = arg;
+	return 0;
+}
+
+/* A SYN within the VIP's connection limit (or no limit): 1. */
+static __always_inline int within_limit(u32 vid)
+{
+	struct edge_limit *lim = edge_limits.lookup(&vid);
+
+	if (!lim || !lim->interval_ns)
+		return 1;
+	return gcra_admit(&lim->tat, lim->interval_ns, lim->tolerance_ns, bpf_ktime_get_ns());
+}
+
 static __always_inline int vip_key_eq(const struct edge_vip_key *a, const struct edge_vip_key *b)
 {
 	return a->addr.w[3] == b->addr.w[3] && a->addr.w[2] == b->addr.w[2] &&
@@ -106,7 +131,7 @@ static __always_inline struct edge_backend *live_backend(u32 bid)
  * picks from the ring and is recorded, with its reply mapping. */
 static __always_inline struct edge_backend *pick(struct addr16 *src, __u16 sport,
 						 struct edge_vip_key *vk, struct edge_vip *vip,
-						 int fast, struct edge_vip_stats *st)
+						 int fast, struct edge_vip_stats *st, u32 *picked)
 {
 	/* hash * size >> 32 maps the hash onto [0, size) like % but without a divide. */
 	u32 h = ((u64)edge_flow_hash(src, ((u32)sport << 16) | vk->port) * EDGE_RING_SIZE) >> 32;
@@ -116,6 +141,7 @@ static __always_inline struct edge_backend *pick(struct addr16 *src, __u16 sport
 		return NULL;
 	u32 cell = r->b[h & (EDGE_RING_CELLS - 1)];
 	u32 bid = cell & EDGE_CELL_ID;
+	*picked = bid;
 	if (fast && !(cell & EDGE_CELL_DIRTY))
 		return live_backend(bid);
 
@@ -127,9 +153,12 @@ static __always_inline struct edge_backend *pick(struct addr16 *src, __u16 sport
 	struct edge_backend *be;
 	struct edge_conn *cn = edge_conns.lookup(flow);
 	if (cn) {
-		be = live_backend(cn->backend);
-		if (be && be->gen == cn->gen)
+		u32 held = cn->backend;
+		be = live_backend(held);
+		if (be && be->gen == cn->gen) {
+			*picked = held;
 			return be;
+		}
 		count(E_REPICK);
 	}
 	be = live_backend(bid);
@@ -259,7 +288,23 @@ int edge_xdp(struct xdp_md *ctx)
 		return XDP_DROP;
 	}
 
-	struct edge_backend *be = pick(&src, sport, &vk, vip, vk.proto == IPPROTO_TCP && !syn, st);
+	/* Over the connection limit: the SYN goes to tc unchanged (to the VIP), which
+	 * answers it with a reset from the VIP, as a closed port would: the client fails
+	 * at once instead of retrying into the limit. */
+	if (syn && !within_limit(vid)) {
+		count(E_REFUSE_LIMIT);
+		if (st)
+			st->refused_limit++;
+		if (edge_mark(ctx, EDGE_META_REFUSE, vid)) {
+			count(E_RST_FAIL);
+			return XDP_DROP;
+		}
+		return XDP_PASS;
+	}
+
+	u32 bid = 0;
+	struct edge_backend *be = pick(&src, sport, &vk, vip, vk.proto == IPPROTO_TCP && !syn, st,
+				       &bid);
 	if (!be) {
 		count(E_DROP_NO_BACKEND);
 		if (st)
@@ -299,7 +344,12 @@ int edge_xdp(struct xdp_md *ctx)
 	}
 
 	if (!(be->flags & EDGE_BE_REDIRECT)) {
-		count(be->flags & EDGE_BE_FALLBACK ? E_FWD_FALLBACK : E_FWD_ROUTE);
+		/* A pod's veth: tc ingress moves it in (a VLAN-tagged frame is the kernel's:
+		 * the tag's device decides where it goes). Counted there. */
+		if ((be->flags & EDGE_BE_PEER) && !vlan &&
+		    !edge_mark(ctx, EDGE_META_PEER, bid))
+			return XDP_PASS;
+		count(be->flags & (EDGE_BE_FALLBACK | EDGE_BE_PEER) ? E_FWD_FALLBACK : E_FWD_ROUTE);
 		return XDP_PASS;
 	}
 

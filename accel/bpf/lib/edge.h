@@ -101,6 +101,12 @@ enum edge_backend_flags {
 	EDGE_BE_REDIRECT = 2, /* neighbour known: rewrite MACs, redirect via edge_tx */
 	/* valid without redirect: rewrite the address and XDP_PASS, the kernel routes it */
 	EDGE_BE_FALLBACK = 4, /* routed because its interface would drop redirected frames */
+	/* A pod behind a veth that takes no XDP frames (container runtimes' default): XDP
+	 * rewrites the address and marks the frame (struct edge_meta); edge_ingress.c, on the
+	 * same interface's tc ingress, sets the MACs and TTL and moves the skb into the pod
+	 * with bpf_redirect_peer (no kernel forwarding, no bridge). Without the mark the
+	 * kernel routes it, as for a FALLBACK backend. */
+	EDGE_BE_PEER = 8,
 };
 
 /* A backend of one VIP (endpoint address:port, the neighbour to reach it). */
@@ -114,6 +120,29 @@ struct edge_backend {
 	__u32 flags;
 	__u32 mtu;     /* of the interface behind edge_tx[tx]; 0 unknown. A bigger packet
 			* is routed: the kernel fragments it or answers frag-needed */
+	__u32 peer_ifindex; /* EDGE_BE_PEER: the host end of the pod's veth */
+};
+
+/* What XDP tells edge_ingress.c about a frame it passes (XDP metadata, in front of the
+ * frame; the kernel keeps it on the skb, and GRO merges only frames with equal
+ * metadata). */
+struct edge_meta {
+	__u32 what; /* EDGE_META_* */
+	__u32 arg;  /* PEER: backend id; REFUSE: VIP id */
+};
+
+#define EDGE_META_PEER 0xED6E0001u   /* into the pod: backend `arg` (EDGE_BE_PEER) */
+#define EDGE_META_REFUSE 0xED6E0002u /* a SYN over its VIP's connection limit: reset it */
+
+/* An edge VIP's connection limit (the service's Limits.connections and burst) as a GCRA
+ * bucket (lib/gcra.h) for SYNs from outside, by edge_vip.id. The agent writes the whole
+ * entry (tat 0: a full bucket) when the limit changes; the program moves tat. Local
+ * clients are limited at connect() by their own bucket (lib/qos.h): like Envoy's local
+ * rate limit, each entry point enforces the rate by itself. */
+struct edge_limit {
+	__u64 interval_ns;  /* 1e9 / connections per second; 0: no limit */
+	__u64 tolerance_ns; /* burst * interval_ns */
+	__u64 tat;
 };
 
 /* A flow in the direction it travels. Ports in network order. */
@@ -172,6 +201,7 @@ struct edge_vip_stats {
 	__u64 conn_full; /* new flow not recorded (table busy): balanced, but not pinned */
 	__u64 reply_packets; /* backend -> client packets given the VIP back */
 	__u64 reply_bytes;
+	__u64 refused_limit; /* SYNs over the VIP's connection limit, answered with a reset */
 };
 
 /* Global per-CPU counters; accel/datapath/edge.py reads names and comments here. */
@@ -192,6 +222,10 @@ enum edge_counter {
 	E_FWD_TOO_BIG,       /* routed, not redirected: bigger than the backend interface's MTU */
 	E_FWD_TTL_EXPIRING,  /* routed, not redirected: TTL/hop limit expires here (kernel answers) */
 	E_ICMP_REVNAT,       /* ICMP error about a balanced flow given the VIP back (tc) */
+	E_FWD_PEER,          /* moved into a pod by tc ingress (bpf_redirect_peer): veth takes no XDP frames */
+	E_PEER_KERNEL,       /* marked for a pod but handed to the kernel to route (TTL expiring, too big, backend changed) */
+	E_REFUSE_LIMIT,      /* SYN over its VIP's connection limit */
+	E_RST_FAIL,          /* a refused SYN could not be marked or turned into a reset: dropped */
 	E_MAX,
 };
 
@@ -205,6 +239,8 @@ ACCEL_MAP("array", u32, struct edge_backend, edge_backends, EDGE_MAX_BACKENDS);
 ACCEL_MAP("lru_hash", struct edge_flow, struct edge_conn, edge_conns, EDGE_CONN_MAX);
 /* Reply flow (backend -> client) -> the VIP it must come from. */
 ACCEL_MAP("lru_hash", struct edge_flow, struct edge_rev, edge_revs, EDGE_CONN_MAX);
+/* Connection limits by edge_vip.id. */
+ACCEL_MAP("array", u32, struct edge_limit, edge_limits, EDGE_MAX_VIPS);
 /* Denied source CIDRs (IPv4 v4-mapped). */
 ACCEL_MAP_F("lpm_trie", struct edge_deny_key, u32, edge_deny, EDGE_DENY_MAX, BPF_F_NO_PREALLOC);
 /* Per-source SYN token buckets. */

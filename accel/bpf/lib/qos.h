@@ -2,13 +2,9 @@
  * enforced by TCP's own pacing. Written by accel/datapath/qos.py, indexed like the
  * service counters (svc_val.index, lib/lb.h).
  *
- * Connection rate: a token bucket kept as GCRA (one "theoretical arrival time" per
- * service, bucket = burst, refill = rate): admit when tat' = max(tat, now) + interval is
- * at most now + burst * interval, then store tat'. The store is a compare-and-swap,
- * retried a few times, so two CPUs never both spend the last token: the limit is exact
- * (a CAS that loses QOS_CAS_TRIES times in a row refuses, i.e. errs on the strict side).
- * Over the limit, connect() fails at once with EPERM (a cgroup connect hook returning 0),
- * never a timeout.
+ * Connection rate: a token bucket per service kept as GCRA (lib/gcra.h: exact across
+ * CPUs; bucket = burst, refill = rate). Over the limit, connect() fails at once with
+ * EPERM (a cgroup connect hook returning 0), never a timeout.
  *
  * Bandwidth: this kernel may lack fq (no EDT), so the service's rate is split among its
  * active client connections and each gets its share as SO_MAX_PACING_RATE from sock_ops:
@@ -28,9 +24,9 @@
 #define ACCEL_QOS_H
 
 #include "common.h"
+#include "gcra.h"
 #include "lb.h"
 
-#define QOS_CAS_TRIES 4
 #define QOS_WINDOW_NS 200000000ULL /* 200 ms */
 #ifndef SO_MAX_PACING_RATE
 #define SO_MAX_PACING_RATE 47
@@ -99,8 +95,7 @@ static __always_inline int qos_connect_refused(struct bpf_sock_addr *ctx, __u32 
 	struct qos_stats *stats;
 	struct qos_state *st;
 	struct qos_sock *qs;
-	__u64 now, tat, next;
-	int i;
+	__u64 now;
 
 	if (!lim || (!lim->conn_interval_ns && !lim->bandwidth))
 		return 0;
@@ -117,19 +112,12 @@ static __always_inline int qos_connect_refused(struct bpf_sock_addr *ctx, __u32 
 			st->tat = 0;
 			st->gen = lim->gen;
 		}
-		for (i = 0; i < QOS_CAS_TRIES; i++) {
-			tat = st->tat;
-			next = (tat > now ? tat : now) + lim->conn_interval_ns;
-			if (next - now > lim->conn_tolerance_ns)
-				break; /* over the limit */
-			if (__sync_val_compare_and_swap(&st->tat, tat, next) == tat)
-				goto admitted;
+		if (!gcra_admit(&st->tat, lim->conn_interval_ns, lim->conn_tolerance_ns, now)) {
+			if (stats)
+				stats->refused++;
+			return 1;
 		}
-		if (stats)
-			stats->refused++;
-		return 1;
 	}
-admitted:
 	if (stats)
 		stats->admitted++;
 	if (lim->bandwidth && ctx->sk) {

@@ -58,7 +58,7 @@ from accel.datapath.edge.attach import (
     Attachment,
     detach_from,
 )
-from accel.datapath.edge.backends import BE_FALLBACK, BE_REDIRECT, BE_VALID, Backends
+from accel.datapath.edge.backends import BE_FALLBACK, BE_PEER, BE_REDIRECT, BE_VALID, Backends
 from accel.datapath.edge.counters import VIP_STAT_FIELDS, counter_names, read_counters
 from accel.datapath.edge.encoding import PROTO_NAMES, PROTO_NUMBERS, ep_name, flow_slot, vip_hash
 from accel.datapath.edge.errors import EdgeCapacityError, EdgeError
@@ -72,7 +72,7 @@ from accel.kernel.maps import Map
 from accel.model import Guard, IPAddress, Service, ServiceTable
 
 __all__ = [
-    "BE_FALLBACK", "BE_REDIRECT", "BE_VALID", "BPF_DIR", "EDGE_H", "PIN_MAPS", "PROTO_NAMES",
+    "BE_FALLBACK", "BE_PEER", "BE_REDIRECT", "BE_VALID", "BPF_DIR", "EDGE_H", "PIN_MAPS", "PROTO_NAMES",
     "PROTO_NUMBERS", "TC_EGRESS", "TC_HANDLE", "TC_PRIO", "VIP_EMPTY", "VIP_GONE", "VIP_LIVE",
     "VIP_PROBES", "VIP_STAT_FIELDS", "XDP_FLAGS_DRV_MODE", "XDP_FLAGS_SKB_MODE",
     "EdgeCapacityError", "EdgeDatapath", "EdgeError", "NeighbourResolver", "NextHop",
@@ -197,6 +197,11 @@ class EdgeDatapath:
         self.load()
         return self._progs["edge_tc"].fd
 
+    @property
+    def ingress_fd(self) -> int:
+        self.load()
+        return self._progs["edge_ingress"].fd
+
     def table(self, name: str) -> Map:
         """One of the edge's pinned maps, opened once."""
         self.load(self._readonly)
@@ -227,7 +232,7 @@ class EdgeDatapath:
     # ---- attaching -----------------------------------------------------------------------
 
     def attach(self, mode: str = "auto") -> str:
-        """XDP on the edge interface (native, else generic) and tc on its egress.
+        """XDP on the edge interface (native, else generic) and tc on its egress and ingress.
 
         Returns the XDP mode in use: "native" or "generic".
         """
@@ -236,7 +241,8 @@ class EdgeDatapath:
         if mode not in ("auto", "native", "generic"):
             raise EdgeError(f"xdp mode {mode!r} is not one of auto, native, generic")
         self.load()
-        got = self._attachment.attach(self.xdp_fd, self.tc_fd, mode)
+        got = self._attachment.attach(
+            self.xdp_fd, {"edge_tc": self.tc_fd, "edge_ingress": self.ingress_fd}, mode)
         if isinstance(self.resolver, NeighbourResolver):
             # Generic XDP redirects an skb: every target takes it. The next refresh()
             # re-judges backends resolved before.
@@ -363,6 +369,7 @@ class EdgeDatapath:
                 self._zero_stats(vid)
             self._vips[key] = cur
         cur.name = svc.name
+        self._set_limit(cur, svc)
         eps = self._endpoints(svc)
         want = {(ep.address, ep.port): ep for ep in eps}
 
@@ -398,8 +405,24 @@ class EdgeDatapath:
             self._backends.drop(b)
         return outcome
 
+    def _set_limit(self, cur: Vip, svc: Service) -> None:
+        """The service's connection limit for SYNs from outside (edge_limits): written only
+        when it changes, as a write refills the bucket."""
+        want = (svc.limits.connections, svc.limits.burst) if svc.limits.connections else (0.0, 0)
+        if want == cur.limit:
+            return
+        t = self.table("edge_limits")
+        v = t.Leaf()
+        if want[0]:
+            v.interval_ns = round(1e9 / want[0])
+            v.tolerance_ns = v.interval_ns * want[1]
+        t[ctypes.c_uint32(cur.id)] = v
+        cur.limit = want
+
     def _remove_vip(self, key) -> None:
         cur = self._vips.pop(key)
+        if cur.limit and cur.limit[0]:
+            self.table("edge_limits")[ctypes.c_uint32(cur.id)] = self.table("edge_limits").Leaf()
         self._slots.delete(key)
         for b in cur.backends.values():
             self._backends.drop(b)
@@ -475,6 +498,8 @@ class EdgeDatapath:
                     "service": v.name, "vip": str(v.key[0]), "port": v.key[1],
                     "protocol": v.key[2],
                     "dirty_slots": sum(v.dirty) if v.dirty else 0,
+                    "connection_limit": ({"connections": v.limit[0], "burst": v.limit[1]}
+                                         if v.limit and v.limit[0] else None),
                     "backends": [
                         {"address": str(b.addr), "port": b.port, "via": b.via}
                         for b in v.backends.values()

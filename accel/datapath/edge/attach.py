@@ -1,5 +1,6 @@
-"""Attaching the edge to its interface: XDP on ingress (native, else generic) and the tc
-program on the clsact egress hook; and removing exactly that again, also after a crash."""
+"""Attaching the edge to its interface: XDP on ingress (native, else generic), edge_tc on the
+clsact egress hook and edge_ingress on the ingress hook; and removing exactly that again,
+also after a crash."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ log = logging.getLogger(__package__)
 XDP_FLAGS_SKB_MODE = kattach.XDP_FLAGS_SKB_MODE
 XDP_FLAGS_DRV_MODE = kattach.XDP_FLAGS_DRV_MODE
 TC_EGRESS = kattach.TC_EGRESS
-TC_PRIO = 0xED6E  # our filter's priority on the clsact egress hook: finds it again to delete
+TC_INGRESS = kattach.TC_INGRESS
+TC_PRIO = 0xED6E  # our filters' priority on the clsact hooks: finds them again to delete
 TC_HANDLE = 1
 
 
@@ -27,7 +29,8 @@ class Attachment:
         self.mode: str | None = None
         self._tc_ifindex: int | None = None
 
-    def attach(self, xdp_fd: int, tc_fd: int, mode: str) -> str:
+    def attach(self, xdp_fd: int, tc_fds: dict[str, int], mode: str) -> str:
+        """`tc_fds`: the edge_tc (egress) and edge_ingress programs."""
         foreign = attached_xdp(self.iface)
         if foreign and foreign != "edge_xdp":
             raise EdgeError(
@@ -50,25 +53,29 @@ class Attachment:
         if errors:
             log.info("edge: native XDP unavailable on %s (%s): generic mode", self.iface, errors)
         try:
-            self._attach_tc(tc_fd)
+            self._attach_tc(tc_fds)
         except Exception:
             self._detach_xdp()
             raise
-        log.info("edge: XDP %s on %s, reverse NAT on its egress", self.mode, self.iface)
+        log.info("edge: XDP %s on %s, reverse NAT on its egress, pod delivery and resets "
+                 "on its ingress", self.mode, self.iface)
         return self.mode
 
-    def _attach_tc(self, tc_fd: int) -> None:
+    def _attach_tc(self, tc_fds: dict[str, int]) -> None:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=self.iface)
             if not idx:
                 raise EdgeError(f"no interface {self.iface}")
-            try:
-                kattach.tc_attach(ipr, idx[0], tc_fd, "edge_tc", TC_EGRESS, TC_PRIO, TC_HANDLE)
-            except kattach.AttachError as e:
-                raise EdgeError(str(e)) from e
             self._tc_ifindex = idx[0]
+            try:
+                for name, parent in (("edge_tc", TC_EGRESS), ("edge_ingress", TC_INGRESS)):
+                    kattach.tc_attach(ipr, idx[0], tc_fds[name], name, parent, TC_PRIO,
+                                      TC_HANDLE)
+            except kattach.AttachError as e:
+                self._detach_tc()
+                raise EdgeError(str(e)) from e
 
     def _detach_xdp(self) -> None:
         if self.mode is None or not self.iface:
@@ -85,7 +92,8 @@ class Attachment:
         idx = self._tc_ifindex
         self._tc_ifindex = None
         with IPRoute() as ipr:
-            kattach.tc_detach(ipr, idx, TC_EGRESS, TC_PRIO, TC_HANDLE)
+            for parent in (TC_EGRESS, TC_INGRESS):
+                kattach.tc_detach(ipr, idx, parent, TC_PRIO, TC_HANDLE)
 
     def detach(self) -> None:
         """Remove the XDP program and our tc filter (and the clsact qdisc once empty)."""
@@ -112,7 +120,7 @@ def attached_xdp(iface: str | None) -> str | None:
 
 def detach_from(iface: str) -> list[str]:
     """Remove what an edge left on `iface` (after a crash or --keep): our XDP program in
-    either mode and our tc egress filter. Another tool's programs are left alone."""
+    either mode and our tc filters. Another tool's programs are left alone."""
     from pyroute2 import IPRoute
 
     done = []
@@ -122,6 +130,7 @@ def detach_from(iface: str) -> list[str]:
         done.append(f"xdp on {iface}")
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=iface)
-        if idx and kattach.tc_detach(ipr, idx[0], TC_EGRESS, TC_PRIO, TC_HANDLE):
-            done.append(f"tc egress filter on {iface}")
+        for parent, hook in ((TC_EGRESS, "egress"), (TC_INGRESS, "ingress")):
+            if idx and kattach.tc_detach(ipr, idx[0], parent, TC_PRIO, TC_HANDLE):
+                done.append(f"tc {hook} filter on {iface}")
     return done

@@ -22,6 +22,7 @@ log = logging.getLogger(__package__)
 BE_VALID = 1
 BE_REDIRECT = 2
 BE_FALLBACK = 4  # routed because the redirect target would drop the frames
+BE_PEER = 8  # into a pod's veth from tc ingress (bpf_redirect_peer)
 
 
 @dataclass
@@ -31,15 +32,16 @@ class Backend:
     addr: IPAddress
     port: int
     hop: NextHop | None
-    tx: int  # devmap slot, 0 when in route mode
+    tx: int  # devmap slot, 0 when not redirected by XDP
     routed: Routed | None = None  # why the kernel routes it (hop is None)
 
     @property
     def via(self) -> str:
         """How XDP reaches it, and why (accel status)."""
         if self.hop is not None:
-            return f"redirect ifindex {self.hop.ifindex}" + (f": {self.hop.why}"
-                                                             if self.hop.why else "")
+            how = "tc redirect_peer" if self.hop.peer else "redirect"
+            return f"{how} ifindex {self.hop.ifindex}" + (f": {self.hop.why}"
+                                                          if self.hop.why else "")
         why = self.routed.reason if self.routed else "no next hop known"
         return f"kernel route: {why}"
 
@@ -67,11 +69,11 @@ class Backends:
         return b
 
     def set_hop(self, b: Backend, hop: NextHop | Routed | None) -> None:
-        old_if = b.hop.ifindex if b.hop else None
+        old_if = b.hop.ifindex if b.hop and not b.hop.peer else None
         b.routed = None
         if isinstance(hop, Routed):
             b.routed, hop = hop, None
-        elif hop is not None:
+        elif hop is not None and not hop.peer:  # the devmap is for XDP's redirects only
             try:
                 b.tx = self._tx_acquire(hop.ifindex)
             except EdgeCapacityError as e:
@@ -90,8 +92,12 @@ class Backends:
         v.gen = b.gen
         v.flags = BE_VALID
         if b.hop is not None:
-            v.flags |= BE_REDIRECT
-            v.tx = b.tx
+            if b.hop.peer:
+                v.flags |= BE_PEER
+                v.peer_ifindex = b.hop.ifindex
+            else:
+                v.flags |= BE_REDIRECT
+                v.tx = b.tx
             ctypes.memmove(ctypes.addressof(v.macs), b.hop.dmac + b.hop.smac, 12)
             v.mtu = b.hop.mtu
         elif b.routed is not None and b.routed.fallback:
@@ -102,7 +108,7 @@ class Backends:
         t = self.table("edge_backends")
         t[ctypes.c_uint32(b.id)] = t.Leaf()  # not VALID: its flows pick again
         self.free.append(b.id)
-        if b.hop is not None:
+        if b.hop is not None and not b.hop.peer:
             self._tx_release(b.hop.ifindex)
 
     def _tx_acquire(self, ifindex: int) -> int:

@@ -17,7 +17,7 @@ from accel.kernel.maps import Map
 
 VIP_STAT_FIELDS = (
     "packets", "bytes", "new_flows", "drop_deny", "drop_syn", "drop_no_backend",
-    "conn_full", "reply_packets", "reply_bytes",
+    "conn_full", "reply_packets", "reply_bytes", "refused_limit",
 )
 
 

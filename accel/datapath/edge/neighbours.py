@@ -18,14 +18,16 @@ log = logging.getLogger(__package__)  # one logger for the edge, as before the s
 
 @dataclass(frozen=True)
 class NextHop:
-    """How XDP reaches a backend: out of `ifindex`, from `smac` to `dmac`; `why` that
-    interface takes redirected frames."""
+    """How the edge reaches a backend: out of `ifindex`, from `smac` to `dmac`; `why` that
+    way works. `peer`: `ifindex` is the host end of a pod's veth that takes no XDP frames;
+    tc ingress moves the packet into the pod (bpf_redirect_peer) instead of XDP."""
 
     ifindex: int
     dmac: bytes
     smac: bytes
     why: str = ""
     mtu: int = 0  # of the interface; 0 unknown (XDP routes bigger packets to the kernel)
+    peer: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,18 +56,21 @@ class NeighbourResolver:
 
     A target must take frames from a native XDP program: the kernel says so in its
     xdp-features (accel/kernel/netdev.py); a veth does only while its peer runs a native
-    XDP program or GRO, which container runtimes leave off. Otherwise the backend is
-    routed (`Routed(fallback=True)`), never redirected into a drop, and the pod's
-    interface is never changed. `generic_xdp` (the edge runs in generic mode): a redirect
+    XDP program or GRO, which container runtimes leave off. A veth whose peer lives in
+    another namespace (a pod) that takes no XDP frames is reached from tc ingress with
+    bpf_redirect_peer instead (`NextHop(peer=True)`); `peer_path=False` routes it. Any
+    other target that would drop the frames is routed (`Routed(fallback=True)`), never
+    redirected into a drop, and the pod's interface is never changed. `generic_xdp` (the edge runs in generic mode): a redirect
     is an skb sent out of the target, which every device takes.
     """
 
     USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable stale delay probe noarp permanent
     REDIRECT_KINDS = (None, "veth")
 
-    def __init__(self, wait: float = 1.0, generic_xdp: bool = False):
+    def __init__(self, wait: float = 1.0, generic_xdp: bool = False, peer_path: bool = True):
         self.wait = wait
         self.generic_xdp = generic_xdp
+        self.peer_path = peer_path
         self._nsids: NsidPaths | None = None
         self._judged: dict[int, str | Routed] = {}
 
@@ -133,9 +138,14 @@ class NeighbourResolver:
         why = self._judged.get(oif)
         if why is None:  # backends behind one interface (a NIC, a pod's ports) share it
             why = self._judged[oif] = self._takes_frames(link, kind)
+        mtu = link.get_attr("IFLA_MTU") or 0
         if isinstance(why, Routed):
+            if (why.fallback and kind == "veth" and self.peer_path
+                    and link.get_attr("IFLA_LINK_NETNSID") is not None):
+                return NextHop(oif, dmac, smac, f"{why.reason}: moved in from tc ingress "
+                               "(bpf_redirect_peer)", mtu, peer=True)
             return why
-        return NextHop(oif, dmac, smac, why, link.get_attr("IFLA_MTU") or 0)
+        return NextHop(oif, dmac, smac, why, mtu)
 
     def _takes_frames(self, link, kind: str | None) -> str | Routed:
         """Why `link` takes a native XDP program's redirected frames, or Routed: it would

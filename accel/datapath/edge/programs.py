@@ -1,4 +1,4 @@
-"""The two edge programs (accel/bpf/edge_xdp.c, accel/bpf/edge_tc.c) as a loader unit, and
+"""The edge programs (accel/bpf/edge_xdp.c, edge_tc.c, edge_ingress.c) as a loader unit, and
 the pins under which their maps outlive an agent (created on first load, adopted by the
 next agent)."""
 
@@ -17,11 +17,12 @@ log = logging.getLogger(__package__)
 BPF_DIR = loader.bpf_dir()
 EDGE_H = BPF_DIR / "lib" / "edge.h"
 PROGRAMS = (loader.Program("edge_xdp.c", "edge_xdp", "xdp"),
-            loader.Program("edge_tc.c", "edge_tc", "sched_cls"))
+            loader.Program("edge_tc.c", "edge_tc", "sched_cls"),
+            loader.Program("edge_ingress.c", "edge_ingress", "sched_cls"))
 
 PIN_MAPS = (
     "edge_vips", "edge_rings", "edge_backends", "edge_conns", "edge_revs", "edge_deny",
-    "edge_syn", "edge_config", "edge_vip_stats", "edge_counters", "edge_tx",
+    "edge_syn", "edge_config", "edge_vip_stats", "edge_counters", "edge_tx", "edge_limits",
 )
 
 

@@ -31,6 +31,9 @@ class Vip:
     ring_sig: tuple = ()
     owners: list[str | None] | None = None  # endpoint per ring slot, as last written
     dirty: bytearray | None = None  # slots that changed owner (see EDGE_CELL_DIRTY)
+    # connections/s and burst in edge_limits[id]; None: not written yet (a reused or adopted
+    # id may hold another VIP's)
+    limit: tuple[float, int] | None = None
 
 
 class VipSlots:
