@@ -103,6 +103,9 @@ class Settings:
     config: str | None = None  # mesh.yaml, watched for changes
     xds: XdsSettings | None = None
     edge_iface: str | None = None
+    # Where the edge balancer runs: auto (tc on a veth, else native XDP, else generic),
+    # native, generic, tc (accel/datapath/edge/attach.py).
+    edge_hook: str = "auto"
     maglev_size: int = 65537
     pod_ifaces: tuple[str, ...] = ()
     pod_netns: str | None = None
@@ -287,8 +290,9 @@ class Runtime:
 
         edge = EdgeDatapath(self.settings.edge_iface, pin_dir=self.datapath.pin_dir,
                             maglev_size=self.settings.maglev_size)
-        mode = edge.attach()
-        log.info("edge balancer on %s (XDP %s mode)", self.settings.edge_iface, mode)
+        mode = edge.attach(self.settings.edge_hook)
+        log.info("edge balancer on %s (%s)", self.settings.edge_iface,
+                 "tc ingress" if mode == "tc" else f"XDP {mode} mode")
         self.datapath.record(edge_iface=self.settings.edge_iface)
         self._stoppers.append(("edge", lambda: None if self._keep else edge.close()))
         self.edge = edge

@@ -144,15 +144,24 @@ def run(repeat: int = 1_000_000, rounds: int = 7, maglev_size: int = 65537) -> d
 # balanced by the XDP edge and by iptables DNAT in the node namespace. Workloads and tools
 # are the mesh bench's (accel/bench/workloads.py: accel-crr, sockperf, iperf3); every
 # process pinned to one CPU; modes rotated within each repeat; medians over repeats.
-# Edge modes: `peer` is the pods as runtimes leave them (no GRO, no XDP on their end: XDP
-# rewrites, tc ingress moves the packet into the pod with bpf_redirect_peer; what the
-# agent does for such pods), `route` the same pods with that path switched off (XDP
-# rewrites, the kernel forwards), `redirect` the pods with GRO switched on (XDP redirects
-# into their veths). The edge programs' own run time is counted (BPF_ENABLE_STATS) per mode.
+# Edge modes: `tc-edge` is what the agent runs on a veth uplink (auto): the balancer at tc
+# ingress after GRO, into the pods as runtimes leave them (no GRO, no XDP on their end)
+# with bpf_redirect_peer. The XDP modes force native XDP on that veth: `peer`, the same
+# pods (XDP rewrites, tc ingress moves the packet in), `route` with that path switched off
+# (XDP rewrites, the kernel forwards), `redirect` the pods with GRO switched on (XDP
+# redirects into their veths). The edge programs' own run time is counted
+# (BPF_ENABLE_STATS) per mode.
 
 LAB_VIP = "10.96.78.1"
 LAB_EDGE_NET = "10.202.0"
-LAB_MODES = ("xdp-edge peer", "xdp-edge route", "xdp-edge redirect", "iptables-dnat")
+# mode -> (hook, pods' GRO, peer path)
+LAB_EDGE_MODES = {
+    "tc-edge": ("tc", False, True),
+    "xdp-edge peer": ("native", False, True),
+    "xdp-edge route": ("native", False, False),
+    "xdp-edge redirect": ("native", True, True),
+}
+LAB_MODES = (*LAB_EDGE_MODES, "iptables-dnat")
 CRR_PORT, RR_PORT, STREAM_PORT = 8080, 8081, 8082
 
 
@@ -267,8 +276,8 @@ def _workloads(client, seconds: float, cpu: int) -> dict:
 
 def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
             cpu: int | None = None) -> dict:
-    """The edge (peer, route and redirect) against iptables DNAT: medians of `repeats`
-    rotations.
+    """The edge (tc, and XDP's peer, route and redirect paths) against iptables DNAT:
+    medians of `repeats` rotations.
     Also the edge programs' run time per packet (BPF_ENABLE_STATS) during the edge modes."""
     from accel.kernel import bpf
     from accel.lab import in_netns
@@ -296,14 +305,15 @@ def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
                     finally:
                         _iptables_dnat(lab.node, lab, add=False)
                     continue
-                _gro(lab, mode.endswith("redirect"))
-                resolver.peer_path = not mode.endswith("route")
-                in_netns(lab.node, dp.attach)
+                hook, gro, resolver.peer_path = LAB_EDGE_MODES[mode]
+                _gro(lab, gro)
+                in_netns(lab.node, lambda hook=hook: dp.attach(hook))
                 try:
                     in_netns(lab.node, lambda: dp.apply(_lab_table(lab)))
                     in_netns(lab.node, dp.refresh)
                     progs = (("edge_xdp", dp.xdp_fd), ("edge_tc", dp.tc_fd),
-                             ("edge_ingress", dp.ingress_fd))
+                             ("edge_ingress", dp.ingress_fd),
+                             ("edge_tc_balance", dp.prog_fd("edge_tc_balance")))
                     before = {p: bpf.prog_run_stats(fd) for p, fd in progs}
                     runs[mode].append(_workloads(client, seconds, cpu))
                     for p, fd in progs:

@@ -71,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no connection records (accel flows, per-service connection metrics)")
     p.add_argument("--edge-iface", metavar="IFACE",
                    help="run the XDP/TC edge load balancer on this interface")
+    p.add_argument("--edge-hook", choices=("auto", "native", "generic", "tc"), default="auto",
+                   help="where the edge balancer runs: native or generic XDP, or tc ingress "
+                   "(after GRO; auto: tc on a veth, whose XDP copies every packet, else "
+                   "native XDP, else generic)")
     p.add_argument("--maglev-size", type=int, default=65537,
                    help="Maglev table size per edge VIP (a prime; default 65537)")
     p.add_argument("--pod-iface", action="append", default=[], metavar="NAME",
@@ -176,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                         node_cluster=args.node_cluster, node_meta=node_meta,
                         ca=args.xds_ca, cert=args.xds_cert, key=args.xds_key)
         if args.xds else None,
-        edge_iface=args.edge_iface, maglev_size=args.maglev_size,
+        edge_iface=args.edge_iface, edge_hook=args.edge_hook, maglev_size=args.maglev_size,
         pod_ifaces=tuple(args.pod_iface), pod_netns=args.pod_netns,
         api=ApiSettings(unix_path=args.api_socket or None, tcp_addr=args.api_listen,
                         tls_cert=args.api_tls_cert, tls_key=args.api_tls_key,

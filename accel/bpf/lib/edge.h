@@ -1,4 +1,4 @@
-/* The XDP edge balancer: keys, values and maps shared by edge_xdp.c (client ->
+/* The edge balancer: keys, values and maps shared by edge_lb.c (client ->
  * VIP, DNAT to a backend) and edge_tc.c (backend -> client, source back to the
  * VIP). Types, map declarations and map-free helpers only: bcc rewrites map
  * calls in a program's own .c file, never here.
@@ -98,14 +98,16 @@ struct edge_ring_row {
 
 enum edge_backend_flags {
 	EDGE_BE_VALID = 1,    /* live: established flows keep using it */
-	EDGE_BE_REDIRECT = 2, /* neighbour known: rewrite MACs, redirect via edge_tx */
+	EDGE_BE_REDIRECT = 2, /* neighbour known: rewrite MACs, redirect via edge_tx (XDP)
+			       * or to ifindex (tc) */
 	/* valid without redirect: rewrite the address and XDP_PASS, the kernel routes it */
 	EDGE_BE_FALLBACK = 4, /* routed because its interface would drop redirected frames */
-	/* A pod behind a veth that takes no XDP frames (container runtimes' default): XDP
-	 * rewrites the address and marks the frame (struct edge_meta); edge_ingress.c, on the
-	 * same interface's tc ingress, sets the MACs and TTL and moves the skb into the pod
-	 * with bpf_redirect_peer (no kernel forwarding, no bridge). Without the mark the
-	 * kernel routes it, as for a FALLBACK backend. */
+	/* A pod behind a veth in another namespace, reached from tc ingress with
+	 * bpf_redirect_peer (no kernel forwarding, no bridge): at XDP when the veth takes no
+	 * XDP frames (container runtimes' default), XDP rewrites the address and marks the
+	 * frame (struct edge_meta) for edge_ingress, which sets the MACs and TTL and moves
+	 * the skb in; edge_tc_balance does it all at once. Without the mark the kernel
+	 * routes it, as for a FALLBACK backend. */
 	EDGE_BE_PEER = 8,
 };
 
@@ -120,10 +122,11 @@ struct edge_backend {
 	__u32 flags;
 	__u32 mtu;     /* of the interface behind edge_tx[tx]; 0 unknown. A bigger packet
 			* is routed: the kernel fragments it or answers frag-needed */
-	__u32 peer_ifindex; /* EDGE_BE_PEER: the host end of the pod's veth */
+	__u32 ifindex; /* the backend's interface: the host end of a pod's veth (EDGE_BE_PEER,
+			* bpf_redirect_peer), or the redirect target (edge_tx[tx]'s, for tc) */
 };
 
-/* What XDP tells edge_ingress.c about a frame it passes (XDP metadata, in front of the
+/* What XDP tells edge_ingress (edge_lb.c) about a frame it passes (XDP metadata, in front of the
  * frame; the kernel keeps it on the skb, and GRO merges only frames with equal
  * metadata). */
 struct edge_meta {

@@ -4,7 +4,7 @@
  * tolerance, then store tat'. The store is a compare-and-swap retried a few times, so
  * two CPUs never both spend the last token: the limit is exact (losing the race
  * GCRA_CAS_TRIES times in a row refuses, i.e. errs on the strict side).
- * Used by lib/qos.h (connect()) and edge_xdp.c (SYNs into an edge VIP). Map-free. */
+ * Used by lib/qos.h (connect()) and edge_lb.c (SYNs into an edge VIP). Map-free. */
 #ifndef ACCEL_GCRA_H
 #define ACCEL_GCRA_H
 

@@ -4,7 +4,7 @@
  * one), no options or payload, checksums computed afresh. The caller sends it back
  * where the SYN came from (bpf_redirect to the ingress interface's egress), as the
  * destination's own TCP would answer a closed port. Used by policy_tc.c (a denied SYN
- * into a pod) and edge_ingress.c (a SYN over an edge VIP's connection limit).
+ * into a pod) and edge_lb.c (a SYN over an edge VIP's connection limit).
  * Map-free: bcc rewrites map calls only in a program's own file. */
 #ifndef ACCEL_TCP_RESET_H
 #define ACCEL_TCP_RESET_H

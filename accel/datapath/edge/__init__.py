@@ -135,7 +135,7 @@ class EdgeDatapath:
 
     @property
     def mode(self) -> str | None:
-        """"native" | "generic" once attached."""
+        """"native" | "generic" (XDP) | "tc" once attached."""
         return self._attachment.mode
 
     # ---- loading -------------------------------------------------------------------------
@@ -202,6 +202,11 @@ class EdgeDatapath:
         self.load()
         return self._progs["edge_ingress"].fd
 
+    def prog_fd(self, function: str) -> int:
+        """fd of one of the edge's programs, by function name."""
+        self.load()
+        return self._progs[function].fd
+
     def table(self, name: str) -> Map:
         """One of the edge's pinned maps, opened once."""
         self.load(self._readonly)
@@ -232,21 +237,24 @@ class EdgeDatapath:
     # ---- attaching -----------------------------------------------------------------------
 
     def attach(self, mode: str = "auto") -> str:
-        """XDP on the edge interface (native, else generic) and tc on its egress and ingress.
+        """The balancer on the edge interface: XDP (native, else generic) with its tc
+        follow-up on ingress, or at tc ingress ("tc": what `auto` picks for a veth); the
+        reply program on its egress.
 
-        Returns the XDP mode in use: "native" or "generic".
+        Returns the hook in use: "native", "generic" or "tc".
         """
         if not self.iface:
             raise EdgeError("no edge interface given")
-        if mode not in ("auto", "native", "generic"):
-            raise EdgeError(f"xdp mode {mode!r} is not one of auto, native, generic")
+        if mode not in ("auto", "native", "generic", "tc"):
+            raise EdgeError(f"edge mode {mode!r} is not one of auto, native, generic, tc")
         self.load()
-        got = self._attachment.attach(
-            self.xdp_fd, {"edge_tc": self.tc_fd, "edge_ingress": self.ingress_fd}, mode)
+        fds = {name: self.prog_fd(name) for name in ("edge_tc", "edge_ingress",
+                                                     "edge_tc_balance")}
+        got = self._attachment.attach(self.xdp_fd, fds, mode)
         if isinstance(self.resolver, NeighbourResolver):
-            # Generic XDP redirects an skb: every target takes it. The next refresh()
-            # re-judges backends resolved before.
-            self.resolver.generic_xdp = got == "generic"
+            # How a backend is reached depends on the hook (NeighbourResolver). The next
+            # refresh() re-judges backends resolved before.
+            self.resolver.hook = got
         return got
 
     def detach(self) -> None:

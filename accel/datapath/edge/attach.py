@@ -1,6 +1,8 @@
-"""Attaching the edge to its interface: XDP on ingress (native, else generic), edge_tc on the
-clsact egress hook and edge_ingress on the ingress hook; and removing exactly that again,
-also after a crash."""
+"""Attaching the edge to its interface, at one of two hooks: XDP (native, else generic) with
+edge_ingress on the clsact ingress hook for what XDP marks, or the whole balancer on the
+clsact ingress hook (edge_tc_balance: "tc", what `auto` picks for a veth, whose native XDP
+copies every packet and whose generic XDP turns GRO off); edge_tc on the egress hook
+either way. And removing exactly that again, also after a crash."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ TC_HANDLE = 1
 
 
 class Attachment:
-    """The edge programs on one interface; `mode` is "native" | "generic" once attached."""
+    """The edge programs on one interface; `mode` is "native" | "generic" | "tc" once
+    attached."""
 
     def __init__(self, iface: str | None):
         self.iface = iface
@@ -30,7 +33,14 @@ class Attachment:
         self._tc_ifindex: int | None = None
 
     def attach(self, xdp_fd: int, tc_fds: dict[str, int], mode: str) -> str:
-        """`tc_fds`: the edge_tc (egress) and edge_ingress programs."""
+        """`tc_fds`: edge_tc (egress), edge_ingress and edge_tc_balance (ingress)."""
+        if mode == "auto" and is_veth(self.iface):
+            mode = "tc"
+        if mode == "tc":
+            self._attach_tc(tc_fds["edge_tc"], tc_fds["edge_tc_balance"])
+            self.mode = "tc"
+            log.info("edge: balancer on %s's tc ingress, reverse NAT on its egress", self.iface)
+            return self.mode
         foreign = attached_xdp(self.iface)
         if foreign and foreign != "edge_xdp":
             raise EdgeError(
@@ -53,7 +63,7 @@ class Attachment:
         if errors:
             log.info("edge: native XDP unavailable on %s (%s): generic mode", self.iface, errors)
         try:
-            self._attach_tc(tc_fds)
+            self._attach_tc(tc_fds["edge_tc"], tc_fds["edge_ingress"])
         except Exception:
             self._detach_xdp()
             raise
@@ -61,7 +71,7 @@ class Attachment:
                  "on its ingress", self.mode, self.iface)
         return self.mode
 
-    def _attach_tc(self, tc_fds: dict[str, int]) -> None:
+    def _attach_tc(self, egress_fd: int, ingress_fd: int) -> None:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -70,15 +80,16 @@ class Attachment:
                 raise EdgeError(f"no interface {self.iface}")
             self._tc_ifindex = idx[0]
             try:
-                for name, parent in (("edge_tc", TC_EGRESS), ("edge_ingress", TC_INGRESS)):
-                    kattach.tc_attach(ipr, idx[0], tc_fds[name], name, parent, TC_PRIO,
-                                      TC_HANDLE)
+                for fd, name, parent in ((egress_fd, "edge_tc", TC_EGRESS),
+                                         (ingress_fd, "edge_ingress", TC_INGRESS)):
+                    kattach.tc_attach(ipr, idx[0], fd, name, parent, TC_PRIO, TC_HANDLE)
             except kattach.AttachError as e:
                 self._detach_tc()
                 raise EdgeError(str(e)) from e
 
     def _detach_xdp(self) -> None:
-        if self.mode is None or not self.iface:
+        if self.mode in (None, "tc") or not self.iface:
+            self.mode = None
             return
         flags = XDP_FLAGS_DRV_MODE if self.mode == "native" else XDP_FLAGS_SKB_MODE
         kattach.xdp_detach(self.iface, flags)  # False: the interface is gone already
@@ -134,3 +145,17 @@ def detach_from(iface: str) -> list[str]:
             if idx and kattach.tc_detach(ipr, idx[0], parent, TC_PRIO, TC_HANDLE):
                 done.append(f"tc {hook} filter on {iface}")
     return done
+
+
+def is_veth(iface: str | None) -> bool:
+    """A veth: its packets are skbs already, so the balancer belongs at tc (see above)."""
+    if not iface:
+        return False
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=iface)
+        if not idx:
+            return False
+        info = ipr.get_links(idx[0])[0].get_attr("IFLA_LINKINFO")
+        return bool(info) and info.get_attr("IFLA_INFO_KIND") == "veth"

@@ -92,9 +92,9 @@ class Backends:
         v.gen = b.gen
         v.flags = BE_VALID
         if b.hop is not None:
+            v.ifindex = b.hop.ifindex
             if b.hop.peer:
                 v.flags |= BE_PEER
-                v.peer_ifindex = b.hop.ifindex
             else:
                 v.flags |= BE_REDIRECT
                 v.tx = b.tx

@@ -60,16 +60,20 @@ class NeighbourResolver:
     another namespace (a pod) that takes no XDP frames is reached from tc ingress with
     bpf_redirect_peer instead (`NextHop(peer=True)`); `peer_path=False` routes it. Any
     other target that would drop the frames is routed (`Routed(fallback=True)`), never
-    redirected into a drop, and the pod's interface is never changed. `generic_xdp` (the edge runs in generic mode): a redirect
-    is an skb sent out of the target, which every device takes.
+    redirected into a drop, and the pod's interface is never changed.
+
+    `hook` is where the balancer runs (EdgeDatapath.attach sets it): "native" XDP as above;
+    "generic" XDP, whose redirect is an skb sent out of the target, which every device
+    takes; "tc" (edge_tc_balance on skbs): a pod's veth is entered with bpf_redirect_peer
+    and any other target with bpf_redirect, both of which every device takes.
     """
 
     USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable stale delay probe noarp permanent
     REDIRECT_KINDS = (None, "veth")
 
-    def __init__(self, wait: float = 1.0, generic_xdp: bool = False, peer_path: bool = True):
+    def __init__(self, wait: float = 1.0, hook: str = "native", peer_path: bool = True):
         self.wait = wait
-        self.generic_xdp = generic_xdp
+        self.hook = hook
         self.peer_path = peer_path
         self._nsids: NsidPaths | None = None
         self._judged: dict[int, str | Routed] = {}
@@ -135,10 +139,15 @@ class NeighbourResolver:
         name = self._name(link)
         if kind not in self.REDIRECT_KINDS:
             return Routed(f"{name} is a {kind} device: XDP redirects only to NICs and veths")
+        mtu = link.get_attr("IFLA_MTU") or 0
+        if self.hook == "tc":
+            if kind == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None:
+                return NextHop(oif, dmac, smac, f"{name}: tc hook, into the peer's namespace "
+                               "(bpf_redirect_peer)", mtu, peer=True)
+            return NextHop(oif, dmac, smac, f"{name}: tc hook (bpf_redirect)", mtu)
         why = self._judged.get(oif)
         if why is None:  # backends behind one interface (a NIC, a pod's ports) share it
             why = self._judged[oif] = self._takes_frames(link, kind)
-        mtu = link.get_attr("IFLA_MTU") or 0
         if isinstance(why, Routed):
             if (why.fallback and kind == "veth" and self.peer_path
                     and link.get_attr("IFLA_LINK_NETNSID") is not None):
@@ -158,7 +167,7 @@ class NeighbourResolver:
             except OSError as e:
                 log.info("edge: %s: peer not readable (%s)", name, e)
         detail = f" ({peer.describe()})" if peer else ""
-        if self.generic_xdp:
+        if self.hook == "generic":
             return f"{name}: generic XDP sends an skb, every device takes it{detail}"
         feats = netdev.xdp_features(link["index"])
         if feats is None:  # a kernel before 6.3: judge a veth by its peer

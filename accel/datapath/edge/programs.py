@@ -1,4 +1,5 @@
-"""The edge programs (accel/bpf/edge_xdp.c, edge_tc.c, edge_ingress.c) as a loader unit, and
+"""The edge programs (accel/bpf/edge_lb.c: the balancer at XDP or tc ingress, and XDP's tc
+follow-up; edge_tc.c: replies) as a loader unit, and
 the pins under which their maps outlive an agent (created on first load, adopted by the
 next agent)."""
 
@@ -16,9 +17,10 @@ log = logging.getLogger(__package__)
 
 BPF_DIR = loader.bpf_dir()
 EDGE_H = BPF_DIR / "lib" / "edge.h"
-PROGRAMS = (loader.Program("edge_xdp.c", "edge_xdp", "xdp"),
-            loader.Program("edge_tc.c", "edge_tc", "sched_cls"),
-            loader.Program("edge_ingress.c", "edge_ingress", "sched_cls"))
+PROGRAMS = (loader.Program("edge_lb.c", "edge_xdp", "xdp"),
+            loader.Program("edge_lb.c", "edge_ingress", "sched_cls"),
+            loader.Program("edge_lb.c", "edge_tc_balance", "sched_cls"),
+            loader.Program("edge_tc.c", "edge_tc", "sched_cls"))
 
 PIN_MAPS = (
     "edge_vips", "edge_rings", "edge_backends", "edge_conns", "edge_revs", "edge_deny",
