@@ -184,7 +184,7 @@ def test_parsers_reject_what_they_cannot_read():
     (["--rates", "50Mbit,fast"], "'fast'"),
     (["--rates", ","], "expected a list"),
     (["--rates", "100Gbit"], "at most 40Gbit"),
-    (["--duration", "1"], "--duration must be >= 2"),
+    (["--duration", "2"], "--duration must be >= 3"),
     (["--repeats", "0"], "--repeats >= 1"),
     (["--cpus", "9999"], "not usable"),
     (["--cpus", "0,0,0"], "one or two CPUs"),

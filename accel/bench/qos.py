@@ -78,6 +78,12 @@ TBF_LATENCY_MS = 25  # the CNI bandwidth plugin's fixed tbf latency
 BURST_MS = 10  # tbf/htb burst: 10 ms at the rate (tc-tbf(8): at least rate/HZ, HZ=100)
 HTB_OTHER_RATE = "10gbit"  # the default class: everything but bulk, in effect unlimited
 MBIT = 1_000_000
+# sockperf 3.7 (ping-pong) sleeps 2 s after connecting and its warm-up messages, then does
+# not count the first 0.4 s of its run: its counted window opens ~2.6 s after launch and its
+# process takes ~2.3 s more than -t. The ping-pong beside the stream is launched so that its
+# window lies inside the stream's counted part; a run where it did not is an error.
+SOCKPERF_WINDOW_OPENS_S = 2.6
+SOCKPERF_EXTRA_S = 2.3
 PLACEMENT_NOTE = ("each tool's client and server pinned with taskset: the stream on one CPU, "
                   "the ping-pong on another where there are two; the same for every case")
 
@@ -268,8 +274,9 @@ class QosLab:
 
 
 def _stream(pod: Pod, addr: str, cpu: int, omit: int, duration: int) -> subprocess.Popen:
+    # -O runs `omit` seconds more before the counted `duration` (iperf3 3.12: -t is counted).
     argv = client_argv("stream", addr, BULK_SVC_PORT if addr == VIP else BULK_PORT,
-                       omit + duration, 64)
+                       duration, 64)
     return pod.popen(pinned(cpu, [*argv, "-O", str(omit)]), stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -295,12 +302,18 @@ def _pingpong(pod: Pod, addr: str, cpu: int, seconds: int) -> dict[str, Any]:
     return {k: r[k] for k in ("p50_us", "p99_us", "p999_us", "avg_us", "observations")}
 
 
+def pingpong_seconds(duration: int) -> int:
+    """sockperf's -t for a stream of `duration` counted seconds (>= 3): launched with the
+    stream, it must end before it."""
+    return max(1, int(duration - SOCKPERF_EXTRA_S))
+
+
 def one_case(q: QosLab, mechanism: str, rate: int | None, omit: int, duration: int,
              repeat: int) -> dict[str, Any]:
     accel = mechanism == "meshaccel"
     client, server = q.pods["accel" if accel else "plain"]
     addr = VIP if accel else str(server.ip)
-    pp_seconds = max(1, duration - 1)
+    pp_seconds = pingpong_seconds(duration)
     row: dict[str, Any] = {"mechanism": mechanism, "rate_bps": rate, "repeat": repeat}
     before: dict[str, Any] = {}
     try:
@@ -312,9 +325,11 @@ def one_case(q: QosLab, mechanism: str, rate: int | None, omit: int, duration: i
         row["idle"] = _pingpong(client, addr, q.rr_cpu, pp_seconds)
         stream = _stream(client, addr, q.stream_cpu, omit, duration)
         try:
-            # Inside the counted part of the stream: past slow start, ending before it does.
-            time.sleep(omit + 0.3)
+            # Its counted window past slow start (omit) and closed before the stream ends.
+            time.sleep(max(0.0, omit + 0.2 - SOCKPERF_WINDOW_OPENS_S))
             row["loaded"] = _pingpong(client, addr, q.rr_cpu, pp_seconds)
+            if stream.poll() is not None:
+                raise WorkloadError("the ping-pong outlasted the stream: raise --duration")
         finally:
             figures = _finish(stream, omit + duration + 30)
         row["mbit_s"] = round(figures["gbps"] * 1000, 2)
@@ -384,14 +399,17 @@ def environment(rates: tuple[int, ...], omit: int, duration: int, repeats: int,
         "placement": {"stream": stream_cpu, "pingpong": rr_cpu},
         "placement_note": PLACEMENT_NOTE,
         "rates_bps": list(rates), "omit_s": omit, "duration_s": duration,
-        "pingpong_s": max(1, duration - 1), "repeats": repeats,
+        "pingpong_s": pingpong_seconds(duration), "repeats": repeats,
         "interleave": "each repeat runs every case in turn, the order rotated by one each "
                       "repeat; each case reports the median over repeats",
         "workloads": {
             "stream": "iperf3, one TCP stream, 64 KiB writes, to bulk; the receiver's goodput "
                       "over the counted seconds (-O omit: slow start not counted)",
             "pingpong": "sockperf ping-pong --tcp, 64 B, --full-rtt, to rr (another service "
-                        "on the same server pod, unlimited): idle, then inside the stream"},
+                        "on the same server pod, unlimited): idle, then inside the stream "
+                        "(launched with it: sockperf sleeps 2 s after connecting and does not "
+                        "count its first 0.4 s, so its counted window lies inside the "
+                        "stream's counted part; checked each run)"},
         "mechanisms": {
             "meshaccel": {"path": "client pod -> VIP (connect-time balancing) -> server pod, "
                                   "pod-routed (bpf_redirect_peer) as the agent does",
@@ -500,7 +518,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     env = result["env"]
     limited = [c for c in result["cases"] if c["rate_bps"]]
     rates = list(dict.fromkeys(c["rate"] for c in limited))
-    fig, (ax_rate, ax_lat) = plt.subplots(1, 2, figsize=(14, 4.8))
+    fig, (ax_rate, ax_lat) = plt.subplots(1, 2, figsize=(14, 5.6))
     width = 0.8 / len(MECHANISMS)
     for i, mech in enumerate(MECHANISMS):
         mine = {c["rate"]: c for c in limited if c["mechanism"] == mech}
@@ -526,13 +544,13 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     ax_rate.set_xticks(range(len(rates)), rates)
     ax_rate.set_ylabel("goodput - limit, % of the limit (labels: Mbit/s)")
     ax_rate.set_title("rate accuracy (iperf3, one stream, after slow start)")
-    ax_rate.legend(fontsize=8, loc="lower left")
+    ax_rate.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=3)
     ax_rate.margins(y=0.15)
     ax_lat.set_xticks(range(len(rates)), rates)
     ax_lat.set_yscale("log")
     ax_lat.set_ylabel("ping-pong round trip, us (log)")
     ax_lat.set_title("another service's round trip (sockperf 64 B) beside the stream")
-    ax_lat.legend(fontsize=8, loc="upper left")
+    ax_lat.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=3)
     ax_lat.margins(y=0.2)
     fig.suptitle(f"meshaccel bench qos: kernel {env['kernel']}; stream CPU "
                  f"{env['placement']['stream']}, ping-pong CPU {env['placement']['pingpong']}; "

@@ -302,8 +302,8 @@ def register_qos(bsub: argparse._SubParsersAction) -> None:
                    help="limits to measure, as mesh.yaml writes them (default "
                    "50Mbit,200Mbit,1Gbit)")
     p.add_argument("--duration", type=int, default=3,
-                   help="counted seconds of each stream, after --omit (default 3, at least 2: "
-                   "the ping-pong runs inside it for duration - 1 s)")
+                   help="counted seconds of each stream, after --omit (default 3, at least 3: "
+                   "the ping-pong beside it, sockperf -t duration-2, takes 2.3 s more)")
     p.add_argument("--omit", type=int, default=1,
                    help="seconds of slow start not counted (iperf3 -O; default 1)")
     p.add_argument("--repeats", type=int, default=3,
@@ -327,8 +327,8 @@ def run_qos(args: argparse.Namespace) -> int:
         cpus = runner.parse_cpus(args.cpus) if args.cpus else ()
     except ValueError as e:
         return fail(f"bench qos: {e}", code=2)
-    if args.duration < 2 or args.omit < 0 or args.repeats < 1:
-        return fail("bench qos: --duration must be >= 2, --omit >= 0, --repeats >= 1", code=2)
+    if args.duration < 3 or args.omit < 0 or args.repeats < 1:
+        return fail("bench qos: --duration must be >= 3, --omit >= 0, --repeats >= 1", code=2)
     if len(cpus) > 2:
         return fail(f"bench qos: --cpus {args.cpus!r}: one or two CPUs (stream, ping-pong)",
                     code=2)
