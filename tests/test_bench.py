@@ -177,3 +177,33 @@ def test_parsers_reject_what_they_cannot_read():
         parse_iperf3("iperf3: error")
     with pytest.raises(WorkloadError):
         parse_crr('{"connections": 0, "errors": 5, "first_error": "Connection refused"}')
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rates", "50mbps"], "expected a rate in bit/s"),
+    (["--rates", "50Mbit,fast"], "'fast'"),
+    (["--rates", ","], "expected a list"),
+    (["--rates", "100Gbit"], "at most 40Gbit"),
+    (["--duration", "2"], "--duration must be >= 3"),
+    (["--repeats", "0"], "--repeats >= 1"),
+    (["--cpus", "9999"], "not usable"),
+    (["--cpus", "0,0,0"], "one or two CPUs"),
+])
+def test_qos_bench_usage_errors_exit_2(args, message):
+    """`accel bench qos` refuses bad input before it builds anything."""
+    r = accel("bench", "qos", *args, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+
+
+def test_qos_bench_rates_parse_as_mesh_yaml_writes_them():
+    from accel.bench.qos import parse_rates, qdisc_commands
+
+    assert parse_rates("50Mbit, 200Mbit,1Gbit,50Mbit") == (50_000_000, 200_000_000,
+                                                          1_000_000_000)
+    # The baselines shape at exactly the rate asked, htb only the bulk port.
+    (tbf,) = qdisc_commands("tbf", 200_000_000)
+    assert tbf[tbf.index("rate") + 1] == "200000000bit"
+    htb = qdisc_commands("htb", 50_000_000)
+    assert any("dport" in c and "8080" in c for c in htb)
+    assert qdisc_commands("meshaccel", 50_000_000) == []

@@ -7,6 +7,8 @@
                                       balancing against iptables DNAT (accel/bench/connect.py)
     accel bench xds ...               xDS push of S x E to the kernel maps, agent RSS, one-endpoint
                                       change latency (accel/bench/xds.py)
+    accel bench qos ...               a bandwidth limit's accuracy and another service's p99 beside
+                                      it: meshaccel's pacing vs tc tbf and htb (accel/bench/qos.py)
 
 Each benchmark is a module under accel/bench/; this file only parses and dispatches.
 """
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: mesh (default; kernel, accel, sidecars) and edge")
     add_mesh_args(p)
     p.set_defaults(func=run_mesh)
-    bsub = p.add_subparsers(dest="bench_command", metavar="[mesh|edge|connect|xds|policy]")
+    bsub = p.add_subparsers(dest="bench_command", metavar="[mesh|edge|connect|xds|policy|qos]")
     mesh = bsub.add_parser("mesh", help="the mesh benchmark (what `accel bench` runs by default)")
     add_mesh_args(mesh)
     mesh.set_defaults(func=run_mesh)
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_connect(bsub)
     register_xds(bsub)
     register_policy(bsub)
+    register_qos(bsub)
 
 
 # ---- mesh ------------------------------------------------------------------------------------
@@ -286,3 +289,59 @@ def run_policy(args: argparse.Namespace) -> int:
     _write_json(args.json, result)
     print(json.dumps(result, indent=2))
     return 0
+
+
+# ---- qos (accel/bench/qos.py) -----------------------------------------------------------------
+
+
+def register_qos(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("qos", help="per-service bandwidth limits: rate accuracy of a limited "
+                        "iperf3 stream and a ping-pong's p99 to another service beside it, "
+                        "meshaccel's pacing vs tc tbf and htb at the same rate")
+    p.add_argument("--rates", default=None, metavar="LIST",
+                   help="limits to measure, as mesh.yaml writes them (default "
+                   "50Mbit,200Mbit,1Gbit)")
+    p.add_argument("--duration", type=int, default=3,
+                   help="counted seconds of each stream, after --omit (default 3, at least 3: "
+                   "the ping-pong beside it, sockperf -t duration-2, takes 2.3 s more)")
+    p.add_argument("--omit", type=int, default=1,
+                   help="seconds of slow start not counted (iperf3 -O; default 1)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds over every case, order rotated; medians kept (default 3)")
+    p.add_argument("--cpus", metavar="LIST", default=None,
+                   help="CPU of the stream, CPU of the ping-pong (e.g. 0,1; default: the first "
+                   "and the last usable CPU)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write every run and the "
+                   "environment")
+    p.add_argument("--plot", "--png", dest="plot", metavar="FILE.png", default=None,
+                   help="write the rate and latency plots")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run_qos)
+
+
+def run_qos(args: argparse.Namespace) -> int:
+    from accel.bench import qos, runner
+
+    try:
+        rates = qos.parse_rates(args.rates or qos.DEFAULT_RATES)
+        cpus = runner.parse_cpus(args.cpus) if args.cpus else ()
+    except ValueError as e:
+        return fail(f"bench qos: {e}", code=2)
+    if args.duration < 3 or args.omit < 0 or args.repeats < 1:
+        return fail("bench qos: --duration must be >= 3, --omit >= 0, --repeats >= 1", code=2)
+    if len(cpus) > 2:
+        return fail(f"bench qos: --cpus {args.cpus!r}: one or two CPUs (stream, ping-pong)",
+                    code=2)
+    try:
+        result = qos.run(rates, args.duration, args.repeats, args.omit, cpus,
+                         say=_say(args.quiet))
+    except KeyboardInterrupt:
+        return fail("bench qos: interrupted; everything it made was removed", code=130)
+    except Exception as e:  # noqa: BLE001 - a benchmark that cannot run says why and fails
+        return fail(f"bench qos: {e}")
+    _write_json(args.json, result)
+    print(qos.table(result))
+    if args.plot:
+        qos.plot(result, args.plot)
+        print(f"plot: {args.plot}")
+    return 0 if all(c["repeats"] for c in result["cases"]) else 1
