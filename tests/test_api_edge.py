@@ -67,7 +67,7 @@ def test_edge_status_stats_and_guard(env, veth):
                 "    endpoints:\n      - {address: 192.168.251.2, port: 8080}\n")
     env.agent(cfg, "--edge-iface", e0)
     st = client.get_status(env.socket)
-    assert st["edge"]["iface"] == e0 and st["edge"]["mode"] in ("native", "generic")
+    assert st["edge"]["iface"] == e0 and st["edge"]["mode"] == "tc"  # auto on a veth
     stats = client.get_stats(env.socket)
     assert [(v["service"], v["vip"], v["port"]) for v in stats["edge"]["vips"]] == \
         [("web", VIP, 80)]

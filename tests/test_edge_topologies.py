@@ -16,6 +16,7 @@ import collections
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -25,7 +26,7 @@ from pyroute2 import IPRoute, netns
 from accel.datapath import cgroup as cg
 from accel.kernel import netdev
 from accel.lab import Lab, in_netns
-from accel.model import Endpoint, Guard, Service, ServiceTable, parse_network
+from accel.model import Endpoint, Guard, Limits, Service, ServiceTable, parse_network
 from accel.runtime import Runtime, Settings
 from tests.test_edge_lab import Client, Servers, try_connect
 
@@ -306,3 +307,48 @@ def test_generic_xdp_redirects_into_untouched_veths(edge):
     # Every packet was redirected: none routed, none handed to the kernel.
     for name in ("fwd_fallback", "fwd_route", "fwd_too_big", "fwd_ttl_expiring"):
         assert after[name] == before[name], name
+
+
+@pytest.mark.parametrize("edge", ["bridge-native", "bridge-tc"], indirect=True)
+def test_connection_limit_resets_syns_from_outside(edge):
+    """A service limited to 5 connections/s (burst 5): of 20 back-to-back connects from
+    outside the host, exactly the burst is admitted (the bucket is one compare-and-swapped
+    word; a token comes back every 200 ms, more than the burst usually takes), the others
+    get a reset from the VIP at once (ECONNREFUSED, never a timeout), counted; a second later one
+    more is admitted. Both hooks: at XDP the SYN is marked and tc answers it."""
+    lab = edge.lab
+    limited = Service("web", VIP, 80, "TCP", tuple(Endpoint(p.ip, 8080) for p in lab.pods),
+                      edge=True, limits=Limits(connections=5, burst=5))
+    limited6 = Service("web6", VIP6, 80, "TCP", tuple(Endpoint(p.ip6, 8080) for p in lab.pods),
+                       edge=True, limits=Limits(connections=5, burst=5))
+    edge.apply(ServiceTable.of([limited, limited6]))
+    names = {p.name for p in lab.pods}
+    for vip in (VIP, VIP6):
+        before = edge.counters()["refuse_limit"]
+        passed, refused, slowest = 0, 0, 0.0
+        t0 = time.monotonic()
+        for _ in range(20):
+            t = time.monotonic()
+            try:
+                c = Client(edge.ext, vip, timeout=5)
+            except ConnectionRefusedError:
+                refused += 1
+                slowest = max(slowest, time.monotonic() - t)
+                continue
+            try:
+                assert c.ask() in names
+            finally:
+                c.close()
+            passed += 1
+        took = time.monotonic() - t0
+        # The burst, plus the tokens the elapsed time gave back (none when under 200 ms).
+        assert 5 <= passed <= 5 + int(took * 5), (vip, passed, refused, took)
+        assert refused == 20 - passed and slowest < 0.05, (refused, slowest)
+        assert edge.counters()["refuse_limit"] - before == refused
+        row = next(v for v in edge.runtime.edge.counters()["vips"] if v["vip"] == vip)
+        assert row["refused_limit"] >= refused
+        time.sleep(0.25)  # one token back
+        Client(edge.ext, vip).close()
+    st = edge.runtime.status()["edge"]["vips"]
+    assert {v["service"]: v["connection_limit"] for v in st} == {
+        "web": {"connections": 5.0, "burst": 5}, "web6": {"connections": 5.0, "burst": 5}}

@@ -1,5 +1,18 @@
-/* tc (clsact egress of the edge interface): replies of balanced flows leave
- * with the VIP as their source, so clients only ever see the VIP. So do ICMP
+/* Replies of balanced flows, given the VIP back as their source, so clients only ever
+ * see the VIP. Two programs over one rewrite (reply_revnat):
+ *
+ * edge_tc, clsact egress of the edge interface: whatever leaves towards clients.
+ *
+ * edge_reply, clsact ingress of the host end of each backend's interface that the edge
+ * enters directly (bpf_redirect_peer, or an XDP/tc redirect): a reply is rewritten there
+ * and sent straight out of the edge interface (bpf_redirect_neigh, TTL one less), as the
+ * request came in. Its connection never met the host's conntrack on the way in, so the
+ * host's netfilter must not see the reply either: a masquerade rule for the backends'
+ * subnet (Docker's, many CNIs') would take it for a new connection and rewrite its
+ * source, and "ctstate INVALID -j DROP" rules would drop it. Anything else goes on to the
+ * next filter (TC_ACT_UNSPEC: pod routing sits behind us on the same hook).
+ *
+ * edge_tc also translates ICMP errors So do ICMP
  * errors about a balanced flow (frag-needed / packet too big, unreachable, time
  * exceeded, from the backend or a router between): the packet they quote is
  * given the VIP back, and so is their source when the backend itself sent it;
@@ -15,6 +28,11 @@
 #include <uapi/linux/icmp.h>
 #include <uapi/linux/icmpv6.h>
 #include <uapi/linux/pkt_cls.h>
+
+/* bcc's helpers.h declares bpf_redirect_neigh without its plen argument (the kernel's
+ * has four since 5.11): declared here as the kernel defines it. */
+static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
 
 static __always_inline void count(u32 idx)
 {
@@ -134,7 +152,10 @@ static __always_inline int icmp6_revnat(struct __sk_buff *skb, __u32 l3off)
 	return TC_ACT_OK;
 }
 
-int edge_tc(struct __sk_buff *skb)
+/* 1: rewritten (*l3off, *v4 say where the IP header is), 0: not a reply of ours (or
+ * an ICMP error, which edge_tc translates itself: *icmp set). */
+static __always_inline int reply_revnat(struct __sk_buff *skb, __u32 *l3out, int *v4out,
+					int *icmp)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -143,11 +164,11 @@ int edge_tc(struct __sk_buff *skb)
 	__u16 h_proto;
 
 	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
+		return 0;
 	h_proto = eth->h_proto;
 	if (h_proto == ETH_P_8021Q_BE || h_proto == ETH_P_8021AD_BE) {
 		if (data + l3off + 4 > data_end)
-			return TC_ACT_OK;
+			return 0;
 		h_proto = *(__u16 *)(data + l3off + 2);
 		l3off += 4;
 	}
@@ -158,17 +179,19 @@ int edge_tc(struct __sk_buff *skb)
 	if (h_proto == ETH_P_IP_BE) {
 		struct iphdr *ip4 = data + l3off;
 		if ((void *)(ip4 + 1) > data_end)
-			return TC_ACT_OK;
-		if (ip4->protocol == IPPROTO_ICMP && ip4->ihl >= 5)
-			return icmp4_revnat(skb, l3off, ip4->ihl * 4);
+			return 0;
+		if (ip4->protocol == IPPROTO_ICMP && ip4->ihl >= 5) {
+			*icmp = 1;
+			return 0;
+		}
 		if (ip4->protocol != IPPROTO_TCP && ip4->protocol != IPPROTO_UDP)
-			return TC_ACT_OK;
+			return 0;
 		/* Later fragments carry no ports; a reply that big is split after us. */
 		if (ip4->frag_off & IP_FRAG_BE)
-			return TC_ACT_OK;
+			return 0;
 		__u32 hl = ip4->ihl * 4;
 		if (hl < sizeof(*ip4) || hl > 60)
-			return TC_ACT_OK;
+			return 0;
 		rk.proto = ip4->protocol;
 		addr_from4(&rk.src, ip4->saddr);
 		addr_from4(&rk.dst, ip4->daddr);
@@ -179,11 +202,13 @@ int edge_tc(struct __sk_buff *skb)
 	} else if (h_proto == ETH_P_IPV6_BE) {
 		struct ipv6hdr *ip6 = data + l3off;
 		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_OK;
-		if (ip6->nexthdr == IPPROTO_ICMPV6)
-			return icmp6_revnat(skb, l3off);
+			return 0;
+		if (ip6->nexthdr == IPPROTO_ICMPV6) {
+			*icmp = 1;
+			return 0;
+		}
 		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
-			return TC_ACT_OK;
+			return 0;
 		rk.proto = ip6->nexthdr;
 		__builtin_memcpy(&rk.src, &ip6->saddr, 16);
 		__builtin_memcpy(&rk.dst, &ip6->daddr, 16);
@@ -191,18 +216,18 @@ int edge_tc(struct __sk_buff *skb)
 		addr_len = 16;
 		l4off = l3off + sizeof(*ip6);
 	} else {
-		return TC_ACT_OK;
+		return 0;
 	}
 
 	__u16 ports[2];
 	if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)))
-		return TC_ACT_OK;
+		return 0;
 	rk.sport = ports[0];
 	rk.dport = ports[1];
 
 	struct edge_rev *rv = edge_revs.lookup(&rk);
 	if (!rv)
-		return TC_ACT_OK;
+		return 0;
 
 	struct addr16 vip = rv->vip;
 	__u16 vport = rv->vport;
@@ -216,12 +241,12 @@ int edge_tc(struct __sk_buff *skb)
 	if (addr_len == 4) {
 		diff = bpf_csum_diff(&rk.src.w[3], 4, &vip.w[3], 4, 0);
 		if (bpf_skb_store_bytes(skb, addr_off, &vip.w[3], 4, 0))
-			return TC_ACT_OK;
+			return 0;
 		bpf_l3_csum_replace(skb, l3sum_off, 0, diff, 0);
 	} else {
 		diff = bpf_csum_diff(rk.src.w, 16, vip.w, 16, 0);
 		if (bpf_skb_store_bytes(skb, addr_off, vip.w, 16, 0))
-			return TC_ACT_OK;
+			return 0;
 	}
 	bpf_l4_csum_replace(skb, l4sum_off, 0, diff, l4flags);
 	if (vport != rk.sport) {
@@ -235,5 +260,71 @@ int edge_tc(struct __sk_buff *skb)
 		st->reply_packets++;
 		st->reply_bytes += skb->len;
 	}
-	return TC_ACT_OK;
+	*l3out = l3off;
+	*v4out = addr_len == 4;
+	return 1;
+}
+
+int edge_tc(struct __sk_buff *skb)
+{
+	__u32 l3off = 0;
+	int v4 = 0, icmp = 0;
+
+	if (reply_revnat(skb, &l3off, &v4, &icmp) || !icmp)
+		return TC_ACT_OK;
+	/* An ICMP error: parse again (the helper's pointers are gone). */
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	l3off = sizeof(*eth);
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	__u16 h_proto = eth->h_proto;
+	if (h_proto == ETH_P_8021Q_BE || h_proto == ETH_P_8021AD_BE) {
+		if (data + l3off + 4 > data_end)
+			return TC_ACT_OK;
+		h_proto = *(__u16 *)(data + l3off + 2);
+		l3off += 4;
+	}
+	if (h_proto == ETH_P_IP_BE) {
+		struct iphdr *ip4 = data + l3off;
+		if ((void *)(ip4 + 1) > data_end || ip4->ihl < 5)
+			return TC_ACT_OK;
+		return icmp4_revnat(skb, l3off, ip4->ihl * 4);
+	}
+	return icmp6_revnat(skb, l3off);
+}
+
+int edge_reply(struct __sk_buff *skb)
+{
+	__u32 l3off = 0, zero = 0;
+	int v4 = 0, icmp = 0;
+
+	if (skb->vlan_present || !reply_revnat(skb, &l3off, &v4, &icmp))
+		return TC_ACT_UNSPEC;
+	u32 *uplink = edge_uplink.lookup(&zero);
+	if (!uplink || !*uplink)
+		return TC_ACT_OK; /* rewritten: the kernel routes it (the VIP as its source) */
+	/* Forwarded as a router would: TTL / hop limit one less; one expiring here is the
+	 * kernel's to answer. */
+	if (v4) {
+		__u8 ttl;
+		if (bpf_skb_load_bytes(skb, l3off + offsetof(struct iphdr, ttl), &ttl, 1) || ttl <= 1)
+			return TC_ACT_OK;
+		__u16 before, after;
+		bpf_skb_load_bytes(skb, l3off + offsetof(struct iphdr, ttl), &before, 2);
+		after = before;
+		((__u8 *)&after)[0] = ttl - 1;
+		bpf_skb_store_bytes(skb, l3off + offsetof(struct iphdr, ttl), &after, 2, 0);
+		bpf_l3_csum_replace(skb, l3off + offsetof(struct iphdr, check), before, after, 2);
+	} else {
+		__u8 hops;
+		if (bpf_skb_load_bytes(skb, l3off + offsetof(struct ipv6hdr, hop_limit), &hops, 1) ||
+		    hops <= 1)
+			return TC_ACT_OK;
+		hops--;
+		bpf_skb_store_bytes(skb, l3off + offsetof(struct ipv6hdr, hop_limit), &hops, 1, 0);
+	}
+	count(E_REPLY_DIRECT);
+	return redirect_neigh(*uplink, NULL, 0, 0);
 }

@@ -229,6 +229,7 @@ enum edge_counter {
 	E_PEER_KERNEL,       /* marked for a pod but handed to the kernel to route (TTL expiring, too big, backend changed) */
 	E_REFUSE_LIMIT,      /* SYN over its VIP's connection limit */
 	E_RST_FAIL,          /* a refused SYN could not be marked or turned into a reset: dropped */
+	E_REPLY_DIRECT,      /* reply taken from a backend's interface straight out of the edge interface */
 	E_MAX,
 };
 
@@ -242,6 +243,8 @@ ACCEL_MAP("array", u32, struct edge_backend, edge_backends, EDGE_MAX_BACKENDS);
 ACCEL_MAP("lru_hash", struct edge_flow, struct edge_conn, edge_conns, EDGE_CONN_MAX);
 /* Reply flow (backend -> client) -> the VIP it must come from. */
 ACCEL_MAP("lru_hash", struct edge_flow, struct edge_rev, edge_revs, EDGE_CONN_MAX);
+/* The edge interface's ifindex (one entry): where edge_reply sends replies. */
+ACCEL_MAP("array", u32, u32, edge_uplink, 1);
 /* Connection limits by edge_vip.id. */
 ACCEL_MAP("array", u32, struct edge_limit, edge_limits, EDGE_MAX_VIPS);
 /* Denied source CIDRs (IPv4 v4-mapped). */

@@ -251,15 +251,28 @@ class EdgeDatapath:
         fds = {name: self.prog_fd(name) for name in ("edge_tc", "edge_ingress",
                                                      "edge_tc_balance")}
         got = self._attachment.attach(self.xdp_fd, fds, mode)
+        self.table("edge_uplink")[ctypes.c_uint32(0)] = ctypes.c_uint32(
+            self._attachment.ifindex or 0)
         if isinstance(self.resolver, NeighbourResolver):
             # How a backend is reached depends on the hook (NeighbourResolver). The next
             # refresh() re-judges backends resolved before.
             self.resolver.hook = got
+        self._sync_replies()
         return got
 
     def detach(self) -> None:
-        """Remove the XDP program and our tc filter (and the clsact qdisc if we made it)."""
+        """Remove the XDP program and our tc filters (and clsact qdiscs we made)."""
+        if self._loaded and not self._readonly and self._attachment.mode is not None:
+            self.table("edge_uplink")[ctypes.c_uint32(0)] = ctypes.c_uint32(0)
         self._attachment.detach()
+
+    def _sync_replies(self) -> None:
+        """edge_reply on every interface the edge enters directly (see edge_tc.c)."""
+        if self._attachment.mode is None:
+            return  # not attached (tests, benchmarks): nothing runs on interfaces
+        wanted = {b.hop.ifindex for v in self._vips.values() for b in v.backends.values()
+                  if b.hop is not None}
+        self._attachment.sync_replies(wanted, self.prog_fd("edge_reply"))
 
     def close(self, unpin: bool = True) -> None:
         """Detach and, unless told otherwise, remove every pin this datapath made."""
@@ -364,6 +377,7 @@ class EdgeDatapath:
             result[outcome].append(svc.name)
         if self._legacy:
             self._release_legacy()
+        self._sync_replies()
         return result
 
     def _apply_vip(self, key, svc: Service, hops, legacy: tuple[int, int] | None) -> str:
@@ -476,6 +490,7 @@ class EdgeDatapath:
             if hop != (b.hop or b.routed):
                 self._backends.set_hop(b, hop)
                 changed += 1
+        self._sync_replies()
         return changed
 
     # ---- guard ---------------------------------------------------------------------------

@@ -21,6 +21,9 @@ TC_EGRESS = kattach.TC_EGRESS
 TC_INGRESS = kattach.TC_INGRESS
 TC_PRIO = 0xED6E  # our filters' priority on the clsact hooks: finds them again to delete
 TC_HANDLE = 1
+# edge_reply on backends' interfaces: ahead of pod routing's filter (0xAC1D) on the same
+# hook, to which it hands what is not an edge reply (TC_ACT_UNSPEC).
+REPLY_PRIO = 0x0ED6
 
 
 class Attachment:
@@ -31,12 +34,18 @@ class Attachment:
         self.iface = iface
         self.mode: str | None = None
         self._tc_ifindex: int | None = None
+        self._replies: set[int] = set()  # backends' interfaces running edge_reply
 
     def attach(self, xdp_fd: int, tc_fds: dict[str, int], mode: str) -> str:
         """`tc_fds`: edge_tc (egress), edge_ingress and edge_tc_balance (ingress)."""
         if mode == "auto" and is_veth(self.iface):
             mode = "tc"
         if mode == "tc":
+            # Another tool's XDP program may stay (it runs before us); an earlier edge's
+            # would balance with what it last knew: it goes.
+            if attached_xdp(self.iface) == "edge_xdp":
+                for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+                    kattach.xdp_detach(self.iface, flags)
             self._attach_tc(tc_fds["edge_tc"], tc_fds["edge_tc_balance"])
             self.mode = "tc"
             log.info("edge: balancer on %s's tc ingress, reverse NAT on its egress", self.iface)
@@ -106,10 +115,35 @@ class Attachment:
             for parent in (TC_EGRESS, TC_INGRESS):
                 kattach.tc_detach(ipr, idx, parent, TC_PRIO, TC_HANDLE)
 
+    @property
+    def ifindex(self) -> int | None:
+        """The edge interface's, while attached."""
+        return self._tc_ifindex
+
+    def sync_replies(self, wanted: set[int], reply_fd: int) -> None:
+        """edge_reply on the ingress of exactly the interfaces in `wanted` (the host ends of
+        the backends' interfaces the edge enters directly). An interface that went away
+        took its filter with it."""
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for idx in sorted(self._replies - wanted):
+                kattach.tc_detach(ipr, idx, TC_INGRESS, REPLY_PRIO, TC_HANDLE)
+                self._replies.discard(idx)
+            for idx in sorted(wanted - self._replies):
+                try:
+                    kattach.tc_attach(ipr, idx, reply_fd, "edge_reply", TC_INGRESS,
+                                      REPLY_PRIO, TC_HANDLE)
+                except kattach.AttachError as e:  # the reply goes the kernel's way
+                    log.warning("edge: edge_reply on ifindex %d: %s", idx, e)
+                    continue
+                self._replies.add(idx)
+
     def detach(self) -> None:
-        """Remove the XDP program and our tc filter (and the clsact qdisc once empty)."""
+        """Remove the XDP program and our tc filters (and clsact qdiscs once empty)."""
         self._detach_xdp()
         self._detach_tc()
+        self.sync_replies(set(), -1)
 
 
 def attached_xdp(iface: str | None) -> str | None:
@@ -144,6 +178,12 @@ def detach_from(iface: str) -> list[str]:
         for parent, hook in ((TC_EGRESS, "egress"), (TC_INGRESS, "ingress")):
             if idx and kattach.tc_detach(ipr, idx[0], parent, TC_PRIO, TC_HANDLE):
                 done.append(f"tc {hook} filter on {iface}")
+        for link in ipr.get_links():  # edge_reply on backends' interfaces
+            for f in ipr.get_filters(index=link["index"], parent=TC_INGRESS):
+                if f["info"] >> 16 == REPLY_PRIO and f.get_attr("TCA_KIND") == "bpf":
+                    kattach.tc_detach(ipr, link["index"], TC_INGRESS, REPLY_PRIO, TC_HANDLE)
+                    done.append(f"edge_reply on {link.get_attr('IFLA_IFNAME')}")
+                    break
     return done
 
 

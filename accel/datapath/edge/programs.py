@@ -20,11 +20,13 @@ EDGE_H = BPF_DIR / "lib" / "edge.h"
 PROGRAMS = (loader.Program("edge_lb.c", "edge_xdp", "xdp"),
             loader.Program("edge_lb.c", "edge_ingress", "sched_cls"),
             loader.Program("edge_lb.c", "edge_tc_balance", "sched_cls"),
-            loader.Program("edge_tc.c", "edge_tc", "sched_cls"))
+            loader.Program("edge_tc.c", "edge_tc", "sched_cls"),
+            loader.Program("edge_tc.c", "edge_reply", "sched_cls"))
 
 PIN_MAPS = (
     "edge_vips", "edge_rings", "edge_backends", "edge_conns", "edge_revs", "edge_deny",
     "edge_syn", "edge_config", "edge_vip_stats", "edge_counters", "edge_tx", "edge_limits",
+    "edge_uplink",
 )
 
 
