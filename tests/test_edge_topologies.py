@@ -186,7 +186,8 @@ def test_edge_reaches_backends_behind_untouched_veths(edge):
     vias = edge.backends()
     for pod in lab.pods:
         for addr in (str(pod.ip), str(pod.ip6)):
-            assert vias[addr].startswith(f"tc redirect_peer ifindex {pod_host_ifindex(lab, pod)}"), vias
+            via = f"tc redirect_peer ifindex {pod_host_ifindex(lab, pod)}"
+            assert vias[addr].startswith(via), vias
             if edge.hook == "native":
                 assert "neither a native XDP program nor GRO" in vias[addr], vias
                 assert "GRO off" in vias[addr], vias  # the peer, read in the pod's namespace

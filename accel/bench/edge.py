@@ -169,7 +169,7 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=check, capture_output=True, text=True)
 
 
-def _lab_up(prefix: str):
+def _lab_up(prefix: str, edge_gro: bool = True):
     """Lab pods on a bridge (accel.lab) plus an ext netns on a veth: the edge interface.
     Returns the lab, the client (a Pod for the ext netns) and the edge interface."""
     import ipaddress
@@ -198,7 +198,8 @@ def _lab_up(prefix: str):
         _sh("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         # The edge interface stands for a NIC, which aggregates what it receives (GRO is
         # on by default on NICs, off on a new veth): every mode gets the same.
-        _sh("ip", "netns", "exec", lab.node, "ethtool", "-K", iface, "gro", "on")
+        _sh("ip", "netns", "exec", lab.node, "ethtool", "-K", iface, "gro",
+            "on" if edge_gro else "off")
         # Frames from a wire carry full checksums; a veth sender would leave them partial.
         _sh("ip", "netns", "exec", ext, "ethtool", "-K", "eth0", "tx", "off")
         # The mesh bench's client settings: thousands of connections a second must not
@@ -275,7 +276,7 @@ def _workloads(client, seconds: float, cpu: int) -> dict:
 
 
 def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
-            cpu: int | None = None) -> dict:
+            cpu: int | None = None, edge_gro: bool = True) -> dict:
     """The edge (tc, and XDP's peer, route and redirect paths) against iptables DNAT:
     medians of `repeats` rotations.
     Also the edge programs' run time per packet (BPF_ENABLE_STATS) during the edge modes."""
@@ -284,7 +285,7 @@ def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
 
     cpu = (os.cpu_count() or 1) - 1 if cpu is None else cpu
     prefix = "be" + secrets.token_hex(3)
-    lab, client, iface = _lab_up(prefix)
+    lab, client, iface = _lab_up(prefix, edge_gro)
     runs: dict[str, list[dict]] = {m: [] for m in LAB_MODES}
     prog_ns: dict[str, list[float]] = {}
     procs: list[subprocess.Popen] = []
@@ -313,7 +314,8 @@ def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
                     in_netns(lab.node, dp.refresh)
                     progs = (("edge_xdp", dp.xdp_fd), ("edge_tc", dp.tc_fd),
                              ("edge_ingress", dp.ingress_fd),
-                             ("edge_tc_balance", dp.prog_fd("edge_tc_balance")))
+                             ("edge_tc_balance", dp.prog_fd("edge_tc_balance")),
+                             ("edge_reply", dp.prog_fd("edge_reply")))
                     before = {p: bpf.prog_run_stats(fd) for p, fd in progs}
                     runs[mode].append(_workloads(client, seconds, cpu))
                     for p, fd in progs:
@@ -338,5 +340,6 @@ def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
             row[k] = round(statistics.median(vals), 2) if vals else None
         out.append(row)
     return {"modes": out, "raw": runs, "cpu": cpu, "repeats": repeats, "seconds": seconds,
+            "edge_iface_gro": edge_gro,
             "edge_prog_ns_per_run": {k: round(statistics.median(v), 1)
                                      for k, v in prog_ns.items()}}

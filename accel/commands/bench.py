@@ -109,6 +109,9 @@ def register_edge(bsub: argparse._SubParsersAction) -> None:
                    help="skip the lab traffic run (edge vs iptables DNAT through namespaces)")
     p.add_argument("--lab-seconds", type=float, default=2.0,
                    help="duration of each lab workload (default 2)")
+    p.add_argument("--edge-gro", choices=("on", "off"), default="on",
+                   help="GRO on the lab's edge interface (default on, as on a NIC; off is a "
+                   "new veth's default, where every packet is balanced and forwarded alone)")
     p.add_argument("--lab-repeats", type=int, default=5,
                    help="lab rotations of every mode; medians are kept (default 5)")
     p.set_defaults(func=run_edge)
@@ -134,7 +137,8 @@ def run_edge(args: argparse.Namespace) -> int:
         return fail(f"bench edge: {e}")
     if not args.no_lab:
         try:
-            result["lab"] = edge.run_lab(args.lab_seconds, args.maglev_size, args.lab_repeats)
+            result["lab"] = edge.run_lab(args.lab_seconds, args.maglev_size, args.lab_repeats,
+                                         edge_gro=args.edge_gro == "on")
         except Exception as e:  # noqa: BLE001 - the packet figures stand without it
             result["lab_error"] = str(e)
     if args.json:
