@@ -73,7 +73,8 @@ from accel.model import Guard, IPAddress, Service, ServiceTable
 
 __all__ = [
     "BE_FALLBACK", "BE_PEER", "BE_REDIRECT", "BE_VALID", "BPF_DIR", "EDGE_H", "PIN_MAPS",
-    "PROTO_NAMES", "PROTO_NUMBERS", "TC_EGRESS", "TC_HANDLE", "TC_PRIO", "VIP_EMPTY", "VIP_GONE", "VIP_LIVE",
+    "PROTO_NAMES", "PROTO_NUMBERS", "TC_EGRESS", "TC_HANDLE", "TC_PRIO", "VIP_EMPTY", "VIP_GONE",
+    "VIP_LIVE",
     "VIP_PROBES", "VIP_STAT_FIELDS", "XDP_FLAGS_DRV_MODE", "XDP_FLAGS_SKB_MODE",
     "EdgeCapacityError", "EdgeDatapath", "EdgeError", "NeighbourResolver", "NextHop",
     "Resolver", "Routed", "counter_names", "deny_prefilter", "detach_from", "flow_slot",
