@@ -91,7 +91,7 @@ def test_edge_routes_to_containers_on_dockers_bridge(docker_api):
         dp = EdgeDatapath(iface, pin, 16411, max_vips=4)
         table = ServiceTable.of([Service("web", VIP, 80, "TCP", tuple(
             Endpoint(ip, 8080) for _, ip in info.values()), edge=True)])
-        for hook, why in (("native", "nor GRO"), ("tc", "tc hook")):
+        for hook, why in (("native", "a pod's veth"), ("tc", "tc hook")):
             assert dp.attach(hook) == hook
             dp.apply(table)
             dp.refresh()

@@ -147,9 +147,9 @@ def run(repeat: int = 1_000_000, rounds: int = 7, maglev_size: int = 65537) -> d
 # Edge modes: `tc-edge` is what the agent runs on a veth uplink (auto): the balancer at tc
 # ingress after GRO, into the pods as runtimes leave them (no GRO, no XDP on their end)
 # with bpf_redirect_peer. The XDP modes force native XDP on that veth: `peer`, the same
-# pods (XDP rewrites, tc ingress moves the packet in), `route` with that path switched off
-# (XDP rewrites, the kernel forwards), `redirect` the pods with GRO switched on (XDP
-# redirects into their veths). The edge programs' own run time is counted
+# pods (XDP rewrites, tc ingress moves the packet in: what the agent does at XDP), `route`
+# with that path switched off (XDP rewrites, the kernel forwards), `redirect` the pods with
+# GRO switched on and the peer path off (XDP redirects into their veths). The edge programs' own run time is counted
 # (BPF_ENABLE_STATS) per mode.
 
 LAB_VIP = "10.96.78.1"
@@ -159,7 +159,7 @@ LAB_EDGE_MODES = {
     "tc-edge": ("tc", False, True),
     "xdp-edge peer": ("native", False, True),
     "xdp-edge route": ("native", False, False),
-    "xdp-edge redirect": ("native", True, True),
+    "xdp-edge redirect": ("native", True, False),
 }
 LAB_MODES = (*LAB_EDGE_MODES, "iptables-dnat")
 CRR_PORT, RR_PORT, STREAM_PORT = 8080, 8081, 8082

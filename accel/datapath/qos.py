@@ -6,9 +6,12 @@ Mechanisms (what `accel doctor` and status report):
 - connections: a GCRA token bucket per service checked at connect() (connect.c); over the
   limit connect() fails at once with EPERM. Exact under concurrency (compare-and-swap).
 - bandwidth: "tcp-pacing": the service's rate split among its live client connections, set
-  as SO_MAX_PACING_RATE from sock_ops (TCP's internal pacing, Linux >= 4.13, works without
-  the fq qdisc this kernel lacks); a paced connection is kept off the socket redirect. EDT
-  (skb->tstamp + fq) would serve hosts with fq; it is not built, so every host gets pacing.
+  as SO_MAX_PACING_RATE from sock_ops; a paced connection is kept off the socket redirect.
+  The one mechanism fits both kinds of host: TCP computes each packet's earliest departure
+  time (EDT, Linux >= 4.20) and, where fq is the egress qdisc, stamps it on the skb for fq
+  to release (the EDT + fq pacing of Cilium's bandwidth manager, stamped by TCP instead of
+  a BPF program); without fq (this kernel has none) TCP holds packets back itself (its
+  internal pacing timer, Linux >= 4.13). Nothing queues behind the limit either way.
 """
 
 from __future__ import annotations
@@ -131,8 +134,10 @@ def mechanisms() -> dict[str, str]:
     fq = kernel_qdiscs().get("fq", False)
     return {
         "bandwidth": BANDWIDTH_MECHANISM,
-        "bandwidth_note": ("fq present, but EDT is not built: TCP pacing (SO_MAX_PACING_RATE) "
-                           "from sock_ops" if fq else
+        "bandwidth_note": ("fq on this kernel: where it is the egress qdisc, TCP stamps each "
+                           "packet's departure time (EDT) at the paced rate and fq releases "
+                           "it then; elsewhere TCP's internal pacing (SO_MAX_PACING_RATE "
+                           "from sock_ops)" if fq else
                            "no fq qdisc on this kernel: TCP's internal pacing "
                            "(SO_MAX_PACING_RATE from sock_ops), no qdisc, nothing queued"),
         "connections": CONNECTION_MECHANISM,

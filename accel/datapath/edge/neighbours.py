@@ -57,10 +57,11 @@ class NeighbourResolver:
     A target must take frames from a native XDP program: the kernel says so in its
     xdp-features (accel/kernel/netdev.py); a veth does only while its peer runs a native
     XDP program or GRO, which container runtimes leave off. A veth whose peer lives in
-    another namespace (a pod) that takes no XDP frames is reached from tc ingress with
-    bpf_redirect_peer instead (`NextHop(peer=True)`); `peer_path=False` routes it. Any
-    other target that would drop the frames is routed (`Routed(fallback=True)`), never
-    redirected into a drop, and the pod's interface is never changed.
+    another namespace (a pod) is not an XDP target at all: it is entered from tc ingress
+    with bpf_redirect_peer (`NextHop(peer=True)`), whatever its peer's state;
+    `peer_path=False` judges it as any other target. A target that would drop the frames
+    is routed (`Routed(fallback=True)`), never redirected into a drop, and the pod's
+    interface is never changed.
 
     `hook` is where the balancer runs (EdgeDatapath.attach sets it): "native" XDP as above;
     "generic" XDP, whose redirect is an skb sent out of the target, which every device
@@ -140,19 +141,22 @@ class NeighbourResolver:
         if kind not in self.REDIRECT_KINDS:
             return Routed(f"{name} is a {kind} device: XDP redirects only to NICs and veths")
         mtu = link.get_attr("IFLA_MTU") or 0
+        pod = kind == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None
         if self.hook == "tc":
-            if kind == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None:
+            if pod:
                 return NextHop(oif, dmac, smac, f"{name}: tc hook, into the peer's namespace "
                                "(bpf_redirect_peer)", mtu, peer=True)
             return NextHop(oif, dmac, smac, f"{name}: tc hook (bpf_redirect)", mtu)
+        if pod and self.hook == "native" and self.peer_path:
+            # Into a pod from tc ingress even where XDP could redirect (its GRO on): the
+            # skb GRO built on the edge interface goes in whole, and a pod turning GRO off
+            # later cannot make a redirect drop frames before the next refresh.
+            return NextHop(oif, dmac, smac, f"{name}: a pod's veth, entered from tc ingress "
+                           "(bpf_redirect_peer)", mtu, peer=True)
         why = self._judged.get(oif)
         if why is None:  # backends behind one interface (a NIC, a pod's ports) share it
             why = self._judged[oif] = self._takes_frames(link, kind)
         if isinstance(why, Routed):
-            if (why.fallback and kind == "veth" and self.peer_path
-                    and link.get_attr("IFLA_LINK_NETNSID") is not None):
-                return NextHop(oif, dmac, smac, f"{why.reason}: moved in from tc ingress "
-                               "(bpf_redirect_peer)", mtu, peer=True)
             return why
         return NextHop(oif, dmac, smac, why, mtu)
 
