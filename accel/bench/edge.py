@@ -149,8 +149,8 @@ def run(repeat: int = 1_000_000, rounds: int = 7, maglev_size: int = 65537) -> d
 # with bpf_redirect_peer. The XDP modes force native XDP on that veth: `peer`, the same
 # pods (XDP rewrites, tc ingress moves the packet in: what the agent does at XDP), `route`
 # with that path switched off (XDP rewrites, the kernel forwards), `redirect` the pods with
-# GRO switched on and the peer path off (XDP redirects into their veths). The edge programs' own run time is counted
-# (BPF_ENABLE_STATS) per mode.
+# GRO switched on and the peer path off (XDP redirects into their veths). The edge
+# programs' own run time is counted (BPF_ENABLE_STATS) per mode.
 
 LAB_VIP = "10.96.78.1"
 LAB_EDGE_NET = "10.202.0"
