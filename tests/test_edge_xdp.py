@@ -7,6 +7,7 @@ use their own client addresses, and the flow tables are emptied between tests.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import random
 import secrets
@@ -655,3 +656,25 @@ def test_restarted_agent_adopts_pinned_state_and_close_unpins(hops):
     import os
 
     assert not os.path.exists(pin)
+
+
+def test_maps_pinned_by_an_older_build_are_recreated(hops):
+    """An agent left its maps pinned (--keep) and a newer build with another layout starts:
+    bcc would open the old map as it is and the verifier refuse the programs. The edge
+    starts its maps afresh instead of failing to start."""
+    import os
+
+    from bcc import BPF
+
+    pin = f"/sys/fs/bpf/hs-{secrets.token_hex(4)}"
+    os.makedirs(pin)
+    old = BPF(text=f'BPF_TABLE_PINNED("array", u32, u64, edge_limits, 64, "{pin}/edge_limits");')
+    old["edge_limits"]  # created and pinned with an 8-byte value
+    dp = EdgeDatapath(None, pin, resolver=hops)
+    try:
+        dp.load()
+        assert ctypes.sizeof(dp.table("edge_limits").Leaf) == 24  # struct edge_limit
+    finally:
+        dp.close()
+        old.cleanup()
+        assert not os.path.exists(pin)

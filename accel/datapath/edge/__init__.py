@@ -182,7 +182,17 @@ class EdgeDatapath:
                 self.pin_dir.mkdir(parents=True)
                 self._made_pin_dir = True
             programs.drop_stale_pins(self.pin_dir, self._expected_sizes())
-            loaded = programs.load(self.pin_dir, self.defines())
+            try:
+                loaded = programs.load(self.pin_dir, self.defines())
+            except EdgeError as e:
+                # bcc opens a pinned map whatever its layout: maps an older build pinned
+                # (--keep, then an upgrade) fail the verifier. Start them afresh, once.
+                if not any((self.pin_dir / m).exists() for m in PIN_MAPS):
+                    raise
+                log.warning("edge: programs do not load over the pinned maps (%s): an older "
+                            "build's? recreating them; the connection table starts empty", e)
+                programs.unpin(self.pin_dir)
+                loaded = programs.load(self.pin_dir, self.defines())
             self._progs = {fn: Program(path) for fn, path in loaded.programs.items()}
         self._loaded = True
         if not readonly:
