@@ -8,10 +8,14 @@ from accel.api import convert
 EDGE = {"iface": "e0", "mode": "native", "maglev_size": 65537,
         "guard": {"deny": ["192.0.2.0/24", "2001:db8::/32"], "syn_rate": 5, "syn_burst": 6},
         "vips": [{"service": "web", "vip": "10.96.0.1", "port": 80, "protocol": "TCP",
-                  "dirty_slots": 3,
+                  "dirty_slots": 3, "connection_limit": {"connections": 2.5, "burst": 4},
                   "backends": [{"address": "10.1.1.1", "port": 8080, "via": "kernel route"},
                                {"address": "10.1.1.2", "port": 8080,
-                                "via": "redirect ifindex 7"}]}]}
+                                "via": "redirect ifindex 7"}]},
+                 {"service": "api", "vip": "10.96.0.2", "port": 80, "protocol": "TCP",
+                  "dirty_slots": 0, "connection_limit": None,
+                  "backends": [{"address": "10.1.1.3", "port": 8080,
+                                "via": "tc redirect_peer ifindex 9: a pod's veth"}]}]}
 PODS = {"netns": "lab", "patterns": ["p*"],
         "ports": [{"iface": "p0", "addresses": ["10.2.0.1", "fd00::1"], "bridge": 4},
                   {"iface": "p1", "addresses": [], "bridge": None}],

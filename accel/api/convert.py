@@ -194,8 +194,11 @@ def status_to_proto(st: dict[str, Any]) -> pb.GetStatusResponse:
         e.guard.syn_rate, e.guard.syn_burst = (int(guard.get("syn_rate") or 0),
                                                int(guard.get("syn_burst") or 0))
         for v in edge.get("vips") or ():
+            limit = v.get("connection_limit") or {}
             ev = e.vips.add(service=v["service"], vip=v["vip"], port=v["port"],
-                            protocol=v["protocol"], dirty_slots=int(v.get("dirty_slots") or 0))
+                            protocol=v["protocol"], dirty_slots=int(v.get("dirty_slots") or 0),
+                            connection_limit=float(limit.get("connections") or 0),
+                            connection_burst=int(limit.get("burst") or 0))
             for b in v.get("backends") or ():
                 ev.backends.add(address=b["address"], port=b["port"], via=b["via"])
     pods = st.get("pod_routing")
@@ -374,6 +377,9 @@ def _edge_json(e: pb.EdgeStatus) -> dict[str, Any]:
                       "syn_burst": e.guard.syn_burst},
             "vips": [{"service": v.service, "vip": v.vip, "port": v.port,
                       "protocol": v.protocol, "dirty_slots": v.dirty_slots,
+                      "connection_limit": ({"connections": v.connection_limit,
+                                            "burst": v.connection_burst}
+                                           if v.connection_limit else None),
                       "backends": [{"address": b.address, "port": b.port, "via": b.via}
                                    for b in v.backends]} for v in e.vips]}
 

@@ -161,20 +161,24 @@ class EdgeStatus(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., iface: _Optional[str] = ..., mode: _Optional[str] = ..., maglev_size: _Optional[int] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ..., vips: _Optional[_Iterable[_Union[EdgeVipStatus, _Mapping]]] = ...) -> None: ...
 
 class EdgeVipStatus(_message.Message):
-    __slots__ = ("service", "vip", "port", "protocol", "dirty_slots", "backends")
+    __slots__ = ("service", "vip", "port", "protocol", "dirty_slots", "backends", "connection_limit", "connection_burst")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     VIP_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     DIRTY_SLOTS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_BURST_FIELD_NUMBER: _ClassVar[int]
     service: str
     vip: str
     port: int
     protocol: str
     dirty_slots: int
     backends: _containers.RepeatedCompositeFieldContainer[EdgeBackendStatus]
-    def __init__(self, service: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., dirty_slots: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[EdgeBackendStatus, _Mapping]]] = ...) -> None: ...
+    connection_limit: float
+    connection_burst: int
+    def __init__(self, service: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., dirty_slots: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[EdgeBackendStatus, _Mapping]]] = ..., connection_limit: _Optional[float] = ..., connection_burst: _Optional[int] = ...) -> None: ...
 
 class EdgeBackendStatus(_message.Message):
     __slots__ = ("address", "port", "via")
