@@ -124,6 +124,8 @@ class Attachment:
         """edge_reply on the ingress of exactly the interfaces in `wanted` (the host ends of
         the backends' interfaces the edge enters directly). An interface that went away
         took its filter with it."""
+        if wanted == self._replies:
+            return  # the agent's refresh asks every second: most times nothing changed
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
