@@ -107,6 +107,22 @@ class Lab:
     def gateway(self) -> ipaddress.IPv4Address:
         return ipaddress.ip_network(self.subnet)[1]
 
+    @property
+    def gateway6(self) -> ipaddress.IPv6Address:
+        return ipaddress.ip_network(self.subnet6)[1]
+
+    def route_ipv6(self) -> None:
+        """A bridged lab routes IPv4 only (pods reach each other over IPv6 on the bridge):
+        the bridge gets `gateway6` and each pod a default route via it, so the node routes
+        IPv6 to and from the pods too. A routed lab has that already."""
+        if self.routed:
+            return
+        with IPRoute(netns=self.node) as ipr:
+            br = ipr.link_lookup(ifname=self.bridge)[0]
+            ipr.addr("add", index=br, address=str(self.gateway6), prefixlen=64, flags=0x02)
+        for pod in self.pods:
+            pod.run(f"ip -6 route add default via {self.gateway6}")
+
     def pod_ip(self, i: int) -> ipaddress.IPv4Address:
         return ipaddress.ip_network(self.subnet)[11 + i]
 
@@ -217,6 +233,77 @@ class Lab:
         }
 
 
+@dataclass
+class Outside:
+    """A client outside the host, as the edge sees one: its own namespace `name`, wired by a
+    veth to namespace `node` (None: this one) whose end there, `iface`, is the edge
+    interface. Addresses `net4`.2/24 behind gateway `net4`.1 (and `net6`:2/64 behind
+    `net6`:1 when given); its frames carry full checksums (tx offload off), as from a wire.
+    `forward`: turn on forwarding in `node` (a lab's node namespace; never this one's).
+    Named `<lab prefix>-ext`, `remove(prefix)` takes it away after a crash too."""
+
+    name: str
+    iface: str
+    net4: str  # "10.203.0"
+    net6: str | None = None  # "fd00:203:"
+    node: str | None = None
+    forward: bool = True
+
+    @property
+    def ip(self) -> str:
+        return f"{self.net4}.2"
+
+    @property
+    def ip6(self) -> str | None:
+        return f"{self.net6}:2" if self.net6 else None
+
+    def up(self) -> Outside:
+        try:
+            self._up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _up(self) -> None:
+        netns.create(self.name)
+        with IPRoute(**({"netns": self.node} if self.node else {})) as ipr:
+            ipr.link("add", ifname=self.iface, kind="veth",
+                     peer={"ifname": "eth0", "net_ns_fd": self.name})
+            idx = ipr.link_lookup(ifname=self.iface)[0]
+            ipr.addr("add", index=idx, address=f"{self.net4}.1", prefixlen=24)
+            if self.net6:
+                ipr.addr("add", index=idx, address=f"{self.net6}:1", prefixlen=64, flags=0x02)
+            ipr.link("set", index=idx, state="up")
+        with IPRoute(netns=self.name) as pr:
+            pr.link("set", index=pr.link_lookup(ifname="lo")[0], state="up")
+            eth = pr.link_lookup(ifname="eth0")[0]
+            pr.addr("add", index=eth, address=self.ip, prefixlen=24)
+            if self.net6:
+                pr.addr("add", index=eth, address=self.ip6, prefixlen=64, flags=0x02)
+            pr.link("set", index=eth, state="up")
+            pr.route("add", dst="default", gateway=f"{self.net4}.1")
+            if self.net6:
+                pr.route("add", dst="default", gateway=f"{self.net6}:1",
+                         family=socket.AF_INET6)
+        if self.forward and self.node:
+            in_netns(self.node, lambda: _sysctl({"net/ipv4/ip_forward": "1",
+                                                 "net/ipv6/conf/all/forwarding": "1"}))
+        subprocess.run(["ip", "netns", "exec", self.name, "ethtool", "-K", "eth0", "tx", "off"],
+                       check=True, capture_output=True)
+
+    def run(self, cmd: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.name, *shlex.split(cmd)],
+                              check=True, capture_output=True, text=True).stdout
+
+    def down(self) -> None:
+        """The namespace goes, and the veth pair with it."""
+        try:
+            netns.remove(self.name)
+        except OSError:
+            pass
+
+
 def _sysctl(values: dict[str, str]) -> None:
     for key, value in values.items():
         Path("/proc/sys", key).write_text(value)
@@ -226,7 +313,7 @@ def remove(prefix: str) -> list[str]:
     """Delete every namespace of lab `prefix` (and with them its links). Idempotent."""
     removed = []
     for name in netns.listnetns():
-        if name == f"{prefix}-node" or name.startswith(f"{prefix}-p"):
+        if name in (f"{prefix}-node", f"{prefix}-ext") or name.startswith(f"{prefix}-p"):
             # A process still inside the namespace (an agent's housekeeping) can make the
             # removal fail for a moment: retry, and say so if it never goes.
             for attempt in range(5):

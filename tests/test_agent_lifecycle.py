@@ -215,7 +215,8 @@ def _xdp_prog(iface: str) -> str | None:
     return next((p.get("name") for p in progs if p), None)
 
 
-def test_uninstall_after_sigkill_removes_the_edge_too(pin_dir, test_cgroup, tmp_path, uid):
+@pytest.mark.parametrize("hook", ["native", "tc"])
+def test_uninstall_after_sigkill_removes_the_edge_too(pin_dir, test_cgroup, tmp_path, uid, hook):
     e0, e1 = f"ax{uid}e0", f"ax{uid}e1"
     subprocess.run(["ip", "link", "add", e0, "type", "veth", "peer", "name", e1], check=True)
     try:
@@ -224,18 +225,29 @@ def test_uninstall_after_sigkill_removes_the_edge_too(pin_dir, test_cgroup, tmp_
         cfg = tmp_path / "edge.yaml"
         cfg.write_text("services:\n  - {name: web, vip: 10.96.9.1, port: 80, edge: true, "
                        "endpoints: [{address: 10.200.9.11, port: 8080}]}\n")
-        agent = start_agent(cfg, pin_dir, test_cgroup, "--edge-iface", e0)
+        agent = start_agent(cfg, pin_dir, test_cgroup, "--edge-iface", e0, "--edge-hook", hook)
+        ingress = "edge_ingress" if hook == "native" else "edge_tc_balance"
+
+        def attached() -> tuple[str | None, str]:
+            tc = subprocess.run(["tc", "filter", "show", "dev", e0, "ingress"],
+                                capture_output=True, text=True).stdout
+            return _xdp_prog(e0), tc
+
+        want_xdp = "edge_xdp" if hook == "native" else None
         deadline = time.time() + 30
-        while _xdp_prog(e0) != "edge_xdp" and time.time() < deadline:
+        while attached()[1].count(ingress) == 0 and time.time() < deadline:
             time.sleep(0.1)
-        assert _xdp_prog(e0) == "edge_xdp"
+        xdp, tc = attached()
+        assert xdp == want_xdp and ingress in tc, (xdp, tc)
         agent.kill()
         agent.wait(timeout=10)
-        assert _xdp_prog(e0) == "edge_xdp"  # a killed agent leaves its datapath in place
+        assert attached() == (xdp, tc)  # a killed agent leaves its datapath in place
         r = subprocess.run([*ACCEL, "uninstall", "--pin-dir", pin_dir], capture_output=True,
                            text=True, timeout=60)
-        assert r.returncode == 0 and "xdp on" in r.stdout, r.stdout + r.stderr
-        assert _xdp_prog(e0) is None
+        said = "xdp on" if hook == "native" else "tc ingress filter on"
+        assert r.returncode == 0 and said in r.stdout, r.stdout + r.stderr
+        xdp, tc = attached()
+        assert xdp is None and "edge_" not in tc, (xdp, tc)
         tc = subprocess.run(["tc", "filter", "show", "dev", e0, "egress"], capture_output=True,
                             text=True).stdout
         assert "edge_tc" not in tc

@@ -14,11 +14,12 @@ import subprocess
 import pytest
 
 pytest.importorskip("bcc")
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 
 from accel.datapath.edge import EdgeDatapath
 from accel.kernel import netdev
 from accel.kernel.netns import in_netns
+from accel.lab import Outside
 from accel.model import Endpoint, Service, ServiceTable
 from tests.conftest_docker import docker_api
 from tests.test_edge_lab import Client
@@ -65,25 +66,15 @@ def test_edge_routes_to_containers_on_dockers_bridge(docker_api):
     names = [f"edge-{uid}-{i}" for i in range(2)]
     pin = f"/sys/fs/bpf/accel-edge-docker-{uid}"
     dp = None
+    outside: Outside | None = None
     try:
         for n in names:
             sh("docker", "run", "-d", "--rm", "--name", n, "--hostname", n,
                "meshaccel/app:local", "python3", "-c", SERVER)
         info = {n: sh("docker", "inspect", "-f",
                       "{{.State.Pid}} {{.NetworkSettings.IPAddress}}", n).split() for n in names}
-        netns.create(ext)
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=iface, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ext})
-            idx = ipr.link_lookup(ifname=iface)[0]
-            ipr.addr("add", index=idx, address=f"{NET}.1", prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-        with IPRoute(netns=ext) as pr:
-            pr.link("set", index=pr.link_lookup(ifname="lo")[0], state="up")
-            eth = pr.link_lookup(ifname="eth0")[0]
-            pr.addr("add", index=eth, address=f"{NET}.2", prefixlen=24)
-            pr.link("set", index=eth, state="up")
-            pr.route("add", dst="default", gateway=f"{NET}.1")
-        sh("ip", "netns", "exec", ext, "ethtool", "-K", "eth0", "tx", "off")
+        # The host's own namespace: dockerd turned forwarding on; nothing else changes.
+        outside = Outside(ext, iface, NET, forward=False).up()
         assert open("/proc/sys/net/ipv4/ip_forward").read().strip() == "1"
         for pid, _ in info.values():
             untouched(int(pid))
@@ -122,9 +113,7 @@ def test_edge_routes_to_containers_on_dockers_bridge(docker_api):
         if dp is not None:
             dp.close()
         subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
-        try:
-            netns.remove(ext)
-        except OSError:
-            pass
+        if outside is not None:
+            outside.down()
         subprocess.run(["ip", "link", "del", iface], capture_output=True)
         shutil.rmtree(pin, ignore_errors=True)

@@ -19,10 +19,9 @@ import time
 import pytest
 
 pytest.importorskip("bcc")
-from pyroute2 import IPRoute, netns
 
 from accel.datapath.edge import EdgeDatapath
-from accel.lab import Lab, in_netns
+from accel.lab import Lab, Outside, in_netns
 from accel.model import Endpoint, Guard, Service, ServiceTable, parse_network
 
 pytestmark = pytest.mark.kernel
@@ -105,30 +104,10 @@ def edge_lab():
     iface = f"{prefix}e"
     lab.up()
     servers = None
+    outside = Outside(ext, iface, EDGE_NET, EDGE_NET6, node=lab.node)
     try:
-        netns.create(ext)
-        with IPRoute(netns=lab.node) as ipr:
-            ipr.link("add", ifname=iface, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ext})
-            idx = ipr.link_lookup(ifname=iface)[0]
-            ipr.addr("add", index=idx, address=f"{EDGE_NET}.1", prefixlen=24)
-            ipr.addr("add", index=idx, address=f"{EDGE_NET6}:1", prefixlen=64, flags=0x02)
-            ipr.link("set", index=idx, state="up")
-            # The Lab's bridge routes IPv4 only: give the pods an IPv6 gateway too.
-            br = ipr.link_lookup(ifname=lab.bridge)[0]
-            ipr.addr("add", index=br, address="fd00:200::1", prefixlen=64, flags=0x02)
-        for pod in lab.pods:
-            pod.run("ip -6 route add default via fd00:200::1")
-        with IPRoute(netns=ext) as pr:
-            pr.link("set", index=pr.link_lookup(ifname="lo")[0], state="up")
-            eth = pr.link_lookup(ifname="eth0")[0]
-            pr.addr("add", index=eth, address=CLIENT, prefixlen=24)
-            pr.addr("add", index=eth, address=CLIENT6, prefixlen=64, flags=0x02)
-            pr.link("set", index=eth, state="up")
-            pr.route("add", dst="default", gateway=f"{EDGE_NET}.1")
-            pr.route("add", dst="default", gateway=f"{EDGE_NET6}:1", family=socket.AF_INET6)
-        sh("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv4.ip_forward=1",
-           "net.ipv6.conf.all.forwarding=1")
-        sh("ip", "netns", "exec", ext, "ethtool", "-K", "eth0", "tx", "off")
+        outside.up()
+        lab.route_ipv6()
         for pod in lab.pods:
             pod.run("ethtool -K eth0 gro on")
         servers = Servers(lab)
@@ -136,10 +115,7 @@ def edge_lab():
     finally:
         if servers:
             servers.close()
-        try:
-            netns.remove(ext)
-        except OSError:
-            pass
+        outside.down()
         lab.down()
 
 

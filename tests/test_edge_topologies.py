@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import collections
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
 pytest.importorskip("bcc")
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 
 from accel.datapath import cgroup as cg
 from accel.kernel import netdev
-from accel.lab import Lab, in_netns
+from accel.lab import Lab, Outside, in_netns
 from accel.model import Endpoint, Guard, Limits, Service, ServiceTable, parse_network
 from accel.runtime import Runtime, Settings
 from tests.test_edge_lab import Client, Servers, try_connect
@@ -70,34 +69,12 @@ class Edge:
         self.pin = f"/sys/fs/bpf/accel-edge-{uid}"
         self.runtime: Runtime | None = None
         self.servers: Servers | None = None
+        self.outside: Outside | None = None
 
     def up(self) -> Edge:
         lab = self.lab
-        netns.create(self.ext)
-        with IPRoute(netns=lab.node) as ipr:
-            ipr.link("add", ifname=self.iface, kind="veth",
-                     peer={"ifname": "eth0", "net_ns_fd": self.ext})
-            idx = ipr.link_lookup(ifname=self.iface)[0]
-            ipr.addr("add", index=idx, address=f"{EDGE_NET}.1", prefixlen=24)
-            ipr.addr("add", index=idx, address=f"{EDGE_NET6}:1", prefixlen=64, flags=0x02)
-            ipr.link("set", index=idx, state="up")
-            if not lab.routed:  # the Lab's bridge routes IPv4 only: an IPv6 gateway too
-                br = ipr.link_lookup(ifname=lab.bridge)[0]
-                ipr.addr("add", index=br, address="fd00:200::1", prefixlen=64, flags=0x02)
-        if not lab.routed:
-            for pod in lab.pods:
-                pod.run("ip -6 route add default via fd00:200::1")
-        with IPRoute(netns=self.ext) as pr:
-            pr.link("set", index=pr.link_lookup(ifname="lo")[0], state="up")
-            eth = pr.link_lookup(ifname="eth0")[0]
-            pr.addr("add", index=eth, address=CLIENT, prefixlen=24)
-            pr.addr("add", index=eth, address=CLIENT6, prefixlen=64, flags=0x02)
-            pr.link("set", index=eth, state="up")
-            pr.route("add", dst="default", gateway=f"{EDGE_NET}.1")
-            pr.route("add", dst="default", gateway=f"{EDGE_NET6}:1", family=socket.AF_INET6)
-        sh("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv4.ip_forward=1",
-           "net.ipv6.conf.all.forwarding=1")
-        sh("ip", "netns", "exec", self.ext, "ethtool", "-K", "eth0", "tx", "off")
+        self.outside = Outside(self.ext, self.iface, EDGE_NET, EDGE_NET6, node=lab.node).up()
+        lab.route_ipv6()
         self.servers = Servers(lab)
         self.cgroup.mkdir()
         settings = Settings(pin_dir=self.pin, cgroup=str(self.cgroup), edge_iface=self.iface,
@@ -134,10 +111,8 @@ class Edge:
             in_netns(self.lab.node, self.runtime.stop)
         if self.servers is not None:
             self.servers.close()
-        try:
-            netns.remove(self.ext)
-        except OSError:
-            pass
+        if self.outside is not None:
+            self.outside.down()
         if self.cgroup.exists():
             self.cgroup.rmdir()
         shutil.rmtree(self.pin, ignore_errors=True)

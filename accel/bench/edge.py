@@ -174,50 +174,29 @@ def _lab_up(prefix: str, edge_gro: bool = True):
     Returns the lab, the client (a Pod for the ext netns) and the edge interface."""
     import ipaddress
 
-    from pyroute2 import IPRoute, netns
-
-    from accel.lab import Lab, Pod
+    from accel.lab import Lab, Outside, Pod
 
     lab = Lab(2, prefix=prefix).up()
-    ext, iface = f"{prefix}-ext", f"{prefix}e"
-    client = Pod(ext, -1, ipaddress.IPv4Address(f"{LAB_EDGE_NET}.2"),
+    outside = Outside(f"{prefix}-ext", f"{prefix}e", LAB_EDGE_NET, node=lab.node)
+    client = Pod(outside.name, -1, ipaddress.IPv4Address(outside.ip),
                  ipaddress.IPv6Address("::"), "")
     try:
-        netns.create(ext)
-        with IPRoute(netns=lab.node) as ipr:
-            ipr.link("add", ifname=iface, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ext})
-            idx = ipr.link_lookup(ifname=iface)[0]
-            ipr.addr("add", index=idx, address=f"{LAB_EDGE_NET}.1", prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-        with IPRoute(netns=ext) as pr:
-            pr.link("set", index=pr.link_lookup(ifname="lo")[0], state="up")
-            eth = pr.link_lookup(ifname="eth0")[0]
-            pr.addr("add", index=eth, address=f"{LAB_EDGE_NET}.2", prefixlen=24)
-            pr.link("set", index=eth, state="up")
-            pr.route("add", dst="default", gateway=f"{LAB_EDGE_NET}.1")
-        _sh("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        outside.up()
         # The edge interface stands for a NIC, which aggregates what it receives (GRO is
         # on by default on NICs, off on a new veth): every mode gets the same.
-        _sh("ip", "netns", "exec", lab.node, "ethtool", "-K", iface, "gro",
+        _sh("ip", "netns", "exec", lab.node, "ethtool", "-K", outside.iface, "gro",
             "on" if edge_gro else "off")
-        # Frames from a wire carry full checksums; a veth sender would leave them partial.
-        _sh("ip", "netns", "exec", ext, "ethtool", "-K", "eth0", "tx", "off")
         # The mesh bench's client settings: thousands of connections a second must not
         # run out of ports held in TIME_WAIT.
-        _sh("ip", "netns", "exec", ext, "sysctl", "-qw", *POD_SYSCTLS)
+        _sh("ip", "netns", "exec", outside.name, "sysctl", "-qw", *POD_SYSCTLS)
     except BaseException:
-        _lab_down(lab, ext)
+        _lab_down(lab, outside.name)
         raise
-    return lab, client, iface
+    return lab, client, outside.iface
 
 
 def _lab_down(lab, ext: str) -> None:
-    from pyroute2 import netns
-
-    try:
-        netns.remove(ext)
-    except OSError:
-        pass
+    """The lab's namespaces, the outside client's (`<prefix>-ext`) among them."""
     lab.down()
 
 
