@@ -219,6 +219,7 @@ def _xdp_prog(iface: str) -> str | None:
 def test_uninstall_after_sigkill_removes_the_edge_too(pin_dir, test_cgroup, tmp_path, uid, hook):
     e0, e1 = f"ax{uid}e0", f"ax{uid}e1"
     subprocess.run(["ip", "link", "add", e0, "type", "veth", "peer", "name", e1], check=True)
+    agents: list[subprocess.Popen] = []
     try:
         for dev in (e0, e1):
             subprocess.run(["ip", "link", "set", dev, "up"], check=True)
@@ -226,6 +227,7 @@ def test_uninstall_after_sigkill_removes_the_edge_too(pin_dir, test_cgroup, tmp_
         cfg.write_text("services:\n  - {name: web, vip: 10.96.9.1, port: 80, edge: true, "
                        "endpoints: [{address: 10.200.9.11, port: 8080}]}\n")
         agent = start_agent(cfg, pin_dir, test_cgroup, "--edge-iface", e0, "--edge-hook", hook)
+        agents.append(agent)
         ingress = "edge_ingress" if hook == "native" else "edge_tc_balance"
 
         def attached() -> tuple[str | None, str]:
@@ -253,6 +255,10 @@ def test_uninstall_after_sigkill_removes_the_edge_too(pin_dir, test_cgroup, tmp_
         assert "edge_tc" not in tc
         assert_no_trace(pin_dir, test_cgroup)
     finally:
+        for a in agents:  # a failed assertion must not leave an agent running
+            if a.poll() is None:
+                a.terminate()
+                a.wait(timeout=30)
         subprocess.run(["ip", "link", "del", e0], capture_output=True)
 
 
