@@ -217,6 +217,9 @@ def table_of(lab: Lab, pods) -> ServiceTable:
     ])
 
 
+# Both hooks and both topologies, in two runs (the suite's time): each path of each hook is
+# covered, and the kernel's frag-needed leaves a bridge and a routed veth alike.
+@pytest.mark.parametrize("edge", ["bridge-native", "routed-tc"], indirect=True)
 def test_path_mtu_discovery_works_through_the_edge(edge):
     """A smaller MTU between edge and backend: the client's DF segments are too big; the
     frag-needed / packet-too-big errors quote the backend, edge_tc gives them the VIP back,
