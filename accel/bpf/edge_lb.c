@@ -439,56 +439,12 @@ static __always_inline int forward_skb(struct __sk_buff *skb, struct edge_backen
  * VIP (lib/tcp_reset.h), sent back out of this interface. */
 static __always_inline int refuse(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct ethhdr e;
-	struct tcphdr syn, *tcp;
-	__u8 flags;
-	__u32 len;
-	int rc;
-
-	if ((void *)(eth + 1) > data_end)
-		goto fail;
-	e = *eth;
-	if (eth->h_proto == ETH_P_IP_BE) {
-		struct iphdr *ip4 = (void *)(eth + 1);
-		if ((void *)(ip4 + 1) > data_end || ip4->protocol != IPPROTO_TCP || ip4->ihl < 5)
-			goto fail;
-		tcp = (void *)ip4 + ip4->ihl * 4;
-		if ((void *)(tcp + 1) > data_end)
-			goto fail;
-		flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
-		if ((flags & (F_SYN | F_ACK | F_RST)) != F_SYN)
-			goto fail; /* only SYNs are refused: never reset anything else */
-		len = bpf_ntohs(ip4->tot_len) - ip4->ihl * 4 - tcp->doff * 4 + !!(flags & F_FIN);
-		syn = *tcp;
-		rc = reset4(skb, &e, ip4->saddr, ip4->daddr, &syn, len);
-	} else if (eth->h_proto == ETH_P_IPV6_BE) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-		struct ipv6hdr i6;
-		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
-			goto fail;
-		tcp = (void *)(ip6 + 1);
-		if ((void *)(tcp + 1) > data_end)
-			goto fail;
-		flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
-		if ((flags & (F_SYN | F_ACK | F_RST)) != F_SYN)
-			goto fail;
-		len = bpf_ntohs(ip6->payload_len) - tcp->doff * 4 + !!(flags & F_FIN);
-		syn = *tcp;
-		i6 = *ip6;
-		rc = reset6(skb, &e, &i6, &syn, len);
-	} else {
-		goto fail;
+	if (tcp_reset_syn(skb) < 0) {
+		/* Refused all the same: the client's SYN is retried, and decided again. */
+		count(E_RST_FAIL);
+		return TC_ACT_SHOT;
 	}
-	if (rc < 0)
-		goto fail;
 	return bpf_redirect(skb->ifindex, 0);
-fail:
-	/* Refused all the same: the client's SYN is retried, and decided again. */
-	count(E_RST_FAIL);
-	return TC_ACT_SHOT;
 }
 
 /* ---- XDP ------------------------------------------------------------------------------ */

@@ -89,13 +89,11 @@ int accel_policy_tc(struct __sk_buff *skb)
 	struct addr16 src, dst;
 	struct tcphdr *tcp;
 	__u8 flags;
-	__u32 len;
 
 	if ((void *)(eth + 1) > end)
 		return TC_ACT_OK;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
-		struct ethhdr e;
 		__u32 saddr, daddr;
 
 		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP ||
@@ -113,22 +111,10 @@ int accel_policy_tc(struct __sk_buff *skb)
 		addr_from4(&dst, daddr);
 		if (!denied(&src, &dst, bpf_ntohs(tcp->dest)))
 			return TC_ACT_OK;
-		len = bpf_ntohs(ip->tot_len) - ip->ihl * 4 - tcp->doff * 4;
-		if (flags & F_FIN)
-			len++;
-		struct tcphdr syn = *tcp;
-
-		e = *eth;
-		if (reset4(skb, &e, saddr, daddr, &syn, len) < 0) {
-			count_add(C_POLICY_RST_FAILURES, 1);
-			return TC_ACT_SHOT;
-		}
-		return bpf_redirect(skb->ifindex, 0);
+		goto reset;
 	}
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
-		struct ipv6hdr i6;
-		struct ethhdr e;
 
 		if ((void *)(ip6 + 1) > end)
 			return TC_ACT_OK;
@@ -156,18 +142,13 @@ int accel_policy_tc(struct __sk_buff *skb)
 		__builtin_memcpy(&src, &ip6->saddr, sizeof(src));
 		if (!denied(&src, &dst, bpf_ntohs(tcp->dest)))
 			return TC_ACT_OK;
-		len = bpf_ntohs(ip6->payload_len) - tcp->doff * 4;
-		if (flags & F_FIN)
-			len++;
-		struct tcphdr syn = *tcp;
-
-		e = *eth;
-		i6 = *ip6;
-		if (reset6(skb, &e, &i6, &syn, len) < 0) {
-			count_add(C_POLICY_RST_FAILURES, 1);
-			return TC_ACT_SHOT;
-		}
-		return bpf_redirect(skb->ifindex, 0);
+		goto reset;
 	}
 	return TC_ACT_OK;
+reset:
+	if (tcp_reset_syn(skb) < 0) {
+		count_add(C_POLICY_RST_FAILURES, 1);
+		return TC_ACT_SHOT;
+	}
+	return bpf_redirect(skb->ifindex, 0);
 }

@@ -129,4 +129,54 @@ static __always_inline int reset6(struct __sk_buff *skb, struct ethhdr *eth,
 	return rst_store(skb, &re, &rip, sizeof(rip), &rt);
 }
 
+
+/* The SYN in `skb` (a frame starting with its Ethernet header) turned into its reset, parsed
+ * afresh from the frame: 0, or -1 when it is no plain TCP SYN (nothing else is ever reset)
+ * or the skb could not be rewritten. */
+static __always_inline int tcp_reset_syn(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ethhdr e;
+	struct tcphdr syn, *tcp;
+	__u8 flags;
+	__u32 len;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	e = *eth;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip4 = (void *)(eth + 1);
+		if ((void *)(ip4 + 1) > data_end || ip4->protocol != IPPROTO_TCP || ip4->ihl < 5)
+			return -1;
+		tcp = (void *)ip4 + ip4->ihl * 4;
+		if ((void *)(tcp + 1) > data_end)
+			return -1;
+		flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
+		if ((flags & (F_SYN | F_ACK | F_RST)) != F_SYN)
+			return -1;
+		len = bpf_ntohs(ip4->tot_len) - ip4->ihl * 4 - tcp->doff * 4 + !!(flags & F_FIN);
+		syn = *tcp;
+		return reset4(skb, &e, ip4->saddr, ip4->daddr, &syn, len);
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		struct ipv6hdr i6;
+		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
+			return -1;
+		tcp = (void *)(ip6 + 1);
+		if ((void *)(tcp + 1) > data_end)
+			return -1;
+		flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
+		if ((flags & (F_SYN | F_ACK | F_RST)) != F_SYN)
+			return -1;
+		len = bpf_ntohs(ip6->payload_len) - tcp->doff * 4 + !!(flags & F_FIN);
+		syn = *tcp;
+		i6 = *ip6;
+		return reset6(skb, &e, &i6, &syn, len);
+	}
+	return -1;
+}
+
 #endif /* ACCEL_TCP_RESET_H */
