@@ -582,6 +582,14 @@ def test_icmp_errors_about_a_balanced_flow_leave_quoting_the_vip(dp, vip, ep, cl
     else:
         assert again[IP].chksum == p[IP].chksum and again[ICMP].chksum == p[ICMP].chksum
         assert again[IPerror].chksum == p[IPerror].chksum
+    # And the quoted segment's own checksum: valid again for the client -> VIP:80 it was.
+    # (From the bytes: scapy cuts a port-unreachable's quote at 128 bytes, RFC 4884.)
+    inner = 14 + (40 if v6 else (r.data[14] & 0xF) * 4) + 8
+    seg = r.data[inner + (40 if v6 else (r.data[inner] & 0xF) * 4):]
+    pkt = (IPv6(src=client, dst=vip) if v6 else IP(src=client, dst=vip)) / TCP(seg)
+    sent = pkt[TCP].chksum
+    del pkt[TCP].chksum
+    assert (IPv6 if v6 else IP)(raw(pkt))[TCP].chksum == sent
     # An error about no balanced flow goes out as it came.
     other = icmp_error(sender, client, IP(src=client, dst="10.1.0.99") / TCP(sport=1, dport=2)
                        if not v6 else IPv6(src=client, dst="fd00:1::99") / TCP(sport=1, dport=2),

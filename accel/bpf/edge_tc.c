@@ -52,6 +52,30 @@ static __always_inline struct edge_rev *quoted_rev(struct edge_flow *rk, __u8 pr
 	return edge_revs.lookup(rk);
 }
 
+/* The quoted packet's own L4 checksum, where the error quotes it (UDP's is in the first 8
+ * bytes, TCP's at byte 16: Linux quotes as much as fits): updated by `diff` (the address
+ * and port given back), and the ICMP checksum at `sum` for that change. A UDP checksum of
+ * 0 (none) stays 0. */
+static __always_inline void quoted_l4sum(struct __sk_buff *skb, __u32 l4, __u8 proto, __u32 sum,
+					 __u64 diff)
+{
+	__u32 at = l4 + (proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+					      : offsetof(struct udphdr, check));
+	__u16 old, new;
+
+	if (bpf_skb_load_bytes(skb, at, &old, 2))
+		return; /* not quoted */
+	if (proto == IPPROTO_UDP && old == 0)
+		return;
+	new = old;
+	edge_csum_apply(&new, diff);
+	if (proto == IPPROTO_UDP && new == 0)
+		new = 0xffff;
+	if (bpf_skb_store_bytes(skb, at, &new, 2, 0))
+		return;
+	bpf_l4_csum_replace(skb, sum, old, new, 2);
+}
+
 static __always_inline int icmp4_revnat(struct __sk_buff *skb, __u32 l3off, __u32 hl)
 {
 	__u32 off = l3off + hl; /* ICMP header; its checksum has no pseudo-header */
@@ -94,6 +118,9 @@ static __always_inline int icmp4_revnat(struct __sk_buff *skb, __u32 l3off, __u3
 		bpf_skb_store_bytes(skb, in3 + ihl + 2, &vport, 2, 0);
 		bpf_l4_csum_replace(skb, sum, ports[1], vport, 2);
 	}
+	quoted_l4sum(skb, in3 + ihl, in.protocol, sum,
+		     edge_csum_diff4(backend, vip) +
+		     (vport != ports[1] ? edge_csum_diff4(ports[1], vport) : 0));
 	/* A router on the way keeps its address; the backend's own answer is the VIP's. */
 	__u32 osrc;
 	if (!bpf_skb_load_bytes(skb, l3off + offsetof(struct iphdr, saddr), &osrc, 4) &&
@@ -141,6 +168,11 @@ static __always_inline int icmp6_revnat(struct __sk_buff *skb, __u32 l3off)
 		bpf_skb_store_bytes(skb, in3 + sizeof(in) + 2, &vport, 2, 0);
 		bpf_l4_csum_replace(skb, sum, ports[1], vport, 2);
 	}
+	__u64 qdiff = vport != ports[1] ? edge_csum_diff4(ports[1], vport) : 0;
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		qdiff += edge_csum_diff4(rk.src.w[i], vip.w[i]);
+	quoted_l4sum(skb, in3 + sizeof(in), in.nexthdr, sum, qdiff);
 	struct addr16 osrc;
 	if (!bpf_skb_load_bytes(skb, l3off + offsetof(struct ipv6hdr, saddr), &osrc, 16) &&
 	    osrc.w[0] == rk.src.w[0] && osrc.w[1] == rk.src.w[1] &&
