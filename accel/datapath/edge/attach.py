@@ -34,7 +34,8 @@ class Attachment:
         self.iface = iface
         self.mode: str | None = None
         self._tc_ifindex: int | None = None
-        self._replies: set[int] = set()  # backends' interfaces running edge_reply
+        self._replies: set[int] = set()  # backends' interfaces running our edge_reply
+        self._stale: set[int] = set()  # running an earlier agent's: replaced or removed
 
     def attach(self, xdp_fd: int, tc_fds: dict[str, int], mode: str) -> str:
         """`tc_fds`: edge_tc (egress), edge_ingress and edge_tc_balance (ingress)."""
@@ -95,6 +96,9 @@ class Attachment:
             except kattach.AttachError as e:
                 self._detach_tc()
                 raise EdgeError(str(e)) from e
+            # An earlier agent's edge_reply filters (a restart, --keep): ours to keep in
+            # step from now on, or to remove.
+            self._stale = reply_links(ipr)
 
     def _detach_xdp(self) -> None:
         if self.mode in (None, "tc") or not self.iface:
@@ -124,14 +128,15 @@ class Attachment:
         """edge_reply on the ingress of exactly the interfaces in `wanted` (the host ends of
         the backends' interfaces the edge enters directly). An interface that went away
         took its filter with it."""
-        if wanted == self._replies:
+        if wanted == self._replies and not self._stale:
             return  # the agent's refresh asks every second: most times nothing changed
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
-            for idx in sorted(self._replies - wanted):
+            for idx in sorted((self._replies | self._stale) - wanted):
                 kattach.tc_detach(ipr, idx, TC_INGRESS, REPLY_PRIO, TC_HANDLE)
                 self._replies.discard(idx)
+            self._stale = set()
             for idx in sorted(wanted - self._replies):
                 try:
                     kattach.tc_attach(ipr, idx, reply_fd, "edge_reply", TC_INGRESS,
@@ -180,12 +185,9 @@ def detach_from(iface: str) -> list[str]:
         for parent, hook in ((TC_EGRESS, "egress"), (TC_INGRESS, "ingress")):
             if idx and kattach.tc_detach(ipr, idx[0], parent, TC_PRIO, TC_HANDLE):
                 done.append(f"tc {hook} filter on {iface}")
-        for link in ipr.get_links():  # edge_reply on backends' interfaces
-            for f in ipr.get_filters(index=link["index"], parent=TC_INGRESS):
-                if f["info"] >> 16 == REPLY_PRIO and f.get_attr("TCA_KIND") == "bpf":
-                    kattach.tc_detach(ipr, link["index"], TC_INGRESS, REPLY_PRIO, TC_HANDLE)
-                    done.append(f"edge_reply on {link.get_attr('IFLA_IFNAME')}")
-                    break
+        for idx in reply_links(ipr):  # edge_reply on backends' interfaces
+            kattach.tc_detach(ipr, idx, TC_INGRESS, REPLY_PRIO, TC_HANDLE)
+            done.append(f"edge_reply on ifindex {idx}")
     return done
 
 
@@ -201,3 +203,14 @@ def is_veth(iface: str | None) -> bool:
             return False
         info = ipr.get_links(idx[0])[0].get_attr("IFLA_LINKINFO")
         return bool(info) and info.get_attr("IFLA_INFO_KIND") == "veth"
+
+
+def reply_links(ipr) -> set[int]:
+    """Interfaces (this namespace) whose ingress runs a filter at edge_reply's priority."""
+    found = set()
+    for link in ipr.get_links():
+        for f in ipr.get_filters(index=link["index"], parent=TC_INGRESS):
+            if f["info"] >> 16 == REPLY_PRIO and f.get_attr("TCA_KIND") == "bpf":
+                found.add(link["index"])
+                break
+    return found
