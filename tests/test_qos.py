@@ -304,3 +304,31 @@ def test_pacing_holds_on_the_pod_routed_path(lab_factory, datapath):
     # The stream went pod to pod, not over the bridge: 4 s at 50 Mbit/s is 25 MB, at least
     # 380 segments of 64 KiB (GSO) one way.
     assert routed >= 380, routed
+
+
+def test_limit_added_under_traffic_reaches_a_redirected_connection(lab, datapath):
+    """A service without a limit: its connection takes the socket redirect (no TCP, no
+    pacing). A bandwidth limit set under traffic moves it to TCP (the peer reads what was
+    handed over first) and paces it within a second, unbroken, every byte delivered."""
+    from accel.flows import reader
+
+    reader.set_enabled(datapath.pin_dir, True)  # the agent's default: RTT samples per client
+    client, server = lab.pods
+    svc = Service("bulk", VIP, 80, endpoints=(Endpoint(server.ip, 8080),), fastpath="redirect")
+    datapath.apply(ServiceTable((svc,)))
+    with iperf_servers(server, 8080):
+        stream = iperf(client, 80, 6, interval=0.5)
+        time.sleep(2.5)
+        moved = datapath.counters()["msg_qos_late"]
+        redirected = datapath.counters()["msg_redirects"]
+        assert redirected > 1000, redirected  # on the socket redirect until now
+        datapath.apply(ServiceTable((replace(svc, limits=Limits(bandwidth=50 * MBIT)),)))
+        doc = result(stream)
+    before, after = interval_bps(doc, 0.5, 2.0), interval_bps(doc, 4.0, 6.0)
+    print(f"unlimited: {before / MBIT:.0f} Mbit/s; 50 Mbit/s set: {after / MBIT:.1f}")
+    assert before >= 10 * 50 * MBIT, before
+    assert 42.5 * MBIT <= after <= 57.5 * MBIT, after
+    # iperf3 verifies nothing of the content, but what it sent the server received.
+    assert doc["end"]["sum_received"]["bytes"] >= doc["end"]["sum_sent"]["bytes"] * 0.99
+    assert datapath.counters()["msg_qos_late"] > moved
+    assert datapath.qos_counters()["bulk"]["paced"] >= 1

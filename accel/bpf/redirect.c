@@ -9,6 +9,7 @@
 #include "lib/common.h"
 #include "lib/counters.h"
 #include "lib/flows.h"
+#include "lib/qos.h"
 #include "lib/sock.h"
 
 static __always_inline void count_add(u32 idx, u64 n)
@@ -19,6 +20,15 @@ static __always_inline void count_add(u32 idx, u64 n)
 }
 
 #define count(idx) count_add((idx), 1)
+
+/* lib/qos.h's accessors (only the limits are read here). */
+static __always_inline struct qos_limit *qos_limit_get(__u32 *i) { return accel_qos_limits.lookup(i); }
+static __always_inline struct qos_state *qos_state_get(__u32 *i) { return accel_qos_state.lookup(i); }
+static __always_inline struct qos_stats *qos_stats_get(__u32 *i) { return accel_qos_stats.lookup(i); }
+static __always_inline struct qos_sock *qos_sock_get(struct bpf_sock *sk, int create)
+{
+	return accel_qos_sock.sk_storage_get(sk, 0, create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+}
 
 /* Connection records: lib/flows.h says why each program defines these itself. */
 static __always_inline int flows_on(void)
@@ -194,6 +204,13 @@ int accel_msg(struct sk_msg_md *msg)
 		count(C_MSG_PASSTHROUGH);
 		return SK_PASS;
 	}
+	/* Its service got a bandwidth limit after it opened: a redirected send skips TCP and so
+	 * its pacing. TCP from here on (the peer reads what was handed over first), where
+	 * sock_ops paces it at its next RTT sample; only recorded client connections get those
+	 * samples (flows on), so only they move. */
+	if ((st->flow.flags & FLOW_S_CLIENT) && st->flow.svc != FLOW_SVC_UNKNOWN &&
+	    qos_bandwidth_limited(st->flow.svc))
+		return stay_on_tcp(st, C_MSG_QOS_LATE);
 	conn_id_reverse(&peer.id, &st->id);
 	if (st->mode == MODE_UNDECIDED) {
 		__u64 me = bpf_get_netns_cookie(msg);

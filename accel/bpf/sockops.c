@@ -365,6 +365,8 @@ static __always_inline void flow_established(struct bpf_sock_ops *skops)
 	flow_emit(skops, st, FLOW_OPEN);
 }
 
+/* Each RTT sample of a recorded client connection: its periodic report, and the pacing of
+ * a bandwidth limit its service got after it opened (lib/qos.h qos_late). */
 static __always_inline void flow_rtt(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -373,7 +375,11 @@ static __always_inline void flow_rtt(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	st = accel_sock_state.sk_storage_get(sk, 0, 0);
-	if (st && flow_report_due(st, bpf_ktime_get_boot_ns()))
+	if (!st)
+		return;
+	if ((st->flow.flags & FLOW_S_CLIENT) && st->flow.svc != FLOW_SVC_UNKNOWN)
+		qos_late(skops, st->flow.svc);
+	if (flow_report_due(st, bpf_ktime_get_boot_ns()))
 		flow_emit(skops, st, FLOW_REPORT);
 }
 

@@ -30,6 +30,7 @@ enum accel_counter {
 	C_POLICY_CONNECT_DEFERRED,    /* connect() to a policed destination from a namespace with no known identity: decided at its SYN, by address */
 	C_POLICY_RST_FAILURES,        /* a denied SYN could not be turned into a reset: dropped (the client retries, and is denied again) */
 	C_POLICY_UNPARSED,            /* IPv6 packet with extension headers to a policed pod: dropped (a SYN could hide behind them) */
+	C_MSG_QOS_LATE,               /* redirected connection whose service got a bandwidth limit: moved to TCP, paced at its next RTT sample */
 	C_MAX,
 };
 

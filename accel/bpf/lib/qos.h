@@ -190,17 +190,12 @@ static __always_inline void qos_set_rate(struct bpf_sock_ops *skops, struct qos_
 }
 
 /* sock_ops, connection established: 1 when it is paced (keep it off the sockhash). */
-static __always_inline int qos_established(struct bpf_sock_ops *skops)
+/* A marked connection starts being paced: it joins its service's share. 1: paced. */
+static __always_inline int qos_start(struct bpf_sock_ops *skops, struct qos_sock *qs)
 {
 	struct qos_stats *stats;
 	struct qos_state *st;
-	struct qos_sock *qs;
 
-	if (!skops->sk || skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-		return 0;
-	qs = qos_sock_get(skops->sk, 0);
-	if (!qs || qs->state != QOS_SOCK_MARKED)
-		return 0;
 	st = qos_state_get(&qs->index);
 	if (!st)
 		return 0;
@@ -215,6 +210,48 @@ static __always_inline int qos_established(struct bpf_sock_ops *skops)
 	if (stats)
 		stats->paced++;
 	return 1;
+}
+
+/* sock_ops, ACTIVE_ESTABLISHED: a connection connect() marked is paced from its start. */
+static __always_inline int qos_established(struct bpf_sock_ops *skops)
+{
+	struct qos_sock *qs;
+
+	if (!skops->sk || skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 0;
+	qs = qos_sock_get(skops->sk, 0);
+	if (!qs || qs->state != QOS_SOCK_MARKED)
+		return 0;
+	return qos_start(skops, qs);
+}
+
+/* Whether service `index` has a bandwidth limit now. */
+static __always_inline int qos_bandwidth_limited(__u32 index)
+{
+	struct qos_limit *lim = qos_limit_get(&index);
+
+	return lim && lim->bandwidth;
+}
+
+/* sock_ops, an RTT sample of a client connection of service `index` that is not paced: its
+ * service got a bandwidth limit after it opened (a redirected one was moved to TCP by the
+ * sk_msg program for this). It is paced from now on. */
+static __always_inline void qos_late(struct bpf_sock_ops *skops, __u32 index)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct qos_sock *qs;
+
+	if (!sk || !qos_bandwidth_limited(index))
+		return;
+	qs = qos_sock_get(sk, 0);
+	if (qs && qs->state)
+		return; /* marked at connect(), paced, or closed */
+	qs = qos_sock_get(sk, 1);
+	if (!qs)
+		return;
+	qs->index = index;
+	qs->state = QOS_SOCK_MARKED;
+	qos_start(skops, qs);
 }
 
 /* sock_ops, each RTT sample of a paced connection: follow its current share. */
