@@ -686,3 +686,20 @@ def test_maps_pinned_by_an_older_build_are_recreated(hops):
         dp.close()
         old.cleanup()
         assert not os.path.exists(pin)
+
+
+def test_a_failed_first_load_leaves_no_pins(hops, tmp_path, monkeypatch):
+    """Programs this kernel refuses (here: edge_xdp calling a helper XDP may not use): the
+    load fails with the program named, and the pin directory it made is gone again."""
+    import os
+
+    from accel.datapath.edge import EdgeError
+    from tests.test_agent_lifecycle import with_rejected_helper
+
+    monkeypatch.setenv("ACCEL_BPF_DIR", str(with_rejected_helper(
+        tmp_path, "edge_lb.c", "int edge_xdp(struct xdp_md *ctx)\n{")))
+    pin = f"/sys/fs/bpf/hf-{secrets.token_hex(4)}"
+    dp = EdgeDatapath(None, pin, resolver=hops)
+    with pytest.raises(EdgeError, match="edge_xdp"):
+        dp.load()
+    assert not os.path.exists(pin)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 from collections import deque
 from pathlib import Path
 
@@ -183,20 +184,30 @@ class EdgeDatapath:
                 self._made_pin_dir = True
             programs.drop_stale_pins(self.pin_dir, self._expected_sizes())
             try:
-                loaded = programs.load(self.pin_dir, self.defines())
-            except EdgeError as e:
-                # bcc opens a pinned map whatever its layout: maps an older build pinned
-                # (--keep, then an upgrade) fail the verifier. Start them afresh, once.
-                if not any((self.pin_dir / m).exists() for m in PIN_MAPS):
-                    raise
-                log.warning("edge: programs do not load over the pinned maps (%s): an older "
-                            "build's? recreating them; the connection table starts empty", e)
-                programs.unpin(self.pin_dir)
-                loaded = programs.load(self.pin_dir, self.defines())
+                loaded = self._load_programs()
+            except EdgeError:
+                if self._made_pin_dir:  # a failed first load leaves nothing behind
+                    programs.unpin(self.pin_dir)
+                    shutil.rmtree(self.pin_dir, ignore_errors=True)
+                    self._made_pin_dir = False
+                raise
             self._progs = {fn: Program(path) for fn, path in loaded.programs.items()}
         self._loaded = True
         if not readonly:
             self._adopt()
+
+    def _load_programs(self):
+        try:
+            return programs.load(self.pin_dir, self.defines())
+        except EdgeError as e:
+            # bcc opens a pinned map whatever its layout: maps an older build pinned
+            # (--keep, then an upgrade) fail the verifier. Start them afresh, once.
+            if self._made_pin_dir or not any((self.pin_dir / m).exists() for m in PIN_MAPS):
+                raise
+            log.warning("edge: programs do not load over the pinned maps (%s): an older "
+                        "build's? recreating them; the connection table starts empty", e)
+            programs.unpin(self.pin_dir)
+            return programs.load(self.pin_dir, self.defines())
 
     @property
     def xdp_fd(self) -> int:
