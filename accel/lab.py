@@ -148,8 +148,7 @@ class Lab:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             br = None
             if self.routed:
-                in_netns(self.node, lambda: _sysctl({"net/ipv4/ip_forward": "1",
-                                                     "net/ipv6/conf/all/forwarding": "1"}))
+                _forwarding_on(self.node)
             else:
                 ipr.link("add", ifname=self.bridge, kind="bridge")
                 br = ipr.link_lookup(ifname=self.bridge)[0]
@@ -287,14 +286,9 @@ class Outside:
                 pr.route("add", dst="default", gateway=f"{self.net6}:1",
                          family=socket.AF_INET6)
         if self.forward and self.node:
-            in_netns(self.node, lambda: _sysctl({"net/ipv4/ip_forward": "1",
-                                                 "net/ipv6/conf/all/forwarding": "1"}))
+            _forwarding_on(self.node)
         subprocess.run(["ip", "netns", "exec", self.name, "ethtool", "-K", "eth0", "tx", "off"],
                        check=True, capture_output=True)
-
-    def run(self, cmd: str) -> str:
-        return subprocess.run(["ip", "netns", "exec", self.name, *shlex.split(cmd)],
-                              check=True, capture_output=True, text=True).stdout
 
     def down(self) -> None:
         """The namespace goes, and the veth pair with it."""
@@ -302,6 +296,12 @@ class Outside:
             netns.remove(self.name)
         except OSError:
             pass
+
+
+def _forwarding_on(ns: str) -> None:
+    """IPv4 and IPv6 forwarding in namespace `ns` (a lab's: never the host's own)."""
+    in_netns(ns, lambda: _sysctl({"net/ipv4/ip_forward": "1",
+                                  "net/ipv6/conf/all/forwarding": "1"}))
 
 
 def _sysctl(values: dict[str, str]) -> None:

@@ -190,14 +190,9 @@ def _lab_up(prefix: str, edge_gro: bool = True):
         # run out of ports held in TIME_WAIT.
         _sh("ip", "netns", "exec", outside.name, "sysctl", "-qw", *POD_SYSCTLS)
     except BaseException:
-        _lab_down(lab, outside.name)
+        lab.down()  # the outside client's namespace (<prefix>-ext) with it
         raise
     return lab, client, outside.iface
-
-
-def _lab_down(lab, ext: str) -> None:
-    """The lab's namespaces, the outside client's (`<prefix>-ext`) among them."""
-    lab.down()
 
 
 def _servers(lab, cpu: int) -> list[subprocess.Popen]:
@@ -292,7 +287,7 @@ def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
                     in_netns(lab.node, lambda: dp.apply(_lab_table(lab)))
                     in_netns(lab.node, dp.refresh)
                     progs = (("edge_xdp", dp.xdp_fd), ("edge_tc", dp.tc_fd),
-                             ("edge_ingress", dp.ingress_fd),
+                             ("edge_ingress", dp.prog_fd("edge_ingress")),
                              ("edge_tc_balance", dp.prog_fd("edge_tc_balance")),
                              ("edge_reply", dp.prog_fd("edge_reply")))
                     before = {p: bpf.prog_run_stats(fd) for p, fd in progs}
@@ -310,7 +305,7 @@ def run_lab(seconds: float = 2.0, maglev_size: int = 65537, repeats: int = 5,
         for p in procs:
             p.kill()
             p.wait()
-        _lab_down(lab, client.name)
+        lab.down()
     out = []
     for mode, rs in runs.items():
         row = {"mode": mode}

@@ -184,10 +184,11 @@ static __always_inline int icmp6_revnat(struct __sk_buff *skb, __u32 l3off)
 	return TC_ACT_OK;
 }
 
-/* 1: rewritten (*l3off, *v4 say where the IP header is), 0: not a reply of ours (or
- * an ICMP error, which edge_tc translates itself: *icmp set). */
+/* 1: rewritten (*l3off, *v4 say where the IP header is), 0: not a reply of ours. An ICMP
+ * error is translated here when `icmp` (edge_tc; edge_reply leaves errors to the kernel's
+ * path, which ends at edge_tc): 0 either way. */
 static __always_inline int reply_revnat(struct __sk_buff *skb, __u32 *l3out, int *v4out,
-					int *icmp)
+					int icmp)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -213,7 +214,8 @@ static __always_inline int reply_revnat(struct __sk_buff *skb, __u32 *l3out, int
 		if ((void *)(ip4 + 1) > data_end)
 			return 0;
 		if (ip4->protocol == IPPROTO_ICMP && ip4->ihl >= 5) {
-			*icmp = 1;
+			if (icmp)
+				icmp4_revnat(skb, l3off, ip4->ihl * 4);
 			return 0;
 		}
 		if (ip4->protocol != IPPROTO_TCP && ip4->protocol != IPPROTO_UDP)
@@ -236,7 +238,8 @@ static __always_inline int reply_revnat(struct __sk_buff *skb, __u32 *l3out, int
 		if ((void *)(ip6 + 1) > data_end)
 			return 0;
 		if (ip6->nexthdr == IPPROTO_ICMPV6) {
-			*icmp = 1;
+			if (icmp)
+				icmp6_revnat(skb, l3off);
 			return 0;
 		}
 		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
@@ -300,39 +303,18 @@ static __always_inline int reply_revnat(struct __sk_buff *skb, __u32 *l3out, int
 int edge_tc(struct __sk_buff *skb)
 {
 	__u32 l3off = 0;
-	int v4 = 0, icmp = 0;
+	int v4 = 0;
 
-	if (reply_revnat(skb, &l3off, &v4, &icmp) || !icmp)
-		return TC_ACT_OK;
-	/* An ICMP error: parse again (the helper's pointers are gone). */
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	l3off = sizeof(*eth);
-	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
-	__u16 h_proto = eth->h_proto;
-	if (h_proto == ETH_P_8021Q_BE || h_proto == ETH_P_8021AD_BE) {
-		if (data + l3off + 4 > data_end)
-			return TC_ACT_OK;
-		h_proto = *(__u16 *)(data + l3off + 2);
-		l3off += 4;
-	}
-	if (h_proto == ETH_P_IP_BE) {
-		struct iphdr *ip4 = data + l3off;
-		if ((void *)(ip4 + 1) > data_end || ip4->ihl < 5)
-			return TC_ACT_OK;
-		return icmp4_revnat(skb, l3off, ip4->ihl * 4);
-	}
-	return icmp6_revnat(skb, l3off);
+	reply_revnat(skb, &l3off, &v4, 1);
+	return TC_ACT_OK;
 }
 
 int edge_reply(struct __sk_buff *skb)
 {
 	__u32 l3off = 0, zero = 0;
-	int v4 = 0, icmp = 0;
+	int v4 = 0;
 
-	if (skb->vlan_present || !reply_revnat(skb, &l3off, &v4, &icmp))
+	if (skb->vlan_present || !reply_revnat(skb, &l3off, &v4, 0))
 		return TC_ACT_UNSPEC;
 	u32 *uplink = edge_uplink.lookup(&zero);
 	if (!uplink || !*uplink)

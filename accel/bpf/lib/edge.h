@@ -102,12 +102,12 @@ enum edge_backend_flags {
 			       * or to ifindex (tc) */
 	/* valid without redirect: rewrite the address and XDP_PASS, the kernel routes it */
 	EDGE_BE_FALLBACK = 4, /* routed because its interface would drop redirected frames */
-	/* A pod behind a veth in another namespace, reached from tc ingress with
-	 * bpf_redirect_peer (no kernel forwarding, no bridge): at XDP when the veth takes no
-	 * XDP frames (container runtimes' default), XDP rewrites the address and marks the
-	 * frame (struct edge_meta) for edge_ingress, which sets the MACs and TTL and moves
-	 * the skb in; edge_tc_balance does it all at once. Without the mark the kernel
-	 * routes it, as for a FALLBACK backend. */
+	/* A pod behind a veth whose other end is in another namespace, reached from tc
+	 * ingress with bpf_redirect_peer (no kernel forwarding, no bridge), whatever the pod's
+	 * GRO/XDP state: at XDP, XDP rewrites the address and marks the frame (struct
+	 * edge_meta) for edge_ingress, which sets the MACs and TTL and moves the skb in;
+	 * edge_tc_balance does it all at once. Without the mark the kernel routes it, as for
+	 * a FALLBACK backend. */
 	EDGE_BE_PEER = 8,
 };
 

@@ -68,6 +68,7 @@ from accel.datapath.edge.neighbours import NeighbourResolver, NextHop, Resolver,
 from accel.datapath.edge.programs import BPF_DIR, EDGE_H, PIN_MAPS
 from accel.datapath.edge.rings import Rings
 from accel.datapath.edge.vips import VIP_EMPTY, VIP_GONE, VIP_LIVE, VIP_PROBES, Vip, VipSlots
+from accel.datapath.qos import KernelLimit
 from accel.kernel.attach import Program
 from accel.kernel.maps import Map
 from accel.model import Guard, IPAddress, Service, ServiceTable
@@ -218,11 +219,6 @@ class EdgeDatapath:
     def tc_fd(self) -> int:
         self.load()
         return self._progs["edge_tc"].fd
-
-    @property
-    def ingress_fd(self) -> int:
-        self.load()
-        return self._progs["edge_ingress"].fd
 
     def prog_fd(self, function: str) -> int:
         """fd of one of the edge's programs, by function name."""
@@ -457,9 +453,8 @@ class EdgeDatapath:
             return
         t = self.table("edge_limits")
         v = t.Leaf()
-        if want[0]:
-            v.interval_ns = round(1e9 / want[0])
-            v.tolerance_ns = v.interval_ns * want[1]
+        kl = KernelLimit.of(svc.limits)  # the same bucket as connect()'s (lib/gcra.h)
+        v.interval_ns, v.tolerance_ns = kl.conn_interval_ns, kl.conn_tolerance_ns
         t[ctypes.c_uint32(cur.id)] = v
         cur.limit = want
 

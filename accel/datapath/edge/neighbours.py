@@ -19,8 +19,8 @@ log = logging.getLogger(__package__)  # one logger for the edge, as before the s
 @dataclass(frozen=True)
 class NextHop:
     """How the edge reaches a backend: out of `ifindex`, from `smac` to `dmac`; `why` that
-    way works. `peer`: `ifindex` is the host end of a pod's veth that takes no XDP frames;
-    tc ingress moves the packet into the pod (bpf_redirect_peer) instead of XDP."""
+    way works. `peer`: `ifindex` is the host end of a pod's veth (its other end in another
+    namespace); tc ingress moves the packet into the pod (bpf_redirect_peer), not XDP."""
 
     ifindex: int
     dmac: bytes
