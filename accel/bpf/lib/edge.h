@@ -279,6 +279,55 @@ static __always_inline __u16 edge_csum_fold64(__u64 s)
 	return (__u16)s;
 }
 
+/* A 64-bit one's-complement sum as the 32-bit partial sum the checksum helpers take. */
+static __always_inline __u32 edge_csum_fold32(__u64 s)
+{
+	s = (s & 0xffffffff) + (s >> 32);
+	return (__u32)((s & 0xffffffff) + (s >> 32));
+}
+
+/* A 32-bit one's-complement sum folded to 16 bits, as the kernel's csum_fold before
+ * its final inversion. */
+static __always_inline __u16 edge_fold16(__u32 x)
+{
+	x = (x & 0xffff) + (x >> 16);
+	return (__u16)((x & 0xffff) + (x >> 16));
+}
+
+/* The kernel's csum_add: 32-bit one's-complement addition. */
+static __always_inline __u32 edge_csum_add(__u32 a, __u32 b)
+{
+	__u32 r = a + b;
+
+	return r + (r < b);
+}
+
+enum edge_csum_state {
+	EDGE_CSUM_UNKNOWN = 0,
+	EDGE_CSUM_FULL,    /* the field is a full checksum (CHECKSUM_NONE/UNNECESSARY/COMPLETE) */
+	EDGE_CSUM_PARTIAL, /* CHECKSUM_PARTIAL: the field is the pseudo-header's sum */
+};
+
+/* Which form an L4 checksum field has, from what bpf_l4_csum_replace(BPF_F_PSEUDO_HDR)
+ * made of it when it added `d` (a pseudo-header change): BPF cannot read an skb's
+ * ip_summed, and the helper updates the two forms differently (inet_proto_csum_replace_by_diff):
+ * a partial sum to fold(f + d), a full checksum to ~fold(~f + d). The two agree only when
+ * d is 0 mod 0xffff (2d = 0 and 0xffff is odd): unknown then, and the caller asks the
+ * helper again. */
+static __always_inline int edge_csum_state(__u16 before, __u16 after, __u32 d)
+{
+	__u16 partial = edge_fold16(edge_csum_add(before, d));
+	__u16 full = ~edge_fold16(edge_csum_add(d, ~(__u32)before));
+
+	if (partial == full)
+		return EDGE_CSUM_UNKNOWN;
+	if (after == full)
+		return EDGE_CSUM_FULL;
+	if (after == partial)
+		return EDGE_CSUM_PARTIAL;
+	return EDGE_CSUM_UNKNOWN;
+}
+
 /* RFC 1624 incremental update: HC' = ~(~HC + diff), diff = sum(~old) + sum(new)
  * over 32-bit words. Byte order does not matter as long as all words are read
  * from the packet the same way. */
