@@ -137,17 +137,20 @@ def test_workload_api_agent_balances_allowed_and_refuses_denied(lab_factory, env
                     assert time.monotonic() < deadline, "widened policy not in force in 3 s"
                     time.sleep(0.05)
 
-            # Narrowed to other only: front's held connection is cut within 2 s.
+            # Narrowed to other only: front's held connection is cut. Typically within
+            # 0.25 s (`accel bench policy`: p99 248 ms); the bound is 5 s because the
+            # whole path (server, gRPC, apply, the socket iterator) shares this 2-core VM
+            # with the rest of the suite (one CI run saw 2.015 s).
             t = time.monotonic()
             srv.publish_resources(resources(lab.pods, allow_from("other")))
-            held.settimeout(2)
+            held.settimeout(5)
             with pytest.raises(OSError) as cut:
                 while True:
                     held.sendall(b"y")
                     if not held.recv(64):
                         raise ConnectionResetError(errno.ECONNRESET, "closed")
                     time.sleep(0.05)
-            assert time.monotonic() - t < 2 and not isinstance(cut.value, TimeoutError)
+            assert time.monotonic() - t < 5 and not isinstance(cut.value, TimeoutError)
             held.close()
             assert refused_within(c1, VIP, 5432, 2) < 2
             assert served_by(c2, VIP, 5432) in (s1.name, s2.name)
