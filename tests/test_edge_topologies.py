@@ -223,17 +223,27 @@ def table_of(lab: Lab, pods) -> ServiceTable:
 def test_path_mtu_discovery_works_through_the_edge(edge):
     """A smaller MTU between edge and backend: the client's DF segments are too big; the
     frag-needed / packet-too-big errors quote the backend, edge_tc gives them the VIP back,
-    and transfers complete, IPv4 and IPv6. Pod 0 takes XDP frames (GRO on) and, at XDP, is
-    reached by XDP's redirect (the peer path switched off), where XDP hands a too-big frame
-    to the kernel; pod 1 by the tc redirect_peer path, where tc hands a too-big packet or
-    GRO segment to the kernel; each is the
-    VIP's only backend in turn, the client's learnt path MTU flushed in between."""
+    and transfers complete, IPv4 and IPv6. Pod 0 takes XDP frames (GRO on) and is reached
+    by a redirect out of its veth (the peer path switched off), where XDP or tc hands a
+    too-big frame to the kernel; pod 1 by the tc redirect_peer path, where tc hands a
+    too-big packet or GRO segment to the kernel; each is the VIP's only backend in turn,
+    the client's learnt path MTU flushed in between.
+
+    At tc the edge interface aggregates (GRO on, as a NIC): the balancer rewrites
+    CHECKSUM_PARTIAL packets, whose L4 field is the pseudo-header's sum and must not take
+    the port's change (80 -> 8080). Pod 0's host end computes checksums in software (tx
+    offload off, GSO in software), so a wrong sum reaches the pod as a bad checksum and
+    the transfer stalls: nothing else on a host checks a partial checksum."""
     lab = edge.lab
     for pod in lab.pods:
         narrow_path(lab, pod)
     lab.pods[0].run("ethtool -K eth0 gro on")
+    if edge.hook == "tc":
+        sh("ip", "netns", "exec", lab.node, "ethtool", "-K", edge.iface, "gro", "on")
+        sh("ip", "netns", "exec", lab.node, "ethtool", "-K", lab.pods[0].host_ifname,
+           "tx", "off")
     big = "y" * 300_000
-    paths = ("redirect" if edge.hook == "native" else "tc redirect_peer", "tc redirect_peer")
+    paths = ("redirect", "tc redirect_peer")
     resolver = edge.runtime.edge.resolver
     for pod, path in zip(lab.pods, paths, strict=True):
         sh("ip", "netns", "exec", edge.ext, "ip", "route", "flush", "cache")

@@ -143,7 +143,7 @@ class NeighbourResolver:
         mtu = link.get_attr("IFLA_MTU") or 0
         pod = kind == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None
         if self.hook == "tc":
-            if pod:
+            if pod and self.peer_path:
                 return NextHop(oif, dmac, smac, f"{name}: tc hook, into the peer's namespace "
                                "(bpf_redirect_peer)", mtu, peer=True)
             return NextHop(oif, dmac, smac, f"{name}: tc hook (bpf_redirect)", mtu)
