@@ -606,7 +606,7 @@ class Runtime:
             for name, q in self.datapath.qos_counters().items():  # limited services
                 out["services"].setdefault(name, {}).update(
                     refused_by_limit=q["refused"], paced=q["paced"], repaced=q["repaced"],
-                    paced_live=max(0, q["live"]))
+                    paced_live=max(0, q["live"]), paced_light=q["light"])
             if self.edge is not None:
                 out["edge"] = self.edge.counters()
             if self.flows is not None:

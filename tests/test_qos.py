@@ -234,6 +234,77 @@ def test_connections_of_a_service_share_its_rate_fairly(lab, datapath):
     assert min(streams) >= 0.8 * max(streams), streams
 
 
+# A receiver that counts each connection's bytes (tagged by its sender's first 8 bytes)
+# between WARM and WARM + SPAN seconds after it starts, then prints bit/s per tag.
+SINK = """
+import json, socket, sys, threading, time
+warm, span = float(sys.argv[1]), float(sys.argv[2])
+counts = {}
+def serve(c):
+    tag = b""
+    while len(tag) < 8:
+        tag += c.recv(8 - len(tag))
+    tag = tag.decode().strip("_")
+    counts[tag] = 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            return
+        counts[tag] += len(b)
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", 8080)); ls.listen(8)
+threading.Thread(target=lambda: [threading.Thread(target=serve, args=(ls.accept()[0],),
+                 daemon=True).start() for _ in iter(int, 1)], daemon=True).start()
+time.sleep(warm); a = dict(counts); time.sleep(span); b = dict(counts)
+print(json.dumps({t: (b[t] - a.get(t, 0)) * 8 / span for t in b}), flush=True)
+"""
+
+# A sender: `bulk` writes as fast as TCP takes it; `light` 12.5 kB every 10 ms (10 Mbit/s).
+SENDER = """
+import socket, sys, time
+kind = sys.argv[2]
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(kind.encode().ljust(8, b"_"))
+chunk = bytes(1 << 16) if kind == "bulk" else bytes(12500)
+t = time.monotonic()
+while True:
+    s.sendall(chunk)
+    if kind == "light":
+        t += 0.01
+        time.sleep(max(0.0, t - time.monotonic()))
+"""
+
+
+def test_what_a_light_connection_leaves_goes_to_the_others(lab, datapath):
+    """Work-conserving: a 100 Mbit/s service with a 10 Mbit/s sender and a bulk one. The
+    bulk connection gets what the light one leaves (an even split would hold it at 50),
+    the light one keeps its 10, and the two together stay within the limit."""
+    client, server = lab.pods
+    datapath.apply(ServiceTable((limited(server.ip, bandwidth=100 * MBIT),)))
+    sink = server.popen(["python3", "-c", SINK, "2.5", "3"], stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
+    senders = []
+    try:
+        time.sleep(0.3)
+        senders = [client.popen(["python3", "-c", SENDER, VIP, kind],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                   for kind in ("light", "bulk")]
+        out, err = sink.communicate(timeout=20)
+    finally:
+        for p in (*senders, sink):
+            p.kill()
+            p.wait()
+    rates = json.loads(out or "{}")
+    print(f"light and bulk of a 100 Mbit service: "
+          f"{ {k: round(v / MBIT, 1) for k, v in rates.items()} }")
+    assert set(rates) == {"light", "bulk"}, (out, err)
+    assert 8 * MBIT <= rates["light"] <= 12 * MBIT, rates
+    assert rates["bulk"] >= 75 * MBIT, rates  # an even split: <= 50
+    assert rates["bulk"] + rates["light"] <= 110 * MBIT, rates
+    light = datapath.qos_counters()["bulk"]["light"]
+    assert light == 1, light  # the light sender, counted as such
+
+
 def test_200_back_to_back_connects_at_100_per_s_burst_20(lab, datapath):
     """The issue's bar: about burst + rate x elapsed of 200 connects pass (+-30%), every
     refused one fails in under 50 ms."""

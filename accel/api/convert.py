@@ -310,7 +310,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, int]:
 
 
 SERVICE_COUNTERS = ("connects", "no_backend", "refused_by_limit", "paced", "repaced",
-                    "paced_live")
+                    "paced_live", "paced_light")
 
 
 def stats_to_proto(st: dict[str, Any]) -> pb.GetStatsResponse:

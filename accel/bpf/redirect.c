@@ -29,6 +29,11 @@ static __always_inline struct qos_sock *qos_sock_get(struct bpf_sock *sk, int cr
 {
 	return accel_qos_sock.sk_storage_get(sk, 0, create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
 }
+static __always_inline struct qos_meter *qos_meter_get(struct bpf_sock *sk)
+{
+	return accel_qos_meter.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+}
+static __always_inline struct qos_split *qos_split_get(__u32 *i) { return accel_qos_split.lookup(i); }
 
 /* Connection records: lib/flows.h says why each program defines these itself. */
 static __always_inline int flows_on(void)

@@ -217,7 +217,7 @@ class Datapath:
             self.capacities.services, batch=self.batch_writes,
         )
         self._qos = QosWriter(self.map("accel_qos_limits"), self.map("accel_qos_state"),
-                              self.map("accel_qos_stats"))
+                              self.map("accel_qos_stats"), self.map("accel_qos_split"))
 
     def map(self, name: str) -> Map:
         """One of the socket programs' pinned maps, opened once."""

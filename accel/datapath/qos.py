@@ -6,7 +6,8 @@ Mechanisms (what `accel doctor` and status report):
 - connections: a GCRA token bucket per service checked at connect() (connect.c); over the
   limit connect() fails at once with EPERM. Exact under concurrency (compare-and-swap).
 - bandwidth: "tcp-pacing": the service's rate split among its live client connections, set
-  as SO_MAX_PACING_RATE from sock_ops; a paced connection is kept off the socket redirect.
+  as SO_MAX_PACING_RATE from sock_ops (work-conserving: what light connections leave goes
+  to the others); a paced connection is kept off the socket redirect.
   The one mechanism fits both kinds of host: TCP computes each packet's earliest departure
   time (EDT, Linux >= 4.20) and, where fq is the egress qdisc, stamps it on the skb for fq
   to release (the EDT + fq pacing of Cilium's bandwidth manager, stamped by TCP instead of
@@ -51,6 +52,7 @@ class QosWriter:
     limits: Map  # accel_qos_limits
     state: Map  # accel_qos_state
     stats: Map  # accel_qos_stats (per-CPU)
+    split: Map  # accel_qos_split: the light connections' claims, by window
     # service index -> (service name, what was written): unchanged limits are not rewritten,
     # so a bucket keeps its tokens across unrelated table updates.
     written: dict[int, tuple[str, KernelLimit]] = field(default_factory=dict)
@@ -96,6 +98,7 @@ class QosWriter:
 
     def _reset(self, index: int) -> None:
         self.state[ctypes.c_uint32(index)] = self.state.Leaf()
+        self.split[ctypes.c_uint32(index)] = self.split.Leaf()
         self.stats[ctypes.c_uint32(index)] = self.stats.Leaf()
 
     def per_service(self, indexes: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -109,6 +112,10 @@ class QosWriter:
             out[name] = {f: int(sum(getattr(c, f) for c in cpus))
                          for f in ("admitted", "refused", "paced", "repaced")}
             out[name]["live"] = int(st.live)
+            sp = self.split[ctypes.c_uint32(i)]
+            # Connections using less than their share in the last full window: the others
+            # share what they leave (lib/qos.h).
+            out[name]["light"] = int(sp.light_prev)
         return out
 
 

@@ -401,20 +401,22 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceCounters(_message.Message):
-    __slots__ = ("connects", "no_backend", "refused_by_limit", "paced", "repaced", "paced_live")
+    __slots__ = ("connects", "no_backend", "refused_by_limit", "paced", "repaced", "paced_live", "paced_light")
     CONNECTS_FIELD_NUMBER: _ClassVar[int]
     NO_BACKEND_FIELD_NUMBER: _ClassVar[int]
     REFUSED_BY_LIMIT_FIELD_NUMBER: _ClassVar[int]
     PACED_FIELD_NUMBER: _ClassVar[int]
     REPACED_FIELD_NUMBER: _ClassVar[int]
     PACED_LIVE_FIELD_NUMBER: _ClassVar[int]
+    PACED_LIGHT_FIELD_NUMBER: _ClassVar[int]
     connects: int
     no_backend: int
     refused_by_limit: int
     paced: int
     repaced: int
     paced_live: int
-    def __init__(self, connects: _Optional[int] = ..., no_backend: _Optional[int] = ..., refused_by_limit: _Optional[int] = ..., paced: _Optional[int] = ..., repaced: _Optional[int] = ..., paced_live: _Optional[int] = ...) -> None: ...
+    paced_light: int
+    def __init__(self, connects: _Optional[int] = ..., no_backend: _Optional[int] = ..., refused_by_limit: _Optional[int] = ..., paced: _Optional[int] = ..., repaced: _Optional[int] = ..., paced_live: _Optional[int] = ..., paced_light: _Optional[int] = ...) -> None: ...
 
 class EdgeVipCounters(_message.Message):
     __slots__ = ("service", "vip", "port", "protocol", "counters")
