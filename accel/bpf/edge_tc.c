@@ -40,6 +40,15 @@ static __always_inline void count(u32 idx)
 		*v += 1;
 }
 
+/* Whether a backend serves on this (network-order) source port: edge_rports. */
+static __always_inline int backend_port(__u16 port)
+{
+	u32 w = port >> 6;
+	u64 *bits = edge_rports.lookup(&w);
+
+	return bits && (*bits & (1ULL << (port & 63)));
+}
+
 /* The reply mapping of the flow an ICMP error quotes: the quoted packet went client ->
  * backend, so its reverse is the reply key. */
 static __always_inline struct edge_rev *quoted_rev(struct edge_flow *rk, __u8 proto,
@@ -279,6 +288,8 @@ static __always_inline int reply_revnat(struct __sk_buff *skb, int icmp, int fwd
 	rk.sport = ports[0];
 	rk.dport = ports[1];
 
+	if (!backend_port(rk.sport))
+		return REPLY_NOT_OURS;
 	struct edge_rev *rv = edge_revs.lookup(&rk);
 	if (!rv)
 		return REPLY_NOT_OURS;

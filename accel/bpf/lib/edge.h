@@ -243,6 +243,11 @@ ACCEL_MAP("array", u32, struct edge_backend, edge_backends, EDGE_MAX_BACKENDS);
 ACCEL_MAP("lru_hash", struct edge_flow, struct edge_conn, edge_conns, EDGE_CONN_MAX);
 /* Reply flow (backend -> client) -> the VIP it must come from. */
 ACCEL_MAP("lru_hash", struct edge_flow, struct edge_rev, edge_revs, EDGE_CONN_MAX);
+/* Ports backends serve on (bit n of word n / 64 for network-order port n; set when a
+ * backend is written, never cleared while pinned): edge_tc and edge_reply, which see every
+ * packet of their interfaces, look up the reply table only for a source port a backend
+ * uses. The host's other traffic pays an array lookup instead of a hash lookup. */
+ACCEL_MAP("array", u32, u64, edge_rports, 1024);
 /* The edge interface's ifindex (one entry): where edge_reply sends replies. */
 ACCEL_MAP("array", u32, u32, edge_uplink, 1);
 /* Connection limits by edge_vip.id. */

@@ -58,6 +58,7 @@ class Backends:
         self._tx_refs: dict[int, int] = {}
         self._free_tx = deque(range(tx_max))
         self._legacy_tx: set[int] = set()  # interfaces the previous agent's backends hold
+        self._ports: set[int] = set()  # network-order ports marked in edge_rports
 
     def _next_gen(self) -> int:
         self._gen = (self._gen % 0xFFFFFFFF) + 1
@@ -84,11 +85,22 @@ class Backends:
         if old_if is not None:
             self._tx_release(old_if)
 
+    def _mark_port(self, port_be: int) -> None:
+        """A backend serves on this port: replies from it are looked up (edge_rports). Set
+        before the backend can be picked, never cleared: a flow may outlive its backend."""
+        if port_be in self._ports:
+            return
+        t = self.table("edge_rports")
+        word = ctypes.c_uint32(port_be >> 6)
+        t[word] = ctypes.c_uint64(t[word].value | (1 << (port_be & 63)))
+        self._ports.add(port_be)
+
     def _write(self, b: Backend) -> None:
         t = self.table("edge_backends")
         v = t.Leaf()
         put_addr(v.addr, b.addr)
         v.port = socket.htons(b.port)
+        self._mark_port(v.port)
         v.gen = b.gen
         v.flags = BE_VALID
         if b.hop is not None:
@@ -145,6 +157,11 @@ class Backends:
         """Keep the previous agent's backends and devmap slots until release()."""
         used = set(legacy)
         self.free = deque(b for b in self.free if b not in used)
+        # Their replies keep being given the VIP back (pins of a build without the port
+        # bitmap have it empty).
+        bt = self.table("edge_backends")
+        for bid in legacy:
+            self._mark_port(bt[ctypes.c_uint32(bid)].port)
         for k, v in self.table("edge_tx").items():
             if v.value:
                 self._tx_slots[v.value] = k.value

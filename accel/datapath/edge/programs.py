@@ -26,7 +26,7 @@ PROGRAMS = (loader.Program("edge_lb.c", "edge_xdp", "xdp"),
 PIN_MAPS = (
     "edge_vips", "edge_rings", "edge_backends", "edge_conns", "edge_revs", "edge_deny",
     "edge_syn", "edge_config", "edge_vip_stats", "edge_counters", "edge_tx", "edge_limits",
-    "edge_uplink",
+    "edge_uplink", "edge_rports",
 )
 
 
