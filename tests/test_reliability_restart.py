@@ -182,3 +182,30 @@ def subprocess_uninstall(pin_dir: str) -> None:
 
     subprocess.run([sys.executable, "-m", "accel.cli", "uninstall", "--pin-dir", pin_dir],
                    check=True, capture_output=True, timeout=60)
+
+
+def test_kept_pins_of_another_layout_are_started_afresh(pin_dir, test_cgroup):
+    """An agent kept its datapath (--keep) and a build whose maps have another layout starts
+    on it: bcc opens the old pinned map as it is and the verifier refuses the programs.
+    The new agent starts afresh (as `accel uninstall` and a start would) instead of
+    failing, and leaves nothing behind (the scratch pins it proved the build with)."""
+    import ctypes
+    import os
+
+    from bcc import BPF
+
+    from accel.datapath.datapath import Datapath
+
+    os.makedirs(pin_dir)
+    old = BPF(text=f'BPF_TABLE_PINNED("array", u32, u64, accel_qos_state, 16384, '
+                   f'"{pin_dir}/accel_qos_state");')
+    old["accel_qos_state"]  # pinned with an 8-byte value (struct qos_state is 48)
+    old.cleanup()
+    dp = Datapath(pin_dir=pin_dir, cgroup_path=str(test_cgroup)).start()
+    try:
+        assert ctypes.sizeof(dp.map("accel_qos_state").Leaf) == 48
+        assert dp.compiled
+    finally:
+        dp.close()
+    assert not os.path.exists(pin_dir)
+    assert not [p for p in os.listdir("/sys/fs/bpf") if p.startswith(os.path.basename(pin_dir))]

@@ -139,7 +139,22 @@ class Datapath:
             fresh = not os.path.isdir(self.pin_dir) or not os.listdir(self.pin_dir)
             os.makedirs(self.pin_dir, exist_ok=True)
             previous = self._read_state()
-            self._load()
+            try:
+                self._load()
+            except LoadError:
+                if fresh or not self._loads_elsewhere():
+                    raise
+                # Pins a build with other map layouts kept (--keep, then an upgrade): bcc
+                # opens a pinned map whatever its layout, and the verifier refuses the
+                # programs. Start afresh as `accel uninstall` and a new start would: the
+                # connections the old datapath carried continue on TCP.
+                log.warning("the maps pinned in %s do not fit this build's programs (an "
+                            "older build's?): removing that datapath and starting afresh; "
+                            "its connections continue on TCP", self.pin_dir)
+                clear(self.pin_dir)
+                os.makedirs(self.pin_dir, exist_ok=True)
+                previous = None
+                self._load()
             self._attach()
             if previous:
                 self._detach_previous(previous)
@@ -206,6 +221,17 @@ class Datapath:
             # Kernel structure offsets the redirect's queue bound reads (none: no redirect).
             **fastpath_offsets().defines,
         }
+
+    def _loads_elsewhere(self) -> bool:
+        """Whether this build's programs load over fresh maps (a scratch pin dir, removed)."""
+        scratch = f"{self.pin_dir.rstrip('/')}-probe-{os.getpid()}"
+        try:
+            loader.ensure(sock_unit(self.defines()), scratch)
+            return True
+        except LoadError:
+            return False
+        finally:
+            remove_pins(scratch)
 
     def _load(self) -> None:
         loaded = loader.ensure(sock_unit(self.defines()), self.pin_dir)
@@ -438,6 +464,13 @@ def uninstall(pin_dir: str) -> Uninstalled:
                 f"an agent is running on {pin_dir}: stop it first (SIGTERM)") from None
         finally:
             os.close(fd)
+    done = clear(pin_dir)
+    lock.unlink(missing_ok=True)
+    return done
+
+
+def clear(pin_dir: str) -> Uninstalled:
+    """uninstall() without the lock: the caller holds it, or checked no agent runs."""
     try:
         state = json.loads(state_file(pin_dir).read_text())
     except (OSError, ValueError):
@@ -460,7 +493,6 @@ def uninstall(pin_dir: str) -> Uninstalled:
     had_pins = os.path.isdir(pin_dir)
     remove_pins(pin_dir)
     state_file(pin_dir).unlink(missing_ok=True)
-    lock.unlink(missing_ok=True)
     return Uninstalled(pin_dir, detached, interfaces, had_pins)
 
 
