@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import random
 import shutil
 import socket
@@ -401,3 +402,25 @@ def test_a_stale_flow_does_not_capture_a_nated_connection(lab_factory, datapath,
         assert dial(str(lab.gateway), 9000) == b"hello"
         d = delta(datapath, before)
     assert d["pod_redirects"] == 0 and d["pod_untracked"] >= 1
+
+
+def test_pod_maps_of_another_layout_are_recreated(lab_factory, pin_dir):
+    """Pod routing's maps kept by a build with another layout (--keep, then an upgrade):
+    recreated instead of the agent failing at the verifier; pods route as before."""
+    import ctypes
+
+    from bcc import BPF
+
+    os.makedirs(pin_dir)
+    old = BPF(text=f'BPF_TABLE_PINNED("hash", u32, u32, accel_pod_eps, 64, '
+                   f'"{pin_dir}/accel_pod_eps");')
+    old["accel_pod_eps"]
+    old.cleanup()
+    lab = lab_factory(2)
+    r = PodRouter(pin_dir, (f"{lab.prefix}p*",), netns=lab.node)
+    try:
+        assert ctypes.sizeof(r.table.Key) == 16  # struct addr16 again
+        r.refresh()
+        assert len(r.status()["ports"]) == 2
+    finally:
+        r.close()

@@ -30,6 +30,7 @@ from accel.kernel.maps import Map
 from accel.kernel.netns import NsidPaths
 
 POD_PROGRAM = loader.Program("pod_tc.c", "accel_pod_tc", "sched_cls")
+POD_MAPS = ("accel_pod_eps", "accel_pod_flows")  # lib/podroute.h: this unit's own
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,23 @@ class PodRouter:
             raise PodRouteError(f"--pod-netns {self.netns}: no such network namespace")
         defines = {**self.defines, "ACCEL_POD_EPS_MAX": self.capacity,
                    "ACCEL_POD_FLOWS_MAX": self.flows}
-        loaded = loader.ensure(loader.Unit("pods", (POD_PROGRAM,), defines), self.pin_dir)
+        unit = loader.Unit("pods", (POD_PROGRAM,), defines)
+        try:
+            loaded = loader.ensure(unit, self.pin_dir)
+        except loader.LoadError as e:
+            # Maps a build with other layouts kept (--keep, then an upgrade) fail the
+            # verifier (bcc opens a pinned map whatever its layout): ours start afresh,
+            # once; the next refresh() writes the pods again, and a handed-over connection
+            # whose entry is gone takes the kernel's path.
+            kept = [m for m in POD_MAPS if os.path.exists(os.path.join(self.pin_dir, m))]
+            if not kept:
+                raise
+            log.warning("pod routing: programs do not load over the maps pinned in %s (%s): "
+                        "an older build's? recreating %s", self.pin_dir, e, ", ".join(kept))
+            for m in kept:
+                os.unlink(os.path.join(self.pin_dir, m))
+            loader.forget(self.pin_dir, unit.name, [POD_PROGRAM.function])
+            loaded = loader.ensure(unit, self.pin_dir)
         self.prog = attach.Program(loaded.programs[POD_PROGRAM.function])
         self.table = Map.open(os.path.join(self.pin_dir, "accel_pod_eps"))
         self.prog_id = self.prog.id
