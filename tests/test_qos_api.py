@@ -68,6 +68,9 @@ def test_limits_visible_and_applied_through_the_api(env):
         assert [r["reason"] for r in records if r["event"] == "refused"] == ["limit"] * 3
         metrics = scrape(env.metrics_port)
         assert metrics[("meshaccel_service_refused_by_limit_total", (("service", "bulk"),))] == 3
+        for gauge in ("paced_live", "paced_light"):  # gauges, beside the counters
+            assert (f"meshaccel_service_{gauge}", (("service", "bulk"),)) in metrics, gauge
+        assert stats["services"]["bulk"]["paced_light"] >= 0
 
         s = stub(env.socket)
         lim = s.ListServices(pb.ListServicesRequest(), timeout=10).table.services[0].limits

@@ -122,10 +122,20 @@ class AgentCollector(Collector):
                              ("paced", "connections paced by the service's bandwidth limit"),
                              ("repaced", "pacing rate changes on live connections"))
         }
+        gauges = {
+            key: GaugeMetricFamily(f"meshaccel_service_{key}", doc, labels=["service"])
+            for key, doc in (("paced_live", "paced connections open now"),
+                             ("paced_light", "paced connections that used less than their "
+                              "share in the last window (the others share what they leave)"))
+        }
         for svc, counts in (stats.get("services") or {}).items():
             for key, fam in fams.items():
                 fam.add_metric([svc], counts.get(key, 0))
+            for key, gauge in gauges.items():
+                if key in counts:
+                    gauge.add_metric([svc], counts[key])
         yield from fams.values()
+        yield from gauges.values()
         edge = stats.get("edge")
         if isinstance(edge, dict):
             for name, value in flatten(edge.get("global") or {}).items():
