@@ -265,6 +265,35 @@ def test_path_mtu_discovery_works_through_the_edge(edge):
         assert after["fwd_too_big"] >= before["fwd_too_big"] + 2, (path, after)
 
 
+@pytest.mark.parametrize("edge", ["bridge-tc"], indirect=True)
+def test_replies_leave_by_the_route_to_the_client(edge):
+    """A multi-homed host whose route to the client is not the edge interface: replies the
+    edge forwards itself (edge_reply) leave through the interface that route names, as
+    the kernel would forward them, not back out of the edge interface."""
+    lab = edge.lab
+    edge.apply(table(lab))
+    alt = f"{lab.prefix}a"
+    sh("ip", "-n", lab.node, "link", "add", alt, "type", "veth", "peer", "name", "alt",
+       "netns", edge.ext)
+    sh("ip", "-n", lab.node, "addr", "add", "10.204.0.1/24", "dev", alt)
+    sh("ip", "-n", lab.node, "link", "set", alt, "up")
+    sh("ip", "-n", edge.ext, "addr", "add", "10.204.0.2/24", "dev", "alt")
+    sh("ip", "-n", edge.ext, "link", "set", "alt", "up")
+    for conf in ("all", "alt"):  # the client takes replies on either of its links
+        sh("ip", "netns", "exec", edge.ext, "sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0")
+    sh("ip", "-n", lab.node, "route", "add", f"{CLIENT}/32", "via", "10.204.0.2", "dev", alt)
+
+    def alt_rx() -> int:
+        return int(sh("ip", "netns", "exec", edge.ext, "cat",
+                      "/sys/class/net/alt/statistics/rx_packets"))
+
+    before, direct = alt_rx(), edge.counters()["reply_direct"]
+    got = spread(edge.ext, VIP, 40)
+    assert sum(got.values()) == 40, got
+    assert alt_rx() - before >= 40 * 2, "replies did not take the route to the client"
+    assert edge.counters()["reply_direct"] - direct >= 40 * 2
+
+
 @pytest.mark.parametrize("edge", ["bridge-native"], indirect=True)
 def test_generic_xdp_redirects_into_untouched_veths(edge):
     """In generic mode a redirect is an skb sent out of the target: every veth takes it, so

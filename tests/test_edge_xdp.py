@@ -11,6 +11,7 @@ import ctypes
 import ipaddress
 import random
 import secrets
+import subprocess
 
 import pytest
 
@@ -20,6 +21,7 @@ from scapy.all import IP, TCP, UDP, Dot1Q, Ether, IPOption, IPv6, IPv6ExtHdrFrag
 from accel import maglev
 from accel.datapath.edge import EdgeCapacityError, EdgeDatapath, NextHop, flow_slot
 from accel.kernel.testrun import TC_ACT_OK, XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
+from accel.lab import in_netns
 from accel.model import Endpoint, Guard, Service, ServiceTable, parse_network
 
 pytestmark = pytest.mark.kernel
@@ -619,22 +621,45 @@ def test_replies_leave_from_the_vip(dp, vip, ep, client, proto):
     other = reply(ep, client, 8080, 46001, proto)
     assert prog_test_run(dp.tc_fd, other).data == other
 
-    # edge_reply, on a backend's interface: the same rewrite; forwarded out of the edge
-    # interface (TTL one less) once there is one, else left to the kernel to route.
+    # edge_reply, on a backend's interface: the same rewrite; forwarded (TTL one less) by
+    # the route to the client while the edge is attached (edge_uplink set), else left to
+    # the kernel to route. Run in a namespace of its own, whose routes the test sets: a
+    # test run's packet comes from that namespace's loopback.
     fd = dp.prog_fd("edge_reply")
     uplink = dp.table("edge_uplink")
-    for out_ifindex in (0, 1):
-        uplink[ctypes.c_uint32(0)] = ctypes.c_uint32(out_ifindex)
+    ns = f"he-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in ("ip link set lo up", "ip link add d0 type veth peer name d1",
+                    "ip link set d0 up", "ip link set d1 up",
+                    "sysctl -qw net.ipv4.conf.all.forwarding=1",
+                    "sysctl -qw net.ipv6.conf.all.forwarding=1",
+                    "ip route add 192.0.2.0/24 dev d0", "ip -6 route add 2001:db8::/64 dev d0"):
+            subprocess.run(["ip", "netns", "exec", ns, *cmd.split()], check=True)
+        for out_ifindex in (0, 1):
+            uplink[ctypes.c_uint32(0)] = ctypes.c_uint32(out_ifindex)
+            try:
+                r = in_netns(ns, lambda: prog_test_run(fd, reply(ep, client, 8080, 46000,
+                                                                 proto)))
+            finally:
+                uplink[ctypes.c_uint32(0)] = ctypes.c_uint32(0)
+            p = Ether(r.data)
+            l3 = p[IPv6] if IPv6 in p else p[IP]
+            l4 = p[TCP] if TCP in p else p[UDP]
+            assert r.retval == (TC_ACT_REDIRECT if out_ifindex else TC_ACT_OK)
+            assert l3.src == vip and l4.sport == 80 and checksums_valid(r.data)
+            assert (l3.hlim if IPv6 in p else l3.ttl) == 64 - (1 if out_ifindex else 0)
+        # No route to the client: given the VIP back, left to the kernel (and counted).
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "del", "d0"], check=True)
+        uplink[ctypes.c_uint32(0)] = ctypes.c_uint32(1)
         try:
-            r = prog_test_run(fd, reply(ep, client, 8080, 46000, proto))
+            kernel = glob(dp, "reply_kernel")
+            r = in_netns(ns, lambda: prog_test_run(fd, reply(ep, client, 8080, 46000, proto)))
         finally:
             uplink[ctypes.c_uint32(0)] = ctypes.c_uint32(0)
-        p = Ether(r.data)
-        l3 = p[IPv6] if IPv6 in p else p[IP]
-        l4 = p[TCP] if TCP in p else p[UDP]
-        assert r.retval == (TC_ACT_REDIRECT if out_ifindex else TC_ACT_OK)
-        assert l3.src == vip and l4.sport == 80 and checksums_valid(r.data)
-        assert (l3.hlim if IPv6 in p else l3.ttl) == 64 - (1 if out_ifindex else 0)
+        assert r.retval == TC_ACT_OK and glob(dp, "reply_kernel") == kernel + 1
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
     assert prog_test_run(fd, other).retval == 0xFFFFFFFF  # TC_ACT_UNSPEC (-1): the next filter's
 
 

@@ -28,6 +28,13 @@
 #include <uapi/linux/icmpv6.h>
 #include <uapi/linux/pkt_cls.h>
 
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
 /* bcc's helpers.h declares bpf_redirect_neigh without its plen argument (the kernel's
  * has four since 5.11): declared here as the kernel defines it. */
 static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
@@ -200,8 +207,8 @@ enum reply_done {
 };
 
 /* A reply of a balanced flow gets the VIP back as its source. `fwd` (edge_reply, which
- * forwards it itself) also takes one off its TTL / hop limit, unless it expires here
- * (the kernel's to answer). ICMP errors are translated when `icmp` (edge_tc; edge_reply
+ * forwards it itself: the edge interface's ifindex) also takes one off its TTL / hop
+ * limit, unless it expires here (the kernel's to answer), and says where it goes. ICMP errors are translated when `icmp` (edge_tc; edge_reply
  * leaves them to the kernel's path, which ends at edge_tc).
  *
  * Reads are direct, writes by the helpers: these programs see every packet of their
@@ -211,7 +218,8 @@ enum reply_done {
  * is one store (TTL, checksum and address are adjacent), the L4 checksum goes through the
  * helper that knows the skb's checksum state: 2-4 helper calls a reply (~50 ns each on
  * this VM), where the first version made eleven. */
-static __always_inline int reply_revnat(struct __sk_buff *skb, int icmp, int fwd)
+static __always_inline int reply_revnat(struct __sk_buff *skb, int icmp, __u32 fwd,
+					__u32 *out_ifindex)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -303,6 +311,34 @@ static __always_inline int reply_revnat(struct __sk_buff *skb, int icmp, int fwd
 	int done = fwd && hops > 1 ? REPLY_FORWARDED : REPLY_REWRITTEN;
 	__u64 diff = 0;
 
+	if (done == REPLY_FORWARDED) {
+		/* Out of the interface the kernel would forward it through, as from this
+		 * interface (a multi-homed host's route to the client need not be the edge
+		 * interface). Where this interface does not forward (the FIB helper will not
+		 * say then), out of the edge interface it came in by; no route, or too big
+		 * for it (GSO-aware without tot_len): the kernel's to route or answer. */
+		struct bpf_fib_lookup fib = { .ifindex = skb->ifindex, .l4_protocol = rk.proto,
+					      .sport = vport, .dport = rk.dport };
+		if (h_proto == ETH_P_IP_BE) {
+			fib.family = AF_INET;
+			fib.ipv4_src = vip.w[3];
+			fib.ipv4_dst = rk.dst.w[3];
+		} else {
+			fib.family = AF_INET6;
+			__builtin_memcpy(fib.ipv6_src, vip.w, 16);
+			__builtin_memcpy(fib.ipv6_dst, rk.dst.w, 16);
+		}
+		long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+			*out_ifindex = fib.ifindex;
+		} else if (rc < 0 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+			*out_ifindex = fwd;
+		} else {
+			count(E_REPLY_KERNEL);
+			done = REPLY_REWRITTEN;
+		}
+	}
+
 	if (h_proto == ETH_P_IP_BE) {
 		/* Bytes 8-15: TTL, protocol, header checksum, source address. */
 		struct {
@@ -352,7 +388,9 @@ static __always_inline int reply_revnat(struct __sk_buff *skb, int icmp, int fwd
 
 int edge_tc(struct __sk_buff *skb)
 {
-	reply_revnat(skb, 1, 0);
+	__u32 unused = 0;
+
+	reply_revnat(skb, 1, 0, &unused);
 	return TC_ACT_OK;
 }
 
@@ -362,11 +400,11 @@ int edge_reply(struct __sk_buff *skb)
 
 	if (skb->vlan_present)
 		return TC_ACT_UNSPEC;
-	/* Forwarded as a router would (TTL / hop limit one less) when there is an edge
-	 * interface to send it out of; otherwise only rewritten, and the kernel routes it. */
+	/* Forwarded as a router would (TTL / hop limit one less) while the edge is attached
+	 * (edge_uplink set); otherwise only rewritten, and the kernel routes it. */
 	u32 *uplink = edge_uplink.lookup(&zero);
-	__u32 out = uplink ? *uplink : 0;
-	switch (reply_revnat(skb, 0, out != 0)) {
+	__u32 out = 0;
+	switch (reply_revnat(skb, 0, uplink ? *uplink : 0, &out)) {
 	case REPLY_NOT_OURS:
 		return TC_ACT_UNSPEC;
 	case REPLY_FORWARDED:

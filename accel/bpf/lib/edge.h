@@ -229,7 +229,8 @@ enum edge_counter {
 	E_PEER_KERNEL,       /* marked for a pod but handed to the kernel to route (TTL expiring, too big, backend changed) */
 	E_REFUSE_LIMIT,      /* SYN over its VIP's connection limit */
 	E_RST_FAIL,          /* a refused SYN could not be marked or turned into a reset: dropped */
-	E_REPLY_DIRECT,      /* reply taken from a backend's interface straight out of the edge interface */
+	E_REPLY_DIRECT,      /* reply taken from a backend's interface straight out of the interface its route names */
+	E_REPLY_KERNEL,      /* reply given the VIP back but left to the kernel: no route, or too big for it */
 	E_MAX,
 };
 
@@ -248,7 +249,8 @@ ACCEL_MAP("lru_hash", struct edge_flow, struct edge_rev, edge_revs, EDGE_CONN_MA
  * packet of their interfaces, look up the reply table only for a source port a backend
  * uses. The host's other traffic pays an array lookup instead of a hash lookup. */
 ACCEL_MAP("array", u32, u64, edge_rports, 1024);
-/* The edge interface's ifindex (one entry): where edge_reply sends replies. */
+/* The edge interface's ifindex (one entry), 0 while the edge is not attached: edge_reply
+ * forwards replies itself only while it is. */
 ACCEL_MAP("array", u32, u32, edge_uplink, 1);
 /* Connection limits by edge_vip.id. */
 ACCEL_MAP("array", u32, struct edge_limit, edge_limits, EDGE_MAX_VIPS);
