@@ -204,12 +204,14 @@ def test_200mbit_service_beside_pingpong_to_the_same_pod(lab, datapath):
     rr_server = server.popen(["taskset", "-c", "1", "sockperf", "server", "--tcp", "-i",
                               str(server.ip), "-p", "8082"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # p99 of a few seconds is moved by one hiccup of this 2-core VM (one CI run saw 2.2x):
+    # each side is the lower of two 2-second runs.
     try:
         with iperf_servers(server, 8080):
-            idle = pingpong_p99(client, 82)
-            stream = iperf(client, 80, 6)
+            idle = min(pingpong_p99(client, 82, 2) for _ in range(2))
+            stream = iperf(client, 80, 7)
             time.sleep(1.5)
-            loaded = pingpong_p99(client, 82)
+            loaded = min(pingpong_p99(client, 82, 2) for _ in range(2))
             rate = received_bps(result(stream))
     finally:
         rr_server.terminate()
